@@ -1,0 +1,165 @@
+"""`TTTCache`: the recurrent state of a TTT model, as a `transformers.Cache`."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class TTTLayerCache:
+    """State of one TTT block: fixed size, whatever the number of tokens seen.
+
+    - `ttt_state`: inner-model parameters at the start of the current mini-batch, `[W1, c1, (W2, c2)]`,
+      fp32 `[B, H, ...]`;
+    - `ttt_acc`: lr-weighted gradients accumulated over the current mini-batch, same shapes, fp32;
+    - `pre_conv_state` / `qk_conv_state`: the last `conv_kernel - 1` inputs of the causal convolutions
+      (Mamba backbone), `[B, K-1, hidden]`, in the activation dtype.
+    Tensors are allocated lazily by the first forward, on the device and dtype of its activations.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        self.ttt_state: list[torch.Tensor] | None = None
+        self.ttt_acc: list[torch.Tensor] | None = None
+        self.pre_conv_state: torch.Tensor | None = None
+        self.qk_conv_state: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(initialized={self.ttt_state is not None})"
+
+    def _map(self, fn) -> None:
+        if self.ttt_state is not None:
+            self.ttt_state = [fn(t) for t in self.ttt_state]
+            self.ttt_acc = [fn(t) for t in self.ttt_acc]
+        if self.pre_conv_state is not None:
+            self.pre_conv_state = fn(self.pre_conv_state)
+        if self.qk_conv_state is not None:
+            self.qk_conv_state = fn(self.qk_conv_state)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices.to(t.device)])
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(_CROP_ERROR)
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        pass
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.ttt_state or []) + (self.ttt_acc or [])
+        tensors += [t for t in (self.pre_conv_state, self.qk_conv_state) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+_CROP_ERROR = (
+    "TTTCache cannot be cropped: the TTT state is a model trained on every token seen, it cannot be rolled "
+    "back. Assisted/speculative decoding and DoLa need a croppable cache; re-run the prefill instead."
+)
+
+
+class TTTCache(Cache):
+    """Recurrent cache of [`TTTForCausalLM`]: per layer a [`TTTLayerCache`], plus per-row positions.
+
+    Its size does not depend on the number of tokens seen. `positions[r]` counts the real (non-padding)
+    tokens row r has consumed: it sets where the next token falls inside its TTT mini-batch.
+    `get_seq_length()` counts input columns, padding included, as `generate` expects.
+
+    ```python
+    cache = TTTCache(model.config)
+    out = model(prompt_ids, past_key_values=cache)            # prefill (any length)
+    out = model(more_ids, past_key_values=out.past_key_values)  # continue with any number of tokens
+    ```
+    """
+
+    def __init__(self, config, **kwargs) -> None:
+        super().__init__(layers=[TTTLayerCache() for _ in range(config.num_hidden_layers)])
+        self.num_hidden_layers = config.num_hidden_layers
+        self.mini_batch_size = config.mini_batch_size
+        self.positions: torch.Tensor | None = None
+        self.seen_tokens = 0
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(layers={len(self.layers)}, seen_tokens={self.seen_tokens})"
+
+    def row_positions(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Absolute position of the next token of each row ([B] int64)."""
+        if self.positions is None:
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        if self.positions.shape[0] != batch_size:
+            raise ValueError(
+                f"TTTCache holds state for batch size {self.positions.shape[0]}, but the input has batch size "
+                f"{batch_size}: use a new cache, or `batch_repeat_interleave`/`batch_select_indices` to reshape it"
+            )
+        return self.positions.to(device)
+
+    def advance(self, num_columns: int, lengths: torch.Tensor) -> None:
+        """Records that a forward consumed `num_columns` input columns, `lengths[r]` of them real for row r."""
+        self.seen_tokens += num_columns
+        self.positions = lengths if self.positions is None else self.positions.to(lengths.device) + lengths
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.positions is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache (independent of the sequence length)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.positions = None
+        self.seen_tokens = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self.layers:
+            layer.reorder_cache(beam_idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self.layers:
+            layer.batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices.to(self.positions.device)]
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(_CROP_ERROR)
+
+
+__all__ = ["TTTCache", "TTTLayerCache"]

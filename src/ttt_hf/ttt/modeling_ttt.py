@@ -1,0 +1,480 @@
+"""TTT language models: TTT-Linear and TTT-MLP layers (arXiv 2407.04620) in the transformers API.
+
+Numerically this follows the official ttt-lm-pytorch code (which the released checkpoints were trained
+with), and fixes its known defects: padding is honoured, any number of tokens can be appended at any
+offset, bf16/fp16 models keep the inner state in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .cache_ttt import TTTCache, TTTLayerCache
+from .configuration_ttt import TTTConfig
+from .ttt_ops import causal_conv1d, check_kernel_backend, ttt_chunk, ttt_step
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class TTTBatchLayout:
+    """Where the tokens of one forward call sit. Rows are packed to the left (right padding only).
+
+    start: [B] absolute position of each row's first token; length: [B] real tokens per row;
+    position: [B, T] absolute position of every slot (meaningful for the first `length[r]` slots).
+    """
+
+    start: torch.Tensor
+    length: torch.Tensor
+    position: torch.Tensor
+
+
+class TTTRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class TTTMLP(nn.Module):
+    """SwiGLU feed-forward block: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _depthwise_conv(config: TTTConfig) -> nn.Conv1d:
+    return nn.Conv1d(config.hidden_size, config.hidden_size, config.conv_kernel, groups=config.hidden_size, bias=True)
+
+
+class TTTPreConv(nn.Module):
+    """Mamba backbone: `RMSNorm -> causal depthwise conv`, added to the residual stream before the TTT block."""
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        self.norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.conv = _depthwise_conv(config)
+
+    def forward(self, hidden_states, layout: TTTBatchLayout, cache: TTTLayerCache | None = None) -> torch.Tensor:
+        x = self.norm(hidden_states)
+        state = cache.pre_conv_state if cache is not None else None
+        y, state = causal_conv1d(x, self.conv.weight, self.conv.bias, _conv_state(state, x, self.conv), layout.length)
+        if cache is not None:
+            cache.pre_conv_state = state
+        return y
+
+
+def _conv_state(state: torch.Tensor | None, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    if state is not None:
+        return state
+    return x.new_zeros(x.shape[0], conv.kernel_size[0] - 1, x.shape[-1])
+
+
+def apply_interleaved_rope(x: torch.Tensor, position: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE with interleaved pairs (dims 2i, 2i+1), as the official JAX code. x: [B, H, T, f]; position: [B, T]."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=x.device).float() / head_dim))
+    angle = position.float()[:, None, :, None] * inv_freq  # [B, 1, T, f/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1).flatten(-2)
+
+
+class TTTLayer(nn.Module):
+    """The TTT sequence-modeling block: the hidden state is a small model (linear, or a 2-layer MLP) trained
+    by one gradient step per mini-batch on a self-supervised reconstruction loss, `v - k` from `k`.
+
+    Parameters (official names): `W1, b1, (W2, b2)` the inner model's initial weights per head;
+    `ttt_norm_weight/bias` the per-head LayerNorm of the inner model; `learnable_ttt_lr_weight/bias` the
+    per-token learning-rate gate; `learnable_token_idx` the learnable offset of the per-position factor.
+    """
+
+    def __init__(self, config: TTTConfig, layer_idx: int) -> None:
+        super().__init__()
+        check_kernel_backend(config.kernel_backend)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.mini_batch_size = config.mini_batch_size
+        self.share_qk = config.share_qk
+        self.use_gate = config.use_gate
+
+        width = self.hidden_size
+        self.q_proj = nn.Linear(width, width, bias=False)
+        if self.share_qk:
+            self.conv_q = _depthwise_conv(config)
+            self.conv_k = _depthwise_conv(config)
+        else:
+            self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.o_proj = nn.Linear(width, width, bias=False)
+        if self.use_gate:
+            self.g_proj = nn.Linear(width, width, bias=False)
+        self.post_norm = nn.LayerNorm(width, eps=1e-6)
+
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(self.num_heads, 1, width))
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.empty(self.num_heads, 1))
+        self.learnable_token_idx = nn.Parameter(torch.empty(self.mini_batch_size))
+        self.ttt_norm_weight = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.ttt_norm_bias = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+
+        f = self.head_dim
+        inner_width = 4 * f if config.ttt_layer_type == "mlp" else f
+        self.W1 = nn.Parameter(torch.empty(self.num_heads, f, inner_width))
+        self.b1 = nn.Parameter(torch.empty(self.num_heads, 1, inner_width))
+        if config.ttt_layer_type == "mlp":
+            self.W2 = nn.Parameter(torch.empty(self.num_heads, inner_width, f))
+            self.b2 = nn.Parameter(torch.empty(self.num_heads, 1, f))
+
+    @property
+    def inner_parameters(self) -> list[nn.Parameter]:
+        """The inner model's initial state `[W1, b1, (W2, b2)]`, each [H, ...]."""
+        names = ("W1", "b1", "W2", "b2") if self.config.ttt_layer_type == "mlp" else ("W1", "b1")
+        return [getattr(self, name) for name in names]
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, f]
+
+    def forward(
+        self, hidden_states: torch.Tensor, layout: TTTBatchLayout, cache: TTTLayerCache | None = None
+    ) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        if self.share_qk:
+            shared = self.q_proj(hidden_states)
+            state = _conv_state(cache.qk_conv_state if cache is not None else None, shared, self.conv_q)
+            xq, _ = causal_conv1d(shared, self.conv_q.weight, self.conv_q.bias, state, layout.length)
+            xk, state = causal_conv1d(shared, self.conv_k.weight, self.conv_k.bias, state, layout.length)
+            if cache is not None:
+                cache.qk_conv_state = state
+        else:
+            xq, xk = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        xv = self.v_proj(hidden_states)
+
+        # RoPE encodes the position inside the mini-batch only.
+        rope_position = layout.position % self.mini_batch_size
+        xq = apply_interleaved_rope(self._split_heads(xq), rope_position, self.config.rope_theta)
+        xk = apply_interleaved_rope(self._split_heads(xk), rope_position, self.config.rope_theta)
+        xv = self._split_heads(xv)
+
+        # Per-token inner learning rate [B, H, T] and per-position factor tau [b], in fp32.
+        lr_logits = torch.einsum(
+            "btd,hd->bht", hidden_states.float(), self.learnable_ttt_lr_weight.float().squeeze(1)
+        ) + self.learnable_ttt_lr_bias.float()
+        lr = self.config.ttt_base_lr * torch.sigmoid(lr_logits) / self.head_dim
+        positions = torch.arange(1, self.mini_batch_size + 1, device=hidden_states.device)
+        tau = torch.clamp_min(1.0 / positions + self.learnable_token_idx.float(), 0.0)
+
+        if cache is not None and cache.ttt_state is not None:
+            state, acc = cache.ttt_state, cache.ttt_acc
+        else:
+            state = [p.float().unsqueeze(0).expand(batch, *p.shape) for p in self.inner_parameters]
+            acc = [torch.zeros_like(s) for s in state]
+        ln_weight = self.ttt_norm_weight.float().unsqueeze(1)  # [H, 1, f]
+        ln_bias = self.ttt_norm_bias.float().unsqueeze(1)
+        backend = self.config.kernel_backend
+
+        if cache is not None and seq_len == 1:
+            out, state, acc = ttt_step(
+                state, acc, xq[:, :, 0], xk[:, :, 0], xv[:, :, 0], lr[:, :, 0], tau, ln_weight, ln_bias,
+                layout.start, layout.length > 0, kernel_backend=backend,
+            )
+            out = out[:, :, None]
+        else:
+            checkpoint_group = self.config.scan_checkpoint_group_size if self.training else 0
+            out, state, acc = ttt_chunk(
+                state, acc, xq, xk, xv, lr, tau, ln_weight, ln_bias, layout.start, layout.length,
+                checkpoint_group=checkpoint_group, kernel_backend=backend,
+            )
+        if cache is not None:
+            cache.ttt_state, cache.ttt_acc = state, acc
+
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.hidden_size).to(hidden_states.dtype)
+        out = self.post_norm(out)
+        if self.use_gate:
+            out = F.gelu(self.g_proj(hidden_states), approximate="tanh") * out
+        return self.o_proj(out)
+
+
+class TTTDecoderLayer(GradientCheckpointingLayer):
+    """`[h += pre_conv(h)]; h += TTT(norm(h)); h += MLP(norm(h))`."""
+
+    def __init__(self, config: TTTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.pre_conv = TTTPreConv(config) if config.pre_conv else None
+        self.seq_norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ttt = TTTLayer(config, layer_idx)
+        self.ffn_norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = TTTMLP(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, layout: TTTBatchLayout, past_key_values: TTTCache | None = None
+    ) -> torch.Tensor:
+        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        if self.pre_conv is not None:
+            hidden_states = hidden_states + self.pre_conv(hidden_states, layout, cache)
+        hidden_states = hidden_states + self.ttt(self.seq_norm(hidden_states), layout, cache)
+        return hidden_states + self.mlp(self.ffn_norm(hidden_states))
+
+
+class TTTPreTrainedModel(PreTrainedModel):
+    config_class = TTTConfig
+    config: TTTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TTTDecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            if isinstance(module, nn.Linear):
+                init.normal_(module.weight, mean=0.0, std=std)
+            else:
+                # PyTorch's default Conv1d init, as in the official code.
+                init.kaiming_uniform_(module.weight, a=5**0.5)
+            if module.bias is not None:
+                if isinstance(module, nn.Conv1d):
+                    bound = 1.0 / (module.weight.shape[1] * module.weight.shape[2]) ** 0.5
+                    init.uniform_(module.bias, -bound, bound)
+                else:
+                    init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, (TTTRMSNorm, nn.LayerNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, TTTLayer):
+            init.normal_(module.learnable_ttt_lr_weight, mean=0.0, std=0.02)
+            init.zeros_(module.learnable_ttt_lr_bias)
+            init.zeros_(module.learnable_token_idx)
+            init.ones_(module.ttt_norm_weight)
+            init.zeros_(module.ttt_norm_bias)
+            for weight, bias in zip(module.inner_parameters[0::2], module.inner_parameters[1::2]):
+                init.normal_(weight, mean=0.0, std=0.02)
+                init.zeros_(bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # One folder serves AutoModel and AutoModelForCausalLM under trust_remote_code.
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": "modeling_ttt.TTTModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # Generation uses the model's own recurrent TTTCache, created by the first forward.
+        return False
+
+
+class TTTModel(TTTPreTrainedModel):
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([TTTDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: TTTCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if kwargs.get("position_ids") is not None:
+            raise ValueError(
+                "position_ids is not supported by TTT models: positions come from attention_mask and the cache "
+                "(pass attention_mask with 0 at padding)"
+            )
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True is not supported: TTT layers compute no attention weights")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        if past_key_values is not None and not isinstance(past_key_values, TTTCache):
+            raise TypeError(
+                f"past_key_values must be a TTTCache (TTT models keep a recurrent state, not key/values), "
+                f"got {type(past_key_values).__name__}"
+            )
+        if past_key_values is not None and past_key_values.num_hidden_layers != self.config.num_hidden_layers:
+            raise ValueError(
+                f"past_key_values was built for {past_key_values.num_hidden_layers} layers, this model has "
+                f"{self.config.num_hidden_layers}"
+            )
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = TTTCache(self.config)
+
+        batch, seq_len, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        mask = self._token_mask(attention_mask, batch, seq_len, device)
+        start = (
+            past_key_values.row_positions(batch, device)
+            if past_key_values is not None
+            else torch.zeros(batch, dtype=torch.long, device=device)
+        )
+        # Padding can sit anywhere: move each row's real tokens to the front, run, then put them back.
+        order = None
+        if mask is None:
+            length = torch.full((batch,), seq_len, dtype=torch.long, device=device)
+        else:
+            length = mask.sum(-1)
+            if not bool(mask.all()):
+                order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, T]
+                inputs_embeds = torch.gather(inputs_embeds, 1, order[..., None].expand_as(inputs_embeds))
+        layout = TTTBatchLayout(
+            start=start, length=length, position=start[:, None] + torch.arange(seq_len, device=device)[None, :]
+        )
+
+        hidden_states = inputs_embeds
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, layout, past_key_values=past_key_values)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states[-1] = hidden_states
+
+        if order is not None:
+            inverse = torch.argsort(order, dim=1)[..., None]
+            hidden_states = torch.gather(hidden_states, 1, inverse.expand_as(hidden_states))
+            if output_hidden_states:
+                all_hidden_states = [torch.gather(h, 1, inverse.expand_as(h)) for h in all_hidden_states]
+        if past_key_values is not None:
+            past_key_values.advance(seq_len, length)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _token_mask(attention_mask, batch: int, seq_len: int, device) -> torch.Tensor | None:
+        """[B, T] bool of real tokens, from a 2-D mask that covers at least the current tokens."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+            raise ValueError(
+                f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x >= "
+                f"{seq_len}), got shape {tuple(attention_mask.shape)}"
+            )
+        return attention_mask[:, -seq_len:].to(device) != 0
+
+
+class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        self.model = TTTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: TTTCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels (shifted inside the loss); -100 is ignored.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["TTTPreTrainedModel", "TTTModel", "TTTForCausalLM"]

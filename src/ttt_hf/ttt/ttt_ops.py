@@ -1,0 +1,266 @@
+"""TTT operations: the PyTorch reference (the numerical definition and the CPU path) and their dispatch point.
+
+Shapes: B batch rows, H heads, T tokens, f head dim, b mini-batch size.
+
+The inner model is a chain of (W, c) layers: one for TTT-Linear, two with a tanh-GELU between them for
+TTT-MLP. Its state is a flat list `[W1, c1, (W2, c2)]` of fp32 tensors `[B, H, ...]`, always the state at
+the START of the current mini-batch, plus an accumulator of the same shapes holding the lr-weighted
+gradients of the tokens already seen in that mini-batch (not yet scaled by tau). Every gradient of a
+mini-batch is taken at its start state; the accumulator is committed when the mini-batch completes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+TTT_LN_EPS = 1e-6
+
+
+def check_kernel_backend(kernel_backend: str) -> None:
+    """Fail early for a backend this build cannot run (the Triton kernels are not part of this release)."""
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
+    if kernel_backend == "triton":
+        raise NotImplementedError(
+            "kernel_backend='triton': this release has no TTT Triton kernels yet; use 'auto' or 'torch'"
+        )
+
+
+def ln_forward(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = TTT_LN_EPS) -> torch.Tensor:
+    mu = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    return weight * ((z - mu) / torch.sqrt(var + eps)) + bias
+
+
+def ln_l2_grad(
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = TTT_LN_EPS
+) -> torch.Tensor:
+    """Gradient of `0.5 * ||LN(z) - target||^2` with respect to `z` (LayerNorm backward fused with the L2 loss)."""
+    f = z.shape[-1]
+    mu = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    std = torch.sqrt(var + eps)
+    z_hat = (z - mu) / std
+    grad_z_hat = (weight * z_hat + bias - target) * weight
+    return (
+        (1.0 / f)
+        * (
+            f * grad_z_hat
+            - grad_z_hat.sum(dim=-1, keepdim=True)
+            - z_hat * (grad_z_hat * z_hat).sum(dim=-1, keepdim=True)
+        )
+        / std
+    )
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    # The constants of the official JAX/PyTorch code (sqrt(2/pi) and 3 * 0.044715 * sqrt(2/pi)).
+    tanh_out = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+    return 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
+
+
+def _key_pass(state, k, v, ln_weight, ln_bias):
+    """Runs the keys through the inner model at `state`: returns each layer's input and the loss
+    gradient with respect to each layer's output (the reconstruction target is v - k)."""
+    weights, biases = state[0::2], state[1::2]
+    layer_inputs, pre_activations = [k], []
+    x = k
+    for i, (w, c) in enumerate(zip(weights, biases)):
+        z = x @ w + c
+        pre_activations.append(z)
+        if i + 1 < len(weights):
+            x = F.gelu(z, approximate="tanh")
+            layer_inputs.append(x)
+    grad = ln_l2_grad(pre_activations[-1], v - k, ln_weight, ln_bias)
+    grads = [grad]
+    for i in range(len(weights) - 1, 0, -1):
+        grad = (grad @ weights[i].transpose(-1, -2)) * gelu_tanh_grad(pre_activations[i - 1])
+        grads.insert(0, grad)
+    return layer_inputs, grads
+
+
+def _dual_mini_batch(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, commit):
+    """One mini-batch in the dual form.
+
+    q, k, v: [B, H, b, f]; lr: [B, H, b]; tau: [b]; commit: [B] bool, whether each row's tokens reach the end
+    of this mini-batch (then the state advances and the accumulator is cleared).
+    Returns the output [B, H, b, f], the new state and the new accumulator.
+    """
+    layer_inputs, grads = _key_pass(state, k, v, ln_weight, ln_bias)
+    tau_col = tau[:, None]  # [b, 1]
+    eta = torch.tril(tau_col * lr[..., None, :])  # [B, H, b, b]: eta[i, j] = tau_i * lr_j for j <= i
+    x = q
+    new_acc = []
+    for i in range(len(layer_inputs)):
+        w, c, acc_w, acc_c = state[2 * i], state[2 * i + 1], acc[2 * i], acc[2 * i + 1]
+        g = grads[i]
+        z = (
+            x @ w
+            - tau_col * (x @ acc_w)
+            - (eta * torch.tril(x @ layer_inputs[i].transpose(-1, -2))) @ g
+            + (c - tau_col * acc_c - eta @ g)
+        )
+        if i + 1 < len(layer_inputs):
+            x = F.gelu(z, approximate="tanh")
+        weighted_g = lr[..., None] * g
+        new_acc += [acc_w + layer_inputs[i].transpose(-1, -2) @ weighted_g, acc_c + weighted_g.sum(-2, keepdim=True)]
+    out = q + ln_forward(z, ln_weight, ln_bias)
+
+    commit = commit.view(-1, 1, 1, 1)
+    new_state = [torch.where(commit, s - tau[-1] * a, s) for s, a in zip(state, new_acc)]
+    new_acc = [torch.where(commit, torch.zeros_like(a), a) for a in new_acc]
+    return out, new_state, new_acc
+
+
+def ttt_chunk_torch(
+    state: list[torch.Tensor],
+    acc: list[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    start: torch.Tensor,
+    length: torch.Tensor,
+    checkpoint_group: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """TTT over a chunk of tokens continuing from (state, acc), dual form, PyTorch reference.
+
+    q, k, v: [B, H, T, f]; lr: [B, H, T] per-token inner learning rate; tau: [b] per-position factor;
+    ln_weight, ln_bias: [H, 1, f]. Rows are right-padded: row r holds `length[r]` real tokens whose first
+    has absolute position `start[r]` (which may fall anywhere inside a mini-batch).
+    Returns the output [B, H, T, f] (fp32; undefined at padded slots), the new state and accumulator.
+    `checkpoint_group > 0` recomputes groups of that many mini-batches in the backward pass.
+    """
+    batch, heads, seq_len, head_dim = q.shape
+    b = tau.shape[0]
+    device = q.device
+    # Shift each row right by its offset inside the mini-batch so that every row's mini-batches line up;
+    # slots before a row's first token and after its last one are inert (zero inputs, zero learning rate).
+    offset = start % b
+    span = offset + length
+    num_mb = max(1, -(-int(span.max()) // b))
+    slot = torch.arange(num_mb * b, device=device)
+    src = slot[None, :] - offset[:, None]  # [B, M*b]
+    valid = (src >= 0) & (src < length[:, None])
+    src = src.clamp(0, seq_len - 1)
+
+    def to_slots(x):
+        index = src[:, None, :, None].expand(batch, heads, -1, x.shape[-1])
+        x = torch.gather(x, 2, index) * valid[:, None, :, None]
+        return x.reshape(batch, heads, num_mb, b, x.shape[-1])
+
+    q_s, k_s, v_s = (to_slots(x.float()) for x in (q, k, v))
+    lr_s = to_slots(lr.float()[..., None])[..., 0]
+    commit = torch.arange(1, num_mb + 1, device=device)[None, :] * b <= span[:, None]  # [B, M]
+
+    n_state = len(state)
+
+    def scan(first, last, *carry):
+        """Mini-batches [first, last), from `carry` = state + accumulator."""
+        state, acc = list(carry[:n_state]), list(carry[n_state:])
+        outs = []
+        for m in range(first, last):
+            out, state, acc = _dual_mini_batch(
+                state, acc, q_s[:, :, m], k_s[:, :, m], v_s[:, :, m], lr_s[:, :, m], tau, ln_weight, ln_bias,
+                commit[:, m],
+            )
+            outs.append(out)
+        return (torch.cat(outs, dim=2), *state, *acc)
+
+    carry = (*state, *acc)
+    group = checkpoint_group if checkpoint_group > 0 and torch.is_grad_enabled() else num_mb
+    outs = []
+    for first in range(0, num_mb, group):
+        run = functools.partial(scan, first, min(first + group, num_mb))
+        out, *carry = checkpoint(run, *carry, use_reentrant=False) if group < num_mb else run(*carry)
+        outs.append(out)
+    out = torch.cat(outs, dim=2)
+
+    index = (torch.arange(seq_len, device=device)[None, :] + offset[:, None]).clamp(max=num_mb * b - 1)
+    out = torch.gather(out, 2, index[:, None, :, None].expand(batch, heads, seq_len, head_dim))
+    return out, list(carry[:n_state]), list(carry[n_state:])
+
+
+def ttt_step_torch(
+    state: list[torch.Tensor],
+    acc: list[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    position: torch.Tensor,
+    active: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One decoding step (primal form), PyTorch reference.
+
+    q, k, v: [B, H, f]; lr: [B, H]; position: [B] absolute position of each row's token; active: [B] bool
+    (inactive rows, i.e. padding, leave state and accumulator untouched).
+    Returns the output [B, H, f] (fp32), the new state and accumulator.
+    """
+    b = tau.shape[0]
+    index = position % b
+    tau_i = tau[index].view(-1, 1, 1, 1)
+    q, k, v = (x.float()[:, :, None] for x in (q, k, v))  # [B, H, 1, f]
+    lr = lr.float()[..., None, None]  # [B, H, 1, 1]
+    active = active.view(-1, 1, 1, 1)
+
+    layer_inputs, grads = _key_pass(state, k, v, ln_weight, ln_bias)
+    new_acc = []
+    for i, (x_in, g) in enumerate(zip(layer_inputs, grads)):
+        weighted_g = lr * g
+        new_acc += [acc[2 * i] + x_in.transpose(-1, -2) @ weighted_g, acc[2 * i + 1] + weighted_g]
+    new_acc = [torch.where(active, a_new, a) for a_new, a in zip(new_acc, acc)]
+
+    x = q
+    for i in range(len(layer_inputs)):
+        w = state[2 * i] - tau_i * new_acc[2 * i]
+        c = state[2 * i + 1] - tau_i * new_acc[2 * i + 1]
+        z = x @ w + c
+        if i + 1 < len(layer_inputs):
+            x = F.gelu(z, approximate="tanh")
+    out = q + ln_forward(z, ln_weight, ln_bias)
+
+    commit = active & (index == b - 1).view(-1, 1, 1, 1)
+    new_state = [torch.where(commit, s - tau[-1] * a, s) for s, a in zip(state, new_acc)]
+    new_acc = [torch.where(commit, torch.zeros_like(a), a) for a in new_acc]
+    return out[:, :, 0], new_state, new_acc
+
+
+def ttt_chunk(*args, kernel_backend: str = "auto", **kwargs):
+    """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`."""
+    check_kernel_backend(kernel_backend)
+    return ttt_chunk_torch(*args, **kwargs)
+
+
+def ttt_step(*args, kernel_backend: str = "auto", **kwargs):
+    """Dispatch point of the one-token decoding step; see `ttt_step_torch`."""
+    check_kernel_backend(kernel_backend)
+    return ttt_step_torch(*args, **kwargs)
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor, length: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution over right-padded rows, continuing from `state`.
+
+    x: [B, T, C]; weight: [C, 1, K]; bias: [C]; state: [B, K-1, C], the previous K-1 inputs of each row
+    (zeros at the start of a sequence); length: [B] real tokens per row.
+    Returns y [B, T, C] and the new state: the last K-1 real inputs of each row.
+    """
+    width = weight.shape[-1]
+    padded = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
+    y = F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
+    index = length[:, None] + torch.arange(width - 1, device=x.device)[None, :]
+    new_state = torch.gather(padded, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+    return y, new_state
