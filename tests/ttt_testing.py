@@ -1,0 +1,42 @@
+"""Shared helpers of the TTT tests: tiny configs and models with non-trivial (perturbed) parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from ttt_hf import TTTConfig, TTTForCausalLM
+
+BACKBONES = {
+    "mamba": dict(pre_conv=True, share_qk=True, use_gate=True),
+    "transformer": dict(pre_conv=False, share_qk=False, use_gate=False),
+}
+VARIANTS = [(layer_type, backbone) for layer_type in ("linear", "mlp") for backbone in BACKBONES]
+
+
+def tiny_config(layer_type: str = "linear", backbone: str = "mamba", **overrides) -> TTTConfig:
+    values = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        mini_batch_size=4, ttt_layer_type=layer_type, ttt_base_lr=1.0 if layer_type == "linear" else 0.1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    values.update(BACKBONES[backbone])
+    values.update(overrides)
+    return TTTConfig(**values)
+
+
+def tiny_model(layer_type: str = "linear", backbone: str = "mamba", seed: int = 0, **overrides) -> TTTForCausalLM:
+    """A tiny model whose constant-initialised parameters are perturbed, so no term of the math is trivial."""
+    torch.manual_seed(seed)
+    model = TTTForCausalLM(tiny_config(layer_type, backbone, **overrides))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(key in name for key in ("norm", "learnable_ttt_lr_bias", "learnable_token_idx", "b1", "b2")):
+                param.add_(0.05 * torch.randn_like(param))
+            if "W1" in name or "W2" in name:
+                param.mul_(3.0)
+    return model.eval()
+
+
+def random_ids(batch: int, length: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
