@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .cache_ttt import TTTCache, TTTLayerCache
 from .configuration_ttt import TTTConfig
-from .ttt_ops import causal_conv1d, check_kernel_backend, ttt_chunk, ttt_step
+from .ttt_ops import at_least_fp32, causal_conv1d, check_kernel_backend, ttt_chunk, ttt_step
 
 logger = logging.get_logger(__name__)
 
@@ -184,19 +184,19 @@ class TTTLayer(nn.Module):
 
         # Per-token inner learning rate [B, H, T] and per-position factor tau [b], in fp32.
         lr_logits = torch.einsum(
-            "btd,hd->bht", hidden_states.float(), self.learnable_ttt_lr_weight.float().squeeze(1)
-        ) + self.learnable_ttt_lr_bias.float()
+            "btd,hd->bht", at_least_fp32(hidden_states), at_least_fp32(self.learnable_ttt_lr_weight).squeeze(1)
+        ) + at_least_fp32(self.learnable_ttt_lr_bias)
         lr = self.config.ttt_base_lr * torch.sigmoid(lr_logits) / self.head_dim
         positions = torch.arange(1, self.mini_batch_size + 1, device=hidden_states.device)
-        tau = torch.clamp_min(1.0 / positions + self.learnable_token_idx.float(), 0.0)
+        tau = torch.clamp_min(1.0 / positions + at_least_fp32(self.learnable_token_idx), 0.0)
 
         if cache is not None and cache.ttt_state is not None:
             state, acc = cache.ttt_state, cache.ttt_acc
         else:
-            state = [p.float().unsqueeze(0).expand(batch, *p.shape) for p in self.inner_parameters]
+            state = [at_least_fp32(p).unsqueeze(0).expand(batch, *p.shape) for p in self.inner_parameters]
             acc = [torch.zeros_like(s) for s in state]
-        ln_weight = self.ttt_norm_weight.float().unsqueeze(1)  # [H, 1, f]
-        ln_bias = self.ttt_norm_bias.float().unsqueeze(1)
+        ln_weight = at_least_fp32(self.ttt_norm_weight).unsqueeze(1)  # [H, 1, f]
+        ln_bias = at_least_fp32(self.ttt_norm_bias).unsqueeze(1)
         backend = self.config.kernel_backend
 
         if cache is not None and seq_len == 1:

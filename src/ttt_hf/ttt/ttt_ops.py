@@ -21,6 +21,11 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 TTT_LN_EPS = 1e-6
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The inner loop runs in fp32 for half-precision inputs (and in fp64 for fp64 inputs)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def check_kernel_backend(kernel_backend: str) -> None:
     """Fail early for a backend this build cannot run (the Triton kernels are not part of this release)."""
     if kernel_backend not in KERNEL_BACKENDS:
@@ -157,8 +162,8 @@ def ttt_chunk_torch(
         x = torch.gather(x, 2, index) * valid[:, None, :, None]
         return x.reshape(batch, heads, num_mb, b, x.shape[-1])
 
-    q_s, k_s, v_s = (to_slots(x.float()) for x in (q, k, v))
-    lr_s = to_slots(lr.float()[..., None])[..., 0]
+    q_s, k_s, v_s = (to_slots(at_least_fp32(x)) for x in (q, k, v))
+    lr_s = to_slots(at_least_fp32(lr)[..., None])[..., 0]
     commit = torch.arange(1, num_mb + 1, device=device)[None, :] * b <= span[:, None]  # [B, M]
 
     n_state = len(state)
@@ -211,8 +216,8 @@ def ttt_step_torch(
     b = tau.shape[0]
     index = position % b
     tau_i = tau[index].view(-1, 1, 1, 1)
-    q, k, v = (x.float()[:, :, None] for x in (q, k, v))  # [B, H, 1, f]
-    lr = lr.float()[..., None, None]  # [B, H, 1, 1]
+    q, k, v = (at_least_fp32(x)[:, :, None] for x in (q, k, v))  # [B, H, 1, f]
+    lr = at_least_fp32(lr)[..., None, None]  # [B, H, 1, 1]
     active = active.view(-1, 1, 1, 1)
 
     layer_inputs, grads = _key_pass(state, k, v, ln_weight, ln_bias)

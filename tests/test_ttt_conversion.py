@@ -1,0 +1,115 @@
+"""Parity with the official ttt-lm-pytorch implementation, through the checkpoint converter."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import ttt_hf  # noqa: F401  (registers the Auto classes)
+from ttt_hf.conversion import convert_ttt_pytorch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ttt"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "data.safetensors").is_file())
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_all_fixture_cases_present():
+    assert CASES == ["linear_mamba", "linear_transformer", "mlp_mamba", "mlp_transformer"]
+
+
+@pytest.fixture(scope="module", params=CASES)
+def converted(request, tmp_path_factory):
+    dst = tmp_path_factory.mktemp(request.param) / "hf"
+    convert_ttt_pytorch(FIXTURES / request.param, dst)
+    model = AutoModelForCausalLM.from_pretrained(dst).eval()
+    return request.param, model, load_file(FIXTURES / request.param / "data.safetensors")
+
+
+def test_full_forward_matches_official(converted):
+    _, model, data = converted
+    with torch.no_grad():
+        logits = model(data["input_ids"], use_cache=False).logits
+    assert (logits - data["logits"]).abs().max().item() <= 2e-6
+
+
+def test_prefill_then_decode_matches_official(converted):
+    _, model, data = converted
+    ids, prefill = data["input_ids"], int(data["prefill_len"])
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, steps = out.past_key_values, []
+        for j in range(prefill, ids.shape[1]):
+            out = model(ids[:, j : j + 1], past_key_values=cache)
+            steps.append(out.logits[:, 0])
+    assert (torch.stack(steps, 1) - data["decode_logits"]).abs().max().item() <= 2e-6
+
+
+def test_converted_folder_is_complete(converted, tmp_path):
+    case, model, _ = converted
+    config = json.loads((Path(model.config._name_or_path) / "config.json").read_text())
+    assert config["model_type"] == "ttt" and config["architectures"] == ["TTTForCausalLM"]
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_script_entry_point(tmp_path):
+    dst = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "conversion_scripts" / "convert_ttt_pytorch.py"), str(FIXTURES / "linear_transformer"), str(dst)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (dst / "model.safetensors").is_file() and (dst / "modeling_ttt.py").is_file()
+    again = subprocess.run(
+        [sys.executable, str(REPO / "conversion_scripts" / "convert_ttt_pytorch.py"), str(FIXTURES / "linear_transformer"), str(dst)],
+        capture_output=True, text=True,
+    )
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def _broken_copy(tmp_path, edit):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "mlp_mamba", src)
+    weights = load_file(src / "model.safetensors")
+    edit(weights)
+    save_file(weights, src / "model.safetensors")
+    return src
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda w: w.pop("model.layers.1.seq_modeling_block.W2"), "model.layers.1.ttt.W2"),
+        (lambda w: w.update({"model.layers.0.seq_modeling_block.extra": torch.zeros(2)}), "model.layers.0.seq_modeling_block.extra"),
+        (lambda w: w.update({"model.norm.weight": torch.ones(3)}), "model.norm.weight: (3,)"),
+    ],
+    ids=["missing", "unknown", "shape"],
+)
+def test_refuses_bad_checkpoints_and_writes_nothing(tmp_path, edit, message):
+    src = _broken_copy(tmp_path, edit)
+    dst = tmp_path / "out"
+    with pytest.raises(ValueError, match="cannot convert") as error:
+        convert_ttt_pytorch(src, dst)
+    assert message in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_failed_overwrite_keeps_the_old_folder(tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    convert_ttt_pytorch(FIXTURES / "linear_transformer", dst)
+    before = sorted(p.name for p in dst.iterdir())
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ttt_hf.TTTForCausalLM, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert_ttt_pytorch(FIXTURES / "linear_mamba", dst, overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,0 +1,274 @@
+"""TTTForCausalLM behaviour: caching, padding, generation, precision, causality and input checks."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ttt_hf import TTTCache, TTTConfig, TTTForCausalLM
+from ttt_testing import VARIANTS, random_ids, tiny_config, tiny_model
+
+MB = 4  # tiny_config's mini_batch_size
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=["-".join(v) for v in VARIANTS])
+def model(request):
+    model = tiny_model(*request.param)
+    model.generation_config.eos_token_id = None  # fixed-length generations compare position by position
+    return model
+
+
+def _full_logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kwargs).logits
+
+
+@pytest.mark.parametrize("prefill", [1, MB - 1, MB, MB + 1, 3 * MB + 2])
+def test_prefill_then_decode_equals_full_forward(model, prefill):
+    ids = random_ids(2, 3 * MB + 5)
+    full = _full_logits(model, ids)
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        logits = [out.logits]
+        for j in range(prefill, ids.shape[1]):
+            out = model(ids[:, j : j + 1], past_key_values=out.past_key_values)
+            logits.append(out.logits)
+    assert (torch.cat(logits, 1) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("splits", [(3, 4, 11, 12, 13), (5, 6, 7, 8, 15), (1, 2, 9)])
+def test_appends_of_any_length_at_any_offset(model, splits):
+    ids = random_ids(2, 21, seed=1)
+    full = _full_logits(model, ids)
+    bounds = [0, *splits, ids.shape[1]]
+    cache, logits = TTTCache(model.config), []
+    with torch.no_grad():
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            logits.append(model(ids[:, a:b], past_key_values=cache).logits)
+    assert cache.get_seq_length() == ids.shape[1]
+    assert cache.positions.tolist() == [ids.shape[1]] * 2
+    assert (torch.cat(logits, 1) - full).abs().max().item() <= 1e-5
+
+
+def _left_pad(rows, width):
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = row
+        mask[r, width - len(row) :] = 1
+    return ids, mask
+
+
+def test_left_padded_batch_equals_rows_alone(model):
+    rows = [random_ids(1, n, seed=n)[0] for n in (13, 9, 4)]
+    ids, mask = _left_pad(rows, 13)
+    padded = _full_logits(model, ids, attention_mask=mask)
+    for r, row in enumerate(rows):
+        alone = _full_logits(model, row[None])
+        assert (padded[r, 13 - len(row) :] - alone[0]).abs().max().item() <= 1e-5
+
+
+def test_padding_inside_a_continuation(model):
+    """A second, left-padded turn: the pads sit in the middle of the sequence and must be skipped."""
+    first = random_ids(2, 6, seed=2)
+    second = [random_ids(1, n, seed=10 + n)[0] for n in (5, 2)]
+    ids2, mask2 = _left_pad(second, 5)
+    cache = TTTCache(model.config)
+    with torch.no_grad():
+        model(first, past_key_values=cache)
+        out = model(ids2, attention_mask=torch.cat([torch.ones_like(first), mask2], 1), past_key_values=cache)
+    assert cache.positions.tolist() == [11, 8]
+    for r, row in enumerate(second):
+        alone = _full_logits(model, torch.cat([first[r], row])[None])
+        assert (out.logits[r, 5 - len(row) :] - alone[0, 6:]).abs().max().item() <= 1e-5
+
+
+def test_causality_by_gradients(model):
+    ids = random_ids(1, 2 * MB + 3, seed=3)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    for t in range(ids.shape[1]):
+        (grad,) = torch.autograd.grad(logits[0, t].sum(), embeds, retain_graph=True)
+        assert grad[0, t + 1 :].abs().max().item() == 0.0 if t + 1 < ids.shape[1] else True
+        assert grad[0, : t + 1].abs().sum().item() > 0
+
+
+def test_cache_size_does_not_grow(model):
+    short, long = TTTCache(model.config), TTTCache(model.config)
+    with torch.no_grad():
+        model(random_ids(2, 5), past_key_values=short)
+        model(random_ids(2, 50), past_key_values=long)
+    assert short.nbytes == long.nbytes > 0
+    for layer in long.layers:
+        assert all(t.dtype == torch.float32 for t in layer.ttt_state + layer.ttt_acc)
+
+
+def test_cache_batch_operations(model):
+    ids = random_ids(3, 7, seed=4)
+    more = random_ids(3, 3, seed=5)
+    cache = TTTCache(model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        reference = model(more, past_key_values=cache).logits
+
+        def fresh():
+            c = TTTCache(model.config)
+            model(ids, past_key_values=c)
+            return c
+
+        reordered = fresh()
+        reordered.reorder_cache(torch.tensor([2, 0, 1]))
+        assert torch.allclose(model(more[[2, 0, 1]], past_key_values=reordered).logits, reference[[2, 0, 1]], atol=1e-6)
+        selected = fresh()
+        selected.batch_select_indices(torch.tensor([1]))
+        assert torch.allclose(model(more[1:2], past_key_values=selected).logits, reference[1:2], atol=1e-6)
+        repeated = fresh()
+        repeated.batch_repeat_interleave(2)
+        out = model(more.repeat_interleave(2, 0), past_key_values=repeated).logits
+        assert torch.allclose(out, reference.repeat_interleave(2, 0), atol=1e-6)
+        reset = fresh()
+        reset.reset()
+        assert reset.get_seq_length() == 0 and reset.positions is None
+        assert torch.allclose(model(ids, past_key_values=reset).logits, _full_logits(model, ids), atol=1e-6)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(3)
+
+
+def test_greedy_generate_equals_argmax_loop(model):
+    ids = random_ids(2, 6, seed=6)
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    manual = ids
+    for _ in range(8):
+        manual = torch.cat([manual, _full_logits(model, manual)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, manual)
+
+
+def test_left_padded_generate_equals_rows_alone(model):
+    rows = [random_ids(1, n, seed=20 + n)[0] for n in (7, 3)]
+    ids, mask = _left_pad(rows, 7)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for r, row in enumerate(rows):
+        alone = model.generate(row[None], max_new_tokens=6, do_sample=False)
+        assert torch.equal(batch[r, 7 - len(row) :], alone[0])
+
+
+def test_beam_search_and_sampling_match_the_uncached_model(model):
+    ids = random_ids(2, 5, seed=7)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, num_return_sequences=3, use_cache=use_cache))
+    assert outs[0].shape == (6, 11) and torch.equal(*outs)
+
+
+def test_continue_from_returned_cache(model):
+    ids = random_ids(1, 5, seed=8)
+    first = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(first.past_key_values, TTTCache)
+    follow_up = torch.cat([first.sequences, random_ids(1, 3, seed=9)], 1)
+    continued = model.generate(follow_up, past_key_values=first.past_key_values, max_new_tokens=5, do_sample=False)
+    assert torch.equal(continued, model.generate(follow_up, max_new_tokens=5, do_sample=False))
+
+
+def test_output_options(model):
+    ids = random_ids(2, 6, seed=10)
+    out = model(ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    assert out.logits.shape == (2, 1, model.config.vocab_size)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    as_tuple = model(ids, return_dict=False, use_cache=False)
+    assert torch.equal(as_tuple[0], _full_logits(model, ids))
+    embeds = model.get_input_embeddings()(ids)
+    assert torch.allclose(model(inputs_embeds=embeds, use_cache=False).logits, _full_logits(model, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", VARIANTS, ids=["-".join(v) for v in VARIANTS])
+def test_half_precision_models_keep_fp32_state(variant, dtype):
+    reference = tiny_model(*variant)
+    model = tiny_model(*variant).to(dtype)
+    ids = random_ids(2, 2 * MB + 1, seed=11)
+    out = model(ids, use_cache=True)
+    assert out.logits.dtype == dtype
+    for layer in out.past_key_values.layers:
+        assert all(t.dtype == torch.float32 for t in layer.ttt_state + layer.ttt_acc)
+        for conv_state in (layer.pre_conv_state, layer.qk_conv_state):
+            assert conv_state is None or conv_state.dtype == dtype
+    error = (out.logits.float() - _full_logits(reference, ids)).abs().max().item()
+    assert error < 0.05 * _full_logits(reference, ids).abs().max().item() + 0.02
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, ids.shape[1] + 4)
+    model.train()
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_fp64_model_matches_fp32():
+    model = tiny_model("mlp", "mamba")
+    ids = random_ids(2, 9, seed=12)
+    double = tiny_model("mlp", "mamba").double()
+    assert (double(ids).logits - _full_logits(model, ids).double()).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(mini_batch_size=0), "mini_batch_size"),
+        (dict(hidden_size=30), "num_attention_heads"),
+        (dict(hidden_size=12, num_attention_heads=4), "head_dim"),
+        (dict(ttt_layer_type="conv"), "ttt_layer_type"),
+        (dict(kernel_backend="cuda"), "kernel_backend"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(conv_kernel=0), "conv_kernel"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(ttt_base_lr=-1.0), "ttt_base_lr"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+        (dict(pre_conv="yes"), "pre_conv"),
+        (dict(scan_checkpoint_group_size=-2), "scan_checkpoint_group_size"),
+        (dict(pretraining_tp=2), "pretraining_tp"),
+    ],
+)
+def test_invalid_config_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_triton_backend_is_refused_clearly():
+    with pytest.raises(NotImplementedError, match="kernel_backend='triton'"):
+        TTTForCausalLM(tiny_config(kernel_backend="triton"))
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(input_ids=ids, inputs_embeds=model.get_input_embeddings()(ids))
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="inputs_embeds must have shape"):
+        model(inputs_embeds=torch.zeros(2, 5, 7))
+    with pytest.raises(ValueError, match="attention_mask must be a 2-D"):
+        model(ids, attention_mask=torch.ones(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="attention_mask must be a 2-D"):
+        model(ids, attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, position_ids=torch.arange(5)[None])
+    with pytest.raises(TypeError, match="past_key_values must be a TTTCache"):
+        model(ids, past_key_values=DynamicCache())
+    cache = TTTCache(model.config)
+    model(ids, past_key_values=cache)
+    with pytest.raises(ValueError, match="batch size 2"):
+        model(ids[:1], past_key_values=cache)
+    other = TTTCache(tiny_config(num_hidden_layers=3))
+    with pytest.raises(ValueError, match="3 layers"):
+        model(ids, past_key_values=other)
+
+
+def test_official_config_field_names_round_trip(tmp_path):
+    config = TTTConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=32, vocab_size=50)
+    config.save_pretrained(tmp_path)
+    loaded = TTTConfig.from_pretrained(tmp_path)
+    for name in ("ttt_layer_type", "pre_conv", "share_qk", "use_gate", "mini_batch_size", "ttt_base_lr", "conv_kernel",
+                 "scan_checkpoint_group_size", "kernel_backend"):
+        assert getattr(loaded, name) == getattr(config, name)
