@@ -1,0 +1,26 @@
+# The two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of these machines; on a GPU machine install torch first (see README), then `make`.
+TORCH_SPEC ?= torch==2.13.0
+# `make test` runs the suite under the lowest and the newest supported transformers.
+TRANSFORMERS_VERSIONS ?= 5.17.* 5.23.*
+
+.PHONY: demo test
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/ttt-hf demo
+
+test: $(BIN)/.installed
+	set -e; for version in $(TRANSFORMERS_VERSIONS); do \
+		$(BIN)/python -m pip install --quiet "transformers==$$version"; \
+		echo "== transformers $$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"; \
+		HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider; \
+	done
