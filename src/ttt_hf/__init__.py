@@ -5,22 +5,32 @@ Importing the package registers its models with the Auto* classes and PEFT.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .block_state.cache_block_state import BlockStateCache
+from .block_state.configuration_block_state import BlockStateConfig
+from .block_state.modeling_block_state import BlockStateForCausalLM, BlockStateModel, BlockStatePreTrainedModel
 from .ttt.cache_ttt import TTTCache
 from .ttt.configuration_ttt import TTTConfig
 from .ttt.modeling_ttt import TTTForCausalLM, TTTModel, TTTPreTrainedModel
 
 __version__ = "0.1.0"
 
-AutoConfig.register(TTTConfig.model_type, TTTConfig, exist_ok=True)
-AutoModel.register(TTTConfig, TTTModel, exist_ok=True)
-AutoModelForCausalLM.register(TTTConfig, TTTForCausalLM, exist_ok=True)
-# save_pretrained copies the model code next to the weights (trust_remote_code=True loading).
-TTTConfig.register_for_auto_class()
-TTTModel.register_for_auto_class("AutoModel")
-TTTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for config_class, base_class, causal_lm_class in (
+    (TTTConfig, TTTModel, TTTForCausalLM),
+    (BlockStateConfig, BlockStateModel, BlockStateForCausalLM),
+):
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, base_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, causal_lm_class, exist_ok=True)
+    # save_pretrained copies the model code next to the weights (trust_remote_code=True loading).
+    config_class.register_for_auto_class()
+    base_class.register_for_auto_class("AutoModel")
+    causal_lm_class.register_for_auto_class("AutoModelForCausalLM")
 
 # Default LoRA targets, looked up by model_type when LoraConfig has no target_modules.
-PEFT_TARGET_MODULES = {TTTConfig.model_type: ["q_proj", "v_proj"]}
+PEFT_TARGET_MODULES = {
+    TTTConfig.model_type: ["q_proj", "v_proj"],
+    BlockStateConfig.model_type: ["q_proj", "v_proj", "cross_q_proj"],
+}
 
 
 def _register_peft_targets() -> None:
@@ -34,4 +44,10 @@ def _register_peft_targets() -> None:
 
 _register_peft_targets()
 
-__all__ = ["TTTCache", "TTTConfig", "TTTForCausalLM", "TTTModel", "TTTPreTrainedModel", "__version__"]
+__all__ = [
+    "BlockStateCache",
+    "BlockStateConfig",
+    "BlockStateForCausalLM",
+    "BlockStateModel",
+    "BlockStatePreTrainedModel",
+    "TTTCache", "TTTConfig", "TTTForCausalLM", "TTTModel", "TTTPreTrainedModel", "__version__"]

@@ -1,0 +1,153 @@
+"""`BlockStateCache`: the generation cache of a Block-State Transformer, as a `transformers.Cache`."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class BlockStateLayerCache:
+    """One layer's state; none of it grows with the generated length, except the input history of the
+    implicit-filter SSM (which has no finite state: its decoding convolves the whole history).
+
+    Named tensors, batch first, allocated by the first forward on the device of its activations:
+    - `ssm_state`: S4D state `[B, F, D, N/2]` complex64 (F filters per feature);
+    - `history`: implicit filter only, the SSM inputs seen so far, right-aligned `[B, P, D]` fp32;
+    - `self_k`, `self_v`: the current block's self-attention keys/values `[B, H, W, hd]` (slot = position % W);
+    - `prev_k`, `prev_v`: the previous block's, with `attend_previous_block`;
+    - `cross_k`, `cross_v`: the current block's context keys/values: `[B, H, W, hd]` (SH/MH, slot = position
+      % W) or `[B, H, S, hd]` (MF, computed once per block boundary).
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({sorted(self.tensors)})"
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.tensors.get(name)
+
+    def _map(self, fn) -> None:
+        self.tensors = {name: fn(t) for name, t in self.tensors.items()}
+
+    def reset(self) -> None:
+        self.tensors = {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices.to(t.device)])
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(_CROP_ERROR)
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        pass
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+_CROP_ERROR = (
+    "BlockStateCache cannot be cropped: the SSM state has consumed every token and cannot be rolled back. "
+    "Assisted/speculative decoding and DoLa need a croppable cache; re-run the prefill instead."
+)
+
+
+class BlockStateCache(Cache):
+    """Generation cache of [`BlockStateForCausalLM`]: per layer a [`BlockStateLayerCache`], plus per-row
+    positions (real tokens consumed by each row: they set the block boundaries of each row).
+
+    Its memory does not depend on the generated length (S4D); `get_seq_length()` counts input columns,
+    padding included, as `generate` expects.
+    """
+
+    def __init__(self, config, **kwargs) -> None:
+        super().__init__(layers=[BlockStateLayerCache() for _ in range(config.num_hidden_layers)])
+        self.num_hidden_layers = config.num_hidden_layers
+        self.block_size = config.block_size
+        self.positions: torch.Tensor | None = None
+        self.seen_tokens = 0
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(layers={len(self.layers)}, seen_tokens={self.seen_tokens})"
+
+    def row_positions(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Absolute position of the next token of each row ([B] int64)."""
+        if self.positions is None:
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        if self.positions.shape[0] != batch_size:
+            raise ValueError(
+                f"BlockStateCache holds state for batch size {self.positions.shape[0]}, but the input has batch "
+                f"size {batch_size}: use a new cache, or `batch_repeat_interleave`/`batch_select_indices`"
+            )
+        return self.positions.to(device)
+
+    def advance(self, num_columns: int, lengths: torch.Tensor) -> None:
+        """Records that a forward consumed `num_columns` input columns, `lengths[r]` of them real for row r."""
+        self.seen_tokens += num_columns
+        self.positions = lengths if self.positions is None else self.positions.to(lengths.device) + lengths
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.positions is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.positions = None
+        self.seen_tokens = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self.layers:
+            layer.reorder_cache(beam_idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self.layers:
+            layer.batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices.to(self.positions.device)]
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(_CROP_ERROR)
+
+
+__all__ = ["BlockStateCache", "BlockStateLayerCache"]

@@ -1,0 +1,676 @@
+"""Block-State Transformer language models (Fathi et al., arXiv 2306.09539) in the transformers API.
+
+Each layer runs a long causal SSM over the whole sequence, turns its outputs into "context states", and
+attends inside blocks of W tokens to its own block (self-attention) and to the context (cross-attention);
+both attention outputs are concatenated over heads and projected back.
+
+Layout: a forward call places each row's real tokens in "slots" aligned to the row's block boundaries:
+row r's first new token sits at slot `start[r] % W`, the slots before it hold the current block's cached
+keys/values, padding sits after its last token. Blocks then line up across rows, so block attention is a
+batched matmul over `[B, H, blocks, W]` whatever the padding and the cache offsets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache_block_state import BlockStateCache, BlockStateLayerCache
+from .configuration_block_state import BlockStateConfig
+from .ssm_ops import (
+    check_kernel_backend,
+    fft_causal_conv,
+    s4d_block_end_states,
+    s4d_discretize,
+    s4d_final_state,
+    s4d_kernel,
+    s4d_state_output,
+    s4d_step,
+)
+
+
+@dataclass
+class BlockLayout:
+    """Slots of one forward call (see the module docstring).
+
+    start: [B] absolute position of each row's first new token; length: [B] new real tokens per row;
+    offset: [B] `start % W`, the slots of block 0 that the cache fills; valid: [B, S] slots holding a new
+    token; position: [B, S] absolute position of every slot; right_order: [B, S] slot of each entry when the
+    new tokens are aligned to the right end (zeros before them), as the SSM's final state wants them.
+    """
+
+    start: torch.Tensor
+    length: torch.Tensor
+    offset: torch.Tensor
+    valid: torch.Tensor
+    position: torch.Tensor
+    right_order: torch.Tensor
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.valid.shape[1] // self.block_size
+
+    @property
+    def decoding(self) -> bool:
+        """One new token per row: the recurrent step applies."""
+        return bool((self.length <= 1).all())
+
+    @property
+    def next_block(self) -> torch.Tensor:
+        """[B] slot-block index of each row's next token after this call."""
+        return (self.offset + self.length) // self.block_size
+
+
+def _causal_mask(width: int, device) -> torch.Tensor:
+    return torch.ones(width, width, dtype=torch.bool, device=device).tril()
+
+
+class BlockStateRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class BlockStateMLP(nn.Module):
+    """SwiGLU feed-forward block: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: BlockStateConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def apply_rope(x: torch.Tensor, position: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (half-split pairs). x: [B, H, S, hd]; position: [B, S]."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim))
+    angle = position.float()[:, None, :, None] * inv_freq
+    cos, sin = torch.cat([angle.cos()] * 2, -1).to(x.dtype), torch.cat([angle.sin()] * 2, -1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class BlockStateS4D(nn.Module):
+    """S4D bank: `F` diagonal state spaces per feature (N/2 complex modes each), plus a skip term D.
+
+    Parameters `log_a_real, a_imag, c` [F, D, N/2] (c as real pairs), `log_dt, skip` [F, D].
+    """
+
+    def __init__(self, config: BlockStateConfig) -> None:
+        super().__init__()
+        shape = (config.filters_per_feature, config.hidden_size)
+        modes = config.ssm_state_size // 2
+        self.log_a_real = nn.Parameter(torch.empty(*shape, modes))
+        self.a_imag = nn.Parameter(torch.empty(*shape, modes))
+        self.c = nn.Parameter(torch.empty(*shape, modes, 2))
+        self.log_dt = nn.Parameter(torch.empty(*shape))
+        self.skip = nn.Parameter(torch.empty(*shape))
+
+    def _discretized(self):
+        dt_a, db = s4d_discretize(self.log_a_real, self.a_imag, self.log_dt)
+        return dt_a, db, torch.view_as_complex(self.c.float().contiguous())
+
+    def outputs(self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None) -> torch.Tensor:
+        """Outputs at every slot: [B, S, F, D] fp32 (SH/MH). u: [B, S, D] fp32, zeros outside `layout.valid`."""
+        dt_a, db, c = self._discretized()
+        x0 = cache.get("ssm_state") if cache is not None else None
+        if x0 is not None and layout.decoding:
+            slot = layout.offset[:, None, None].expand(-1, 1, u.shape[-1])
+            y, state = s4d_step(torch.gather(u, 1, slot)[:, 0], x0, dt_a, db, c, layout.length > 0)
+            cache.tensors["ssm_state"] = state
+            y = y[:, None] + self.skip.float() * torch.gather(u, 1, slot)[:, :, None]
+            index = layout.offset[:, None, None, None].expand(-1, 1, *y.shape[2:])
+            return torch.zeros(*u.shape[:2], *y.shape[2:], device=u.device).scatter(1, index, y)
+        y = fft_causal_conv(u, s4d_kernel(dt_a, c * db, u.shape[1]))
+        if x0 is not None:
+            steps = torch.arange(u.shape[1], device=u.device)[None] - layout.offset[:, None] + 1
+            y = y + s4d_state_output(x0, dt_a, c, steps.clamp(min=0))
+        if cache is not None:
+            cache.tensors["ssm_state"] = self._final_state(u, layout, x0, dt_a, db)
+        return y + self.skip.float() * u[:, :, None]
+
+    def block_end_outputs(
+        self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None
+    ) -> torch.Tensor:
+        """Outputs at the last slot of every block: [B, M, F, D] (MF). Never builds all slots' outputs."""
+        dt_a, db, c = self._discretized()
+        x0 = cache.get("ssm_state") if cache is not None else None
+        width = layout.block_size
+        skip = self.skip.float() * u[:, width - 1 :: width, None]  # [B, M, 1, D] -> broadcast over F
+        if x0 is not None and layout.decoding:
+            slot = layout.offset[:, None, None].expand(-1, 1, u.shape[-1])
+            y, state = s4d_step(torch.gather(u, 1, slot)[:, 0], x0, dt_a, db, c, layout.length > 0)
+            cache.tensors["ssm_state"] = state
+            return y[:, None] + skip
+        start = x0 if x0 is not None else torch.zeros(u.shape[0], *dt_a.shape, dtype=torch.complex64, device=u.device)
+        states = s4d_block_end_states(
+            u.view(u.shape[0], -1, width, u.shape[-1]), start, dt_a, db, width - layout.offset
+        )
+        if cache is not None:
+            cache.tensors["ssm_state"] = self._final_state(u, layout, x0, dt_a, db)
+        return 2 * (c * states).real.sum(-1) + skip
+
+    @staticmethod
+    def _final_state(u, layout, x0, dt_a, db):
+        u_right = torch.gather(u, 1, layout.right_order[..., None].expand_as(u))
+        if x0 is None:
+            x0 = torch.zeros(u.shape[0], *dt_a.shape, dtype=torch.complex64, device=u.device)
+        return s4d_final_state(u_right, x0, dt_a, db, layout.length)
+
+
+class BlockStateImplicitFilter(nn.Module):
+    """Unstructured long filter: `h(t) = exp(-decay * t_norm) * MLP(features(t_norm))`, `t_norm = lag /
+    ssm_filter_max_len`, one filter per (filter, feature) channel, plus a skip term.
+
+    It has no finite state: decoding convolves the whole input history, which the cache keeps.
+    """
+
+    def __init__(self, config: BlockStateConfig) -> None:
+        super().__init__()
+        self.max_len = config.ssm_filter_max_len
+        self.num_features = config.ssm_filter_features
+        channels = config.filters_per_feature * config.hidden_size
+        self.shape = (config.filters_per_feature, config.hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * self.num_features + 1, config.ssm_filter_hidden),
+            nn.SiLU(),
+            nn.Linear(config.ssm_filter_hidden, config.ssm_filter_hidden),
+            nn.SiLU(),
+            nn.Linear(config.ssm_filter_hidden, channels),
+        )
+        self.decay = nn.Parameter(torch.empty(self.shape))
+        self.skip = nn.Parameter(torch.empty(self.shape))
+
+    def kernel(self, length: int, device) -> torch.Tensor:
+        """[F, D, length] fp32."""
+        t = torch.arange(length, device=device, dtype=torch.float32)[:, None] / self.max_len
+        freqs = 2 * math.pi * torch.arange(1, self.num_features + 1, device=device, dtype=torch.float32)
+        features = torch.cat([t, torch.sin(freqs * t), torch.cos(freqs * t)], dim=-1)
+        h = features
+        for module in self.mlp:  # in fp32 whatever the model dtype
+            h = F.linear(h, module.weight.float(), module.bias.float()) if isinstance(module, nn.Linear) else module(h)
+        h = h.T.reshape(*self.shape, length)
+        return h * torch.exp(-self.decay.float()[..., None].abs() * t[:, 0])
+
+    def _with_history(self, u, layout, cache):
+        """The new inputs appended to the cached history, right-aligned: ([B, P+S, D], right index of each slot)."""
+        history = cache.get("history") if cache is not None else None
+        if history is None:
+            history = u.new_zeros(u.shape[0], 0, u.shape[-1])
+        seen = layout.start
+        hist_valid = torch.arange(history.shape[1], device=u.device)[None] >= history.shape[1] - seen[:, None]
+        valid = torch.cat([hist_valid, layout.valid], dim=1)
+        order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
+        full = torch.gather(torch.cat([history, u], 1), 1, order[..., None].expand(-1, -1, u.shape[-1]))
+        if cache is not None:
+            keep = int((seen + layout.length).max())
+            cache.tensors["history"] = full[:, full.shape[1] - keep :]
+        where = torch.argsort(order, dim=1)[:, history.shape[1] :]  # right-aligned index of every slot
+        return full, where
+
+    def outputs(self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None) -> torch.Tensor:
+        full, where = self._with_history(u, layout, cache)
+        y = fft_causal_conv(full, self.kernel(full.shape[1], u.device))  # [B, P+S, F, D]
+        y = torch.gather(y, 1, where[:, :, None, None].expand(-1, -1, *y.shape[2:]))
+        return y + self.skip.float() * u[:, :, None]
+
+    def block_end_outputs(
+        self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None
+    ) -> torch.Tensor:
+        full, where = self._with_history(u, layout, cache)
+        width = layout.block_size
+        ends = where[:, width - 1 :: width]  # [B, M]
+        kernel = self.kernel(full.shape[1], u.device)
+        outputs = []
+        for f in range(kernel.shape[0]):  # one filter at a time: never all filters at all positions
+            y = fft_causal_conv(full, kernel[f : f + 1])[:, :, 0]  # [B, P+S, D]
+            outputs.append(torch.gather(y, 1, ends[..., None].expand(-1, -1, y.shape[-1])))
+        return torch.stack(outputs, dim=2) + self.skip.float() * u[:, width - 1 :: width, None]
+
+
+class HeadwiseLinear(nn.Module):
+    """MH context projection: head j maps filter j's outputs [D] to its keys/values [hd]. weight: [H, hd, D]."""
+
+    def __init__(self, heads: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, H, D] -> [B, H, S, hd]."""
+        return torch.einsum("bshd,hkd->bhsk", x, self.weight.to(x.dtype))
+
+
+def _attend(query, key, value, mask):
+    """SDPA over leading batch dims (blocks included). mask: bool, True = may attend."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+
+class BlockStateAttention(nn.Module):
+    """Block self-attention (+ cross-attention to the SSM context states when the layer has an SSM)."""
+
+    def __init__(self, config: BlockStateConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.block_size = config.block_size
+        self.context_mode = config.context_mode
+        self.has_ssm = layer_idx in config.ssm_layers
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        if self.has_ssm:
+            self.ssm = BlockStateS4D(config) if config.ssm_kind == "s4d" else BlockStateImplicitFilter(config)
+            self.cross_q_proj = nn.Linear(width, width, bias=False)
+            if self.context_mode == "mh":
+                self.cross_k_proj = HeadwiseLinear(self.num_heads, width, self.head_dim)
+                self.cross_v_proj = HeadwiseLinear(self.num_heads, width, self.head_dim)
+            else:
+                self.cross_k_proj = nn.Linear(width, width, bias=False)
+                self.cross_v_proj = nn.Linear(width, width, bias=False)
+            if self.context_mode == "mf":
+                self.context_ids = nn.Parameter(torch.empty(config.num_context_states, width))
+                self.initial_context = nn.Parameter(torch.empty(config.num_context_states, width))
+        self.o_proj = nn.Linear(2 * width if self.has_ssm else width, width, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], -1, self.block_size, x.shape[-1])  # [B, H, M, W, hd]
+
+    @staticmethod
+    def _fill_from_cache(x, cached, layout):
+        """Slots of block 0 before each row's first new token come from the cache."""
+        if cached is None:
+            return x
+        head = torch.where((torch.arange(cached.shape[2], device=x.device)[None, :] < layout.offset[:, None])[:, None, :, None], cached.to(x.dtype), x[:, :, : cached.shape[2]])
+        return torch.cat([head, x[:, :, cached.shape[2] :]], dim=2)
+
+    def _store_block(self, cache, name, x, layout, previous_name=None):
+        """Keeps the slots of the block holding each row's next token (and, optionally, the block before)."""
+        batch, heads, slots, dim = x.shape
+        blocks = self._blocks(x)
+        zeros = blocks.new_zeros(batch, heads, 1, self.block_size, dim)
+        before = cache.get(previous_name) if previous_name else None
+        before = zeros if before is None else before[:, :, None].to(x.dtype)
+        extended = torch.cat([before, blocks, zeros], dim=2)  # [B, H, M+2, W, hd]
+        index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, heads, 1, self.block_size, dim)
+        cache.tensors[name] = torch.gather(extended, 2, index + 1)[:, :, 0]
+        if previous_name:
+            cache.tensors[previous_name] = torch.gather(extended, 2, index)[:, :, 0]
+
+    def forward(
+        self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None = None
+    ) -> torch.Tensor:
+        batch, slots, _ = hidden_states.shape
+        width, blocks = self.block_size, layout.num_blocks
+        device = hidden_states.device
+        causal = _causal_mask(width, device)
+        key_valid = layout.valid | (torch.arange(slots, device=device)[None] < layout.offset[:, None])
+        own_mask = causal & (self._blocks(key_valid[:, None, :, None])[..., 0][:, :, :, None, :] | torch.eye(width, dtype=torch.bool, device=device))
+        # own_mask: [B, 1, M, W(query), W(key)]
+
+        query = apply_rope(self._heads(self.q_proj(hidden_states)), layout.position, self.config.rope_theta)
+        key = apply_rope(self._heads(self.k_proj(hidden_states)), layout.position, self.config.rope_theta)
+        value = self._heads(self.v_proj(hidden_states))
+        key = self._fill_from_cache(key, cache.get("self_k") if cache else None, layout)
+        value = self._fill_from_cache(value, cache.get("self_v") if cache else None, layout)
+
+        key_b, value_b = self._blocks(key), self._blocks(value)
+        mask = own_mask
+        if self.config.attend_previous_block:
+            cached_k = cache.get("prev_k") if cache else None
+            cached_v = cache.get("prev_v") if cache else None
+            first_k = key_b.new_zeros(key_b[:, :, :1].shape) if cached_k is None else cached_k[:, :, None].to(key.dtype)
+            first_v = key_b.new_zeros(key_b[:, :, :1].shape) if cached_v is None else cached_v[:, :, None].to(key.dtype)
+            prev_k = torch.cat([first_k, key_b[:, :, :-1]], dim=2)
+            prev_v = torch.cat([first_v, value_b[:, :, :-1]], dim=2)
+            # A previous block exists from the row's second block on; inside this call its slots are valid
+            # wherever the row had tokens (or cached ones).
+            absolute_block = (layout.start - layout.offset)[:, None] // width + torch.arange(blocks, device=device)
+            prev_valid = torch.cat([torch.ones_like(key_valid[:, :width]), key_valid[:, : slots - width]], dim=1)
+            prev_mask = self._blocks(prev_valid[:, None, :, None])[..., 0] & (absolute_block >= 1)[:, None, :, None]
+            mask = torch.cat([prev_mask[:, :, :, None, :].expand(-1, -1, -1, width, -1), own_mask], dim=-1)
+            key_b, value_b = torch.cat([prev_k, key_b], dim=3), torch.cat([prev_v, value_b], dim=3)
+        attended = _attend(self._blocks(query), key_b, value_b, mask).reshape(batch, self.num_heads, slots, -1)
+        if cache is not None:
+            self._store_block(cache, "self_k", key, layout, "prev_k" if self.config.attend_previous_block else None)
+            self._store_block(cache, "self_v", value, layout, "prev_v" if self.config.attend_previous_block else None)
+
+        if self.has_ssm:
+            cross = self._cross_attention(hidden_states, layout, cache, own_mask)
+            attended = torch.cat([attended, cross], dim=1)
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, slots, -1))
+
+    def _cross_attention(self, hidden_states, layout, cache, own_mask):
+        batch, slots, _ = hidden_states.shape
+        u = (hidden_states.float() * layout.valid[..., None]).contiguous()
+        query = self._blocks(self._heads(self.cross_q_proj(hidden_states)))
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            if self.context_mode == "mf":
+                ssm_out = self.ssm.block_end_outputs(u, layout, cache)  # [B, M, S, D]: block ends only
+            else:
+                ssm_out = self.ssm.outputs(u, layout, cache)  # [B, S, F, D]
+        if self.context_mode == "mf":
+            key, value = self._mf_context(ssm_out.to(hidden_states.dtype), layout, cache)
+            out = _attend(query, key, value, None)
+        else:
+            context = ssm_out.to(hidden_states.dtype)
+            if self.context_mode == "mh":
+                key, value = self.cross_k_proj(context), self.cross_v_proj(context)
+            else:
+                key, value = self._heads(self.cross_k_proj(context[:, :, 0])), self._heads(self.cross_v_proj(context[:, :, 0]))
+            key = self._fill_from_cache(key, cache.get("cross_k") if cache else None, layout)
+            value = self._fill_from_cache(value, cache.get("cross_v") if cache else None, layout)
+            out = _attend(query, self._blocks(key), self._blocks(value), own_mask)
+            if cache is not None:
+                self._store_block(cache, "cross_k", key, layout)
+                self._store_block(cache, "cross_v", value, layout)
+        return out.reshape(batch, self.num_heads, slots, -1)
+
+    def _mf_context(self, ends, layout, cache):
+        """Context keys/values of every block [B, H, M, S, hd]: block i uses the filter outputs at the end of
+        block i-1; the first block of a sequence uses the learned initial context; a block already begun in
+        an earlier call uses the cached context."""
+        batch, blocks = ends.shape[:2]
+        states = ends + self.context_ids.to(ends.dtype)  # [B, M, S, D]
+        first = (self.initial_context + self.context_ids).to(ends.dtype).expand(batch, 1, *states.shape[2:])
+
+        def project(proj, x):  # [B, n, S, D] -> [B, H, n, S, hd]
+            y = proj(x).view(*x.shape[:3], self.num_heads, self.head_dim)
+            return y.permute(0, 3, 1, 2, 4)
+
+        contexts_k = project(self.cross_k_proj, torch.cat([first, states], dim=1))  # [B, H, M+1, S, hd]
+        contexts_v = project(self.cross_v_proj, torch.cat([first, states], dim=1))
+        cached_k, cached_v = (cache.get("cross_k"), cache.get("cross_v")) if cache is not None else (None, None)
+        if cached_k is not None:
+            # Rows past their first block continue the context their current block started with.
+            use_cache = (layout.start > 0).view(-1, 1, 1, 1)
+            contexts_k[:, :, 0] = torch.where(use_cache, cached_k.to(ends.dtype), contexts_k[:, :, 0])
+            contexts_v[:, :, 0] = torch.where(use_cache, cached_v.to(ends.dtype), contexts_v[:, :, 0])
+        if cache is not None:
+            index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, self.num_heads, 1, *contexts_k.shape[3:])
+            cache.tensors["cross_k"] = torch.gather(contexts_k, 2, index)[:, :, 0]
+            cache.tensors["cross_v"] = torch.gather(contexts_v, 2, index)[:, :, 0]
+        return contexts_k[:, :, :blocks], contexts_v[:, :, :blocks]
+
+
+class BlockStateDecoderLayer(GradientCheckpointingLayer):
+    """`h += Attention(norm(h))` (block self-attention + SSM context cross-attention); `h += MLP(norm(h))`."""
+
+    def __init__(self, config: BlockStateConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = BlockStateRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = BlockStateAttention(config, layer_idx)
+        self.post_attention_layernorm = BlockStateRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = BlockStateMLP(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, layout: BlockLayout, past_key_values: BlockStateCache | None = None
+    ) -> torch.Tensor:
+        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        hidden_states = hidden_states + self.attn(self.input_layernorm(hidden_states), layout, cache)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class BlockStatePreTrainedModel(PreTrainedModel):
+    config_class = BlockStateConfig
+    config: BlockStateConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BlockStateDecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, BlockStateRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, HeadwiseLinear):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, BlockStateS4D):
+            # S4D-Lin: A = -1/2 + i pi n; dt log-uniform in [1e-3, 1e-1]; C complex normal (unit variance).
+            modes = module.a_imag.shape[-1]
+            init.constant_(module.log_a_real, math.log(0.5))
+            init.copy_(module.a_imag, (math.pi * torch.arange(modes, dtype=torch.float32)).expand_as(module.a_imag))
+            init.normal_(module.c, mean=0.0, std=0.5**0.5)
+            init.uniform_(module.log_dt, math.log(1e-3), math.log(1e-1))
+            init.normal_(module.skip, mean=0.0, std=1.0)
+        elif isinstance(module, BlockStateImplicitFilter):
+            decay = torch.linspace(0.5, 8.0, module.decay.shape[-1]).expand_as(module.decay)
+            init.copy_(module.decay, decay)
+            init.normal_(module.skip, mean=0.0, std=1.0)
+        elif isinstance(module, BlockStateAttention) and hasattr(module, "context_ids"):
+            init.normal_(module.context_ids, mean=0.0, std=std)
+            init.normal_(module.initial_context, mean=0.0, std=std)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # One folder serves AutoModel and AutoModelForCausalLM under trust_remote_code.
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModel": "modeling_block_state.BlockStateModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # Generation uses the model's own BlockStateCache, created by the first forward.
+        return False
+
+
+class BlockStateModel(BlockStatePreTrainedModel):
+    def __init__(self, config: BlockStateConfig) -> None:
+        super().__init__(config)
+        check_kernel_backend(config.kernel_backend)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([BlockStateDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = BlockStateRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: BlockStateCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if kwargs.get("position_ids") is not None:
+            raise ValueError(
+                "position_ids is not supported by Block-State models: positions come from attention_mask and the "
+                "cache (pass attention_mask with 0 at padding)"
+            )
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True is not supported by Block-State models")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        if past_key_values is not None and not isinstance(past_key_values, BlockStateCache):
+            raise TypeError(
+                f"past_key_values must be a BlockStateCache, got {type(past_key_values).__name__}"
+            )
+        if past_key_values is not None and past_key_values.num_hidden_layers != self.config.num_hidden_layers:
+            raise ValueError(
+                f"past_key_values was built for {past_key_values.num_hidden_layers} layers, this model has "
+                f"{self.config.num_hidden_layers}"
+            )
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = BlockStateCache(self.config)
+
+        batch, seq_len, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        mask = self._token_mask(attention_mask, batch, seq_len, device)
+        start = (
+            past_key_values.row_positions(batch, device)
+            if past_key_values is not None
+            else torch.zeros(batch, dtype=torch.long, device=device)
+        )
+        layout, slot_of_token = self._layout(mask, start)
+        rows = torch.arange(batch, device=device)[:, None].expand(-1, seq_len)
+        hidden_states = inputs_embeds.new_zeros(batch, layout.valid.shape[1], inputs_embeds.shape[-1])
+        hidden_states = hidden_states.index_put((rows[mask], slot_of_token[mask]), inputs_embeds[mask])
+
+        def to_tokens(x):  # slots -> input columns (zeros at padding)
+            index = slot_of_token.clamp(max=x.shape[1] - 1)[..., None].expand(-1, -1, x.shape[-1])
+            return torch.gather(x, 1, index) * mask[..., None]
+
+        all_hidden_states = [inputs_embeds] if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, layout, past_key_values=past_key_values)
+            if output_hidden_states:
+                all_hidden_states.append(to_tokens(hidden_states))
+        hidden_states = to_tokens(self.norm(hidden_states))
+        if output_hidden_states:
+            all_hidden_states[-1] = hidden_states
+        if past_key_values is not None:
+            past_key_values.advance(seq_len, layout.length)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _layout(self, mask: torch.Tensor, start: torch.Tensor) -> tuple[BlockLayout, torch.Tensor]:
+        width = self.config.block_size
+        length = mask.sum(-1)
+        offset = start % width
+        rank = mask.cumsum(-1) - 1
+        slot_of_token = offset[:, None] + rank.clamp(min=0)  # [B, T]
+        num_slots = max(1, -(-int((offset + length).max()) // width)) * width
+        slot = torch.arange(num_slots, device=mask.device)[None]
+        valid = (slot >= offset[:, None]) & (slot < (offset + length)[:, None])
+        order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
+        layout = BlockLayout(
+            start=start, length=length, offset=offset, valid=valid,
+            position=(start - offset)[:, None] + slot, right_order=order, block_size=width,
+        )
+        return layout, slot_of_token
+
+    @staticmethod
+    def _token_mask(attention_mask, batch: int, seq_len: int, device) -> torch.Tensor:
+        """[B, T] bool of real tokens, from a 2-D mask that covers at least the current tokens."""
+        if attention_mask is None:
+            return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+            raise ValueError(
+                f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x >= "
+                f"{seq_len}), got shape {tuple(attention_mask.shape)}"
+            )
+        return attention_mask[:, -seq_len:].to(device) != 0
+
+
+class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BlockStateConfig) -> None:
+        super().__init__(config)
+        self.model = BlockStateModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: BlockStateCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels (shifted inside the loss); -100 is ignored.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["BlockStatePreTrainedModel", "BlockStateModel", "BlockStateForCausalLM"]

@@ -1,0 +1,143 @@
+"""SSM operations of the Block-State Transformer: PyTorch reference (the numerical definition) and dispatch.
+
+The S4D layer is a bank of diagonal state spaces: `F` filters per feature (1 for SH, H for MH, S for MF),
+each with `n = N/2` complex modes. Shapes: B batch, L positions, D features, F filters, n modes.
+Everything runs in fp32 / complex64 with autocast off, whatever the model dtype: `torch.fft.rfft`
+rejects bf16, fp16 needs power-of-two sizes and overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+# Upper bound on the elements of a temporary built by the reference ops (chunks are sized to fit it).
+_ELEMENT_BUDGET = 1 << 25
+
+
+def check_kernel_backend(kernel_backend: str) -> None:
+    """Fail early for a backend this build cannot run (the Triton kernels are not part of this release)."""
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
+    if kernel_backend == "triton":
+        raise NotImplementedError(
+            "kernel_backend='triton': this release has no Block-State Triton kernels yet; use 'auto' or 'torch'"
+        )
+
+
+def _chunk(total: int, per_item: int) -> int:
+    return max(1, min(total, _ELEMENT_BUDGET // max(per_item, 1)))
+
+
+def s4d_discretize(
+    log_a_real: torch.Tensor, a_imag: torch.Tensor, log_dt: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-order hold. Returns `dt*A` and `dB = (exp(dt*A) - 1) / A`, complex64 [F, D, n]."""
+    a = torch.complex(-torch.exp(log_a_real.float()), a_imag.float())
+    dt_a = torch.exp(log_dt.float())[..., None] * a
+    return dt_a, torch.expm1(dt_a) / a
+
+
+def s4d_kernel(dt_a: torch.Tensor, c_db: torch.Tensor, length: int) -> torch.Tensor:
+    """`K[l] = 2 Re(sum_n (C dB)[n] exp(dt A[n] l))` for l < length: fp32 [F, D, length]. Any length works."""
+    filters, features, modes = dt_a.shape
+    kernel = torch.zeros(filters, features, length, device=dt_a.device)
+    lags = torch.arange(length, device=dt_a.device, dtype=torch.float32)
+    step = _chunk(length, filters * features)
+    for start in range(0, length, step):
+        lag = lags[start : start + step]
+        for mode in range(modes):
+            decay = torch.exp(dt_a[..., mode, None].real * lag)
+            angle = dt_a[..., mode, None].imag * lag
+            weight = c_db[..., mode, None]
+            kernel[..., start : start + step] += 2 * decay * (weight.real * torch.cos(angle) - weight.imag * torch.sin(angle))
+    return kernel
+
+
+def fft_causal_conv(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """`y[t] = sum_{k<=t} K[k] u[t-k]` by FFT of size >= 2L (a size-L FFT is circular and leaks the future).
+
+    u: [B, L, D] fp32; kernel: [F, D, L]. Returns [B, L, F, D] fp32.
+    """
+    length = u.shape[1]
+    size = 2 * length
+    u_f = torch.fft.rfft(u.transpose(1, 2).float(), n=size)  # [B, D, size/2+1]
+    k_f = torch.fft.rfft(kernel.float(), n=size)  # [F, D, size/2+1]
+    y = torch.fft.irfft(u_f[:, None] * k_f[None], n=size)[..., :length]  # [B, F, D, L]
+    return y.permute(0, 3, 1, 2)
+
+
+def s4d_state_output(x0: torch.Tensor, dt_a: torch.Tensor, c: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Contribution of an initial state to later outputs: `2 Re(sum_n C x0 exp(dt A * steps))`.
+
+    x0: [B, F, D, n] complex; steps: [B, L] number of steps since x0 (>= 1 where used). Returns [B, L, F, D].
+    """
+    batch, length = steps.shape
+    cx = (c * x0)[:, None]  # [B, 1, F, D, n]
+    out = []
+    step = _chunk(length, cx[0, 0].numel())
+    for start in range(0, length, step):
+        exponent = steps[:, start : start + step, None, None, None].float()  # [B, l, 1, 1, 1]
+        out.append(2 * (cx * torch.exp(exponent * dt_a)).real.sum(-1))
+    return torch.cat(out, dim=1)
+
+
+def s4d_block_sums(u: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+    """Per block, the state a zero state reaches at the block's end: `dB * sum_k exp(dt A (W-1-k)) u_k`.
+
+    u: [B, M, W, D] fp32 (M blocks of W positions). Returns [B, M, F, D, n] complex64.
+    """
+    width = u.shape[2]
+    lags = torch.arange(width - 1, -1, -1, device=u.device, dtype=torch.float32)
+    u = u.to(torch.complex64)
+    sums = []
+    step = _chunk(dt_a.shape[0], dt_a[0].numel() * width)
+    for start in range(0, dt_a.shape[0], step):
+        powers = torch.exp(dt_a[start : start + step, ..., None] * lags)  # [f, D, n, W]
+        sums.append(torch.einsum("bmwd,fdnw->bmfdn", u, powers) * db[start : start + step])
+    return torch.cat(sums, dim=2)
+
+
+def s4d_block_end_states(
+    u: torch.Tensor, x0: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor, first_steps: torch.Tensor
+) -> torch.Tensor:
+    """States at the end of each of M aligned blocks, continuing from x0.
+
+    u: [B, M, W, D] (zeros where a row has no input); x0: [B, F, D, n], the state `first_steps[r]` positions
+    before the end of block 0. Returns [B, M, F, D, n] complex64.
+    """
+    width = u.shape[2]
+    sums = s4d_block_sums(u, dt_a, db)
+    block_decay = torch.exp(width * dt_a)
+    x = x0 * torch.exp(first_steps.float()[:, None, None, None] * dt_a)
+    states = []
+    for m in range(u.shape[1]):
+        x = (x if m == 0 else block_decay * x) + sums[:, m]
+        states.append(x)
+    return torch.stack(states, dim=1)
+
+
+def s4d_final_state(
+    u_right: torch.Tensor, x0: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
+    """State after consuming `length[r]` inputs from x0. u_right: [B, L, D], each row's inputs aligned to the
+    right end (zeros before them). Returns [B, F, D, n] complex64."""
+    total = u_right.shape[1]
+    width = _chunk(total, dt_a.numel())
+    pad = (-total) % width
+    u = torch.nn.functional.pad(u_right.float(), (0, 0, pad, 0)).view(u_right.shape[0], -1, width, u_right.shape[2])
+    zero = torch.zeros_like(x0)
+    ends = s4d_block_end_states(u, zero, dt_a, db, torch.zeros_like(length))
+    return ends[:, -1] + x0 * torch.exp(length.float()[:, None, None, None] * dt_a)
+
+
+def s4d_step(
+    u: torch.Tensor, x: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor, c: torch.Tensor, active: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrence step: `x = exp(dt A) x + dB u; y = 2 Re(C . x)` (without the skip term).
+
+    u: [B, D] fp32; x: [B, F, D, n]; active: [B] bool (inactive rows keep their state). Returns y [B, F, D], x.
+    """
+    new_x = torch.exp(dt_a) * x + db * u.float()[:, None, :, None]
+    new_x = torch.where(active[:, None, None, None], new_x, x)
+    return 2 * (c * new_x).real.sum(-1), new_x
