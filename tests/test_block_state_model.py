@@ -1,0 +1,229 @@
+"""BlockStateForCausalLM behaviour: caching, padding, causality, length generalisation, precision, checks."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import ttt_hf.block_state.modeling_block_state as modeling
+from block_state_testing import VARIANT_IDS, VARIANTS, random_ids, tiny_config, tiny_model
+from ttt_hf import BlockStateCache, BlockStateForCausalLM
+
+W = 4  # tiny_config's block_size
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=VARIANT_IDS)
+def model(request):
+    return tiny_model(**request.param)
+
+
+def _full_logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kwargs).logits
+
+
+@pytest.mark.parametrize("prefill", [1, W - 1, W, W + 1, 3 * W + 7])
+def test_prefill_then_decode_equals_full_forward(model, prefill):
+    ids = random_ids(2, 3 * W + 12)
+    full = _full_logits(model, ids)
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        logits = [out.logits]
+        for j in range(prefill, ids.shape[1]):
+            out = model(ids[:, j : j + 1], past_key_values=out.past_key_values)
+            logits.append(out.logits)
+    assert (torch.cat(logits, 1) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("splits", [(3, 9, 10, 17), (4, 8, 13), (1, 2, 3, 11)])
+def test_appends_of_any_length_at_any_offset(model, splits):
+    ids = random_ids(2, 21, seed=1)
+    full = _full_logits(model, ids)
+    bounds = [0, *splits, ids.shape[1]]
+    cache, logits = BlockStateCache(model.config), []
+    with torch.no_grad():
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            logits.append(model(ids[:, a:b], past_key_values=cache).logits)
+    assert cache.get_seq_length() == 21 and cache.positions.tolist() == [21, 21]
+    assert (torch.cat(logits, 1) - full).abs().max().item() <= 1e-4
+
+
+def _left_pad(rows, width):
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = row
+        mask[r, width - len(row) :] = 1
+    return ids, mask
+
+
+def test_left_padded_batch_equals_rows_alone(model):
+    rows = [random_ids(1, n, seed=n)[0] for n in (15, 10, 3)]
+    ids, mask = _left_pad(rows, 15)
+    padded = _full_logits(model, ids, attention_mask=mask)
+    for r, row in enumerate(rows):
+        alone = _full_logits(model, row[None])
+        assert (padded[r, 15 - len(row) :] - alone[0]).abs().max().item() <= 1e-4
+
+
+def test_padded_prefill_then_decode_equals_rows_alone(model):
+    rows = [random_ids(1, n, seed=30 + n)[0] for n in (11, 6)]
+    ids, mask = _left_pad(rows, 11)
+    extra = random_ids(2, 6, seed=3)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        steps = []
+        for j in range(extra.shape[1]):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            out = model(extra[:, j : j + 1], attention_mask=mask, past_key_values=out.past_key_values)
+            steps.append(out.logits)
+    for r, row in enumerate(rows):
+        alone = _full_logits(model, torch.cat([row, extra[r]])[None])
+        assert (torch.cat(steps, 1)[r] - alone[0, len(row) :]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_causality_by_gradients_across_blocks(variant):
+    model = tiny_model(**variant)
+    ids = random_ids(1, 3 * W + 2, seed=4)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    for t in range(ids.shape[1]):
+        (grad,) = torch.autograd.grad(logits[0, t].sum(), embeds, retain_graph=True)
+        assert grad[0, t + 1 :].abs().max().item() == 0.0 if t + 1 < ids.shape[1] else True
+    # Information crosses blocks: the last position depends on the first block (through the SSM context).
+    assert grad[0, :W].abs().sum().item() > 0
+
+
+def test_s4d_runs_at_8x_the_configured_length_and_reaches_back():
+    model = tiny_model(max_position_embeddings=16)
+    ids = random_ids(1, 8 * 16, seed=5)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    assert torch.isfinite(logits).all()
+    (grad,) = torch.autograd.grad(logits[0, -1].sum(), embeds)
+    assert grad[0, 0].abs().sum().item() > 0  # the kernel covers every lag: no truncation
+
+
+def test_mf_never_builds_per_position_filter_outputs(monkeypatch):
+    model = tiny_model(context_mode="mf")
+    calls = []
+    monkeypatch.setattr(modeling, "fft_causal_conv", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(modeling, "s4d_kernel", lambda *a: calls.append(a) or None)
+    ids = random_ids(2, 5 * W + 1, seed=6)
+    with torch.no_grad():
+        out = model(ids)
+        model(ids[:, :1], past_key_values=out.past_key_values)
+    assert calls == []
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.get("ssm_kind") != "implicit"], ids=[
+    i for v, i in zip(VARIANTS, VARIANT_IDS) if v.get("ssm_kind") != "implicit"])
+def test_cache_memory_does_not_grow(variant):
+    model = tiny_model(**variant)
+    sizes = []
+    with torch.no_grad():
+        for length in (W + 1, 4 * W + 3, 16 * W + 2):
+            out = model(random_ids(2, length, seed=length))
+            sizes.append(out.past_key_values.nbytes)
+            out = model(random_ids(2, 1, seed=1), past_key_values=out.past_key_values)
+            sizes.append(out.past_key_values.nbytes)
+    assert len(set(sizes)) == 1
+    layer = out.past_key_values.layers[-1]  # every variant computes an SSM in its last layer
+    assert layer.get("ssm_state").dtype == torch.complex64
+
+
+def test_implicit_filter_cache_keeps_the_history():
+    model = tiny_model(ssm_kind="implicit")
+    with torch.no_grad():
+        out = model(random_ids(2, 9))
+        out = model(random_ids(2, 3), past_key_values=out.past_key_values)
+    assert out.past_key_values.layers[0].get("history").shape == (2, 12, model.config.hidden_size)
+
+
+def test_cache_batch_operations_and_crop():
+    model = tiny_model(context_mode="mh", attend_previous_block=True)
+    ids, more = random_ids(3, 7, seed=7), random_ids(3, 3, seed=8)
+    with torch.no_grad():
+        def fresh():
+            cache = BlockStateCache(model.config)
+            model(ids, past_key_values=cache)
+            return cache
+
+        reference = model(more, past_key_values=fresh()).logits
+        reordered = fresh()
+        reordered.reorder_cache(torch.tensor([2, 0, 1]))
+        assert torch.allclose(model(more[[2, 0, 1]], past_key_values=reordered).logits, reference[[2, 0, 1]], atol=1e-6)
+        selected = fresh()
+        selected.batch_select_indices(torch.tensor([1]))
+        assert torch.allclose(model(more[1:2], past_key_values=selected).logits, reference[1:2], atol=1e-6)
+        repeated = fresh()
+        repeated.batch_repeat_interleave(2)
+        out = model(more.repeat_interleave(2, 0), past_key_values=repeated).logits
+        assert torch.allclose(out, reference.repeat_interleave(2, 0), atol=1e-6)
+        reset = fresh()
+        reset.reset()
+        assert reset.get_seq_length() == 0
+        assert torch.allclose(model(ids, past_key_values=reset).logits, _full_logits(model, ids), atol=1e-6)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        reset.crop(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", VARIANTS[:3], ids=VARIANT_IDS[:3])
+def test_half_precision_models(variant, dtype):
+    reference = tiny_model(**variant)
+    model = tiny_model(**variant).to(dtype)
+    ids = random_ids(2, 3 * W + 1, seed=9)
+    out = model(ids)
+    assert out.logits.dtype == dtype
+    assert out.past_key_values.layers[0].get("ssm_state").dtype == torch.complex64
+    expected = _full_logits(reference, ids)
+    assert (out.logits.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 0.02
+    assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False).shape == (2, 16)
+    model.train()
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(block_size=0), "block_size"),
+        (dict(num_context_states=0, context_mode="mf"), "num_context_states"),
+        (dict(context_mode="xx"), "context_mode"),
+        (dict(ssm_kind="s5"), "ssm_kind"),
+        (dict(hidden_size=30), "num_attention_heads"),
+        (dict(ssm_state_size=7), "ssm_state_size"),
+        (dict(ssm_layers=[0, 5]), "ssm_layers"),
+        (dict(ssm_layers=[1, 1]), "ssm_layers"),
+        (dict(attend_previous_block="no"), "attend_previous_block"),
+        (dict(kernel_backend="cuda"), "kernel_backend"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(rope_theta=0), "rope_theta"),
+    ],
+)
+def test_invalid_config_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model()
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model()
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="attention_mask must be a 2-D"):
+        model(ids, attention_mask=torch.ones(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, position_ids=torch.arange(5)[None])
+    with pytest.raises(TypeError, match="must be a BlockStateCache"):
+        model(ids, past_key_values=DynamicCache())
+    cache = BlockStateCache(model.config)
+    model(ids, past_key_values=cache)
+    with pytest.raises(ValueError, match="batch size 2"):
+        model(ids[:1], past_key_values=cache)
+    with pytest.raises(NotImplementedError, match="kernel_backend='triton'"):
+        BlockStateForCausalLM(tiny_config(kernel_backend="triton"))
