@@ -1,0 +1,103 @@
+"""The score path of TOVA: what the current query's attention over the cache actually was.
+
+`transformers` attention modules call `past_key_values.update(...)` (no query) and then the attention
+function registered for the model's `attn_implementation`. On first use, TOVA wraps the registered
+functions ("eager", "sdpa", flash/flex kinds): a wrapper runs the original function unchanged and, when
+the TOVA cache just updated this module's layer, computes the last query's softmax over the cached keys
+exactly as attention did (the module's `scaling`, soft-capping, attention sinks, the mask) and hands it
+to the cache, which evicts. Nothing in the model, its code or its `attn_implementation` changes.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+_pending = threading.local()
+
+
+def set_pending(cache, layer_idx: int) -> None:
+    """Called by the cache's `update`: the next attention call of this layer belongs to `cache`."""
+    _pending.value = (cache, layer_idx)
+
+
+def _take_pending(module):
+    pending = getattr(_pending, "value", None)
+    if pending is None or pending[1] != getattr(module, "layer_idx", None):
+        return None
+    _pending.value = None
+    return pending[0]
+
+
+def last_query_scores(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax of the last query over `key`, averaged over the query heads: [B, kv_len] fp32.
+
+    query: [B, Hq, q, d]; key: [B, Hkv, kv, d] (GQA handled without repeating keys). Slots the mask hides
+    get exactly -inf, so padding always ranks below every real token.
+    """
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    q = query[:, :, -1].float().view(batch, kv_heads, q_heads // kv_heads, head_dim)
+    logits = torch.einsum("bhgd,bhkd->bhgk", q, key.float()) * scaling  # [B, Hkv, G, kv]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    hidden = None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, -key.shape[2] :]  # [B, kv]: the last query's row
+        if row.dtype == torch.bool:
+            hidden = ~row
+        else:
+            logits = logits + row.float()[:, None, None, :]
+            hidden = row <= torch.finfo(row.dtype).min / 2
+        logits = logits.masked_fill(hidden[:, None, None, :], float("-inf"))
+    elif attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise NotImplementedError(
+            "TOVACache with a flash-attention kind and a padded batch is not supported: the 2-D padding mask "
+            "indexes logical positions, which eviction reorders; use attn_implementation='sdpa' for padded batches"
+        )
+    if sinks is not None:
+        sink = sinks.float().view(1, kv_heads, q_heads // kv_heads, 1).expand(batch, -1, -1, 1)
+        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    scores = probs.mean(dim=(1, 2))
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return scores
+
+
+def _wrap(original):
+    def tova_aware_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        # "eager" is not in the registry: each model file defines its own eager function.
+        function = original or getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        output = function(module, query, key, value, attention_mask, *args, **kwargs)
+        cache = _take_pending(module)
+        if cache is not None:
+            scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+            cache.after_attention(module, query, key, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
+        return output
+
+    tova_aware_attention.tova_original = original
+    return tova_aware_attention
+
+
+def install_attention_hooks() -> None:
+    """Wraps every registered attention function not yet wrapped (kinds registered later, such as hub
+    kernels, are wrapped on the next call). The wrappers are transparent when no TOVA cache is involved."""
+    for name in {"eager", *ALL_ATTENTION_FUNCTIONS.keys()}:
+        original = ALL_ATTENTION_FUNCTIONS.get(name)
+        if hasattr(original, "tova_original"):
+            continue
+        ALL_ATTENTION_FUNCTIONS.register(name, _wrap(original))
