@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .block_state.cache_block_state import BlockStateCache
 from .block_state.configuration_block_state import BlockStateConfig
 from .block_state.modeling_block_state import BlockStateForCausalLM, BlockStateModel, BlockStatePreTrainedModel
+from .tova.cache_tova import TOVACache
 from .ttt.cache_ttt import TTTCache
 from .ttt.configuration_ttt import TTTConfig
 from .ttt.modeling_ttt import TTTForCausalLM, TTTModel, TTTPreTrainedModel
@@ -50,4 +51,5 @@ __all__ = [
     "BlockStateForCausalLM",
     "BlockStateModel",
     "BlockStatePreTrainedModel",
+    "TOVACache",
     "TTTCache", "TTTConfig", "TTTForCausalLM", "TTTModel", "TTTPreTrainedModel", "__version__"]

@@ -162,6 +162,7 @@ class TOVACache(Cache):
         layer = self.layers[module.layer_idx]
         window = getattr(module, "sliding_window", None)
         if window is not None and window <= self.budget:
+            layer.is_sliding = True  # transformers builds sliding masks from the first layer flagged so
             if layer.physical_length > window - 1:
                 keep = torch.arange(layer.physical_length - window + 1, layer.physical_length, device=key.device)
                 layer.keep(keep.expand(layer.positions.shape[0], -1))

@@ -1,0 +1,207 @@
+"""TOVACache on tiny random decoders of every supported family, and against the official TOVA code."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+from ttt_hf import TOVACache
+from ttt_hf.tova.tova_attention import last_query_scores
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tova"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=None, max_position_embeddings=512)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**SMALL),
+    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**SMALL),
+    "qwen3": lambda: Qwen3Config(**SMALL, head_dim=16),
+    "phi3": lambda: Phi3Config(**SMALL),
+    "gemma2": lambda: Gemma2Config(**SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=None,
+                                   final_logit_softcapping=None),
+    "gemma3": lambda: Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "mqa": lambda: LlamaConfig(**{**SMALL, "num_key_value_heads": 1}),
+}
+
+
+SDPA_FAMILIES = [name for name in FAMILIES if name != "gemma2"]  # Gemma 2 supports eager attention only
+
+
+def family_model(name: str, attn_implementation: str = "sdpa", seed: int = 0):
+    if name not in SDPA_FAMILIES:
+        attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILIES[name](), attn_implementation=attn_implementation).eval()
+    with torch.no_grad():  # peaky attention, so that eviction decisions matter
+        for module_name, param in model.named_parameters():
+            if any(k in module_name for k in ("q_proj", "k_proj", "qkv_proj")):
+                param.mul_(4.0)
+    return model
+
+
+def ids(batch, length, seed=0):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_reproduces_the_official_generations(case, attn_implementation):
+    folder = FIXTURES / case
+    meta = json.loads((folder / "meta.json").read_text())
+    config = LlamaConfig.from_json_file(str(folder / "config.json"))
+    config._attn_implementation = attn_implementation
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    data = load_file(folder / "data.safetensors")
+    cache = TOVACache(meta["N_cache_size"])
+    out = model.generate(data["input_ids"], past_key_values=cache, max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
+    assert torch.equal(out, data["generated"])
+    for i in range(config.num_hidden_layers):
+        assert torch.equal(cache.kept_positions(i)[0].sort().values, data[f"kept_positions_layer{i}"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_budget_above_all_tokens_equals_dynamic_cache(family):
+    model = family_model(family)
+    prompt = ids(2, 9)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    tova = model.generate(prompt, past_key_values=TOVACache(64), **kwargs)
+    dynamic = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kwargs)
+    assert torch.equal(tova.sequences, dynamic.sequences)
+    assert torch.equal(torch.stack(tova.logits), torch.stack(dynamic.logits))
+
+
+@pytest.mark.parametrize("family", SDPA_FAMILIES)
+def test_eager_and_sdpa_keep_the_same_tokens(family):
+    prompt = ids(1, 20, seed=1)
+    outs = []
+    for impl in ("eager", "sdpa"):
+        cache = TOVACache(6)
+        outs.append((family_model(family, impl).generate(prompt, past_key_values=cache, max_new_tokens=15, do_sample=False), cache))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for layer in range(2):
+        assert torch.equal(outs[0][1].kept_positions(layer), outs[1][1].kept_positions(layer))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])
+def test_physical_length_and_memory_stay_flat(family):
+    model = family_model(family)
+    budget = 8
+    cache = TOVACache(budget)
+    sizes = {}
+    with torch.no_grad():
+        out = model(ids(2, 3), past_key_values=cache)
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(4 * budget):
+            out = model(token, past_key_values=cache)
+            token = out.logits[:, -1:].argmax(-1)
+            assert all(layer.physical_length <= budget for layer in cache.layers)
+            sizes[cache.get_seq_length()] = cache.nbytes
+    assert cache.get_seq_length() == 3 + 4 * budget
+    assert sizes[budget + 1] == sizes[4 * budget + 3]
+
+
+@pytest.mark.parametrize("family, attn_implementation", [("llama", "eager"), ("llama", "sdpa"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("gemma3", "sdpa")])
+def test_left_padded_batch_equals_rows_alone(family, attn_implementation):
+    model = family_model(family, attn_implementation)
+    rows = [ids(1, 17, seed=2)[0], ids(1, 6, seed=3)[0]]
+    batch = torch.zeros(2, 17, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for r, row in enumerate(rows):
+        batch[r, 17 - len(row) :], mask[r, 17 - len(row) :] = row, 1
+    together = model.generate(batch, attention_mask=mask, past_key_values=TOVACache(7), max_new_tokens=12, do_sample=False)
+    for r, row in enumerate(rows):
+        alone = model.generate(row[None], past_key_values=TOVACache(7), max_new_tokens=12, do_sample=False)
+        assert torch.equal(together[r, 17 - len(row) :], alone[0])
+
+
+def test_sink_tokens_and_window_policy():
+    model = family_model("llama")
+    prompt = ids(1, 30, seed=4)
+    sinks = TOVACache(8, num_sink_tokens=4, policy="window")
+    with torch.no_grad():
+        model(prompt, past_key_values=sinks)
+    assert sinks.kept_positions(0)[0].tolist() == [0, 1, 2, 3, 26, 27, 28, 29]
+    tova = TOVACache(8, num_sink_tokens=2)
+    with torch.no_grad():
+        model(prompt, past_key_values=tova)
+    assert tova.kept_positions(1)[0, :2].tolist() == [0, 1] and tova.kept_positions(1).shape[-1] == 8
+
+
+def test_scores_are_what_attention_computed_with_softcapping():
+    config = Gemma2Config(**SMALL, head_dim=16, sliding_window=64, attn_logit_softcapping=5.0, query_pre_attn_scalar=7)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    attention = model.model.layers[0].self_attn
+    captured = {}
+
+    def capture(module, args, kwargs, output):
+        captured["weights"] = output[1]
+
+    handle = attention.register_forward_hook(capture, with_kwargs=True)
+    recorded = {}
+    original = TOVACache.after_attention
+
+    def spy(self, module, query, key, attention_mask, scaling, softcap=None, sinks=None):
+        if module.layer_idx == 0:
+            recorded["scores"] = last_query_scores(module, query, key, attention_mask, scaling, softcap, sinks)
+        return original(self, module, query, key, attention_mask, scaling, softcap, sinks)
+
+    TOVACache.after_attention = spy
+    try:
+        with torch.no_grad():
+            model(ids(1, 12), past_key_values=TOVACache(4), output_attentions=True)
+    finally:
+        TOVACache.after_attention = original
+        handle.remove()
+    expected = captured["weights"][:, :, -1].float().mean(1)
+    torch.testing.assert_close(recorded["scores"], expected, rtol=0, atol=1e-6)
+
+
+def test_beam_search_sampling_and_continuation():
+    model = family_model("llama")
+    prompt = ids(2, 10, seed=5)
+    mask = torch.ones_like(prompt)
+    beams = model.generate(prompt, attention_mask=mask, past_key_values=TOVACache(6), num_beams=3, max_new_tokens=8, do_sample=False)
+    assert beams.shape == (2, 18)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, attention_mask=mask, past_key_values=TOVACache(6), do_sample=True, num_return_sequences=2, max_new_tokens=8)
+    assert sampled.shape == (4, 18)
+    first = model.generate(prompt, attention_mask=mask, past_key_values=TOVACache(6), max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    cache = first.past_key_values
+    follow = torch.cat([first.sequences, ids(2, 4, seed=6)], 1)
+    more = model.generate(follow, attention_mask=torch.ones_like(follow), past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(more[:, : follow.shape[1]], follow) and more.shape[1] == follow.shape[1] + 5
+    assert cache.get_seq_length() == follow.shape[1] + 4
+    assert all(layer.physical_length == 6 for layer in cache.layers)
+
+
+def test_crop_and_assisted_decoding_are_refused():
+    model = family_model("llama")
+    cache = TOVACache(4)
+    with torch.no_grad():
+        model(ids(1, 6), past_key_values=cache)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(3)
+    assistant = family_model("llama", seed=1)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        model.generate(ids(1, 6), past_key_values=TOVACache(4), assistant_model=assistant, max_new_tokens=6, do_sample=False)
+
+
+def test_clear_errors():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="budget"):
+            TOVACache(bad)
+    with pytest.raises(ValueError, match="num_sink_tokens"):
+        TOVACache(4, num_sink_tokens=4)
+    with pytest.raises(ValueError, match="policy"):
+        TOVACache(4, policy="h2o")
+    cache = TOVACache(4)
+    with torch.no_grad():
+        family_model("llama")(ids(1, 6), past_key_values=cache)
+        with pytest.raises(ValueError, match="another model"):
+            family_model("qwen2")(ids(1, 6), past_key_values=cache)
