@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
-from ttt_hf import TOVACache
+from ttt_hf import TOVACache, TTTConfig, TTTForCausalLM
 from ttt_hf.tova.tova_attention import last_query_scores
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tova"
@@ -200,6 +200,11 @@ def test_clear_errors():
         TOVACache(4, num_sink_tokens=4)
     with pytest.raises(ValueError, match="policy"):
         TOVACache(4, policy="h2o")
+    with pytest.raises(TypeError, match="without attention"):
+        TOVACache(4).update_recurrent_state(torch.zeros(1), layer_idx=0)
+    with pytest.raises(TypeError, match="TTTCache"):  # a model without attention layers refuses it
+        TTTForCausalLM(TTTConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2))(ids(1, 4) % 32, past_key_values=TOVACache(4))
     cache = TOVACache(4)
     with torch.no_grad():
         family_model("llama")(ids(1, 6), past_key_values=cache)

@@ -12,9 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
 
 import ttt_hf
-from ttt_hf import TTTCache, TTTConfig, TTTForCausalLM
+from ttt_hf import BlockStateCache, BlockStateConfig, BlockStateForCausalLM, TTTConfig, TTTForCausalLM
 
 # The repository's configs/ folder (src/ttt_hf/cli.py -> repository root); editable installs only.
 DEFAULT_CONFIGS = Path(ttt_hf.__file__).resolve().parents[2] / "configs"
@@ -22,11 +24,14 @@ OFFICIAL_SIZES = ("125m", "350m", "760m", "1.3b")
 TABLE_CONTEXTS = (2 * 1024, 8 * 1024, 32 * 1024, 128 * 1024)
 LOGITS_TOLERANCE = 1e-4
 SEED = 0
+BLOCK_STATE_MODES = ("sh", "mh", "mf")
+# Sequence lengths (tokens) at which the Block-State demo measures the cache of its tiny models (W = 16).
+BLOCK_STATE_LENGTHS = (64, 128, 256, 512)
 
 
-def load_config(configs: Path, name: str) -> TTTConfig:
-    """`configs/<name>.json` as a `TTTConfig`."""
-    return TTTConfig.from_json_file(str(configs / f"{name}.json"))
+def load_config(configs: Path, name: str, config_class: type[PreTrainedConfig] = TTTConfig) -> PreTrainedConfig:
+    """`configs/<name>.json` as a `config_class` (default `TTTConfig`)."""
+    return config_class.from_json_file(str(configs / f"{name}.json"))
 
 
 def ttt_state_nbytes(config: TTTConfig, activation_bytes: int) -> int:
@@ -47,7 +52,7 @@ def ttt_state_nbytes(config: TTTConfig, activation_bytes: int) -> int:
     return config.num_hidden_layers * per_layer
 
 
-def kv_cache_nbytes(config: TTTConfig, tokens: int, dtype_bytes: int = 2) -> int:
+def kv_cache_nbytes(config: PreTrainedConfig, tokens: int, dtype_bytes: int = 2) -> int:
     """Bytes of one sequence's KV cache in a Transformer of the same width and depth (K and V, every layer)."""
     return 2 * config.num_hidden_layers * tokens * config.hidden_size * dtype_bytes
 
@@ -81,10 +86,12 @@ def _left_padded_prompt(batch: int, length: int, pad: int, vocab: int) -> tuple[
     return ids, mask
 
 
-def check_cached_decoding(model: TTTForCausalLM, prompt_len: int = 20, new_tokens: int = 24) -> tuple[float, TTTCache]:
+def check_cached_decoding(model: PreTrainedModel, prompt_len: int = 20, new_tokens: int = 24) -> tuple[float, Cache]:
     """Greedy `generate` with the cache on a batch with a left-padded row, then the largest gap between the
     logits of one full no-cache forward over the generated sequence and those of the cached paths (generate's
-    own, and prefill + one token at a time). Returns the gap and the token-by-token cache."""
+    own, and prefill + one token at a time). Returns the gap and the token-by-token cache.
+
+    Any causal LM of this package whose cache follows `attention_mask` (TTT, Block-State)."""
     pad = 0
     ids, mask = _left_padded_prompt(2, prompt_len, pad, model.config.vocab_size)
     with torch.no_grad():
@@ -150,9 +157,75 @@ def _demo_ttt(configs: Path) -> bool:
     return passed
 
 
+def block_state_cache_sizes(model: BlockStateForCausalLM, lengths: Sequence[int], prompt_len: int) -> dict[int, int]:
+    """`BlockStateCache.nbytes` of one sequence decoded greedily, token by token, from a random
+    `prompt_len`-token prompt: {n: bytes once the sequence holds n tokens} for every n in `lengths`."""
+    generator = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=generator)
+    targets, sizes = set(lengths), {}
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache: BlockStateCache = out.past_key_values
+        tokens = prompt_len
+        if tokens in targets:
+            sizes[tokens] = cache.nbytes
+        while tokens < max(targets):
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+            tokens += 1
+            if tokens in targets:
+                sizes[tokens] = cache.nbytes
+    return sizes
+
+
+def _demo_block_state(configs: Path) -> bool:
+    names = [f"block-state-tiny-{mode}" for mode in BLOCK_STATE_MODES]
+    models = {}
+    for name in names:
+        torch.manual_seed(SEED)
+        models[name] = BlockStateForCausalLM(load_config(configs, name, BlockStateConfig)).eval()
+    config = models[names[0]].config
+    print(
+        f"Cached decoding vs one full forward: tiny random models (W={config.block_size}), batch 2 (one row "
+        f"left-padded),\n20-token prompt + 24 greedy tokens; tolerance {LOGITS_TOLERANCE:.0e} on the logits."
+    )
+    passed = True
+    for name, model in models.items():
+        gap, _ = check_cached_decoding(model)
+        ok = gap <= LOGITS_TOLERANCE
+        passed &= ok
+        print(f"  {name:<22} max |diff| {gap:.1e}   {'PASS' if ok else 'FAIL'}")
+
+    # The prompt fills half a block; from one block on, every length must find the same cache size.
+    block, prompt_len = config.block_size, max(1, config.block_size // 2)
+    lengths = sorted({block} | {n for n in BLOCK_STATE_LENGTHS if n >= block})
+    sizes = {name: block_state_cache_sizes(model, lengths, prompt_len) for name, model in models.items()}
+    dtype = models[names[0]].dtype
+    print(
+        f"\nCache of one sequence, greedy decoding ({prompt_len}-token prompt, then one token at a time): measured\n"
+        "BlockStateCache.nbytes (S4D state + the current block's self-attention and context K/V) vs the KV cache\n"
+        f"of a Transformer of the same width and depth ({str(dtype).removeprefix('torch.')} K and V: "
+        f"2 x layers x tokens x hidden x {dtype.itemsize} bytes)."
+    )
+    rows = [["tokens"] + [name.rsplit("-", 1)[1].upper() for name in names] + ["Transformer KV"]]
+    for tokens in lengths:
+        kv = kv_cache_nbytes(config, tokens, dtype.itemsize)
+        rows.append([str(tokens)] + [_format_bytes(sizes[name][tokens]) for name in names] + [_format_bytes(kv)])
+    print(_format_table(rows))
+    flat = {
+        name: sizes[name][block] > 0 and all(sizes[name][n] == sizes[name][block] for n in lengths if n >= block)
+        for name in names
+    }
+    verdicts = ", ".join(f"{name.rsplit('-', 1)[1].upper()} {'yes' if ok else 'NO'}" for name, ok in flat.items())
+    ok = all(flat.values())
+    passed &= ok
+    print(f"  Block-State cache constant from {block} to {lengths[-1]} tokens: {verdicts}   {'PASS' if ok else 'FAIL'}")
+    return passed
+
+
 # (title, part): each part prints its section and returns whether its checks passed.
 DEMO_PARTS: list[tuple[str, Callable[[Path], bool]]] = [
     ("TTT: Test-Time Training layers (arXiv 2407.04620)", _demo_ttt),
+    ("Block-State Transformer (arXiv 2306.09539)", _demo_block_state),
 ]
 
 

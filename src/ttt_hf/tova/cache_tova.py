@@ -93,6 +93,12 @@ _CROP_ERROR = (
 )
 
 
+_NO_ATTENTION_ERROR = (
+    "TOVACache holds attention keys/values only, and this model has layers without attention (state-space or "
+    "linear-attention layers): TOVA does not apply to them"
+)
+
+
 class TOVACache(Cache):
     """Fixed-budget KV cache for any decoder built on transformers' attention interface.
 
@@ -184,6 +190,12 @@ class TOVACache(Cache):
         ascending = torch.sort(scores.flip(-1), dim=-1, stable=True).indices  # ties: higher slot first
         kept = slots - 1 - ascending[:, slots - self.budget :]
         return kept.sort(dim=-1).values
+
+    def update_conv_state(self, *args, **kwargs):
+        raise TypeError(_NO_ATTENTION_ERROR)
+
+    def update_recurrent_state(self, *args, **kwargs):
+        raise TypeError(_NO_ATTENTION_ERROR)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
