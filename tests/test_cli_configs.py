@@ -1,12 +1,16 @@
 import os; os.environ.setdefault("HF_HUB_OFFLINE", "1")  # noqa: E401, E702  (before transformers is imported)
 
 import json  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ttt_hf import TTTConfig, TTTForCausalLM  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from ttt_hf import BlockStateCache, BlockStateConfig, TTTConfig, TTTForCausalLM  # noqa: E402
+from ttt_hf import cli  # noqa: E402
 from ttt_hf.cli import DEFAULT_CONFIGS, kv_cache_nbytes, main, ttt_state_nbytes  # noqa: E402
 
 # size: (hidden, layers, heads, head_dim, intermediate, vocab, max_position_embeddings)
@@ -17,20 +21,33 @@ SIZES = {
     "1.3b": (2048, 24, 32, 64, 5504, 32000, 8192),
     "tiny": (64, 2, 4, 16, 128, 256, 2048),
 }
-EXPECTED_FILES = sorted(
+TTT_FILES = sorted(
     f"ttt-{size}-{layer_type}-{backbone}.json"
     for size in SIZES
     for layer_type in ("linear", "mlp")
     for backbone in ("mamba", "transformer")
 )
-TINY = [name[:-5] for name in EXPECTED_FILES if name.startswith("ttt-tiny-")]
+TINY = [name[:-5] for name in TTT_FILES if name.startswith("ttt-tiny-")]
+
+# Block-State (arXiv 2306.09539): the paper's W=512, N=16, 8 heads, S=32; BRECT's base width; a SwiGLU of
+# width 2736 has the parameters of BRECT's 4096-wide plain FFN (about 200M / 400M non-embedding parameters).
+# size: (hidden, layers, heads, intermediate, vocab, block_size, ssm_state_size, num_context_states)
+BLOCK_STATE_SIZES = {
+    "200m": (1024, 12, 8, 2736, 32000, 512, 16, 32),
+    "400m": (1024, 24, 8, 2736, 32000, 512, 16, 32),
+    "tiny": (64, 2, 4, 128, 256, 16, 8, 4),
+}
+BLOCK_STATE_FILES = sorted(
+    f"block-state-{size}-{mode}.json" for size in BLOCK_STATE_SIZES for mode in ("sh", "mh", "mf")
+)
+EXPECTED_FILES = sorted(TTT_FILES + BLOCK_STATE_FILES)
 
 
 def test_config_folder_holds_exactly_the_expected_files():
     assert sorted(path.name for path in DEFAULT_CONFIGS.glob("*.json")) == EXPECTED_FILES
 
 
-@pytest.mark.parametrize("filename", EXPECTED_FILES)
+@pytest.mark.parametrize("filename", TTT_FILES)
 def test_config_loads_with_expected_sizes(filename, tmp_path):
     path = DEFAULT_CONFIGS / filename
     assert path.read_text().endswith("}\n")
@@ -68,6 +85,35 @@ def test_state_size_formula_matches_a_measured_cache(name, dtype):
     assert cache.nbytes == 3 * ttt_state_nbytes(config, dtype.itemsize)
 
 
+@pytest.mark.parametrize("filename", BLOCK_STATE_FILES)
+def test_block_state_config_loads_with_expected_fields(filename, tmp_path):
+    path = DEFAULT_CONFIGS / filename
+    text = path.read_text()
+    raw = json.loads(text)
+    assert text == json.dumps(raw, indent=2, sort_keys=True) + "\n"  # pretty, sorted keys, trailing newline
+    assert raw["model_type"] == "block_state" and raw["architectures"] == ["BlockStateForCausalLM"]
+
+    shutil.copy(path, tmp_path / "config.json")
+    configs = (
+        BlockStateConfig.from_json_file(str(path)),
+        BlockStateConfig.from_pretrained(tmp_path),
+        AutoConfig.from_pretrained(tmp_path),
+    )
+    for config in configs:
+        assert type(config) is BlockStateConfig
+        size, mode = filename[len("block-state-") : -len(".json")].split("-")
+        hidden, layers, heads, intermediate, vocab, block, state, contexts = BLOCK_STATE_SIZES[size]
+        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (hidden, layers, heads)
+        assert (config.intermediate_size, config.vocab_size, config.head_dim) == (intermediate, vocab, hidden // heads)
+        assert (config.block_size, config.ssm_state_size, config.num_context_states) == (block, state, contexts)
+        assert (config.context_mode, config.ssm_kind, config.attend_previous_block) == (mode, "s4d", False)
+        assert config.filters_per_feature == {"sh": 1, "mh": heads, "mf": contexts}[mode]
+        assert config.ssm_layers == list(range(layers))
+        assert (config.max_position_embeddings, config.rope_theta, config.rms_norm_eps) == (4096, 10000.0, 1e-6)
+        assert (config.bos_token_id, config.eos_token_id, config.tie_word_embeddings) == (1, 2, True)
+        assert config.architectures == ["BlockStateForCausalLM"]
+
+
 def test_kv_cache_formula():
     config = TTTConfig.from_json_file(str(DEFAULT_CONFIGS / "ttt-125m-linear-mamba.json"))
     assert kv_cache_nbytes(config, 2048) == 72 * 2**20  # 2 * 12 layers * 2048 tokens * 768 * 2 bytes
@@ -77,8 +123,45 @@ def test_demo_passes(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out
+    ttt, block_state = out.split("== Block-State Transformer (arXiv 2306.09539) ==")
+    assert "== TTT: Test-Time Training layers (arXiv 2407.04620) ==" in ttt and "PASS" in ttt
     for size in ("125m", "350m", "760m", "1.3b"):
-        assert f"{size} TTT-Linear" in out and f"{size} TTT-MLP" in out
+        assert f"{size} TTT-Linear" in ttt and f"{size} TTT-MLP" in ttt
+    for mode in ("sh", "mh", "mf"):
+        assert re.search(rf"block-state-tiny-{mode} .* PASS", block_state)
+    assert "Block-State cache constant from 16 to 512 tokens: SH yes, MH yes, MF yes   PASS" in block_state
+    for tokens in (16, 64, 128, 256, 512):
+        assert re.search(rf"^  {tokens} ", block_state, re.MULTILINE)
+    assert out.rstrip().endswith("demo: PASS")
+
+
+def test_block_state_cache_sizes_are_flat_and_the_kv_formula_is_not():
+    config = BlockStateConfig.from_json_file(str(DEFAULT_CONFIGS / "block-state-tiny-mf.json"))
+    torch.manual_seed(0)
+    model = cli.BlockStateForCausalLM(config).eval()
+    sizes = cli.block_state_cache_sizes(model, [8, 16, 40], prompt_len=8)
+    assert list(sizes) == [8, 16, 40] and len(set(sizes.values())) == 1 and sizes[8] > 0
+    assert kv_cache_nbytes(config, 40, 4) == 2 * 2 * 40 * 64 * 4
+
+
+def test_block_state_demo_fails_when_the_cache_grows(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BLOCK_STATE_LENGTHS", (24, 40))  # short: the check needs only a few lengths
+    monkeypatch.setattr(BlockStateCache, "nbytes", property(lambda self: 1000 + 64 * self.seen_tokens))
+    assert cli._demo_block_state(DEFAULT_CONFIGS) is False
+    out = capsys.readouterr().out
+    assert "Block-State cache constant from 16 to 40 tokens: SH NO, MH NO, MF NO   FAIL" in out
+    assert out.count("PASS") == 3  # cached decoding itself still agrees
+
+
+def test_block_state_demo_fails_for_a_cache_that_really_grows(monkeypatch, capsys, tmp_path):
+    """The implicit-filter SSM has no finite state: its cache keeps the input history."""
+    for mode in ("sh", "mh", "mf"):
+        raw = json.loads((DEFAULT_CONFIGS / f"block-state-tiny-{mode}.json").read_text())
+        raw.update(ssm_kind="implicit", ssm_filter_max_len=64, ssm_filter_hidden=16, ssm_filter_features=4)
+        (tmp_path / f"block-state-tiny-{mode}.json").write_text(json.dumps(raw))
+    monkeypatch.setattr(cli, "BLOCK_STATE_LENGTHS", (24, 40))
+    assert cli._demo_block_state(tmp_path) is False
+    assert "SH NO, MH NO, MF NO   FAIL" in capsys.readouterr().out
 
 
 def test_demo_without_configs_fails_clearly(tmp_path, capsys):
