@@ -1,0 +1,43 @@
+"""TOVA on a CUDA device (skipped without one): the official generations under sdpa, bf16 models."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ttt_hf import TOVACache
+
+pytestmark = pytest.mark.gpu
+FIXTURES = Path(__file__).parent / "fixtures" / "tova"
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+def test_official_generations_on_cuda(case):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    folder = FIXTURES / case
+    meta = json.loads((folder / "meta.json").read_text())
+    config = LlamaConfig.from_json_file(str(folder / "config.json"))
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.cuda()
+    data = load_file(folder / "data.safetensors")
+    out = model.generate(data["input_ids"].cuda(), past_key_values=TOVACache(meta["N_cache_size"]),
+                         max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
+    assert torch.equal(out.cpu(), data["generated"])
+
+
+def test_bf16_padded_batch_stays_within_budget():
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, eos_token_id=None)
+    model = LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(3, 128, (3, 20), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    cache = TOVACache(8)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=16, do_sample=False)
+    assert out.shape == (3, 36)
+    assert all(layer.physical_length == 8 and layer.keys.dtype == torch.bfloat16 for layer in cache.layers)
