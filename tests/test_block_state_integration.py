@@ -360,14 +360,21 @@ def test_left_padded_batch_generate_equals_each_row_alone(variant):
     assert model.generation_config.pad_token_id == 0
     rows = [random_ids(1, n, seed=30 + n)[0] for n in (9, 2, 5)]  # three different block offsets
     ids, mask = _left_pad(rows)
+    beam = dict(num_beams=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
         batch = model.generate(ids, attention_mask=mask, max_new_tokens=_NEW, do_sample=False)
+        # Beam search reorders a cache whose rows sit at different positions.
+        batch_beams = model.generate(ids, attention_mask=mask, max_new_tokens=_NEW, **beam)
     assert batch.shape == (3, 9 + _NEW)
     for r, row in enumerate(rows):
         with torch.no_grad():
-            alone = model.generate(row[None], max_new_tokens=_NEW, do_sample=False)
+            # The references run without a cache: padding and caching are checked together.
+            alone = model.generate(row[None], max_new_tokens=_NEW, do_sample=False, use_cache=False)
+            alone_beams = model.generate(row[None], max_new_tokens=_NEW, use_cache=False, **beam)
         assert torch.equal(batch[r, 9 - len(row) :], alone[0]), r
         assert torch.equal(batch[r, : 9 - len(row)], torch.zeros(9 - len(row), dtype=torch.long))
+        assert torch.equal(batch_beams.sequences[r, 9 - len(row) :], alone_beams.sequences[0]), r
+        assert (batch_beams.sequences_scores[r] - alone_beams.sequences_scores[0]).abs().item() <= 1e-5, r
 
 
 @pytest.mark.parametrize("variant", [MH, MF_IMPLICIT], ids=_id)
@@ -387,18 +394,22 @@ def test_continuing_generate_from_the_returned_cache(variant):
         assert cache.positions.tolist() == [7 + first_new - 1, 3 + first_new - 1]
         sequences = first.sequences
         full_mask = torch.cat([mask, torch.ones(2, first_new, dtype=mask.dtype)], dim=1)
-        continued = model.generate(
-            sequences, attention_mask=full_mask, past_key_values=cache, max_new_tokens=second_new, do_sample=False,
-            return_dict_in_generate=True,
-        )
+        kwargs = dict(max_new_tokens=second_new, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        continued = model.generate(sequences, attention_mask=full_mask, past_key_values=cache, **kwargs)
         assert continued.past_key_values is cache
         assert cache.get_seq_length() == 7 + first_new + second_new - 1
-        # A fresh generate over the whole sequence (no cache), and one generate of all the tokens at once.
-        fresh = model.generate(sequences, attention_mask=full_mask, max_new_tokens=second_new, do_sample=False)
+        # A fresh generate over the whole sequence, with its own cache and without any cache, and one generate
+        # of all the tokens at once.
+        fresh = model.generate(sequences, attention_mask=full_mask, **kwargs)
+        uncached = model.generate(sequences, attention_mask=full_mask, use_cache=False, **kwargs)
         at_once = model.generate(ids, attention_mask=mask, max_new_tokens=first_new + second_new, do_sample=False)
     assert continued.sequences.shape == (2, 7 + first_new + second_new)
-    assert torch.equal(continued.sequences, fresh)
+    assert torch.equal(continued.sequences, fresh.sequences)
+    assert torch.equal(continued.sequences, uncached.sequences)
     assert torch.equal(continued.sequences, at_once)
+    for step in range(second_new):
+        assert (continued.scores[step] - uncached.scores[step]).abs().max().item() <= 1e-4, step
+        assert (fresh.scores[step] - uncached.scores[step]).abs().max().item() <= 1e-4, step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,7 +544,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant):
         layer.attn.register_forward_hook(lambda *args: attn_calls.append(1))
     model.gradient_checkpointing_enable()
     assert model.model.gradient_checkpointing
-    assert all(isinstance(layer, BlockStateDecoderLayer) and layer.gradient_checkpointing for layer in model.model.layers)
+    for layer in model.model.layers:
+        assert isinstance(layer, BlockStateDecoderLayer) and layer.gradient_checkpointing
     loss, grads, cache = _loss_and_grads(model)
 
     # Checkpointing really recomputes every layer in the backward pass (and turns the cache off) ...

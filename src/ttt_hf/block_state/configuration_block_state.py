@@ -17,7 +17,7 @@ class BlockStateConfig(PreTrainedConfig):
 
     Args:
         vocab_size (`int`, defaults to 32000), hidden_size (`int`, defaults to 1024),
-        intermediate_size (`int`, defaults to 4096), num_hidden_layers (`int`, defaults to 12),
+        intermediate_size (`int`, defaults to 2736: the parameters of BRECT's 4096-wide plain FFN), num_hidden_layers (`int`, defaults to 12),
         num_attention_heads (`int`, defaults to 8): the usual sizes. Self- and cross-attention each use
             `num_attention_heads` heads of `hidden_size / num_attention_heads`.
         block_size (`int`, defaults to 512): W, the block (window) length of the attention.
@@ -49,7 +49,7 @@ class BlockStateConfig(PreTrainedConfig):
         self,
         vocab_size: int = 32000,
         hidden_size: int = 1024,
-        intermediate_size: int = 4096,
+        intermediate_size: int = 2736,
         num_hidden_layers: int = 12,
         num_attention_heads: int = 8,
         block_size: int = 512,
