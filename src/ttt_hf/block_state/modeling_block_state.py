@@ -46,6 +46,9 @@ class BlockLayout:
     offset: [B] `start % W`, the slots of block 0 that the cache fills; valid: [B, S] slots holding a new
     token; position: [B, S] absolute position of every slot; right_order: [B, S] slot of each entry when the
     new tokens are aligned to the right end (zeros before them), as the SSM's final state wants them.
+    Shared by every layer: own_mask [B, 1, M, W, W] (causal inside the block, over slots holding a token;
+    the diagonal always, so padded queries attend to something); prev_mask [B, 1, M, W] (keys of the
+    previous block: it exists from a row's second block on); decoding: one new token per row.
     """
 
     start: torch.Tensor
@@ -54,6 +57,9 @@ class BlockLayout:
     valid: torch.Tensor
     position: torch.Tensor
     right_order: torch.Tensor
+    own_mask: torch.Tensor
+    prev_mask: torch.Tensor
+    decoding: bool
     block_size: int
 
     @property
@@ -61,18 +67,9 @@ class BlockLayout:
         return self.valid.shape[1] // self.block_size
 
     @property
-    def decoding(self) -> bool:
-        """One new token per row: the recurrent step applies."""
-        return bool((self.length <= 1).all())
-
-    @property
     def next_block(self) -> torch.Tensor:
         """[B] slot-block index of each row's next token after this call."""
         return (self.offset + self.length) // self.block_size
-
-
-def _causal_mask(width: int, device) -> torch.Tensor:
-    return torch.ones(width, width, dtype=torch.bool, device=device).tril()
 
 
 class BlockStateRMSNorm(nn.Module):
@@ -133,15 +130,19 @@ class BlockStateS4D(nn.Module):
         dt_a, db = s4d_discretize(self.log_a_real, self.a_imag, self.log_dt)
         return dt_a, db, torch.view_as_complex(self.c.float().contiguous())
 
+    def _step(self, u, layout, cache, x0, dt_a, db, c) -> torch.Tensor:
+        """Decoding: the recurrence advances each row by its one token (at slot `offset`). Returns the
+        token's outputs [B, 1, F, D], skip term included."""
+        token = torch.gather(u, 1, layout.offset[:, None, None].expand(-1, 1, u.shape[-1]))  # [B, 1, D]
+        y, cache.tensors["ssm_state"] = s4d_step(token[:, 0], x0, dt_a, db, c, layout.length > 0)
+        return y[:, None] + self.skip.float() * token[:, :, None]
+
     def outputs(self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None) -> torch.Tensor:
         """Outputs at every slot: [B, S, F, D] fp32 (SH/MH). u: [B, S, D] fp32, zeros outside `layout.valid`."""
         dt_a, db, c = self._discretized()
         x0 = cache.get("ssm_state") if cache is not None else None
         if x0 is not None and layout.decoding:
-            slot = layout.offset[:, None, None].expand(-1, 1, u.shape[-1])
-            y, state = s4d_step(torch.gather(u, 1, slot)[:, 0], x0, dt_a, db, c, layout.length > 0)
-            cache.tensors["ssm_state"] = state
-            y = y[:, None] + self.skip.float() * torch.gather(u, 1, slot)[:, :, None]
+            y = self._step(u, layout, cache, x0, dt_a, db, c)
             index = layout.offset[:, None, None, None].expand(-1, 1, *y.shape[2:])
             return torch.zeros(*u.shape[:2], *y.shape[2:], device=u.device).scatter(1, index, y)
         y = fft_causal_conv(u, s4d_kernel(dt_a, c * db, u.shape[1]))
@@ -158,20 +159,16 @@ class BlockStateS4D(nn.Module):
         """Outputs at the last slot of every block: [B, M, F, D] (MF). Never builds all slots' outputs."""
         dt_a, db, c = self._discretized()
         x0 = cache.get("ssm_state") if cache is not None else None
-        width = layout.block_size
-        skip = self.skip.float() * u[:, width - 1 :: width, None]  # [B, M, 1, D] -> broadcast over F
         if x0 is not None and layout.decoding:
-            slot = layout.offset[:, None, None].expand(-1, 1, u.shape[-1])
-            y, state = s4d_step(torch.gather(u, 1, slot)[:, 0], x0, dt_a, db, c, layout.length > 0)
-            cache.tensors["ssm_state"] = state
-            return y[:, None] + skip
-        start = x0 if x0 is not None else torch.zeros(u.shape[0], *dt_a.shape, dtype=torch.complex64, device=u.device)
-        states = s4d_block_end_states(
-            u.view(u.shape[0], -1, width, u.shape[-1]), start, dt_a, db, width - layout.offset
-        )
+            # Only read when the token closes its block (slot W-1, the single block of a decoding call).
+            return self._step(u, layout, cache, x0, dt_a, db, c)
+        width = layout.block_size
+        if x0 is None:
+            x0 = torch.zeros(u.shape[0], *dt_a.shape, dtype=torch.complex64, device=u.device)
+        states = s4d_block_end_states(u.view(u.shape[0], -1, width, u.shape[-1]), x0, dt_a, db, width - layout.offset)
         if cache is not None:
             cache.tensors["ssm_state"] = self._final_state(u, layout, x0, dt_a, db)
-        return 2 * (c * states).real.sum(-1) + skip
+        return 2 * (c * states).real.sum(-1) + self.skip.float() * u[:, width - 1 :: width, None]
 
     @staticmethod
     def _final_state(u, layout, x0, dt_a, db):
@@ -263,6 +260,12 @@ class HeadwiseLinear(nn.Module):
         return torch.einsum("bshd,hkd->bhsk", x, self.weight.to(x.dtype))
 
 
+def _previous_blocks(blocks: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
+    """[B, H, M, W, hd] -> the block before each one: block m-1, or for block 0 the cached block (or zeros)."""
+    first = blocks.new_zeros(blocks[:, :, :1].shape) if cached is None else cached[:, :, None].to(blocks.dtype)
+    return torch.cat([first, blocks[:, :, :-1]], dim=2)
+
+
 def _attend(query, key, value, mask):
     """SDPA over leading batch dims (blocks included). mask: bool, True = may attend."""
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
@@ -329,12 +332,7 @@ class BlockStateAttention(nn.Module):
         self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None = None
     ) -> torch.Tensor:
         batch, slots, _ = hidden_states.shape
-        width, blocks = self.block_size, layout.num_blocks
-        device = hidden_states.device
-        causal = _causal_mask(width, device)
-        key_valid = layout.valid | (torch.arange(slots, device=device)[None] < layout.offset[:, None])
-        own_mask = causal & (self._blocks(key_valid[:, None, :, None])[..., 0][:, :, :, None, :] | torch.eye(width, dtype=torch.bool, device=device))
-        # own_mask: [B, 1, M, W(query), W(key)]
+        width = self.block_size
 
         query = apply_rope(self._heads(self.q_proj(hidden_states)), layout.position, self.config.rope_theta)
         key = apply_rope(self._heads(self.k_proj(hidden_states)), layout.position, self.config.rope_theta)
@@ -343,20 +341,12 @@ class BlockStateAttention(nn.Module):
         value = self._fill_from_cache(value, cache.get("self_v") if cache else None, layout)
 
         key_b, value_b = self._blocks(key), self._blocks(value)
-        mask = own_mask
+        mask = layout.own_mask
         if self.config.attend_previous_block:
-            cached_k = cache.get("prev_k") if cache else None
-            cached_v = cache.get("prev_v") if cache else None
-            first_k = key_b.new_zeros(key_b[:, :, :1].shape) if cached_k is None else cached_k[:, :, None].to(key.dtype)
-            first_v = key_b.new_zeros(key_b[:, :, :1].shape) if cached_v is None else cached_v[:, :, None].to(key.dtype)
-            prev_k = torch.cat([first_k, key_b[:, :, :-1]], dim=2)
-            prev_v = torch.cat([first_v, value_b[:, :, :-1]], dim=2)
-            # A previous block exists from the row's second block on; inside this call its slots are valid
-            # wherever the row had tokens (or cached ones).
-            absolute_block = (layout.start - layout.offset)[:, None] // width + torch.arange(blocks, device=device)
-            prev_valid = torch.cat([torch.ones_like(key_valid[:, :width]), key_valid[:, : slots - width]], dim=1)
-            prev_mask = self._blocks(prev_valid[:, None, :, None])[..., 0] & (absolute_block >= 1)[:, None, :, None]
-            mask = torch.cat([prev_mask[:, :, :, None, :].expand(-1, -1, -1, width, -1), own_mask], dim=-1)
+            prev_k = _previous_blocks(key_b, cache.get("prev_k") if cache else None)
+            prev_v = _previous_blocks(value_b, cache.get("prev_v") if cache else None)
+            prev_mask = layout.prev_mask[:, :, :, None, :].expand(-1, -1, -1, width, -1)
+            mask = torch.cat([prev_mask, layout.own_mask], dim=-1)
             key_b, value_b = torch.cat([prev_k, key_b], dim=3), torch.cat([prev_v, value_b], dim=3)
         attended = _attend(self._blocks(query), key_b, value_b, mask).reshape(batch, self.num_heads, slots, -1)
         if cache is not None:
@@ -364,11 +354,11 @@ class BlockStateAttention(nn.Module):
             self._store_block(cache, "self_v", value, layout, "prev_v" if self.config.attend_previous_block else None)
 
         if self.has_ssm:
-            cross = self._cross_attention(hidden_states, layout, cache, own_mask)
+            cross = self._cross_attention(hidden_states, layout, cache)
             attended = torch.cat([attended, cross], dim=1)
         return self.o_proj(attended.transpose(1, 2).reshape(batch, slots, -1))
 
-    def _cross_attention(self, hidden_states, layout, cache, own_mask):
+    def _cross_attention(self, hidden_states, layout, cache):
         batch, slots, _ = hidden_states.shape
         u = (hidden_states.float() * layout.valid[..., None]).contiguous()
         query = self._blocks(self._heads(self.cross_q_proj(hidden_states)))
@@ -388,7 +378,7 @@ class BlockStateAttention(nn.Module):
                 key, value = self._heads(self.cross_k_proj(context[:, :, 0])), self._heads(self.cross_v_proj(context[:, :, 0]))
             key = self._fill_from_cache(key, cache.get("cross_k") if cache else None, layout)
             value = self._fill_from_cache(value, cache.get("cross_v") if cache else None, layout)
-            out = _attend(query, self._blocks(key), self._blocks(value), own_mask)
+            out = _attend(query, self._blocks(key), self._blocks(value), layout.own_mask)
             if cache is not None:
                 self._store_block(cache, "cross_k", key, layout)
                 self._store_block(cache, "cross_v", value, layout)
@@ -602,9 +592,19 @@ class BlockStateModel(BlockStatePreTrainedModel):
         slot = torch.arange(num_slots, device=mask.device)[None]
         valid = (slot >= offset[:, None]) & (slot < (offset + length)[:, None])
         order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
+        # Keys exist at new tokens and at the cached slots before them.
+        key_valid = (valid | (slot < offset[:, None])).view(mask.shape[0], 1, -1, width)  # [B, 1, M, W]
+        causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+        diagonal = torch.eye(width, dtype=torch.bool, device=mask.device)
+        own_mask = causal & (key_valid[..., None, :] | diagonal)
+        # The previous block of slot-block 0 is the cached one (complete), of block m the slots of block m-1.
+        absolute_block = (start - offset)[:, None] // width + torch.arange(key_valid.shape[2], device=mask.device)
+        prev_valid = torch.cat([torch.ones_like(key_valid[:, :, :1]), key_valid[:, :, :-1]], dim=2)
+        prev_mask = prev_valid & (absolute_block >= 1)[:, None, :, None]
         layout = BlockLayout(
             start=start, length=length, offset=offset, valid=valid,
-            position=(start - offset)[:, None] + slot, right_order=order, block_size=width,
+            position=(start - offset)[:, None] + slot, right_order=order, own_mask=own_mask, prev_mask=prev_mask,
+            decoding=bool((length <= 1).all()), block_size=width,
         )
         return layout, slot_of_token
 

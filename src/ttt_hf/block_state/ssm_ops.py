@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+from .configuration_block_state import KERNEL_BACKENDS
 # Upper bound on the elements of a temporary built by the reference ops (chunks are sized to fit it).
 _ELEMENT_BUDGET = 1 << 25
 

@@ -139,8 +139,9 @@ class TOVACache(Cache):
         return f"{self.__class__.__name__}(budget={self.budget}, policy={self.policy!r}, layers={len(self.layers)})"
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        while len(self.layers) <= layer_idx:
-            self.layers.append(TOVALayer())
+        if len(self.layers) <= layer_idx:
+            install_attention_hooks()  # attention kinds registered since the cache was made (hub kernels)
+            self.layers.extend(TOVALayer() for _ in range(layer_idx + 1 - len(self.layers)))
         layer = self.layers[layer_idx]
         if layer.positions is not None and (
             key_states.shape[0] != layer.keys.shape[0] or key_states.shape[1] != layer.keys.shape[1]
@@ -150,7 +151,6 @@ class TOVACache(Cache):
                 f"TOVACache layer {layer_idx} holds keys of shape {tuple(layer.keys.shape)} but received "
                 f"{tuple(key_states.shape)}: a cache belongs to one model and one batch (use reset() to reuse it)"
             )
-        install_attention_hooks()  # attention kinds registered after the cache was made (hub kernels)
         keys, values = layer.update(key_states, value_states)
         set_pending(self, layer_idx)
         return keys, values

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+from .configuration_ttt import KERNEL_BACKENDS
 TTT_LN_EPS = 1e-6
 
 
