@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from model_testing import random_ids  # noqa: F401  (re-exported for the tests)
 
 from ttt_hf import BlockStateConfig, BlockStateForCausalLM
 
@@ -41,7 +42,3 @@ def tiny_model(seed: int = 0, **overrides) -> BlockStateForCausalLM:
                 param.add_(2.0)  # dt up to ~0.7: states decay within tens of steps, long-range terms stay visible
     return model.eval()
 
-
-def random_ids(batch: int, length: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, length), generator=generator)

@@ -9,6 +9,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons on CUDA: TF32 matmuls would round to ~1e-3."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

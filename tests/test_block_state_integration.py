@@ -26,7 +26,16 @@ from torch import nn  # noqa: E402
 
 import ttt_hf  # noqa: E402
 from block_state_testing import random_ids, tiny_config, tiny_model  # noqa: E402
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from integration_testing import (  # noqa: E402
+    env_without_ttt_hf,
+    lora_module_names,
+    max_abs_diff,
+    param_snapshot,
+    sgd_steps,
+    train,
+    uncached_logits,
+)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 from ttt_hf import BlockStateCache, BlockStateConfig, BlockStateForCausalLM, BlockStateModel  # noqa: E402
 from ttt_hf.block_state.modeling_block_state import BlockStateDecoderLayer, HeadwiseLinear  # noqa: E402
 
@@ -47,21 +56,6 @@ MODEL_FILES = {"configuration_block_state.py", "modeling_block_state.py", "cache
 
 def _id(variant: dict) -> str:
     return "-".join(f"{k}={v}" for k, v in variant.items())
-
-
-def _logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, use_cache=False, **kwargs).logits
-
-
-def _max_abs_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    # torch.max propagates NaN (Python's max() may skip it).
-    return torch.stack([(a[name] - b[name]).abs().max() for name in a]).max().item()
-
-
-def _params(model) -> dict:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def _generation_model(variant: dict, seed: int):
@@ -137,8 +131,8 @@ def test_save_and_load_round_trip(tmp_path, variant):
     ids = random_ids(2, 11, seed=4)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
-    assert torch.equal(_logits(loaded, ids, attention_mask=mask), _logits(model, ids, attention_mask=mask))
+    assert torch.equal(uncached_logits(loaded, ids), uncached_logits(model, ids))
+    assert torch.equal(uncached_logits(loaded, ids, attention_mask=mask), uncached_logits(model, ids, attention_mask=mask))
 
     # The same causal-LM folder loads as the bare BlockStateModel (prefix `model.` stripped).
     base = AutoModel.from_pretrained(tmp_path)
@@ -217,14 +211,7 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
 
     ids = random_ids(2, 13, seed=7)
     torch.save(ids, tmp_path / "ids.pt")
-    env = dict(os.environ)
-    src_dir = str(Path(ttt_hf.__file__).resolve().parent.parent)
-    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != Path(src_dir)]
-    env["PYTHONPATH"] = os.pathsep.join(kept)
-    if not kept:
-        env.pop("PYTHONPATH")
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    assert src_dir not in env.get("PYTHONPATH", "")
+    env = env_without_ttt_hf(tmp_path)
 
     out = tmp_path / "out.pt"
     args = [str(tmp_path / "ids.pt"), str(out)]
@@ -285,7 +272,7 @@ def test_greedy_generate_equals_argmax_loop_without_cache(variant):
 
     sequence = ids
     for step in range(_NEW):
-        logits = _logits(model, sequence)[:, -1]
+        logits = uncached_logits(model, sequence)[:, -1]
         assert (out.scores[step] - logits).abs().max().item() <= 1e-4, step
         sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out.sequences, sequence)
@@ -416,69 +403,27 @@ def test_continuing_generate_from_the_returned_cache(variant):
 # 5. Trainer: gradient accumulation with num_items_in_batch; -100 labels
 # ----------------------------------------------------------------------------------------------------------------
 
-# Masked label prefixes of very different lengths: the micro-batches (0, 1), (2, 3), (4, 5), (6, 7) hold very
-# different numbers of target tokens, so a plain mean of micro-batch means differs from the token mean.
-_MASKED_PREFIX = [9, 8, 0, 1, 7, 0, 2, 10]
 _TRAIN_VARIANT = MF
 
 
-class _FixedDataset(torch.utils.data.Dataset):
-    def __init__(self):
-        self.input_ids = random_ids(8, 12, seed=3)
-        self.labels = self.input_ids.clone()
-        for row, count in enumerate(_MASKED_PREFIX):
-            self.labels[row, :count] = -100
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
-
-
 def _train(tmp_path, batch_size, accumulation, accepts_loss_kwargs=None):
-    model = tiny_model(0, **_TRAIN_VARIANT)
-    if accepts_loss_kwargs is not None:
-        model.accepts_loss_kwargs = accepts_loss_kwargs
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"run_{batch_size}_{accumulation}_{accepts_loss_kwargs}"),
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        optim="sgd",
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_steps=2,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        train_sampling_strategy="sequential",
-        logging_strategy="no",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=_FixedDataset())
-    if accepts_loss_kwargs is None:
-        assert trainer.model_accepts_loss_kwargs  # BlockStateForCausalLM.forward takes **kwargs
-    trainer.train()
-    assert trainer.state.global_step == 2
-    return _params(model)
+    return train(tmp_path, tiny_model(0, **_TRAIN_VARIANT), batch_size, accumulation, accepts_loss_kwargs)
 
 
 def test_trainer_gradient_accumulation_matches_full_batch(tmp_path):
-    initial = _params(tiny_model(0, **_TRAIN_VARIANT))
+    initial = param_snapshot(tiny_model(0, **_TRAIN_VARIANT))
     full_batch = _train(tmp_path, batch_size=4, accumulation=1)
     accumulated = _train(tmp_path, batch_size=2, accumulation=2)
 
-    assert _max_abs_diff(full_batch, initial) > 1e-3  # training moved the parameters
+    assert max_abs_diff(full_batch, initial) > 1e-3  # training moved the parameters
     # ... all of them, the SSM and the MF context included.
     for name in full_batch:
         assert not torch.equal(full_batch[name], initial[name]), name
-    assert _max_abs_diff(full_batch, accumulated) <= 1e-6
+    assert max_abs_diff(full_batch, accumulated) <= 1e-6
 
     # The test discriminates: averaging micro-batch means (num_items_in_batch ignored) gives other parameters.
     mean_of_means = _train(tmp_path, batch_size=2, accumulation=2, accepts_loss_kwargs=False)
-    assert _max_abs_diff(full_batch, mean_of_means) > 1e-4
+    assert max_abs_diff(full_batch, mean_of_means) > 1e-4
 
 
 def test_labels_minus_100_are_ignored():
@@ -553,7 +498,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant):
     assert cache is None
     # ... and gives the same loss and gradients.
     assert abs(loss.item() - ref_loss.item()) <= 1e-6
-    assert _max_abs_diff(grads, ref_grads) <= 1e-6
+    assert max_abs_diff(grads, ref_grads) <= 1e-6
 
     # Evaluation mode does not checkpoint and caches again.
     model.eval()
@@ -568,29 +513,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sgd_steps(model, ids, steps, lr):
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-def _lora_module_names(model) -> set:
-    return {name.split(".lora_A.")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
-
-
 def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     variant = MF_PREV_PARTIAL  # layer 0 has no SSM, hence no cross_q_proj
     ids = random_ids(2, 10, seed=7)
-    base_logits = _logits(tiny_model(0, **variant), ids)
+    base_logits = uncached_logits(tiny_model(0, **variant), ids)
     peft_model = get_peft_model(tiny_model(0, **variant), LoraConfig(task_type="CAUSAL_LM", lora_alpha=32))
     assert set(peft_model.peft_config["default"].target_modules) == {"q_proj", "v_proj", "cross_q_proj"}
-    assert _lora_module_names(peft_model) == {
+    assert lora_module_names(peft_model) == {
         "base_model.model.model.layers.0.attn.q_proj",
         "base_model.model.model.layers.0.attn.v_proj",
         "base_model.model.model.layers.1.attn.q_proj",
@@ -600,10 +531,10 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
 
-    _sgd_steps(peft_model, ids, steps=4, lr=10.0)
+    sgd_steps(peft_model, ids, steps=4, lr=10.0)
     lora_b = [p for name, p in peft_model.named_parameters() if ".lora_B." in name]
     assert len(lora_b) == 5 and all(p.abs().max().item() > 0 for p in lora_b)
-    peft_logits = _logits(peft_model, ids)
+    peft_logits = uncached_logits(peft_model, ids)
     assert (peft_logits - base_logits).abs().max().item() > 1e-3  # the adapter matters
 
     peft_model.save_pretrained(tmp_path)
@@ -612,7 +543,7 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
         assert set(json.load(f)["target_modules"]) == {"q_proj", "v_proj", "cross_q_proj"}
 
     reloaded = PeftModel.from_pretrained(tiny_model(0, **variant), tmp_path)
-    reloaded_logits = _logits(reloaded, ids)
+    reloaded_logits = uncached_logits(reloaded, ids)
     assert torch.equal(reloaded_logits, peft_logits)
     # Cached generation runs through the adapter.
     reloaded.generation_config.eos_token_id = None
@@ -622,7 +553,7 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
     merged = reloaded.merge_and_unload()
     assert type(merged) is BlockStateForCausalLM
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert (_logits(merged, ids) - peft_logits).abs().max().item() <= 1e-5
+    assert (uncached_logits(merged, ids) - peft_logits).abs().max().item() <= 1e-5
     with torch.no_grad():
         assert torch.equal(merged.generate(ids[:, :5], max_new_tokens=6, do_sample=False), peft_generated)
 
@@ -634,7 +565,7 @@ def test_peft_lora_all_linear(variant):
     model = tiny_model(0, **variant)
     linear_names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear"))
-    adapted = {name.removeprefix("base_model.model.") for name in _lora_module_names(peft_model)}
+    adapted = {name.removeprefix("base_model.model.") for name in lora_module_names(peft_model)}
     assert adapted == linear_names - {"lm_head"}
     leaves = {name.rsplit(".", 1)[-1] for name in adapted}
     assert {"q_proj", "k_proj", "v_proj", "cross_q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= leaves
@@ -644,8 +575,8 @@ def test_peft_lora_all_linear(variant):
     assert "lm_head" not in leaves
     ids = random_ids(2, 9, seed=1)
     # LoRA B starts at zero: the adapted model computes the base model's function.
-    reference = _logits(tiny_model(0, **variant), ids)
-    assert (_logits(peft_model, ids) - reference).abs().max().item() <= 1e-6
+    reference = uncached_logits(tiny_model(0, **variant), ids)
+    assert (uncached_logits(peft_model, ids) - reference).abs().max().item() <= 1e-6
 
     # Training the adapters moves the function, and every adapter gets a gradient (the SSM's MLP included).
     peft_model.train()
@@ -654,8 +585,8 @@ def test_peft_lora_all_linear(variant):
         if ".lora_B." in name:
             assert p.grad is not None and p.grad.abs().max().item() > 0, name
     peft_model.zero_grad()
-    _sgd_steps(peft_model, ids, steps=2, lr=10.0)
-    assert (_logits(peft_model, ids) - reference).abs().max().item() > 1e-3
+    sgd_steps(peft_model, ids, steps=2, lr=10.0)
+    assert (uncached_logits(peft_model, ids) - reference).abs().max().item() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -699,8 +630,8 @@ def test_from_pretrained_device_map_auto(tmp_path, variant):
     layer_cache = out.past_key_values.layers[0].tensors
     assert layer_cache and all(t.device.type == device for t in layer_cache.values())
     tol = 0 if device == "cpu" else 1e-4
-    assert (logits - _logits(model, ids)).abs().max().item() <= tol
-    full = _logits(model, torch.cat([ids, random_ids(2, 1, seed=3)], 1))[:, -1:]
+    assert (logits - uncached_logits(model, ids)).abs().max().item() <= tol
+    full = uncached_logits(model, torch.cat([ids, random_ids(2, 1, seed=3)], 1))[:, -1:]
     assert (step - full).abs().max().item() <= 1e-4
 
 
@@ -714,7 +645,7 @@ def test_from_pretrained_initialises_every_tensor(tmp_path, variant):
         assert tensor.device.type != "meta", name
         assert torch.isfinite(tensor).all(), name
     ids = random_ids(2, 9, seed=3)
-    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    assert torch.equal(uncached_logits(loaded, ids), uncached_logits(model, ids))
 
 
 def _drop_keys(tmp_path, dropped):
@@ -774,7 +705,7 @@ def test_missing_checkpoint_keys_get_init_weights_values(tmp_path, variant):
         if name not in dropped:
             assert torch.equal(param, reference[name]), name
     ids = random_ids(1, 9, seed=5)
-    assert torch.isfinite(_logits(loaded, ids)).all()
+    assert torch.isfinite(uncached_logits(loaded, ids)).all()
 
 
 def test_missing_implicit_filter_and_headwise_keys_get_init_weights_values(tmp_path):

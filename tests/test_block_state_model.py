@@ -6,6 +6,14 @@ from transformers import DynamicCache
 
 import ttt_hf.block_state.modeling_block_state as modeling
 from block_state_testing import VARIANT_IDS, VARIANTS, random_ids, tiny_config, tiny_model
+from model_testing import (
+    check_cache_batch_operations,
+    check_training_step_is_finite,
+    chunked_logits,
+    full_logits,
+    left_pad,
+    prefill_then_decode_logits,
+)
 from ttt_hf import BlockStateCache, BlockStateForCausalLM
 
 W = 4  # tiny_config's block_size
@@ -16,58 +24,36 @@ def model(request):
     return tiny_model(**request.param)
 
 
-def _full_logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, use_cache=False, **kwargs).logits
-
-
 @pytest.mark.parametrize("prefill", [1, W - 1, W, W + 1, 3 * W + 7])
 def test_prefill_then_decode_equals_full_forward(model, prefill):
     ids = random_ids(2, 3 * W + 12)
-    full = _full_logits(model, ids)
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        logits = [out.logits]
-        for j in range(prefill, ids.shape[1]):
-            out = model(ids[:, j : j + 1], past_key_values=out.past_key_values)
-            logits.append(out.logits)
-    assert (torch.cat(logits, 1) - full).abs().max().item() <= 1e-4
+    full = full_logits(model, ids)
+    assert (prefill_then_decode_logits(model, ids, prefill) - full).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("splits", [(3, 9, 10, 17), (4, 8, 13), (1, 2, 3, 11)])
 def test_appends_of_any_length_at_any_offset(model, splits):
     ids = random_ids(2, 21, seed=1)
-    full = _full_logits(model, ids)
-    bounds = [0, *splits, ids.shape[1]]
-    cache, logits = BlockStateCache(model.config), []
-    with torch.no_grad():
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            logits.append(model(ids[:, a:b], past_key_values=cache).logits)
+    full = full_logits(model, ids)
+    cache = BlockStateCache(model.config)
+    logits = chunked_logits(model, cache, ids, splits)
     assert cache.get_seq_length() == 21 and cache.positions.tolist() == [21, 21]
-    assert (torch.cat(logits, 1) - full).abs().max().item() <= 1e-4
+    assert (logits - full).abs().max().item() <= 1e-4
 
-
-def _left_pad(rows, width):
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row) :] = row
-        mask[r, width - len(row) :] = 1
-    return ids, mask
 
 
 def test_left_padded_batch_equals_rows_alone(model):
     rows = [random_ids(1, n, seed=n)[0] for n in (15, 10, 3)]
-    ids, mask = _left_pad(rows, 15)
-    padded = _full_logits(model, ids, attention_mask=mask)
+    ids, mask = left_pad(rows, 15)
+    padded = full_logits(model, ids, attention_mask=mask)
     for r, row in enumerate(rows):
-        alone = _full_logits(model, row[None])
+        alone = full_logits(model, row[None])
         assert (padded[r, 15 - len(row) :] - alone[0]).abs().max().item() <= 1e-4
 
 
 def test_padded_prefill_then_decode_equals_rows_alone(model):
     rows = [random_ids(1, n, seed=30 + n)[0] for n in (11, 6)]
-    ids, mask = _left_pad(rows, 11)
+    ids, mask = left_pad(rows, 11)
     extra = random_ids(2, 6, seed=3)
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
@@ -77,7 +63,7 @@ def test_padded_prefill_then_decode_equals_rows_alone(model):
             out = model(extra[:, j : j + 1], attention_mask=mask, past_key_values=out.past_key_values)
             steps.append(out.logits)
     for r, row in enumerate(rows):
-        alone = _full_logits(model, torch.cat([row, extra[r]])[None])
+        alone = full_logits(model, torch.cat([row, extra[r]])[None])
         assert (torch.cat(steps, 1)[r] - alone[0, len(row) :]).abs().max().item() <= 1e-4
 
 
@@ -143,27 +129,11 @@ def test_implicit_filter_cache_keeps_the_history():
 def test_cache_batch_operations_and_crop():
     model = tiny_model(context_mode="mh", attend_previous_block=True)
     ids, more = random_ids(3, 7, seed=7), random_ids(3, 3, seed=8)
+    check_cache_batch_operations(model, lambda: BlockStateCache(model.config), ids, more)
+    reset = BlockStateCache(model.config)
     with torch.no_grad():
-        def fresh():
-            cache = BlockStateCache(model.config)
-            model(ids, past_key_values=cache)
-            return cache
-
-        reference = model(more, past_key_values=fresh()).logits
-        reordered = fresh()
-        reordered.reorder_cache(torch.tensor([2, 0, 1]))
-        assert torch.allclose(model(more[[2, 0, 1]], past_key_values=reordered).logits, reference[[2, 0, 1]], atol=1e-6)
-        selected = fresh()
-        selected.batch_select_indices(torch.tensor([1]))
-        assert torch.allclose(model(more[1:2], past_key_values=selected).logits, reference[1:2], atol=1e-6)
-        repeated = fresh()
-        repeated.batch_repeat_interleave(2)
-        out = model(more.repeat_interleave(2, 0), past_key_values=repeated).logits
-        assert torch.allclose(out, reference.repeat_interleave(2, 0), atol=1e-6)
-        reset = fresh()
-        reset.reset()
-        assert reset.get_seq_length() == 0
-        assert torch.allclose(model(ids, past_key_values=reset).logits, _full_logits(model, ids), atol=1e-6)
+        model(ids, past_key_values=reset)
+    reset.reset()
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         reset.crop(2)
 
@@ -177,13 +147,10 @@ def test_half_precision_models(variant, dtype):
     out = model(ids)
     assert out.logits.dtype == dtype
     assert out.past_key_values.layers[0].get("ssm_state").dtype == torch.complex64
-    expected = _full_logits(reference, ids)
+    expected = full_logits(reference, ids)
     assert (out.logits.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 0.02
     assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False).shape == (2, 16)
-    model.train()
-    loss = model(ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    check_training_step_is_finite(model, ids)
 
 
 @pytest.mark.parametrize(

@@ -5,17 +5,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ttt_hf  # noqa: F401
+from model_testing import check_cuda_matches_cpu_and_decodes, check_training_step_is_finite
 from ttt_testing import VARIANTS, random_ids, tiny_model
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["-".join(v) for v in VARIANTS])
@@ -25,17 +18,7 @@ def test_cuda_fp32_matches_cpu_and_decodes_like_a_full_forward(variant):
     ids = random_ids(3, 37)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    with torch.no_grad():
-        expected = cpu(ids, attention_mask=mask, use_cache=False).logits
-        full = gpu(ids.cuda(), attention_mask=mask.cuda(), use_cache=False).logits
-        assert (full.cpu() - expected).abs().max().item() <= 1e-4
-        out = gpu(ids[:, :11].cuda(), attention_mask=mask[:, :11].cuda())
-        steps = [out.logits]
-        for j in range(11, ids.shape[1]):
-            out = gpu(ids[:, j : j + 1].cuda(), attention_mask=mask[:, : j + 1].cuda(), past_key_values=out.past_key_values)
-            steps.append(out.logits)
-    real = mask.bool().cuda()
-    assert (torch.cat(steps, 1) - full)[real].abs().max().item() <= 1e-4
+    check_cuda_matches_cpu_and_decodes(cpu, gpu, ids, mask, prefill=11)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["-".join(v) for v in VARIANTS])
@@ -49,10 +32,7 @@ def test_cuda_bf16_forward_train_generate(variant):
     assert (out.logits.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 0.02
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert generated.shape == (2, 41)
-    model.train()
-    loss = model(ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    check_training_step_is_finite(model, ids)
 
 
 def test_device_map_auto_on_cuda(tmp_path):

@@ -23,10 +23,19 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ttt_hf  # noqa: E402
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 from ttt_hf import TTTConfig, TTTForCausalLM, TTTModel  # noqa: E402
 from ttt_hf.ttt import ttt_ops  # noqa: E402
 from ttt_testing import random_ids, tiny_config, tiny_model  # noqa: E402
+from integration_testing import (  # noqa: E402
+    env_without_ttt_hf,
+    lora_module_names,
+    max_abs_diff,
+    param_snapshot,
+    sgd_steps,
+    train,
+    uncached_logits,
+)
 
 # transformers >= 5.23 deprecates the (still working) gradient_checkpointing_* names that these tests and PEFT use.
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.* is deprecated:FutureWarning")
@@ -37,21 +46,6 @@ TRANSFORMER_MLP = ("mlp", "transformer")
 TWO_VARIANTS = [MAMBA_LINEAR, TRANSFORMER_MLP]
 TWO_IDS = ["-".join(v) for v in TWO_VARIANTS]
 MODEL_FILES = {"configuration_ttt.py", "modeling_ttt.py", "cache_ttt.py", "ttt_ops.py"}
-
-
-def _logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, use_cache=False, **kwargs).logits
-
-
-def _max_abs_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    # torch.max propagates NaN (Python's max() may skip it).
-    return torch.stack([(a[name] - b[name]).abs().max() for name in a]).max().item()
-
-
-def _params(model) -> dict:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,8 +103,8 @@ def test_save_and_load_round_trip(tmp_path, variant):
     ids = random_ids(2, 11, seed=4)
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
-    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
-    assert torch.equal(_logits(loaded, ids, attention_mask=mask), _logits(model, ids, attention_mask=mask))
+    assert torch.equal(uncached_logits(loaded, ids), uncached_logits(model, ids))
+    assert torch.equal(uncached_logits(loaded, ids, attention_mask=mask), uncached_logits(model, ids, attention_mask=mask))
 
     # The same causal-LM folder loads as the bare TTTModel (prefix `model.` stripped).
     base = AutoModel.from_pretrained(tmp_path)
@@ -182,14 +176,7 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
 
     ids = random_ids(2, 13, seed=7)
     torch.save(ids, tmp_path / "ids.pt")
-    env = dict(os.environ)
-    src_dir = str(Path(ttt_hf.__file__).resolve().parent.parent)
-    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != Path(src_dir)]
-    env["PYTHONPATH"] = os.pathsep.join(kept)
-    if not kept:
-        env.pop("PYTHONPATH")
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    assert src_dir not in env.get("PYTHONPATH", "")
+    env = env_without_ttt_hf(tmp_path)
 
     out = tmp_path / "out.pt"
     args = [str(tmp_path / "ids.pt"), str(out)]
@@ -227,65 +214,22 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
 # 4. Trainer: gradient accumulation with num_items_in_batch; -100 labels
 # ----------------------------------------------------------------------------------------------------------------
 
-# Masked label prefixes of very different lengths: the micro-batches (0, 1), (2, 3), (4, 5), (6, 7) hold very
-# different numbers of target tokens, so a plain mean of micro-batch means differs from the token mean.
-_MASKED_PREFIX = [9, 8, 0, 1, 7, 0, 2, 10]
-
-
-class _FixedDataset(torch.utils.data.Dataset):
-    def __init__(self):
-        self.input_ids = random_ids(8, 12, seed=3)
-        self.labels = self.input_ids.clone()
-        for row, count in enumerate(_MASKED_PREFIX):
-            self.labels[row, :count] = -100
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
-
 
 def _train(tmp_path, batch_size, accumulation, accepts_loss_kwargs=None):
-    model = tiny_model(*MAMBA_LINEAR, seed=0)
-    if accepts_loss_kwargs is not None:
-        model.accepts_loss_kwargs = accepts_loss_kwargs
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"run_{batch_size}_{accumulation}_{accepts_loss_kwargs}"),
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        optim="sgd",
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_steps=2,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        train_sampling_strategy="sequential",
-        logging_strategy="no",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=_FixedDataset())
-    if accepts_loss_kwargs is None:
-        assert trainer.model_accepts_loss_kwargs  # TTTForCausalLM.forward takes **kwargs
-    trainer.train()
-    assert trainer.state.global_step == 2
-    return _params(model)
+    return train(tmp_path, tiny_model(*MAMBA_LINEAR, seed=0), batch_size, accumulation, accepts_loss_kwargs)
 
 
 def test_trainer_gradient_accumulation_matches_full_batch(tmp_path):
-    initial = _params(tiny_model(*MAMBA_LINEAR, seed=0))
+    initial = param_snapshot(tiny_model(*MAMBA_LINEAR, seed=0))
     full_batch = _train(tmp_path, batch_size=4, accumulation=1)
     accumulated = _train(tmp_path, batch_size=2, accumulation=2)
 
-    assert _max_abs_diff(full_batch, initial) > 1e-3  # training moved the parameters
-    assert _max_abs_diff(full_batch, accumulated) <= 1e-6
+    assert max_abs_diff(full_batch, initial) > 1e-3  # training moved the parameters
+    assert max_abs_diff(full_batch, accumulated) <= 1e-6
 
     # The test discriminates: averaging micro-batch means (num_items_in_batch ignored) gives other parameters.
     mean_of_means = _train(tmp_path, batch_size=2, accumulation=2, accepts_loss_kwargs=False)
-    assert _max_abs_diff(full_batch, mean_of_means) > 1e-4
+    assert max_abs_diff(full_batch, mean_of_means) > 1e-4
 
 
 def test_labels_minus_100_are_ignored():
@@ -377,7 +321,7 @@ def test_checkpointing_gives_the_same_gradients(monkeypatch, variant, mode):
     assert len(calls) == {"layers": 2, "inner_loop": 2, "both": 3}[mode] * mini_batches
     # ... and gives the same loss and gradients.
     assert abs(loss.item() - ref_loss.item()) <= 1e-6
-    assert _max_abs_diff(grads, ref_grads) <= 1e-6
+    assert max_abs_diff(grads, ref_grads) <= 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,37 +329,23 @@ def test_checkpointing_gives_the_same_gradients(monkeypatch, variant, mode):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sgd_steps(model, ids, steps, lr):
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-def _lora_module_names(model) -> set:
-    return {name.split(".lora_A.")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
-
-
 def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     ids = random_ids(2, 10, seed=7)
-    base_logits = _logits(tiny_model(*MAMBA_LINEAR, seed=0), ids)
+    base_logits = uncached_logits(tiny_model(*MAMBA_LINEAR, seed=0), ids)
     peft_model = get_peft_model(tiny_model(*MAMBA_LINEAR, seed=0), LoraConfig(task_type="CAUSAL_LM", lora_alpha=32))
     assert set(peft_model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
-    assert _lora_module_names(peft_model) == {
+    assert lora_module_names(peft_model) == {
         f"base_model.model.model.layers.{i}.ttt.{proj}" for i in range(2) for proj in ("q_proj", "v_proj")
     }
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
 
-    _sgd_steps(peft_model, ids, steps=4, lr=10.0)
+    sgd_steps(peft_model, ids, steps=4, lr=10.0)
     lora_b = [p for name, p in peft_model.named_parameters() if ".lora_B." in name]
     assert len(lora_b) == 4 and all(p.abs().max().item() > 0 for p in lora_b)
-    peft_logits = _logits(peft_model, ids)
+    peft_logits = uncached_logits(peft_model, ids)
     assert (peft_logits - base_logits).abs().max().item() > 1e-3  # the adapter matters
 
     peft_model.save_pretrained(tmp_path)
@@ -424,13 +354,13 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
         assert set(json.load(f)["target_modules"]) == {"q_proj", "v_proj"}
 
     reloaded = PeftModel.from_pretrained(tiny_model(*MAMBA_LINEAR, seed=0), tmp_path)
-    reloaded_logits = _logits(reloaded, ids)
+    reloaded_logits = uncached_logits(reloaded, ids)
     assert torch.equal(reloaded_logits, peft_logits)
 
     merged = reloaded.merge_and_unload()
     assert type(merged) is TTTForCausalLM
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert (_logits(merged, ids) - peft_logits).abs().max().item() <= 1e-5
+    assert (uncached_logits(merged, ids) - peft_logits).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("variant", TWO_VARIANTS, ids=TWO_IDS)
@@ -440,7 +370,7 @@ def test_peft_lora_all_linear(variant):
     model = tiny_model(*variant, seed=0)
     linear_names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear"))
-    adapted = {name.removeprefix("base_model.model.") for name in _lora_module_names(peft_model)}
+    adapted = {name.removeprefix("base_model.model.") for name in lora_module_names(peft_model)}
     assert adapted == linear_names - {"lm_head"}
     leaves = {name.rsplit(".", 1)[-1] for name in adapted}
     assert {"q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= leaves
@@ -448,7 +378,7 @@ def test_peft_lora_all_linear(variant):
     assert "lm_head" not in leaves
     ids = random_ids(2, 9, seed=1)
     # LoRA B starts at zero: the adapted model computes the base model's function.
-    assert (_logits(peft_model, ids) - _logits(tiny_model(*variant, seed=0), ids)).abs().max().item() <= 1e-6
+    assert (uncached_logits(peft_model, ids) - uncached_logits(tiny_model(*variant, seed=0), ids)).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("variant", TWO_VARIANTS, ids=TWO_IDS)
@@ -464,7 +394,7 @@ def test_peft_lora_on_ttt_initial_weight_W1(variant):
         f"base_model.model.model.layers.{i}.ttt.lora_{ab}.default.weight" for i in range(2) for ab in "AB"
     }
     assert {name for name, p in peft_model.named_parameters() if p.requires_grad} == lora_names
-    before = _logits(peft_model, ids)
+    before = uncached_logits(peft_model, ids)
 
     peft_model.train()
     peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -475,14 +405,14 @@ def test_peft_lora_on_ttt_initial_weight_W1(variant):
             assert p.grad.abs().max().item() > 0, name
     peft_model.zero_grad()
 
-    _sgd_steps(peft_model, ids, steps=3, lr=20.0)
-    after = _logits(peft_model, ids)
+    sgd_steps(peft_model, ids, steps=3, lr=20.0)
+    after = uncached_logits(peft_model, ids)
     assert (after - before).abs().max().item() > 1e-3
     # The base W1 is frozen; the adapter acts through it: merging moves W1 and keeps the function.
     merged = peft_model.merge_and_unload()
     for layer, w1 in zip(merged.model.layers, original_w1):
         assert (layer.ttt.W1 - w1).abs().max().item() > 1e-3
-    assert (_logits(merged, ids) - after).abs().max().item() <= 1e-5
+    assert (uncached_logits(merged, ids) - after).abs().max().item() <= 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,7 +448,7 @@ def test_from_pretrained_device_map_auto(tmp_path, variant):
     ids = random_ids(2, 9, seed=2)
     with torch.no_grad():
         logits = loaded(ids.to(device), use_cache=False).logits.cpu()
-    assert (logits - _logits(model, ids)).abs().max().item() <= (0 if device == "cpu" else 1e-4)
+    assert (logits - uncached_logits(model, ids)).abs().max().item() <= (0 if device == "cpu" else 1e-4)
 
 
 @pytest.mark.parametrize("variant", TWO_VARIANTS, ids=TWO_IDS)
@@ -531,7 +461,7 @@ def test_from_pretrained_initialises_every_tensor(tmp_path, variant):
         assert tensor.device.type != "meta", name
         assert torch.isfinite(tensor).all(), name
     ids = random_ids(2, 9, seed=3)
-    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    assert torch.equal(uncached_logits(loaded, ids), uncached_logits(model, ids))
 
 
 @pytest.mark.parametrize("variant", TWO_VARIANTS, ids=TWO_IDS)

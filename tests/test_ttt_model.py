@@ -5,6 +5,14 @@ import torch
 from transformers import DynamicCache
 
 from ttt_hf import TTTCache, TTTConfig, TTTForCausalLM
+from model_testing import (
+    check_cache_batch_operations,
+    check_training_step_is_finite,
+    chunked_logits,
+    full_logits,
+    left_pad,
+    prefill_then_decode_logits,
+)
 from ttt_testing import VARIANTS, random_ids, tiny_config, tiny_model
 
 MB = 4  # tiny_config's mini_batch_size
@@ -17,53 +25,31 @@ def model(request):
     return model
 
 
-def _full_logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, use_cache=False, **kwargs).logits
-
-
 @pytest.mark.parametrize("prefill", [1, MB - 1, MB, MB + 1, 3 * MB + 2])
 def test_prefill_then_decode_equals_full_forward(model, prefill):
     ids = random_ids(2, 3 * MB + 5)
-    full = _full_logits(model, ids)
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        logits = [out.logits]
-        for j in range(prefill, ids.shape[1]):
-            out = model(ids[:, j : j + 1], past_key_values=out.past_key_values)
-            logits.append(out.logits)
-    assert (torch.cat(logits, 1) - full).abs().max().item() <= 1e-5
+    full = full_logits(model, ids)
+    assert (prefill_then_decode_logits(model, ids, prefill) - full).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("splits", [(3, 4, 11, 12, 13), (5, 6, 7, 8, 15), (1, 2, 9)])
 def test_appends_of_any_length_at_any_offset(model, splits):
     ids = random_ids(2, 21, seed=1)
-    full = _full_logits(model, ids)
-    bounds = [0, *splits, ids.shape[1]]
-    cache, logits = TTTCache(model.config), []
-    with torch.no_grad():
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            logits.append(model(ids[:, a:b], past_key_values=cache).logits)
+    full = full_logits(model, ids)
+    cache = TTTCache(model.config)
+    logits = chunked_logits(model, cache, ids, splits)
     assert cache.get_seq_length() == ids.shape[1]
     assert cache.positions.tolist() == [ids.shape[1]] * 2
-    assert (torch.cat(logits, 1) - full).abs().max().item() <= 1e-5
+    assert (logits - full).abs().max().item() <= 1e-5
 
-
-def _left_pad(rows, width):
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row) :] = row
-        mask[r, width - len(row) :] = 1
-    return ids, mask
 
 
 def test_left_padded_batch_equals_rows_alone(model):
     rows = [random_ids(1, n, seed=n)[0] for n in (13, 9, 4)]
-    ids, mask = _left_pad(rows, 13)
-    padded = _full_logits(model, ids, attention_mask=mask)
+    ids, mask = left_pad(rows, 13)
+    padded = full_logits(model, ids, attention_mask=mask)
     for r, row in enumerate(rows):
-        alone = _full_logits(model, row[None])
+        alone = full_logits(model, row[None])
         assert (padded[r, 13 - len(row) :] - alone[0]).abs().max().item() <= 1e-5
 
 
@@ -71,14 +57,14 @@ def test_padding_inside_a_continuation(model):
     """A second, left-padded turn: the pads sit in the middle of the sequence and must be skipped."""
     first = random_ids(2, 6, seed=2)
     second = [random_ids(1, n, seed=10 + n)[0] for n in (5, 2)]
-    ids2, mask2 = _left_pad(second, 5)
+    ids2, mask2 = left_pad(second, 5)
     cache = TTTCache(model.config)
     with torch.no_grad():
         model(first, past_key_values=cache)
         out = model(ids2, attention_mask=torch.cat([torch.ones_like(first), mask2], 1), past_key_values=cache)
     assert cache.positions.tolist() == [11, 8]
     for r, row in enumerate(second):
-        alone = _full_logits(model, torch.cat([first[r], row])[None])
+        alone = full_logits(model, torch.cat([first[r], row])[None])
         assert (out.logits[r, 5 - len(row) :] - alone[0, 6:]).abs().max().item() <= 1e-5
 
 
@@ -103,32 +89,12 @@ def test_cache_size_does_not_grow(model):
 
 
 def test_cache_batch_operations(model):
-    ids = random_ids(3, 7, seed=4)
-    more = random_ids(3, 3, seed=5)
+    ids, more = random_ids(3, 7, seed=4), random_ids(3, 3, seed=5)
+    positions_after_reset = check_cache_batch_operations(model, lambda: TTTCache(model.config), ids, more)
+    assert positions_after_reset is None
     cache = TTTCache(model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        reference = model(more, past_key_values=cache).logits
-
-        def fresh():
-            c = TTTCache(model.config)
-            model(ids, past_key_values=c)
-            return c
-
-        reordered = fresh()
-        reordered.reorder_cache(torch.tensor([2, 0, 1]))
-        assert torch.allclose(model(more[[2, 0, 1]], past_key_values=reordered).logits, reference[[2, 0, 1]], atol=1e-6)
-        selected = fresh()
-        selected.batch_select_indices(torch.tensor([1]))
-        assert torch.allclose(model(more[1:2], past_key_values=selected).logits, reference[1:2], atol=1e-6)
-        repeated = fresh()
-        repeated.batch_repeat_interleave(2)
-        out = model(more.repeat_interleave(2, 0), past_key_values=repeated).logits
-        assert torch.allclose(out, reference.repeat_interleave(2, 0), atol=1e-6)
-        reset = fresh()
-        reset.reset()
-        assert reset.get_seq_length() == 0 and reset.positions is None
-        assert torch.allclose(model(ids, past_key_values=reset).logits, _full_logits(model, ids), atol=1e-6)
+        model(random_ids(3, 7, seed=4), past_key_values=cache)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(3)
 
@@ -138,13 +104,13 @@ def test_greedy_generate_equals_argmax_loop(model):
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     manual = ids
     for _ in range(8):
-        manual = torch.cat([manual, _full_logits(model, manual)[:, -1:].argmax(-1)], 1)
+        manual = torch.cat([manual, full_logits(model, manual)[:, -1:].argmax(-1)], 1)
     assert torch.equal(generated, manual)
 
 
 def test_left_padded_generate_equals_rows_alone(model):
     rows = [random_ids(1, n, seed=20 + n)[0] for n in (7, 3)]
-    ids, mask = _left_pad(rows, 7)
+    ids, mask = left_pad(rows, 7)
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     for r, row in enumerate(rows):
         alone = model.generate(row[None], max_new_tokens=6, do_sample=False)
@@ -178,9 +144,9 @@ def test_output_options(model):
     assert out.logits.shape == (2, 1, model.config.vocab_size)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     as_tuple = model(ids, return_dict=False, use_cache=False)
-    assert torch.equal(as_tuple[0], _full_logits(model, ids))
+    assert torch.equal(as_tuple[0], full_logits(model, ids))
     embeds = model.get_input_embeddings()(ids)
-    assert torch.allclose(model(inputs_embeds=embeds, use_cache=False).logits, _full_logits(model, ids))
+    assert torch.allclose(model(inputs_embeds=embeds, use_cache=False).logits, full_logits(model, ids))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -195,21 +161,18 @@ def test_half_precision_models_keep_fp32_state(variant, dtype):
         assert all(t.dtype == torch.float32 for t in layer.ttt_state + layer.ttt_acc)
         for conv_state in (layer.pre_conv_state, layer.qk_conv_state):
             assert conv_state is None or conv_state.dtype == dtype
-    error = (out.logits.float() - _full_logits(reference, ids)).abs().max().item()
-    assert error < 0.05 * _full_logits(reference, ids).abs().max().item() + 0.02
+    error = (out.logits.float() - full_logits(reference, ids)).abs().max().item()
+    assert error < 0.05 * full_logits(reference, ids).abs().max().item() + 0.02
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert generated.shape == (2, ids.shape[1] + 4)
-    model.train()
-    loss = model(ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    check_training_step_is_finite(model, ids)
 
 
 def test_fp64_model_matches_fp32():
     model = tiny_model("mlp", "mamba")
     ids = random_ids(2, 9, seed=12)
     double = tiny_model("mlp", "mamba").double()
-    assert (double(ids).logits - _full_logits(model, ids).double()).abs().max().item() < 1e-5
+    assert (double(ids).logits - full_logits(model, ids).double()).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize(

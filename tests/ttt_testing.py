@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from model_testing import random_ids  # noqa: F401  (re-exported for the tests)
 
 from ttt_hf import TTTConfig, TTTForCausalLM
 
@@ -36,7 +37,3 @@ def tiny_model(layer_type: str = "linear", backbone: str = "mamba", seed: int = 
                 param.mul_(3.0)
     return model.eval()
 
-
-def random_ids(batch: int, length: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, length), generator=generator)
