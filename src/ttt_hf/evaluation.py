@@ -53,25 +53,49 @@ def streaming_perplexity(
 
 
 @torch.no_grad()
-def policy_table(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    budgets: list[int],
-    num_sink_tokens: int = 4,
-    log: Callable[[str], None] = print,
-) -> dict[str, dict[int, float]]:
-    """The paper's Table 3 on one text: perplexity under TOVA and "window + sinks" at each budget, and with
-    the full cache (one forward: a full cache reads the same as streaming). Returns {policy: {budget: ppl}}."""
-    input_ids = input_ids.to(model.device)
-    full = math.exp(model(input_ids, labels=input_ids).loss.item())
-    log(f"full cache ({input_ids.shape[1]} tokens): {full:.3f}")
-    table: dict[str, dict[int, float]] = {"tova": {}, f"window + {num_sink_tokens} sinks": {}}
+def full_perplexity(model: PreTrainedModel, input_ids: torch.Tensor) -> float:
+    """Perplexity of `input_ids` [R, T] with the full cache: one forward per row (a full cache reads the same
+    as streaming; a row at a time keeps the [T, vocab] logits of one row in memory)."""
+    nll = 0.0
+    for row in input_ids.to(model.device):
+        nll += model(row[None], labels=row[None]).loss.item() * (row.numel() - 1)
+    return math.exp(nll / (input_ids.shape[0] * (input_ids.shape[1] - 1)))
+
+
+# One run of the Table 3 analogue: (policy, budget, sink tokens); "full" has no budget.
+CacheRun = tuple[str, int | None, int]
+
+
+def policy_runs(budgets: list[int], num_sink_tokens: int = 4) -> list[CacheRun]:
+    """The runs of the paper's Table 3: the full cache, then TOVA and "window + sinks" at each budget."""
+    runs: list[CacheRun] = [("full", None, 0)]
     for budget in budgets:
-        table["tova"][budget] = streaming_perplexity(model, input_ids, make_cache("tova", budget, model))
-        window = make_cache("window", budget, model, num_sink_tokens)
-        table[f"window + {num_sink_tokens} sinks"][budget] = streaming_perplexity(model, input_ids, window)
-        log(f"budget {budget}: " + ", ".join(f"{name} {values[budget]:.3f}" for name, values in table.items()))
-    table["full"] = {budget: full for budget in budgets}
+        runs += [("tova", budget, 0), ("window", budget, num_sink_tokens)]
+    return runs
+
+
+def measure_run(model: PreTrainedModel, input_ids: torch.Tensor, run: CacheRun, chunk_size: int = 1) -> float:
+    """Perplexity of `input_ids` [R, T] under one run (the full cache does not depend on the chunking)."""
+    policy, budget, num_sink_tokens = run
+    if policy == "full":
+        return full_perplexity(model, input_ids)
+    cache = make_cache(policy, budget, model, num_sink_tokens)
+    return streaming_perplexity(model, input_ids, cache, chunk_size=chunk_size)
+
+
+def run_label(run: CacheRun) -> str:
+    policy, _, num_sink_tokens = run
+    return f"window + {num_sink_tokens} sinks" if policy == "window" else policy
+
+
+def policy_table(results: dict[CacheRun, float]) -> dict[str, dict[int, float]]:
+    """{label: {budget: perplexity}} from measured runs; the full cache is repeated under every budget."""
+    budgets = sorted({budget for _, budget, _ in results if budget is not None})
+    table: dict[str, dict[int, float]] = {}
+    for run, ppl in results.items():
+        if run[0] != "full":
+            table.setdefault(run_label(run), {})[run[1]] = ppl
+    table.update({run_label(run): dict.fromkeys(budgets, ppl) for run, ppl in results.items() if run[0] == "full"})
     return table
 
 
@@ -81,6 +105,20 @@ def format_policy_table(table: dict[str, dict[int, float]]) -> str:
     for name, values in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[b]:.2f}" for b in budgets) + " |")
     return "\n".join(lines)
+
+
+def text_windows(input_ids: torch.Tensor, length: int, count: int) -> torch.Tensor:
+    """`count` consecutive, non-overlapping windows of `length` tokens from a token sequence ([T] or [1, T]),
+    as the rows of a batch [count, length]: each window is read from its own start, as the paper reads
+    PG-19 books in 4k-token windows."""
+    ids = input_ids.reshape(-1)
+    if length < 2:
+        raise ValueError(f"window length must be >= 2 tokens, got {length}")
+    if count < 1 or count * length > ids.numel():
+        raise ValueError(
+            f"windows: {count} x {length} tokens need {count * length} tokens, the text has {ids.numel()}"
+        )
+    return ids[: count * length].view(count, length)
 
 
 def _package_dir(name: str) -> Path:
