@@ -11,8 +11,9 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -340,12 +341,23 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
             return 2
     if args.sweep:
         runs = policy_runs([int(b) for b in args.sweep.split(",")], args.sinks or 4)
+        started, results = time.perf_counter(), {}
+
+        def report(run, ppl: float) -> None:
+            results[run] = ppl
+            budget = "" if run[1] is None else f" budget {run[1]}"
+            print(f"{run_label(run)}{budget}: {ppl:.3f}  ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+
         if args.jobs > 1:
             with ThreadPoolExecutor(args.jobs) as pool:
-                results = dict(zip(runs, pool.map(lambda run: _run_in_subprocess(args, run), runs)))
+                futures = {pool.submit(_run_in_subprocess, args, run): run for run in runs}
+                for future in as_completed(futures):
+                    report(futures[future], future.result())
+            results = {run: results[run] for run in runs}
         else:
             model, input_ids = _perplexity_data(args)
-            results = {run: measure_run(model, input_ids, run, args.chunk_size) for run in runs}
+            for run in runs:
+                report(run, measure_run(model, input_ids, run, args.chunk_size))
         print(format_policy_table(policy_table(results)))
         return 0
     model, input_ids = _perplexity_data(args)
