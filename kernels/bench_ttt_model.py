@@ -1,0 +1,145 @@
+"""Model-level TTT benchmark on the GPU: training throughput and decode latency, side by side with a Llama
+of the same width and depth (SDPA attention, DynamicCache).
+
+    python kernels/bench_ttt_model.py [--train-len 8192] [--decode-contexts 2048,8192,32768]
+
+Prints markdown tables and writes kernels/results/ttt_model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from ttt_hf import TTTConfig, TTTForCausalLM
+from ttt_hf.ttt.cache_ttt import TTTCache
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "kernels" / "results"
+
+
+def ttt_model(name: str, backend: str, dtype: torch.dtype) -> TTTForCausalLM:
+    config = TTTConfig.from_json_file(ROOT / "configs" / f"{name}.json")
+    config.kernel_backend = backend
+    config.max_position_embeddings = 1 << 16
+    torch.manual_seed(0)
+    return TTTForCausalLM(config).to("cuda", dtype)
+
+
+def llama_like(config: TTTConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+    """A Llama with the TTT model's width, depth, heads, FFN and vocabulary (attention instead of TTT)."""
+    llama = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=1 << 16, tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama).to("cuda", dtype)
+
+
+def cuda_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Mean seconds of `fn()` over `repeats` runs after `warmup` runs (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def training_throughput(model, batch: int, length: int, repeats: int) -> dict:
+    """Tokens/s of forward + backward (loss on all tokens) and peak memory."""
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), device="cuda")
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    torch.cuda.reset_peak_memory_stats()
+    seconds = cuda_time(step, repeats)
+    return {"tokens_per_s": batch * length / seconds, "step_ms": seconds * 1e3,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+@torch.no_grad()
+def decode_latency(model, cache, batch: int, context: int, steps: int, prefill_chunk: int = 8192) -> dict:
+    """Per-token latency of greedy decoding at `batch` rows after `context` tokens (prefilled in chunks)."""
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), device="cuda")
+    for start in range(0, context, prefill_chunk):
+        out = model(ids[:, start : start + prefill_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+
+    def step():
+        nonlocal token
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    seconds = cuda_time(step, steps, warmup=3)
+    return {"ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-len", type=int, default=8192)
+    parser.add_argument("--train-batch", type=int, default=1)
+    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--decode-contexts", default="2048,8192,32768")
+    parser.add_argument("--llama-decode-context", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--skip-torch-train", action="store_true", help="skip the slow torch-reference training run")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "train": {}, "decode": {}}
+    dtype = torch.bfloat16
+
+    print(f"## Training, 125M TTT-Linear (Mamba backbone) vs Llama, bf16, batch {args.train_batch} x {args.train_len}")
+    print("| model | tokens/s | step ms | peak GiB |\n|---|---|---|---|")
+    backends = ["triton"] + ([] if args.skip_torch_train else ["torch"])
+    candidates = {f"TTT-Linear 125M ({b})": (lambda b=b: ttt_model("ttt-125m-linear-mamba", b, dtype)) for b in backends}
+    candidates["Llama 125M (SDPA)"] = lambda: llama_like(TTTConfig.from_json_file(ROOT / "configs" / "ttt-125m-linear-mamba.json"), dtype)
+    for name, make in candidates.items():
+        model = make()
+        repeats = 1 if "torch" in name else 5
+        row = training_throughput(model, args.train_batch, args.train_len, repeats)
+        results["train"][name] = row
+        print(f"| {name} | {row['tokens_per_s']:,.0f} | {row['step_ms']:.1f} | {row['peak_gib']:.1f} |")
+        del model
+        torch.cuda.empty_cache()
+
+    print(f"\n## Greedy decode, 1.3B, bf16, batch {args.decode_batch}: per-token latency after a context")
+    print("| model | context | ms/token | tokens/s | peak GiB |\n|---|---|---|---|---|")
+    model = ttt_model("ttt-1.3b-linear-mamba", "auto", dtype)
+    for context in map(int, args.decode_contexts.split(",")):
+        torch.cuda.reset_peak_memory_stats()
+        row = decode_latency(model, TTTCache(model.config), args.decode_batch, context, args.steps)
+        results["decode"][f"TTT-Linear 1.3B @ {context}"] = row
+        print(f"| TTT-Linear 1.3B | {context} | {row['ms_per_token']:.2f} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} |")
+    config = model.config
+    del model
+    torch.cuda.empty_cache()
+    llama = llama_like(config, dtype)
+    torch.cuda.reset_peak_memory_stats()
+    context = args.llama_decode_context
+    row = decode_latency(llama, DynamicCache(config=llama.config), args.decode_batch, context, args.steps)
+    results["decode"][f"Llama 1.3B DynamicCache @ {context}"] = row
+    print(f"| Llama 1.3B (DynamicCache) | {context} | {row['ms_per_token']:.2f} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} |")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ttt_model.json").write_text(json.dumps(results, indent=2))
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "ttt_model.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
