@@ -210,3 +210,23 @@ def test_clear_errors():
         family_model("llama")(ids(1, 6), past_key_values=cache)
         with pytest.raises(ValueError, match="another model"):
             family_model("qwen2")(ids(1, 6), past_key_values=cache)
+
+
+def test_flex_block_mask_gives_the_same_scores_as_the_dense_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, q_heads, kv_heads, q_len, kv_len, dim = 2, 4, 2, 3, 10, 16
+    torch.manual_seed(0)
+    query, key = torch.randn(batch, q_heads, q_len, dim), torch.randn(batch, kv_heads, kv_len, dim)
+    first_real = torch.tensor([0, 4])  # row 1 is left-padded by 4 slots
+
+    def mask_mod(b, h, q_idx, kv_idx):  # causal with the queries at the last positions, minus the padding
+        return (kv_idx <= q_idx + kv_len - q_len) & (kv_idx >= first_real[b])
+
+    block_mask = create_block_mask(mask_mod, batch, None, q_len, kv_len, device="cpu", _compile=False)
+    dense = mask_mod(torch.arange(batch)[:, None, None, None], 0, torch.arange(q_len)[None, None, :, None],
+                     torch.arange(kv_len)[None, None, None, :])
+    attention = family_model("llama").model.layers[0].self_attn
+    expected = last_query_scores(attention, query, key, dense, 0.25)
+    torch.testing.assert_close(last_query_scores(attention, query, key, block_mask, 0.25), expected, rtol=0, atol=0)
+    assert torch.isinf(expected[1, :4]).all() and torch.isfinite(expected[1, 4:]).all()

@@ -54,6 +54,8 @@ def last_query_scores(
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     hidden = None
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        attention_mask = _block_mask_last_row(attention_mask, batch, query.shape[2], key.shape[2])
     if attention_mask is not None and attention_mask.dim() == 4:
         row = attention_mask[:, 0, -1, -key.shape[2] :]  # [B, kv]: the last query's row
         if row.dtype == torch.bool:
@@ -76,6 +78,19 @@ def last_query_scores(
     if hidden is not None:
         scores = scores.masked_fill(hidden, float("-inf"))
     return scores
+
+
+def _block_mask_last_row(block_mask, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """The last query's row of a flex-attention `BlockMask` as a boolean mask [B, 1, 1, kv] (True = attend).
+    transformers builds the mask_mod with the query/key offsets and the padding folded in."""
+    device = block_mask.kv_num_blocks.device
+    row = block_mask.mask_mod(
+        torch.arange(batch, device=device)[:, None],
+        torch.zeros(1, 1, dtype=torch.long, device=device),
+        torch.full((1, 1), q_len - 1, dtype=torch.long, device=device),
+        torch.arange(kv_len, device=device)[None, :],
+    )
+    return row.expand(batch, kv_len)[:, None, None, :]
 
 
 def _wrap(original):
