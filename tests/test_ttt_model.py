@@ -198,11 +198,6 @@ def test_invalid_config_values_name_the_field(overrides, field):
         tiny_config(**overrides)
 
 
-def test_triton_backend_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="kernel_backend='triton'"):
-        TTTForCausalLM(tiny_config(kernel_backend="triton"))
-
-
 def test_bad_inputs_raise_clear_errors(model):
     ids = random_ids(2, 5)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):

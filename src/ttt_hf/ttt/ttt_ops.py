@@ -12,12 +12,22 @@ mini-batch is taken at its start state; the accumulator is committed when the mi
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .configuration_ttt import KERNEL_BACKENDS
+
+try:
+    from .ttt_triton import ttt_linear_chunk_triton, ttt_linear_step_triton
+except ImportError:  # triton is optional: the torch reference runs everywhere
+    ttt_linear_chunk_triton = ttt_linear_step_triton = None
+
+logger = logging.getLogger(__name__)
+
 TTT_LN_EPS = 1e-6
 
 
@@ -27,13 +37,41 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_kernel_backend(kernel_backend: str) -> None:
-    """Fail early for a backend this build cannot run (the Triton kernels are not part of this release)."""
+    """Fail early for a backend this installation cannot run."""
     if kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
-    if kernel_backend == "triton":
-        raise NotImplementedError(
-            "kernel_backend='triton': this release has no TTT Triton kernels yet; use 'auto' or 'torch'"
+    if kernel_backend == "triton" and ttt_linear_chunk_triton is None:
+        raise ImportError("kernel_backend='triton' needs the triton package (pip install triton)")
+
+
+def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs this call. Kernels exist for TTT-Linear inference (no gradient) with
+    fp32/bf16/fp16 inputs and head_dim 16..128; elsewhere the torch reference runs, also under
+    kernel_backend="triton" (logged once), so a result is never wrong, only slower."""
+    check_kernel_backend(kernel_backend)
+    if kernel_backend == "torch" or ttt_linear_chunk_triton is None:
+        return False
+    on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if kernel_backend == "triton" and not on_device:
+        raise RuntimeError(
+            "kernel_backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+            "triton, or use kernel_backend='auto'"
         )
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*state, q, *tensors))
+    supported = (
+        len(state) == 2
+        and not needs_grad
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and 16 <= q.shape[-1] <= 128
+    )
+    if kernel_backend == "triton" and not supported:
+        _log_fallback_once("TTT-MLP, gradients, fp64 inputs or head_dim outside 16..128")
+    return supported and (q.is_cuda or kernel_backend == "triton")
+
+
+@functools.cache
+def _log_fallback_once(reason: str) -> None:
+    logger.warning(f"kernel_backend='triton': no TTT kernel for this call ({reason}); using the torch reference")
 
 
 def ln_forward(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = TTT_LN_EPS) -> torch.Tensor:
@@ -122,6 +160,38 @@ def _dual_mini_batch(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, commit):
     return out, new_state, new_acc
 
 
+class SlotLayout:
+    """Right-padded rows shifted by their offset inside a mini-batch, so that every row's mini-batches line
+    up: row r's token t goes to slot (start[r] % b) + t of M * b slots. Slots before a row's first token and
+    after its last are inert (zero inputs, zero learning rate); `span` [B] is the slot after each row's last
+    token, so mini-batch m of row r completes (commits) when (m + 1) * b <= span[r]."""
+
+    def __init__(self, start: torch.Tensor, length: torch.Tensor, mini_batch_size: int, seq_len: int) -> None:
+        self.mini_batch_size, self.seq_len = mini_batch_size, seq_len
+        self.offset = start % mini_batch_size
+        self.span = self.offset + length
+        self.num_mini_batches = max(1, -(-int(self.span.max()) // mini_batch_size))
+        slot = torch.arange(self.num_mini_batches * mini_batch_size, device=start.device)
+        src = slot[None, :] - self.offset[:, None]  # [B, M*b]
+        self.valid = (src >= 0) & (src < length[:, None])
+        self.src = src.clamp(0, seq_len - 1)
+
+    def to_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, d] -> [B, H, M, b, d]."""
+        batch, heads = x.shape[:2]
+        index = self.src[:, None, :, None].expand(batch, heads, -1, x.shape[-1])
+        x = torch.gather(x, 2, index) * self.valid[:, None, :, None]
+        return x.reshape(batch, heads, self.num_mini_batches, self.mini_batch_size, x.shape[-1])
+
+    def from_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, M*b, d] (or [B, H, M, b, d]) -> [B, H, T, d]."""
+        batch, heads, dim = x.shape[0], x.shape[1], x.shape[-1]
+        x = x.reshape(batch, heads, -1, dim)
+        index = torch.arange(self.seq_len, device=x.device)[None, :] + self.offset[:, None]
+        index = index.clamp(max=x.shape[2] - 1)
+        return torch.gather(x, 2, index[:, None, :, None].expand(batch, heads, self.seq_len, dim))
+
+
 def ttt_chunk_torch(
     state: list[torch.Tensor],
     acc: list[torch.Tensor],
@@ -144,27 +214,11 @@ def ttt_chunk_torch(
     Returns the output [B, H, T, f] (fp32; undefined at padded slots), the new state and accumulator.
     `checkpoint_group > 0` recomputes groups of that many mini-batches in the backward pass.
     """
-    batch, heads, seq_len, head_dim = q.shape
-    b = tau.shape[0]
-    device = q.device
-    # Shift each row right by its offset inside the mini-batch so that every row's mini-batches line up;
-    # slots before a row's first token and after its last one are inert (zero inputs, zero learning rate).
-    offset = start % b
-    span = offset + length
-    num_mb = max(1, -(-int(span.max()) // b))
-    slot = torch.arange(num_mb * b, device=device)
-    src = slot[None, :] - offset[:, None]  # [B, M*b]
-    valid = (src >= 0) & (src < length[:, None])
-    src = src.clamp(0, seq_len - 1)
-
-    def to_slots(x):
-        index = src[:, None, :, None].expand(batch, heads, -1, x.shape[-1])
-        x = torch.gather(x, 2, index) * valid[:, None, :, None]
-        return x.reshape(batch, heads, num_mb, b, x.shape[-1])
-
-    q_s, k_s, v_s = (to_slots(at_least_fp32(x)) for x in (q, k, v))
-    lr_s = to_slots(at_least_fp32(lr)[..., None])[..., 0]
-    commit = torch.arange(1, num_mb + 1, device=device)[None, :] * b <= span[:, None]  # [B, M]
+    layout = SlotLayout(start, length, tau.shape[0], q.shape[2])
+    q_s, k_s, v_s = (layout.to_slots(at_least_fp32(x)) for x in (q, k, v))
+    lr_s = layout.to_slots(at_least_fp32(lr)[..., None])[..., 0]
+    num_mb = layout.num_mini_batches
+    commit = torch.arange(1, num_mb + 1, device=q.device)[None, :] * tau.shape[0] <= layout.span[:, None]  # [B, M]
 
     n_state = len(state)
 
@@ -187,10 +241,7 @@ def ttt_chunk_torch(
         run = functools.partial(scan, first, min(first + group, num_mb))
         out, *carry = checkpoint(run, *carry, use_reentrant=False) if group < num_mb else run(*carry)
         outs.append(out)
-    out = torch.cat(outs, dim=2)
-
-    index = (torch.arange(seq_len, device=device)[None, :] + offset[:, None]).clamp(max=num_mb * b - 1)
-    out = torch.gather(out, 2, index[:, None, :, None].expand(batch, heads, seq_len, head_dim))
+    out = layout.from_slots(torch.cat(outs, dim=2))
     return out, list(carry[:n_state]), list(carry[n_state:])
 
 
@@ -242,16 +293,55 @@ def ttt_step_torch(
     return out[:, :, 0], new_state, new_acc
 
 
-def ttt_chunk(*args, kernel_backend: str = "auto", **kwargs):
+def ttt_chunk(
+    state: list[torch.Tensor],
+    acc: list[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    start: torch.Tensor,
+    length: torch.Tensor,
+    checkpoint_group: int = 0,
+    kernel_backend: str = "auto",
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`."""
-    check_kernel_backend(kernel_backend)
-    return ttt_chunk_torch(*args, **kwargs)
+    if not _use_kernel(kernel_backend, state, q, k, v, lr, tau, ln_weight, ln_bias):
+        return ttt_chunk_torch(
+            state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group
+        )
+    layout = SlotLayout(start, length, tau.shape[0], q.shape[2])
+    q_s, k_s, v_s = (layout.to_slots(x) for x in (q, k, v))
+    lr_s = layout.to_slots(lr.float()[..., None])[..., 0]
+    out, state, acc = ttt_linear_chunk_triton(state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS)
+    return layout.from_slots(out), state, acc
 
 
-def ttt_step(*args, kernel_backend: str = "auto", **kwargs):
-    """Dispatch point of the one-token decoding step; see `ttt_step_torch`."""
-    check_kernel_backend(kernel_backend)
-    return ttt_step_torch(*args, **kwargs)
+def ttt_step(
+    state: list[torch.Tensor],
+    acc: list[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    position: torch.Tensor,
+    active: torch.Tensor,
+    kernel_backend: str = "auto",
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Dispatch point of the one-token decoding step; see `ttt_step_torch`. The kernel updates the state in
+    place when the cache owns it (contiguous fp32 tensors, not the broadcast initial parameters)."""
+    if not _use_kernel(kernel_backend, state, q, k, v, lr, tau, ln_weight, ln_bias):
+        return ttt_step_torch(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active)
+    owned = all(t.dtype == torch.float32 and t.is_contiguous() and t.stride(0) != 0 for t in (*state, *acc))
+    return ttt_linear_step_triton(
+        state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active, TTT_LN_EPS, in_place=owned
+    )
 
 
 def causal_conv1d(

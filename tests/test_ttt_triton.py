@@ -1,0 +1,154 @@
+"""The TTT-Linear Triton kernels against the torch reference: on CPU under TRITON_INTERPRET=1 (set by
+conftest) at tiny sizes, on CUDA at real sizes (marked gpu)."""
+
+import pytest
+import torch
+
+from ttt_hf.ttt import ttt_ops
+from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
+from ttt_testing import random_ids, tiny_model
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MB = 16
+
+
+def linear_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g)  # noqa: E731
+    q, k, v = (rand(batch, heads, seq_len, head_dim).to(device, dtype) for _ in range(3))
+    lr = (torch.rand(batch, heads, seq_len, generator=g) * 0.5 / head_dim ** 0.5).to(device)
+    tau = (1.0 / torch.arange(1, MB + 1) + 0.05 * torch.randn(MB, generator=g)).clamp_min(0).to(device)
+    ln_w, ln_b = (1 + rand(heads, 1, head_dim, scale=0.1)).to(device), rand(heads, 1, head_dim, scale=0.1).to(device)
+    state = [rand(batch, heads, head_dim, head_dim, scale=0.3).to(device), rand(batch, heads, 1, head_dim, scale=0.1).to(device)]
+    acc = [rand(batch, heads, head_dim, head_dim, scale=0.01).to(device), rand(batch, heads, 1, head_dim, scale=0.01).to(device)]
+    return state, acc, q, k, v, lr, tau, ln_w, ln_b
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4):
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(batch, heads, seq_len, head_dim, dtype)
+    start, length = torch.tensor(start, device=DEVICE), torch.tensor(length, device=DEVICE)
+    args = (state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
+    reference = ttt_chunk_torch(*args)  # the reference upcasts half-precision inputs to fp32 itself
+    out, new_state, new_acc = ttt_chunk(*args, kernel_backend="triton")
+    for r, n in enumerate(length.tolist()):  # padded slots of the output are undefined
+        assert rel_err(out[r, :, :n], reference[0][r, :, :n]) <= tol
+    for got, want in zip([*new_state, *new_acc], [*reference[1], *reference[2]]):
+        assert rel_err(got, want) <= tol
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_chunk_kernel_matches_reference_with_offsets_and_partial_mini_batches(head_dim):
+    # row 0 starts mid mini-batch and ends mid one (keeps its accumulator); row 1 is right-padded
+    check_chunk(2, 2, 40, head_dim, start=[5, 32], length=[40, 27])
+
+
+def test_step_kernel_matches_reference_across_a_commit():
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(3, 2, 1, 16)
+    position = torch.tensor([MB - 1, 3, MB - 1], device=DEVICE)  # rows 0 and 2 end a mini-batch
+    active = torch.tensor([True, True, False], device=DEVICE)
+    args = (state, acc, q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
+    reference = ttt_step_torch(*args)
+    owned = [t.clone() for t in (*state, *acc)]
+    out, new_state, new_acc = ttt_step(owned[:2], owned[2:], *args[2:], kernel_backend="triton")
+    assert rel_err(out[:2], reference[0][:2]) <= 1e-5
+    for got, want in zip([*new_state, *new_acc], [*reference[1], *reference[2]]):
+        assert rel_err(got, want) <= 1e-5
+    assert new_state[0].data_ptr() == owned[0].data_ptr()  # the cache's state is updated in place
+    assert torch.equal(new_state[0][2], state[0][2]) and torch.equal(new_acc[0][2], acc[0][2])  # inactive row
+
+
+def test_steps_equal_one_chunk():
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(2, 2, 20, 16)
+    acc = [torch.zeros_like(a) for a in acc]
+    zero, full = torch.zeros(2, dtype=torch.long, device=DEVICE), torch.full((2,), 20, device=DEVICE)
+    reference, ref_state, ref_acc = ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, zero, full)
+    state, acc = [s.clone() for s in state], [a.clone() for a in acc]
+    active = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    for t in range(20):
+        out, state, acc = ttt_step(state, acc, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], tau, ln_w, ln_b,
+                                   zero + t, active, kernel_backend="triton")
+        assert rel_err(out, reference[:, :, t]) <= 1e-4
+    for got, want in zip([*state, *acc], [*ref_state, *ref_acc]):
+        assert rel_err(got, want) <= 1e-4
+
+
+def test_dispatch_rules(monkeypatch):
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 16, 16, device="cpu")
+    assert not ttt_ops._use_kernel("auto", state, q)  # CPU: the reference
+    assert not ttt_ops._use_kernel("torch", state, q)
+    assert ttt_ops._use_kernel("triton", state, q)
+    assert not ttt_ops._use_kernel("triton", state + state, q)  # TTT-MLP: reference
+    assert not ttt_ops._use_kernel("triton", state, q.double())
+    assert not ttt_ops._use_kernel("triton", state, q.requires_grad_())  # gradients: reference
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ttt_ops._use_kernel("triton", state, q.detach())
+    monkeypatch.setattr(ttt_ops, "ttt_linear_chunk_triton", None)
+    with pytest.raises(ImportError, match="needs the triton package"):
+        ttt_ops.check_kernel_backend("triton")
+
+
+def test_model_with_triton_backend_matches_torch_backend():
+    ids = random_ids(2, 37, vocab=96, seed=3)
+    models = {b: tiny_model("linear", hidden_size=64, mini_batch_size=MB, kernel_backend=b) for b in ("torch", "triton")}
+    with torch.no_grad():
+        full = {b: m(ids).logits for b, m in models.items()}
+        assert rel_err(full["triton"], full["torch"]) <= 1e-4
+        generated = {b: m.generate(ids[:, :20], max_new_tokens=20, do_sample=False) for b, m in models.items()}
+    assert torch.equal(generated["triton"], generated["torch"])
+    loss = models["triton"].train()(ids, labels=ids).loss  # training falls back to the reference
+    loss.backward()
+    assert models["triton"].model.layers[0].ttt.q_proj.weight.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_kernels_at_real_sizes(head_dim, dtype, tol, no_tf32):
+    check_chunk(4, 8, 2048 + 5, head_dim, start=[0, 7, 16, 3], length=[2053, 2000, 1500, 2053], dtype=dtype, tol=tol)
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(16, 12, 1, head_dim, dtype)
+    position = torch.arange(16, device=DEVICE) * 5
+    active = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
+    reference = ttt_step_torch(state, acc, *args)
+    out, new_state, new_acc = ttt_step([s.clone() for s in state], [a.clone() for a in acc], *args, kernel_backend="triton")
+    assert rel_err(out, reference[0]) <= tol
+    for got, want in zip([*new_state, *new_acc], [*reference[1], *reference[2]]):
+        assert rel_err(got, want) <= tol
+
+
+@pytest.mark.gpu
+def test_decode_step_captures_in_a_cuda_graph():
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(16, 12, 1, 64)
+    position = torch.full((16,), 5, device=DEVICE)
+    active = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
+    eager_state, eager_acc = [s.clone() for s in state], [a.clone() for a in acc]
+    graph_state, graph_acc = [s.clone() for s in state], [a.clone() for a in acc]
+    for _ in range(3):
+        eager_out, eager_state, eager_acc = ttt_step(eager_state, eager_acc, *args, kernel_backend="triton")
+    ttt_step([s.clone() for s in state], [a.clone() for a in acc], *args, kernel_backend="triton")  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out, _, _ = ttt_step(graph_state, graph_acc, *args, kernel_backend="triton")
+    for _ in range(3):
+        graph.replay()
+    torch.testing.assert_close(graph_out, eager_out)
+    for got, want in zip([*graph_state, *graph_acc], [*eager_state, *eager_acc]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+def test_model_logits_equal_across_backends_on_cuda(no_tf32):
+    ids = random_ids(2, 100, vocab=96, seed=4).cuda()
+    models = {b: tiny_model("linear", hidden_size=64, mini_batch_size=MB, kernel_backend=b).cuda() for b in ("torch", "triton")}
+    with torch.no_grad():
+        logits = {b: m(ids).logits for b, m in models.items()}
+        generated = {b: m.generate(ids[:, :40], max_new_tokens=30, do_sample=False) for b, m in models.items()}
+    assert rel_err(logits["triton"], logits["torch"]) <= 1e-4
+    assert torch.equal(generated["triton"], generated["torch"])
