@@ -1,0 +1,170 @@
+"""TTT-Linear op benchmark on the GPU: our Triton kernels vs our torch reference vs flash-linear-attention's
+`chunk_ttt_linear` vs SDPA (flash) causal attention at the same (B, H, T, D), plus the decode step.
+
+    python kernels/bench_ttt.py [--lengths 2048,8192] [--batch 4 --heads 32 --head-dim 64]
+
+Checks the kernels against the reference on the benchmark shapes first, then prints markdown tables and
+writes kernels/results/ttt_ops.json and kernels/results/ttt_ops.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MB = 16
+
+
+def inputs(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torch.dtype, requires_grad: bool = False):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g, device="cuda")  # noqa: E731
+    q, k, v = (rand(batch, heads, seq_len, head_dim).to(dtype).requires_grad_(requires_grad) for _ in range(3))
+    lr = (torch.rand(batch, heads, seq_len, generator=g, device="cuda") / head_dim).requires_grad_(requires_grad)
+    tau = 1.0 / torch.arange(1, MB + 1, device="cuda")
+    ln_w = (1 + rand(heads, 1, head_dim, scale=0.1)).requires_grad_(requires_grad)
+    ln_b = rand(heads, 1, head_dim, scale=0.1).requires_grad_(requires_grad)
+    state = [rand(batch, heads, head_dim, head_dim, scale=0.02), torch.zeros(batch, heads, 1, head_dim, device="cuda")]
+    acc = [torch.zeros_like(s) for s in state]
+    start = torch.zeros(batch, dtype=torch.long, device="cuda")
+    length = torch.full((batch,), seq_len, device="cuda")
+    return state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def ms(fn, quick: bool = False) -> float:
+    if quick:  # seconds-long reference runs: one warm-up, few repeats
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(2):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 2
+    return do_bench(fn, warmup=25, rep=100)
+
+
+def fwd_bwd(forward):
+    def run():
+        out = forward()
+        out.float().sum().backward()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="2048,8192")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=64)
+    args = parser.parse_args()
+    B, H, D = args.batch, args.heads, args.head_dim
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [B, H, D],
+                     "check": {}, "ops": {}, "decode": {}}
+    try:
+        from fla.ops.ttt import chunk_ttt_linear
+    except ImportError as error:
+        chunk_ttt_linear = None
+        print(f"flash-linear-attention not importable ({error}): its column is skipped")
+
+    # Correctness on the benchmark shapes first (fp32 with TF32 off, and bf16).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            args_ = inputs(B, H, 2048, D, dtype)
+            ref = ttt_chunk_torch(*args_)
+            got = ttt_chunk(*args_, kernel_backend="triton")
+        errors = [rel_err(got[0], ref[0])] + [rel_err(a, b) for a, b in zip(got[1] + got[2], ref[1] + ref[2])]
+        results["check"][str(dtype)] = max(errors)
+        print(f"check {dtype}: max relative error (output, state, accumulator) {max(errors):.2e}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    print(f"\n## TTT-Linear op, B={B}, H={H}, D={D}, bf16 inputs (ms)")
+    print("| T | ours Triton fwd | torch ref fwd | FLA fwd | SDPA fwd | torch ref fwd+bwd | FLA fwd+bwd | SDPA fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for T in map(int, args.lengths.split(",")):
+        row = {}
+        with torch.no_grad():
+            a = inputs(B, H, T, D, torch.bfloat16)
+            row["triton_fwd"] = ms(lambda: ttt_chunk(*a, kernel_backend="triton"))
+            row["torch_fwd"] = ms(lambda: ttt_chunk_torch(*a), quick=True)
+        g = inputs(B, H, T, D, torch.bfloat16, requires_grad=True)
+        row["torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_torch(*g)[0]), quick=True)
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        with torch.no_grad():
+            row["sdpa_fwd"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        row["sdpa_fwd_bwd"] = ms(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        if chunk_ttt_linear is not None:
+            fq, fk, fv = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            fw, fb = torch.ones(H, D, device="cuda", requires_grad=True), torch.zeros(H, D, device="cuda", requires_grad=True)
+            eta = torch.full((B, T, H, 1), 0.01, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            fla = lambda: chunk_ttt_linear(fq, fk, fv, fw, fb, eta, chunk_size=MB)[0]  # noqa: E731
+            with torch.no_grad():
+                row["fla_fwd"] = ms(fla)
+            row["fla_fwd_bwd"] = ms(fwd_bwd(fla))
+        results["ops"][T] = row
+        cell = lambda key: f"{row[key]:.2f}" if key in row else "n/a"  # noqa: E731
+        print(f"| {T} | {cell('triton_fwd')} | {cell('torch_fwd')} | {cell('fla_fwd')} | {cell('sdpa_fwd')} | "
+              f"{cell('torch_fwd_bwd')} | {cell('fla_fwd_bwd')} | {cell('sdpa_fwd_bwd')} |")
+        torch.cuda.empty_cache()
+
+    print(f"\n## TTT-Linear decode step, one layer, D={D} (microseconds per step)")
+    print("| B x H | ours Triton | torch ref |\n|---|---|---|")
+    for batch, heads in ((16, 12), (16, 32)):
+        state, acc, q, k, v, lr, tau, ln_w, ln_b, _, _ = inputs(batch, heads, 1, D, torch.bfloat16)
+        position = torch.full((batch,), 5, device="cuda")
+        active = torch.ones(batch, dtype=torch.bool, device="cuda")
+        step = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
+        with torch.no_grad():
+            row = {"triton_us": 1e3 * ms(lambda: ttt_step(state, acc, *step, kernel_backend="triton")),
+                   "torch_us": 1e3 * ms(lambda: ttt_step_torch(state, acc, *step))}
+        results["decode"][f"{batch}x{heads}"] = row
+        print(f"| {batch} x {heads} | {row['triton_us']:.1f} | {row['torch_us']:.1f} |")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    (RESULTS / "ttt_ops.json").write_text(text)
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "ttt_ops.json").write_text(text)
+    plot(results, [RESULTS / "ttt_ops.png"] + ([Path(os.environ["OUT"]) / "ttt_ops.png"] if os.environ.get("OUT") else []))
+
+
+def plot(results: dict, paths: list[Path]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    lengths = sorted(results["ops"], key=int)
+    series = {"ours Triton fwd": "triton_fwd", "torch ref fwd": "torch_fwd", "FLA fwd": "fla_fwd", "SDPA fwd": "sdpa_fwd",
+              "FLA fwd+bwd": "fla_fwd_bwd", "SDPA fwd+bwd": "sdpa_fwd_bwd", "torch ref fwd+bwd": "torch_fwd_bwd"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, key in series.items():
+        points = [(int(t), results["ops"][t][key]) for t in lengths if key in results["ops"][t]]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if "bwd" in key else "-")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms",
+           title=f"TTT-Linear op, B,H,D = {results['shape']}, bf16, {results['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
