@@ -109,7 +109,8 @@ def main() -> None:
         row["sdpa_fwd_bwd"] = ms(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         if chunk_ttt_linear is not None:
             fq, fk, fv = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-            fw, fb = torch.ones(H, D, device="cuda", requires_grad=True), torch.zeros(H, D, device="cuda", requires_grad=True)
+            fw = torch.ones(H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            fb = torch.zeros(H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             eta = torch.full((B, T, H, 1), 0.01, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             fla = lambda: chunk_ttt_linear(fq, fk, fv, fw, fb, eta, chunk_size=MB)[0]  # noqa: E731
             with torch.no_grad():
