@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 
 import ttt_hf
 from ttt_hf import BlockStateCache, BlockStateConfig, BlockStateForCausalLM, TTTConfig, TTTForCausalLM
+from ttt_hf.conversion.cli import add_convert_arguments, run_convert
 
 # The repository's configs/ folder (src/ttt_hf/cli.py -> repository root); editable installs only.
 DEFAULT_CONFIGS = Path(ttt_hf.__file__).resolve().parents[2] / "configs"
@@ -388,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--configs", type=Path, default=DEFAULT_CONFIGS, help=f"folder of model configs (default: {DEFAULT_CONFIGS})"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    convert = commands.add_parser(
+        "convert", help="official TTT checkpoint (ttt-lm-jax file or ttt-lm-pytorch folder) -> ttt_hf folder"
+    )
+    add_convert_arguments(convert)
+    convert.set_defaults(func=run_convert)
 
     ppl = commands.add_parser(
         "perplexity", help="streaming perplexity of a model on a text under a cache policy (full, tova, window)"

@@ -1,0 +1,113 @@
+"""The ttt-lm-jax checkpoint converter against the official JAX model's logits (tests/fixtures/ttt_jax)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import ttt_hf  # noqa: F401  (registers the Auto classes)
+from ttt_hf.cli import main
+from ttt_hf.conversion import convert_ttt_jax
+from ttt_hf.conversion.ttt_jax import read_parameters
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ttt_jax"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+FILES = ["streaming_train_state", "streaming_params"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_all_fixture_cases_present():
+    assert CASES == ["ttt_linear", "ttt_linear_base", "ttt_mlp", "ttt_mlp_base"]
+
+
+@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("case", CASES)
+def test_converted_checkpoint_matches_the_official_logits(case, file, tmp_path):
+    dst = convert_ttt_jax(FIXTURES / case / file, tmp_path / "out", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(dst).eval()
+    meta = json.loads((FIXTURES / case / "meta.json").read_text())["model_config"]
+    config = model.config
+    assert (config.ttt_layer_type, config.pre_conv, config.share_qk, config.use_gate) == (
+        "mlp" if "mlp" in case else "linear", meta["pre_conv"], meta["pre_conv"], meta["pre_conv"]
+    )
+    assert config.ttt_base_lr == meta["ttt_base_lr"] and config.mini_batch_size == meta["mini_batch_size"]
+    data = load_file(FIXTURES / case / "data.safetensors")
+    with torch.no_grad():
+        logits = model(data["input_ids"]).logits
+    assert (logits - data["logits"]).abs().max().item() <= 1e-5
+
+
+def test_optimizer_state_is_skipped_and_both_files_hold_the_same_parameters():
+    full = dict(read_parameters(FIXTURES / "ttt_mlp" / "streaming_train_state", progress=False))
+    params = dict(read_parameters(FIXTURES / "ttt_mlp" / "streaming_params", progress=False))
+    assert full.keys() == params.keys() and all(k[0] == "model" for k in full)
+    assert all((full[k] == params[k]).all() for k in full)
+    assert ("model", "h", "0", "seq_modeling_block", "learnable_ttt_lr/kernel") in full  # "/" kept inside one element
+
+
+def test_output_folder_is_complete_with_a_model_card(tmp_path):
+    dst = convert_ttt_jax(FIXTURES / "ttt_linear" / "streaming_params", tmp_path / "out", progress=False)
+    names = {p.name for p in dst.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "README.md", "modeling_ttt.py",
+            "configuration_ttt.py", "ttt_ops.py", "cache_ttt.py"} <= names
+    card = (dst / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "library_name: transformers" in header and "pipeline_tag: text-generation" in header
+    assert "- ttt-linear" in header and "streaming_params" in card and "ttt-hf " + ttt_hf.__version__ in card
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+def test_overrides_and_dtype(tmp_path):
+    dst = convert_ttt_jax(FIXTURES / "ttt_linear" / "streaming_params", tmp_path / "out", progress=False,
+                          dtype=torch.bfloat16, max_position_embeddings=8192, ttt_base_lr=0.5)
+    model = AutoModelForCausalLM.from_pretrained(dst, dtype="auto")
+    assert model.config.max_position_embeddings == 8192 and model.config.ttt_base_lr == 0.5
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown TTTConfig field in the overrides: 'hiden_size'"):
+        convert_ttt_jax(FIXTURES / "ttt_linear" / "streaming_params", tmp_path / "other", progress=False, hiden_size=3)
+    assert not (tmp_path / "other").exists()
+
+
+def _doctored(tmp_path, edit):
+    """A copy of a params-only checkpoint with its records passed through `edit(key, value) -> records`."""
+    path = tmp_path / "doctored"
+    with open(FIXTURES / "ttt_linear" / "streaming_params", "rb") as src, open(path, "wb") as out:
+        for key, value in msgpack.Unpacker(src, raw=False, max_buffer_size=0):
+            for record in edit(tuple(key), value):
+                out.write(msgpack.packb(record, use_bin_type=True))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda k, v: [(list(k), v)] + ([(["model", "h", "0", "extra"], v)] if k[-1] == "embedding" else []),
+     "unknown keys in the checkpoint: model/h/0/extra"),
+    (lambda k, v: [] if k[-1] == "ttt_dense_0" and k[2] == "1" else [(list(k), v)],
+     "missing keys \\(ttt_hf names\\): model.layers.1.ttt.W1"),
+    (lambda k, v: [] if k[-2:] == ("ln_f", "kernel") else [(list(k), v)], "missing keys .*model.norm.weight"),
+])
+def test_refuses_checkpoints_it_does_not_understand_and_writes_nothing(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        convert_ttt_jax(_doctored(tmp_path, edit), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"doctored"}
+
+
+def test_convert_command_and_script(tmp_path, capsys):
+    assert main(["convert", str(FIXTURES / "ttt_mlp" / "streaming_params"), str(tmp_path / "a"), "--quiet",
+                 "--set", "max_position_embeddings=4096"]) == 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["max_position_embeddings"] == 4096
+    assert main(["convert", str(FIXTURES / "ttt_mlp" / "streaming_params"), str(tmp_path / "a"), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "conversion_scripts" / "convert_ttt_jax.py"),
+         str(FIXTURES / "ttt_linear_base" / "streaming_train_state"), str(tmp_path / "b"), "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "b" / "model.safetensors").is_file()
