@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from ttt_hf import TTTCache, TTTConfig, TTTForCausalLM
+from ttt_hf import TTTCache, TTTConfig
 from model_testing import (
     check_cache_batch_operations,
     check_training_step_is_finite,
