@@ -8,21 +8,52 @@ rejects bf16, fp16 needs power-of-two sizes and overflows.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
 from .configuration_block_state import KERNEL_BACKENDS
+
+try:
+    from .block_state_triton import s4d_kernel_triton, s4d_step_triton
+except ImportError:  # triton is optional: the torch reference runs everywhere
+    s4d_kernel_triton = s4d_step_triton = None
+
+logger = logging.getLogger(__name__)
+
 # Upper bound on the elements of a temporary built by the reference ops (chunks are sized to fit it).
 _ELEMENT_BUDGET = 1 << 25
 
 
 def check_kernel_backend(kernel_backend: str) -> None:
-    """Fail early for a backend this build cannot run (the Triton kernels are not part of this release)."""
+    """Fail early for a backend this installation cannot run."""
     if kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
-    if kernel_backend == "triton":
-        raise NotImplementedError(
-            "kernel_backend='triton': this release has no Block-State Triton kernels yet; use 'auto' or 'torch'"
+    if kernel_backend == "triton" and s4d_kernel_triton is None:
+        raise ImportError("kernel_backend='triton' needs the triton package (pip install triton)")
+
+
+def _use_triton(kernel_backend: str, device: torch.device, supported: bool, what: str) -> bool:
+    """Triton on CUDA ("auto") or wherever it can run ("triton": CUDA, or the interpreter on CPU) when the
+    kernel supports the call; the torch reference otherwise (logged once under "triton"), never a wrong result."""
+    check_kernel_backend(kernel_backend)
+    if kernel_backend == "torch" or s4d_kernel_triton is None:
+        return False
+    if kernel_backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "kernel_backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+            "triton, or use kernel_backend='auto'"
         )
+    if kernel_backend == "triton" and not supported:
+        _log_fallback_once(what)
+    return supported and (device.type == "cuda" or kernel_backend == "triton")
+
+
+@functools.cache
+def _log_fallback_once(what: str) -> None:
+    logger.warning(f"kernel_backend='triton': no Block-State kernel for {what}; using the torch reference")
 
 
 def _chunk(total: int, per_item: int) -> int:
@@ -38,8 +69,17 @@ def s4d_discretize(
     return dt_a, torch.expm1(dt_a) / a
 
 
-def s4d_kernel(dt_a: torch.Tensor, c_db: torch.Tensor, length: int) -> torch.Tensor:
-    """`K[l] = 2 Re(sum_n (C dB)[n] exp(dt A[n] l))` for l < length: fp32 [F, D, length]. Any length works."""
+def s4d_kernel(dt_a: torch.Tensor, c_db: torch.Tensor, length: int, kernel_backend: str = "auto") -> torch.Tensor:
+    """`K[l] = 2 Re(sum_n (C dB)[n] exp(dt A[n] l))` for l < length: fp32 [F, D, length]. Any length works.
+
+    Dispatch point of the Vandermonde sum: the Triton kernel (forward and backward) or the reference below."""
+    if _use_triton(kernel_backend, dt_a.device, True, "the S4D kernel"):
+        return s4d_kernel_triton(dt_a, c_db, length)
+    return s4d_kernel_reference(dt_a, c_db, length)
+
+
+def s4d_kernel_reference(dt_a: torch.Tensor, c_db: torch.Tensor, length: int) -> torch.Tensor:
+    """The torch definition of `s4d_kernel`: dt_a, c_db complex64 [F, D, n]."""
     filters, features, modes = dt_a.shape
     kernel = torch.zeros(filters, features, length, device=dt_a.device)
     lags = torch.arange(length, device=dt_a.device, dtype=torch.float32)
@@ -156,3 +196,30 @@ def s4d_step(
     new_x = torch.exp(dt_a) * x + db * u.float()[:, None, :, None]
     new_x = torch.where(active[:, None, None, None], new_x, x)
     return 2 * (c * new_x).real.sum(-1), new_x
+
+
+def s4d_decode_step(
+    u: torch.Tensor, x: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, log_dt: torch.Tensor,
+    c: torch.Tensor, skip: torch.Tensor, active: torch.Tensor, kernel_backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step from the raw S4D parameters: discretization, `s4d_step` and the skip term.
+
+    u: [B, D] fp32; x: [B, F, D, n] complex64; log_a_real, a_imag: [F, D, n]; c: [F, D, n, 2] (real pairs);
+    log_dt, skip: [F, D]; active: [B] bool. Returns y [B, F, D] fp32 and the new state. Dispatch point: the
+    fused Triton step (one launch instead of a dozen small ops per layer) when no gradient is needed."""
+    modes = x.shape[-1]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, x, log_a_real, a_imag, log_dt, c, skip))
+    supported = not needs_grad and modes & (modes - 1) == 0
+    if _use_triton(kernel_backend, x.device, supported, "decoding with gradients or N/2 not a power of two"):
+        return s4d_step_triton(u, x, log_a_real, a_imag, log_dt, c, skip, active)
+    return s4d_decode_step_reference(u, x, log_a_real, a_imag, log_dt, c, skip, active)
+
+
+def s4d_decode_step_reference(
+    u: torch.Tensor, x: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, log_dt: torch.Tensor,
+    c: torch.Tensor, skip: torch.Tensor, active: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch definition of `s4d_decode_step`."""
+    dt_a, db = s4d_discretize(log_a_real, a_imag, log_dt)
+    y, new_x = s4d_step(u, x, dt_a, db, torch.view_as_complex(c.float().contiguous()), active)
+    return y + skip.float() * u.float()[:, None], new_x
