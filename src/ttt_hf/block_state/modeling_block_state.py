@@ -30,11 +30,11 @@ from .ssm_ops import (
     check_kernel_backend,
     fft_causal_conv,
     s4d_block_end_states,
+    s4d_decode_step,
     s4d_discretize,
     s4d_final_state,
     s4d_kernel,
     s4d_state_output,
-    s4d_step,
 )
 
 
@@ -48,7 +48,8 @@ class BlockLayout:
     new tokens are aligned to the right end (zeros before them), as the SSM's final state wants them.
     Shared by every layer: own_mask [B, 1, M, W, W] (causal inside the block, over slots holding a token;
     the diagonal always, so padded queries attend to something); prev_mask [B, 1, M, W] (keys of the
-    previous block: it exists from a row's second block on); decoding: one new token per row.
+    previous block: it exists from a row's second block on); decoding: one new token per row; dense: every
+    slot holds a key (no padding), so own_mask is plain causal.
     """
 
     start: torch.Tensor
@@ -60,6 +61,7 @@ class BlockLayout:
     own_mask: torch.Tensor
     prev_mask: torch.Tensor
     decoding: bool
+    dense: bool
     block_size: int
 
     @property
@@ -125,27 +127,31 @@ class BlockStateS4D(nn.Module):
         self.c = nn.Parameter(torch.empty(*shape, modes, 2))
         self.log_dt = nn.Parameter(torch.empty(*shape))
         self.skip = nn.Parameter(torch.empty(*shape))
+        self.kernel_backend = config.kernel_backend
 
     def _discretized(self):
         dt_a, db = s4d_discretize(self.log_a_real, self.a_imag, self.log_dt)
         return dt_a, db, torch.view_as_complex(self.c.float().contiguous())
 
-    def _step(self, u, layout, cache, x0, dt_a, db, c) -> torch.Tensor:
+    def _step(self, u, layout, cache, x0) -> torch.Tensor:
         """Decoding: the recurrence advances each row by its one token (at slot `offset`). Returns the
         token's outputs [B, 1, F, D], skip term included."""
         token = torch.gather(u, 1, layout.offset[:, None, None].expand(-1, 1, u.shape[-1]))  # [B, 1, D]
-        y, cache.tensors["ssm_state"] = s4d_step(token[:, 0], x0, dt_a, db, c, layout.length > 0)
-        return y[:, None] + self.skip.float() * token[:, :, None]
+        y, cache.tensors["ssm_state"] = s4d_decode_step(
+            token[:, 0], x0, self.log_a_real, self.a_imag, self.log_dt, self.c, self.skip, layout.length > 0,
+            self.kernel_backend,
+        )
+        return y[:, None]
 
     def outputs(self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None) -> torch.Tensor:
         """Outputs at every slot: [B, S, F, D] fp32 (SH/MH). u: [B, S, D] fp32, zeros outside `layout.valid`."""
-        dt_a, db, c = self._discretized()
         x0 = cache.get("ssm_state") if cache is not None else None
         if x0 is not None and layout.decoding:
-            y = self._step(u, layout, cache, x0, dt_a, db, c)
+            y = self._step(u, layout, cache, x0)
             index = layout.offset[:, None, None, None].expand(-1, 1, *y.shape[2:])
             return torch.zeros(*u.shape[:2], *y.shape[2:], device=u.device).scatter(1, index, y)
-        y = fft_causal_conv(u, s4d_kernel(dt_a, c * db, u.shape[1]))
+        dt_a, db, c = self._discretized()
+        y = fft_causal_conv(u, s4d_kernel(dt_a, c * db, u.shape[1], self.kernel_backend))
         if x0 is not None:
             steps = torch.arange(u.shape[1], device=u.device)[None] - layout.offset[:, None] + 1
             y = y + s4d_state_output(x0, dt_a, c, steps.clamp(min=0))
@@ -157,11 +163,11 @@ class BlockStateS4D(nn.Module):
         self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None
     ) -> torch.Tensor:
         """Outputs at the last slot of every block: [B, M, F, D] (MF). Never builds all slots' outputs."""
-        dt_a, db, c = self._discretized()
         x0 = cache.get("ssm_state") if cache is not None else None
         if x0 is not None and layout.decoding:
             # Only read when the token closes its block (slot W-1, the single block of a decoding call).
-            return self._step(u, layout, cache, x0, dt_a, db, c)
+            return self._step(u, layout, cache, x0)
+        dt_a, db, c = self._discretized()
         width = layout.block_size
         if x0 is None:
             x0 = torch.zeros(u.shape[0], *dt_a.shape, dtype=torch.complex64, device=u.device)
@@ -266,9 +272,21 @@ def _previous_blocks(blocks: torch.Tensor, cached: torch.Tensor | None) -> torch
     return torch.cat([first, blocks[:, :, :-1]], dim=2)
 
 
-def _attend(query, key, value, mask):
-    """SDPA over leading batch dims (blocks included). mask: bool, True = may attend."""
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+def _attend_in_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Causal attention inside each block of W slots: [B, h, S, hd] -> [B, h, S, hd].
+
+    When every slot holds a key (training, unpadded prefills) the mask is plain causal: blocks become batch
+    entries of one `is_causal` call, which SDPA can run with its flash kernel. Otherwise the slot mask applies.
+    """
+    batch, heads, slots, dim = query.shape
+    width = layout.block_size
+    if layout.dense:
+        blocks = [x.reshape(batch, heads * (slots // width), width, x.shape[-1]) for x in (query, key, value)]
+        out = F.scaled_dot_product_attention(*blocks, is_causal=True)
+    else:
+        blocks = [x.reshape(batch, heads, slots // width, width, x.shape[-1]) for x in (query, key, value)]
+        out = F.scaled_dot_product_attention(*blocks, attn_mask=layout.own_mask)
+    return out.reshape(batch, heads, slots, -1)
 
 
 class BlockStateAttention(nn.Module):
@@ -332,57 +350,77 @@ class BlockStateAttention(nn.Module):
         self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None = None
     ) -> torch.Tensor:
         batch, slots, _ = hidden_states.shape
-        width = self.block_size
-
         query = apply_rope(self._heads(self.q_proj(hidden_states)), layout.position, self.config.rope_theta)
         key = apply_rope(self._heads(self.k_proj(hidden_states)), layout.position, self.config.rope_theta)
         value = self._heads(self.v_proj(hidden_states))
         key = self._fill_from_cache(key, cache.get("self_k") if cache else None, layout)
         value = self._fill_from_cache(value, cache.get("self_v") if cache else None, layout)
-
-        key_b, value_b = self._blocks(key), self._blocks(value)
-        mask = layout.own_mask
-        if self.config.attend_previous_block:
-            prev_k = _previous_blocks(key_b, cache.get("prev_k") if cache else None)
-            prev_v = _previous_blocks(value_b, cache.get("prev_v") if cache else None)
-            prev_mask = layout.prev_mask[:, :, :, None, :].expand(-1, -1, -1, width, -1)
-            mask = torch.cat([prev_mask, layout.own_mask], dim=-1)
-            key_b, value_b = torch.cat([prev_k, key_b], dim=3), torch.cat([prev_v, value_b], dim=3)
-        attended = _attend(self._blocks(query), key_b, value_b, mask).reshape(batch, self.num_heads, slots, -1)
+        previous = None
+        if self.config.attend_previous_block:  # read before the cache moves on
+            previous = (
+                _previous_blocks(self._blocks(key), cache.get("prev_k") if cache else None),
+                _previous_blocks(self._blocks(value), cache.get("prev_v") if cache else None),
+            )
         if cache is not None:
-            self._store_block(cache, "self_k", key, layout, "prev_k" if self.config.attend_previous_block else None)
-            self._store_block(cache, "self_v", value, layout, "prev_v" if self.config.attend_previous_block else None)
+            self._store_block(cache, "self_k", key, layout, "prev_k" if previous else None)
+            self._store_block(cache, "self_v", value, layout, "prev_v" if previous else None)
 
-        if self.has_ssm:
-            cross = self._cross_attention(hidden_states, layout, cache)
-            attended = torch.cat([attended, cross], dim=1)
+        if self.has_ssm and self.context_mode != "mf" and previous is None:
+            # SH/MH cross-attention has the self-attention's shape and mask: one call over 2H heads.
+            cross = self._context_heads(hidden_states, layout, cache)
+            attended = _attend_in_blocks(*(torch.cat(pair, dim=1) for pair in zip((query, key, value), cross)), layout)
+        else:
+            attended = self._self_attention(query, key, value, previous, layout)
+            if self.has_ssm and self.context_mode == "mf":
+                attended = torch.cat([attended, self._mf_cross_attention(hidden_states, layout, cache)], dim=1)
+            elif self.has_ssm:
+                cross = self._context_heads(hidden_states, layout, cache)
+                attended = torch.cat([attended, _attend_in_blocks(*cross, layout)], dim=1)
         return self.o_proj(attended.transpose(1, 2).reshape(batch, slots, -1))
 
-    def _cross_attention(self, hidden_states, layout, cache):
-        batch, slots, _ = hidden_states.shape
-        u = (hidden_states.float() * layout.valid[..., None]).contiguous()
-        query = self._blocks(self._heads(self.cross_q_proj(hidden_states)))
+    def _self_attention(self, query, key, value, previous, layout):
+        """[B, H, S, hd]; `previous`: the previous blocks' keys and values [B, H, M, W, hd], or None."""
+        if previous is None:
+            return _attend_in_blocks(query, key, value, layout)
+        width = self.block_size
+        prev_mask = layout.prev_mask[:, :, :, None, :].expand(-1, -1, -1, width, -1)
+        mask = torch.cat([prev_mask, layout.own_mask], dim=-1)
+        key_b = torch.cat([previous[0], self._blocks(key)], dim=3)
+        value_b = torch.cat([previous[1], self._blocks(value)], dim=3)
+        out = F.scaled_dot_product_attention(self._blocks(query), key_b, value_b, attn_mask=mask)
+        return out.reshape(query.shape)
+
+    @staticmethod
+    def _ssm_input(hidden_states, layout):
+        """The SSM input: fp32, zero outside the new tokens."""
+        return (hidden_states.float() * layout.valid[..., None]).contiguous()
+
+    def _context_heads(self, hidden_states, layout, cache):
+        """SH/MH cross-attention queries and context keys/values, [B, H, S, hd] each (block 0's cached slots filled)."""
+        query = self._heads(self.cross_q_proj(hidden_states))
+        u = self._ssm_input(hidden_states, layout)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            if self.context_mode == "mf":
-                ssm_out = self.ssm.block_end_outputs(u, layout, cache)  # [B, M, S, D]: block ends only
-            else:
-                ssm_out = self.ssm.outputs(u, layout, cache)  # [B, S, F, D]
-        if self.context_mode == "mf":
-            key, value = self._mf_context(ssm_out.to(hidden_states.dtype), layout, cache)
-            out = _attend(query, key, value, None)
+            context = self.ssm.outputs(u, layout, cache).to(hidden_states.dtype)  # [B, S, F, D]
+        if self.context_mode == "mh":
+            key, value = self.cross_k_proj(context), self.cross_v_proj(context)
         else:
-            context = ssm_out.to(hidden_states.dtype)
-            if self.context_mode == "mh":
-                key, value = self.cross_k_proj(context), self.cross_v_proj(context)
-            else:
-                key, value = self._heads(self.cross_k_proj(context[:, :, 0])), self._heads(self.cross_v_proj(context[:, :, 0]))
-            key = self._fill_from_cache(key, cache.get("cross_k") if cache else None, layout)
-            value = self._fill_from_cache(value, cache.get("cross_v") if cache else None, layout)
-            out = _attend(query, self._blocks(key), self._blocks(value), layout.own_mask)
-            if cache is not None:
-                self._store_block(cache, "cross_k", key, layout)
-                self._store_block(cache, "cross_v", value, layout)
-        return out.reshape(batch, self.num_heads, slots, -1)
+            key, value = self._heads(self.cross_k_proj(context[:, :, 0])), self._heads(self.cross_v_proj(context[:, :, 0]))
+        key = self._fill_from_cache(key, cache.get("cross_k") if cache else None, layout)
+        value = self._fill_from_cache(value, cache.get("cross_v") if cache else None, layout)
+        if cache is not None:
+            self._store_block(cache, "cross_k", key, layout)
+            self._store_block(cache, "cross_v", value, layout)
+        return query, key, value
+
+    def _mf_cross_attention(self, hidden_states, layout, cache):
+        """MF: every query of block i attends to block i's S context states (no mask). [B, H, S, hd]."""
+        batch, slots, _ = hidden_states.shape
+        query = self._blocks(self._heads(self.cross_q_proj(hidden_states)))
+        u = self._ssm_input(hidden_states, layout)
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            ends = self.ssm.block_end_outputs(u, layout, cache)  # [B, M, S, D]: block ends only
+        key, value = self._mf_context(ends.to(hidden_states.dtype), layout, cache)
+        return F.scaled_dot_product_attention(query, key, value).reshape(batch, self.num_heads, slots, -1)
 
     def _mf_context(self, ends, layout, cache):
         """Context keys/values of every block [B, H, M, S, hd]: block i uses the filter outputs at the end of
@@ -604,7 +642,7 @@ class BlockStateModel(BlockStatePreTrainedModel):
         layout = BlockLayout(
             start=start, length=length, offset=offset, valid=valid,
             position=(start - offset)[:, None] + slot, right_order=order, own_mask=own_mask, prev_mask=prev_mask,
-            decoding=bool((length <= 1).all()), block_size=width,
+            decoding=bool((length <= 1).all()), dense=bool(key_valid.all()), block_size=width,
         )
         return layout, slot_of_token
 
