@@ -6,6 +6,7 @@ import torch
 
 from ttt_hf.ttt import ttt_ops
 from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
+from ttt_hf.ttt.ttt_triton import ttt_linear_chunk_triton
 from ttt_testing import random_ids, tiny_model
 
 pytest.importorskip("triton")
@@ -29,22 +30,54 @@ def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4):
+def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4, checkpoint_group=0,
+                backward=True):
+    """Output, final state and accumulator, and the gradient of every input (for random cotangents of all
+    four results) against the torch reference."""
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(batch, heads, seq_len, head_dim, dtype)
+    inputs = [q, k, v, lr, tau, ln_w, ln_b, *state, *acc]
+    for x in inputs:
+        x.requires_grad_(backward)
     start, length = torch.tensor(start, device=DEVICE), torch.tensor(length, device=DEVICE)
     args = (state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
-    reference = ttt_chunk_torch(*args)  # the reference upcasts half-precision inputs to fp32 itself
-    out, new_state, new_acc = ttt_chunk(*args, kernel_backend="triton")
-    for r, n in enumerate(length.tolist()):  # padded slots of the output are undefined
-        assert rel_err(out[r, :, :n], reference[0][r, :, :n]) <= tol
-    for got, want in zip([*new_state, *new_acc], [*reference[1], *reference[2]]):
-        assert rel_err(got, want) <= tol
+    real = (torch.arange(seq_len, device=DEVICE)[None, :] < length[:, None])[:, None, :, None]  # padded slots: undefined
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    cotangents = None
+    results = {}
+    for backend in ("torch", "triton"):  # the reference upcasts half-precision inputs to fp32 itself
+        out, new_state, new_acc = ttt_chunk(*args, checkpoint_group=checkpoint_group, kernel_backend=backend)
+        outputs = [out * real, *new_state, *new_acc]
+        if cotangents is None:
+            cotangents = [torch.randn(x.shape, generator=g, device=DEVICE) for x in outputs]
+        grads = torch.autograd.grad(outputs, inputs, cotangents) if backward else ()
+        results[backend] = [x.detach() for x in outputs] + list(grads)
+    names = ["out", "W", "c", "acc_W", "acc_c"] + [f"d_{n}" for n in ("q k v lr tau ln_w ln_b W c acc_W acc_c".split())]
+    errors = {n: rel_err(a, b) for n, a, b in zip(names, results["triton"], results["torch"])}
+    assert max(errors.values()) <= tol, errors
 
 
-@pytest.mark.parametrize("head_dim", [16, 24])
-def test_chunk_kernel_matches_reference_with_offsets_and_partial_mini_batches(head_dim):
-    # row 0 starts mid mini-batch and ends mid one (keeps its accumulator); row 1 is right-padded
-    check_chunk(2, 2, 40, head_dim, start=[5, 32], length=[40, 27])
+@pytest.mark.parametrize("head_dim, checkpoint_group", [(16, 2), (24, 1)])
+def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_mini_batches(head_dim, checkpoint_group):
+    # row 0 starts mid mini-batch and ends mid one (keeps its accumulator); row 1 is right-padded; head_dim 24
+    # is padded to 32 inside the kernel; groups of 2 leave a last group of 1 (3 mini-batches).
+    check_chunk(2, 2, 40, head_dim, start=[5, 32], length=[40, 27], checkpoint_group=checkpoint_group)
+
+
+def test_chunk_gradients_when_only_the_output_is_used():
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 2, 20, 16)
+    span = torch.tensor([3], device=DEVICE)
+    inputs = [q, k, v, lr, tau, ln_w, ln_b]
+    for x in inputs:
+        x.requires_grad_()
+    grads = {}
+    for backend in ("torch", "triton"):
+        out, _, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, span, torch.tensor([17], device=DEVICE),
+                              kernel_backend=backend)
+        grads[backend] = torch.autograd.grad(out[:, :, :17].square().sum(), inputs)
+    for got, want in zip(grads["triton"], grads["torch"]):
+        assert rel_err(got, want) <= 1e-4
+    with pytest.raises(ValueError, match="checkpoint_group must be >= 1"):
+        ttt_linear_chunk_triton(state, acc, q, k, v, lr, tau, ln_w, ln_b, span, 1e-6, checkpoint_group=0)
 
 
 def test_step_kernel_matches_reference_across_a_commit():
@@ -84,7 +117,11 @@ def test_dispatch_rules(monkeypatch):
     assert ttt_ops._use_kernel("triton", state, q)
     assert not ttt_ops._use_kernel("triton", state + state, q)  # TTT-MLP: reference
     assert not ttt_ops._use_kernel("triton", state, q.double())
-    assert not ttt_ops._use_kernel("triton", state, q.requires_grad_())  # gradients: reference
+    assert ttt_ops._use_kernel("triton", state, q.requires_grad_())  # the chunk kernel has a backward
+    step_args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long),
+                 torch.ones(1, dtype=torch.bool))
+    out, _, _ = ttt_step(state, acc, *step_args, kernel_backend="triton")  # the step kernel has none: reference
+    assert out.grad_fn is not None
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ttt_ops._use_kernel("triton", state, q.detach())
@@ -93,17 +130,23 @@ def test_dispatch_rules(monkeypatch):
         ttt_ops.check_kernel_backend("triton")
 
 
-def test_model_with_triton_backend_matches_torch_backend():
+def test_model_with_triton_backend_matches_torch_backend():  # logits, greedy decoding and every gradient
     ids = random_ids(2, 37, vocab=96, seed=3)
-    models = {b: tiny_model("linear", hidden_size=64, mini_batch_size=MB, kernel_backend=b) for b in ("torch", "triton")}
+    models = {
+        b: tiny_model("linear", hidden_size=64, mini_batch_size=MB, scan_checkpoint_group_size=2, kernel_backend=b)
+        for b in ("torch", "triton")
+    }
     with torch.no_grad():
         full = {b: m(ids).logits for b, m in models.items()}
         assert rel_err(full["triton"], full["torch"]) <= 1e-4
         generated = {b: m.generate(ids[:, :20], max_new_tokens=20, do_sample=False) for b, m in models.items()}
     assert torch.equal(generated["triton"], generated["torch"])
-    loss = models["triton"].train()(ids, labels=ids).loss  # training falls back to the reference
-    loss.backward()
-    assert models["triton"].model.layers[0].ttt.q_proj.weight.grad is not None
+    for model in models.values():
+        model.train()(ids, labels=ids).loss.backward()
+    grads = {b: {n: p.grad for n, p in m.named_parameters()} for b, m in models.items()}
+    assert grads["torch"].keys() == grads["triton"].keys()
+    for name, want in grads["torch"].items():
+        assert rel_err(grads["triton"][name], want) <= 1e-4, name
 
 
 @pytest.mark.gpu

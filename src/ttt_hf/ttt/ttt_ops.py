@@ -29,6 +29,9 @@ except ImportError:  # triton is optional: the torch reference runs everywhere
 logger = logging.getLogger(__name__)
 
 TTT_LN_EPS = 1e-6
+# The kernel's backward recomputes groups of this many mini-batches unless the config asks for another size:
+# the saved states then cost 1/16 of the activations' memory at f=64.
+KERNEL_CHECKPOINT_GROUP = 16
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +47,8 @@ def check_kernel_backend(kernel_backend: str) -> None:
         raise ImportError("kernel_backend='triton' needs the triton package (pip install triton)")
 
 
-def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs this call. Kernels exist for TTT-Linear inference (no gradient) with
+def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs this call. Kernels exist for TTT-Linear (forward and backward) with
     fp32/bf16/fp16 inputs and head_dim 16..128; elsewhere the torch reference runs, also under
     kernel_backend="triton" (logged once), so a result is never wrong, only slower."""
     check_kernel_backend(kernel_backend)
@@ -57,15 +60,9 @@ def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor,
             "kernel_backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
             "triton, or use kernel_backend='auto'"
         )
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*state, q, *tensors))
-    supported = (
-        len(state) == 2
-        and not needs_grad
-        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and 16 <= q.shape[-1] <= 128
-    )
+    supported = len(state) == 2 and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= q.shape[-1] <= 128
     if kernel_backend == "triton" and not supported:
-        _log_fallback_once("TTT-MLP, gradients, fp64 inputs or head_dim outside 16..128")
+        _log_fallback_once("TTT-MLP, fp64 inputs or head_dim outside 16..128")
     return supported and (q.is_cuda or kernel_backend == "triton")
 
 
@@ -308,15 +305,19 @@ def ttt_chunk(
     checkpoint_group: int = 0,
     kernel_backend: str = "auto",
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`."""
-    if not _use_kernel(kernel_backend, state, q, k, v, lr, tau, ln_weight, ln_bias):
+    """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`. The kernel's
+    backward always recomputes: `checkpoint_group` mini-batches per group (0: `KERNEL_CHECKPOINT_GROUP`)."""
+    if not _use_kernel(kernel_backend, state, q):
         return ttt_chunk_torch(
             state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group
         )
     layout = SlotLayout(start, length, tau.shape[0], q.shape[2])
     q_s, k_s, v_s = (layout.to_slots(x) for x in (q, k, v))
     lr_s = layout.to_slots(lr.float()[..., None])[..., 0]
-    out, state, acc = ttt_linear_chunk_triton(state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS)
+    out, state, acc = ttt_linear_chunk_triton(
+        state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS,
+        checkpoint_group=checkpoint_group or KERNEL_CHECKPOINT_GROUP,
+    )
     return layout.from_slots(out), state, acc
 
 
@@ -336,7 +337,11 @@ def ttt_step(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Dispatch point of the one-token decoding step; see `ttt_step_torch`. The kernel updates the state in
     place when the cache owns it (contiguous fp32 tensors, not the broadcast initial parameters)."""
-    if not _use_kernel(kernel_backend, state, q, k, v, lr, tau, ln_weight, ln_bias):
+    # The step kernel has no backward: a step that needs gradients (rare: decoding is inference) runs in torch.
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
+    )
+    if needs_grad or not _use_kernel(kernel_backend, state, q):
         return ttt_step_torch(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active)
     owned = all(t.dtype == torch.float32 and t.is_contiguous() and t.stride(0) != 0 for t in (*state, *acc))
     return ttt_linear_step_triton(
