@@ -110,6 +110,27 @@ def test_steps_equal_one_chunk():
         assert rel_err(got, want) <= 1e-4
 
 
+def test_chunk_backward_saves_a_state_per_group_not_per_mini_batch():
+    # The kernel keeps its inputs and the state every 16 mini-batches; the reference (without recomputation)
+    # keeps per mini-batch activations, several [f, f] tensors each. Counted as the bytes saved for backward.
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 64 * MB, 16)
+    for x in (q, k, v, lr, *state):
+        x.requires_grad_()
+    zero, length = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 64 * MB, device=DEVICE)
+    saved = {}
+    for backend in ("torch", "triton"):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, zero, length, kernel_backend=backend)
+        saved[backend] = sum(storages.values()) / q.nbytes
+    assert saved["triton"] <= 5 < saved["torch"], saved
+
+
 def test_dispatch_rules(monkeypatch):
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 16, 16, device="cpu")
     assert not ttt_ops._use_kernel("auto", state, q)  # CPU: the reference
@@ -153,7 +174,8 @@ def test_model_with_triton_backend_matches_torch_backend():  # logits, greedy de
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_kernels_at_real_sizes(head_dim, dtype, tol, no_tf32):
-    check_chunk(4, 8, 2048 + 5, head_dim, start=[0, 7, 16, 3], length=[2053, 2000, 1500, 2053], dtype=dtype, tol=tol)
+    check_chunk(4, 8, 2048 + 5, head_dim, start=[0, 7, 16, 3], length=[2053, 2000, 1500, 2053], dtype=dtype, tol=tol,
+                checkpoint_group=5)
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(16, 12, 1, head_dim, dtype)
     position = torch.arange(16, device=DEVICE) * 5
     active = torch.ones(16, dtype=torch.bool, device=DEVICE)

@@ -431,7 +431,8 @@ class TTTLinearChunk(torch.autograd.Function):
             q, k, v, lr, tau, ln_weight, ln_bias, span, *checkpoints, *scratch, d_out, *d_state,
             d_q, d_k, d_v, d_lr, d_tau, *d_ln,
             heads, num_mb, group, checkpoints[0].shape[1], ctx.eps,
-            F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q), num_warps=4,
+            F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q),
+            num_warps=4 if head_dim <= 64 else 8,  # about six live [F, F] fp32 tiles: spread them over more threads
         )
         d_ln_w, d_ln_b = (d.view(batch, heads, head_dim).sum(0).view_as(ln_weight) for d in d_ln)
         return (d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), d_lr, d_tau.sum(0), d_ln_w, d_ln_b, None,
