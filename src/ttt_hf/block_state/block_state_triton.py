@@ -20,6 +20,19 @@ _BLOCK_L = 128
 _BWD_SPLIT = 4096
 
 
+# 2 pi = _TWO_PI_HI + _TWO_PI_LO, with _TWO_PI_HI = 201/32 short enough that k * _TWO_PI_HI is exact in fp32.
+_TWO_PI_HI = tl.constexpr(6.28125)
+_TWO_PI_LO = tl.constexpr(0.0019353071795864769)
+
+
+@triton.jit
+def _wrap_angle(angle):
+    """angle - 2 pi k in [-pi, pi] (Cody-Waite): at 64k lags the angles reach 1e5 rad, beyond the range
+    where hardware sin/cos approximations are accurate."""
+    k = tl.floor(angle * 0.15915494309189535 + 0.5)
+    return (angle - k * _TWO_PI_HI) - k * _TWO_PI_LO
+
+
 @triton.jit
 def _s4d_kernel_fwd(
     ar_ptr, ai_ptr, wr_ptr, wi_ptr, k_ptr, channels, length,
@@ -35,7 +48,7 @@ def _s4d_kernel_fwd(
         ai = tl.load(ai_ptr + rc * MODES + n, mask=mc, other=0.0)[:, None]
         wr = tl.load(wr_ptr + rc * MODES + n, mask=mc, other=0.0)[:, None]
         wi = tl.load(wi_ptr + rc * MODES + n, mask=mc, other=0.0)[:, None]
-        angle = ai * lag
+        angle = _wrap_angle(ai * lag)
         acc += tl.exp(ar * lag) * (wr * tl.cos(angle) - wi * tl.sin(angle))
     offsets = rc.to(tl.int64)[:, None] * length + rl[None, :]
     tl.store(k_ptr + offsets, 2 * acc, mask=mc[:, None] & (rl < length)[None, :])
@@ -64,7 +77,7 @@ def _s4d_kernel_bwd(
         mask = mc[:, None] & (rl < length)[None, :]
         grad = tl.load(grad_ptr + rc.to(tl.int64)[:, None] * length + rl[None, :], mask=mask, other=0.0)
         lag = rl.to(tl.float32)[None, :]
-        angle = ai * lag
+        angle = _wrap_angle(ai * lag)
         scaled = 2 * grad * tl.exp(ar * lag)
         g_cos = scaled * tl.cos(angle)  # dL/dWr
         g_sin = scaled * tl.sin(angle)  # -dL/dWi

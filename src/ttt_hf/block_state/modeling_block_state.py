@@ -48,8 +48,7 @@ class BlockLayout:
     new tokens are aligned to the right end (zeros before them), as the SSM's final state wants them.
     Shared by every layer: own_mask [B, 1, M, W, W] (causal inside the block, over slots holding a token;
     the diagonal always, so padded queries attend to something); prev_mask [B, 1, M, W] (keys of the
-    previous block: it exists from a row's second block on); decoding: one new token per row; dense: every
-    slot holds a key (no padding), so own_mask is plain causal.
+    previous block: it exists from a row's second block on); decoding: one new token per row.
     """
 
     start: torch.Tensor
@@ -61,7 +60,6 @@ class BlockLayout:
     own_mask: torch.Tensor
     prev_mask: torch.Tensor
     decoding: bool
-    dense: bool
     block_size: int
 
     @property
@@ -272,21 +270,17 @@ def _previous_blocks(blocks: torch.Tensor, cached: torch.Tensor | None) -> torch
     return torch.cat([first, blocks[:, :, :-1]], dim=2)
 
 
-def _attend_in_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """Causal attention inside each block of W slots: [B, h, S, hd] -> [B, h, S, hd].
+def _attend_in_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Causal attention inside each block of W slots, the blocks as batch entries of one `is_causal` call
+    (which SDPA can run with its flash kernel): [B, h, S, hd] -> [B, h, S, hd].
 
-    When every slot holds a key (training, unpadded prefills) the mask is plain causal: blocks become batch
-    entries of one `is_causal` call, which SDPA can run with its flash kernel. Otherwise the slot mask applies.
+    The plain causal mask is exact for every slot holding a new token: a row's slots are its cached keys,
+    then its new tokens, then padding, so the keys at or before a token are all real. It differs from
+    `own_mask` only at padded queries, whose outputs are never read.
     """
-    batch, heads, slots, dim = query.shape
-    width = layout.block_size
-    if layout.dense:
-        blocks = [x.reshape(batch, heads * (slots // width), width, x.shape[-1]) for x in (query, key, value)]
-        out = F.scaled_dot_product_attention(*blocks, is_causal=True)
-    else:
-        blocks = [x.reshape(batch, heads, slots // width, width, x.shape[-1]) for x in (query, key, value)]
-        out = F.scaled_dot_product_attention(*blocks, attn_mask=layout.own_mask)
-    return out.reshape(batch, heads, slots, -1)
+    batch, heads, slots, _ = query.shape
+    blocks = [x.reshape(batch, heads * (slots // block_size), block_size, x.shape[-1]) for x in (query, key, value)]
+    return F.scaled_dot_product_attention(*blocks, is_causal=True).reshape(batch, heads, slots, -1)
 
 
 class BlockStateAttention(nn.Module):
@@ -368,20 +362,21 @@ class BlockStateAttention(nn.Module):
         if self.has_ssm and self.context_mode != "mf" and previous is None:
             # SH/MH cross-attention has the self-attention's shape and mask: one call over 2H heads.
             cross = self._context_heads(hidden_states, layout, cache)
-            attended = _attend_in_blocks(*(torch.cat(pair, dim=1) for pair in zip((query, key, value), cross)), layout)
+            fused = (torch.cat(pair, dim=1) for pair in zip((query, key, value), cross))
+            attended = _attend_in_blocks(*fused, self.block_size)
         else:
             attended = self._self_attention(query, key, value, previous, layout)
             if self.has_ssm and self.context_mode == "mf":
                 attended = torch.cat([attended, self._mf_cross_attention(hidden_states, layout, cache)], dim=1)
             elif self.has_ssm:
                 cross = self._context_heads(hidden_states, layout, cache)
-                attended = torch.cat([attended, _attend_in_blocks(*cross, layout)], dim=1)
+                attended = torch.cat([attended, _attend_in_blocks(*cross, self.block_size)], dim=1)
         return self.o_proj(attended.transpose(1, 2).reshape(batch, slots, -1))
 
     def _self_attention(self, query, key, value, previous, layout):
         """[B, H, S, hd]; `previous`: the previous blocks' keys and values [B, H, M, W, hd], or None."""
         if previous is None:
-            return _attend_in_blocks(query, key, value, layout)
+            return _attend_in_blocks(query, key, value, self.block_size)
         width = self.block_size
         prev_mask = layout.prev_mask[:, :, :, None, :].expand(-1, -1, -1, width, -1)
         mask = torch.cat([prev_mask, layout.own_mask], dim=-1)
@@ -642,7 +637,7 @@ class BlockStateModel(BlockStatePreTrainedModel):
         layout = BlockLayout(
             start=start, length=length, offset=offset, valid=valid,
             position=(start - offset)[:, None] + slot, right_order=order, own_mask=own_mask, prev_mask=prev_mask,
-            decoding=bool((length <= 1).all()), dense=bool(key_valid.all()), block_size=width,
+            decoding=bool((length <= 1).all()), block_size=width,
         )
         return layout, slot_of_token
 
