@@ -111,12 +111,13 @@ def test_steps_equal_one_chunk():
 
 
 def test_chunk_backward_saves_a_state_per_group_not_per_mini_batch():
-    # The kernel keeps its inputs and the state every 16 mini-batches; the reference (without recomputation)
-    # keeps per mini-batch activations, several [f, f] tensors each. Counted as the bytes saved for backward.
-    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 64 * MB, 16)
+    # Counted as the bytes saved for backward, in copies of q: the kernel path keeps the inputs, their slot
+    # copies, the slot output and the state every 16 mini-batches; the reference (without recomputation) keeps
+    # activations of every mini-batch, several [f, f] tensors each.
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 32 * MB, 32)
     for x in (q, k, v, lr, *state):
         x.requires_grad_()
-    zero, length = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 64 * MB, device=DEVICE)
+    zero, length = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32 * MB, device=DEVICE)
     saved = {}
     for backend in ("torch", "triton"):
         storages = {}
@@ -128,7 +129,7 @@ def test_chunk_backward_saves_a_state_per_group_not_per_mini_batch():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, zero, length, kernel_backend=backend)
         saved[backend] = sum(storages.values()) / q.nbytes
-    assert saved["triton"] <= 5 < saved["torch"], saved
+    assert saved["triton"] <= 8 and saved["torch"] > 2 * saved["triton"], saved
 
 
 def test_dispatch_rules(monkeypatch):
