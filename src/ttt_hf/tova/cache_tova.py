@@ -14,32 +14,81 @@ order-preserving compaction), so the padding mask keeps lining up.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .tova_attention import install_attention_hooks, last_query_scores, set_pending
+from .tova_attention import install_attention_hooks, last_mask_row, last_query_scores, set_pending
+
+try:
+    from .tova_triton import tova_evict_one_triton
+except ImportError:  # triton is optional: the torch path runs everywhere
+    tova_evict_one_triton = None
+
+logger = logging.getLogger(__name__)
 
 POLICIES = ("tova", "window")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
 class TOVALayer(DynamicLayer):
-    """One layer's keys/values `[B, H_kv, n, d]` plus `positions` `[B, n]`: the input column of each slot."""
+    """One layer's keys/values `[B, H_kv, n, d]` plus `positions` `[B, n]`: the input column of each slot.
+
+    They are views of the first n slots of buffers with room for more (up to `reserve` slots: the budget plus
+    the next token), so a decode step writes its token in place instead of re-allocating the cache, and the
+    Triton eviction shifts in place.
+    """
 
     is_croppable = False
     is_compileable = False
 
-    def __init__(self) -> None:
+    def __init__(self, reserve: int = 0) -> None:
         super().__init__()
         self.seen = 0
+        self.reserve = reserve
         self.positions: torch.Tensor | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states)
-        batch, new = key_states.shape[0], key_states.shape[-2]
-        columns = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, new)
-        self.positions = columns if self.positions is None else torch.cat([self.positions, columns], dim=-1)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, new = self.physical_length, key_states.shape[-2]
+        grad = torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad)
+        if self._buffers is None or held + new > self._buffers[2].shape[-1] or grad:  # autograd: never in place
+            buffers = self._new_buffers(key_states, value_states, held + new)
+            if held:
+                for buffer, tensor in zip(buffers, (self.keys, self.values, self.positions)):
+                    _slots(buffer, 0, held).copy_(tensor)
+            self._hold(buffers, held)
+        keys, values, positions = self._buffers
+        _slots(keys, held, new).copy_(key_states)
+        _slots(values, held, new).copy_(value_states)
+        _slots(positions, held, new).copy_(torch.arange(self.seen, self.seen + new, device=positions.device))
         self.seen += new
-        return keys, values
+        self._hold(self._buffers, held + new)
+        return self.keys, self.values
+
+    def _new_buffers(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
+        """Empty keys, values and positions for `length` slots, with room to grow (doubling) up to `reserve`."""
+        capacity = max(length, min(self.reserve, 2 * length))
+        batch, heads = keys.shape[:2]
+        return (
+            keys.new_empty(batch, heads, capacity, keys.shape[-1]),
+            values.new_empty(batch, heads, capacity, values.shape[-1]),
+            torch.empty(batch, capacity, dtype=torch.long, device=keys.device),
+        )
+
+    def _hold(self, buffers: tuple[torch.Tensor, ...], length: int) -> None:
+        """Holds the first `length` slots of `buffers` (keys, values, positions)."""
+        self._buffers = buffers
+        self.keys, self.values, self.positions = (_slots(buffer, 0, length) for buffer in buffers)
+
+    def drop_last(self) -> None:
+        """Forgets the last slot (the in-place eviction moved the kept slots to the front)."""
+        self._hold(self._buffers, self.physical_length - 1)
 
     @property
     def physical_length(self) -> int:
@@ -53,15 +102,23 @@ class TOVALayer(DynamicLayer):
 
     def keep(self, index: torch.Tensor) -> None:
         """Keeps the slots `index` [B, n'] (sorted: order is preserved)."""
+        kept = index.shape[-1]
         gather = index[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-        self.keys = torch.gather(self.keys, 2, gather)
-        self.values = torch.gather(self.values, 2, gather.expand(-1, -1, -1, self.values.shape[-1]))
-        self.positions = torch.gather(self.positions, 1, index)
+        indices = (gather, gather[..., :1].expand(-1, -1, -1, self.values.shape[-1]), index)
+        held = (self.keys, self.values, self.positions)
+        if torch.is_grad_enabled() and (self.keys.requires_grad or self.values.requires_grad):  # out= records no graph
+            self._hold(tuple(torch.gather(t, _slot_dim(t), i) for t, i in zip(held, indices)), kept)
+            return
+        buffers = self._new_buffers(self.keys, self.values, kept)
+        for buffer, tensor, i in zip(buffers, held, indices):  # gathered straight into the new buffers
+            torch.gather(tensor, _slot_dim(tensor), i, out=_slots(buffer, 0, kept))
+        self._hold(buffers, kept)
 
     def reset(self) -> None:
         super().reset()
         self.seen = 0
         self.positions = None
+        self._buffers = None
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(_CROP_ERROR)
@@ -70,21 +127,37 @@ class TOVALayer(DynamicLayer):
         self.batch_select_indices(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
         if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+            held = (self.keys, self.values, self.positions)
+            self._hold(tuple(t.repeat_interleave(repeats, dim=0) for t in held), self.physical_length)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.positions is not None:
-            self.keys = self.keys[indices.to(self.keys.device)]
-            self.values = self.values[indices.to(self.values.device)]
-            self.positions = self.positions[indices.to(self.positions.device)]
+            held = (self.keys, self.values, self.positions)
+            self._hold(tuple(t[indices.to(t.device)] for t in held), self.physical_length)
 
     @property
     def nbytes(self) -> int:
         if self.positions is None:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+
+@functools.cache
+def _log_fallback_once() -> None:
+    logger.warning(
+        "kernel_backend='triton': no TOVA kernel for this call (gradients, fp64, head_dim > 256 or keys that are not "
+        "the cache's); using the torch path"
+    )
+
+
+def _slot_dim(tensor: torch.Tensor) -> int:
+    """The slot dimension of keys/values [B, H, n, d] or positions [B, n]."""
+    return 2 if tensor.dim() == 4 else 1
+
+
+def _slots(tensor: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    return tensor.narrow(_slot_dim(tensor), start, length)
 
 
 _CROP_ERROR = (
@@ -114,6 +187,9 @@ class TOVACache(Cache):
             finds TOVA keeps the first token anyway).
         policy: `"tova"` (evict the least attended token) or `"window"` (evict the oldest: a sliding window,
             which with sink tokens is the "window + sinks" baseline).
+        kernel_backend: `"auto"` (the fused Triton score-and-evict kernel on CUDA for the decode step, where
+            one token per row goes; the torch path otherwise), `"triton"` (the kernel wherever it applies, also
+            on CPU under `TRITON_INTERPRET=1`) or `"torch"` (always the torch path, the numerical definition).
 
     Sliding-window layers (Mistral, Gemma 2/3, ...) whose window is at most the budget keep their last
     `window - 1` tokens as transformers' own sliding layers do; the budget applies to the others.
@@ -121,27 +197,35 @@ class TOVACache(Cache):
 
     is_compileable = False
 
-    def __init__(self, budget: int, num_sink_tokens: int = 0, policy: str = "tova") -> None:
+    def __init__(self, budget: int, num_sink_tokens: int = 0, policy: str = "tova", kernel_backend: str = "auto") -> None:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
         if isinstance(num_sink_tokens, bool) or not isinstance(num_sink_tokens, int) or not 0 <= num_sink_tokens < budget:
             raise ValueError(f"num_sink_tokens must be an integer in [0, budget), got {num_sink_tokens!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
+        if kernel_backend == "triton" and tova_evict_one_triton is None:
+            raise ImportError("kernel_backend='triton' needs the triton package (pip install triton)")
         super().__init__(layers=[])
         self.budget = budget
         self.num_sink_tokens = num_sink_tokens
         self.policy = policy
+        self.kernel_backend = kernel_backend
         self._owner: int | None = None
         install_attention_hooks()
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(budget={self.budget}, policy={self.policy!r}, layers={len(self.layers)})"
+        return (
+            f"{self.__class__.__name__}(budget={self.budget}, policy={self.policy!r}, "
+            f"kernel_backend={self.kernel_backend!r}, layers={len(self.layers)})"
+        )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if len(self.layers) <= layer_idx:
             install_attention_hooks()  # attention kinds registered since the cache was made (hub kernels)
-            self.layers.extend(TOVALayer() for _ in range(layer_idx + 1 - len(self.layers)))
+            self.layers.extend(TOVALayer(self.budget + 1) for _ in range(layer_idx + 1 - len(self.layers)))
         layer = self.layers[layer_idx]
         if layer.positions is not None and (
             key_states.shape[0] != layer.keys.shape[0] or key_states.shape[1] != layer.keys.shape[1]
@@ -175,8 +259,44 @@ class TOVACache(Cache):
             return
         if layer.physical_length <= self.budget:
             return
+        if self._use_kernel(layer, query, key, sinks):
+            row = last_mask_row(attention_mask, query.shape[0], query.shape[2], key.shape[2])
+            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+            tova_evict_one_triton(
+                query[:, :, -1], layer.keys, layer.values, layer.positions, row, scaling, softcap, sinks,
+                self.num_sink_tokens, window=self.policy == "window",
+            )
+            layer.drop_last()
+            return
         scores = last_query_scores(module, query, key, attention_mask, scaling, softcap, sinks)
         layer.keep(self._kept_slots(scores, layer.positions))
+
+    def _use_kernel(self, layer: TOVALayer, query: torch.Tensor, key: torch.Tensor, sinks: torch.Tensor | None) -> bool:
+        """Whether the Triton kernel evicts this step: one slot per row to drop (the decode step; a longer
+        prompt is compressed by the torch path), no gradient, fp32/bf16/fp16 with head dims up to 256, and the
+        attention's keys are this layer's. Elsewhere the torch path runs, so a result is never wrong."""
+        if self.kernel_backend == "torch" or tova_evict_one_triton is None:
+            return False
+        if self.kernel_backend == "triton" and not (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError(
+                "kernel_backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+                "triton, or use kernel_backend='auto'"
+            )
+        if layer.physical_length != self.budget + 1 or not (query.is_cuda or self.kernel_backend == "triton"):
+            return False
+        supported = (
+            not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+            and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and query.dtype == key.dtype == layer.values.dtype
+            and key.shape == layer.keys.shape and key.data_ptr() == layer.keys.data_ptr()
+            and query.shape[1] % key.shape[1] == 0
+            and max(query.shape[-1], layer.values.shape[-1]) <= 256
+            and query.stride(-1) == 1
+            and (sinks is None or sinks.numel() == query.shape[1])
+        )
+        if self.kernel_backend == "triton" and not supported:
+            _log_fallback_once()
+        return supported
 
     def _kept_slots(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Sorted slot indices [B, budget] that survive. Ties evict the highest slot first."""

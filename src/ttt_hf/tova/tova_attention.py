@@ -54,21 +54,14 @@ def last_query_scores(
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     hidden = None
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        attention_mask = _block_mask_last_row(attention_mask, batch, query.shape[2], key.shape[2])
-    if attention_mask is not None and attention_mask.dim() == 4:
-        row = attention_mask[:, 0, -1, -key.shape[2] :]  # [B, kv]: the last query's row
+    row = last_mask_row(attention_mask, batch, query.shape[2], key.shape[2])
+    if row is not None:
         if row.dtype == torch.bool:
             hidden = ~row
         else:
             logits = logits + row.float()[:, None, None, :]
             hidden = row <= torch.finfo(row.dtype).min / 2
         logits = logits.masked_fill(hidden[:, None, None, :], float("-inf"))
-    elif attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise NotImplementedError(
-            "TOVACache with a flash-attention kind and a padded batch is not supported: the 2-D padding mask "
-            "indexes logical positions, which eviction reorders; use attn_implementation='sdpa' for padded batches"
-        )
     if sinks is not None:
         sink = sinks.float().view(1, kv_heads, q_heads // kv_heads, 1).expand(batch, -1, -1, 1)
         probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
@@ -80,8 +73,25 @@ def last_query_scores(
     return scores
 
 
+def last_mask_row(attention_mask, batch: int, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """The last query's row of the attention mask: [B or 1, kv], boolean (True = attend) or additive; None
+    when nothing is hidden. A 2-D mask (flash kinds) is accepted only without padding."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        return _block_mask_last_row(attention_mask, batch, q_len, kv_len)
+    if attention_mask.dim() == 4:
+        return attention_mask[:, 0, -1, -kv_len:]
+    if attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise NotImplementedError(
+            "TOVACache with a flash-attention kind and a padded batch is not supported: the 2-D padding mask "
+            "indexes logical positions, which eviction reorders; use attn_implementation='sdpa' for padded batches"
+        )
+    return None
+
+
 def _block_mask_last_row(block_mask, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """The last query's row of a flex-attention `BlockMask` as a boolean mask [B, 1, 1, kv] (True = attend).
+    """The last query's row of a flex-attention `BlockMask` as a boolean mask [B, kv] (True = attend).
     transformers builds the mask_mod with the query/key offsets and the padding folded in."""
     device = block_mask.kv_num_blocks.device
     row = block_mask.mask_mod(
@@ -90,7 +100,7 @@ def _block_mask_last_row(block_mask, batch: int, q_len: int, kv_len: int) -> tor
         torch.full((1, 1), q_len - 1, dtype=torch.long, device=device),
         torch.arange(kv_len, device=device)[None, :],
     )
-    return row.expand(batch, kv_len)[:, None, None, :]
+    return row.expand(batch, kv_len)
 
 
 def _wrap(original):

@@ -1,0 +1,250 @@
+"""The fused TOVA score-and-evict Triton kernel against the torch path (the numerical definition).
+
+CPU: Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU), tiny sizes. GPU-marked tests
+repeat the comparisons at real sizes and in bf16.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, LlamaForCausalLM
+
+import ttt_hf.tova.cache_tova as cache_tova
+from ttt_hf import TOVACache
+from ttt_hf.tova.tova_attention import last_query_scores
+
+pytest.importorskip("triton")
+from ttt_hf.tova.tova_triton import tova_evict_one_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FIXTURES = Path(__file__).parent / "fixtures" / "tova"
+
+
+def reference_eviction(query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0,
+                       policy="tova"):
+    """The torch path: scores, kept slots, and the compacted keys/values/positions."""
+    n = keys.shape[2]
+    scores = last_query_scores(None, query, keys, mask, scaling, softcap, sinks)
+    kept = TOVACache(n - 1, num_sink_tokens=num_sink_tokens, policy=policy)._kept_slots(scores, positions)
+    gather = kept[:, None, :, None]
+    return (scores, kept, torch.gather(keys, 2, gather.expand(-1, keys.shape[1], -1, keys.shape[-1])),
+            torch.gather(values, 2, gather.expand(-1, values.shape[1], -1, values.shape[-1])),
+            torch.gather(positions, 1, kept))
+
+
+def kernel_eviction(query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0,
+                    policy="tova"):
+    """The kernel on copies held in buffers one slot longer than the cache (as TOVALayer holds them)."""
+    buffers = [torch.cat([t, torch.full_like(t.narrow(-2 if t.dim() == 4 else 1, 0, 1), 7)], dim=-2 if t.dim() == 4 else 1)
+               for t in (keys, values, positions)]
+    n = keys.shape[2]
+    k, v, p = buffers[0][:, :, :n], buffers[1][:, :, :n], buffers[2][:, :n]
+    row = None if mask is None else mask[:, 0, -1]
+    scores, evicted = tova_evict_one_triton(query[:, :, -1], k, v, p, row, scaling, softcap, sinks, num_sink_tokens,
+                                            window=policy == "window")
+    return scores, evicted, k[:, :, : n - 1], v[:, :, : n - 1], p[:, : n - 1], buffers
+
+
+def random_case(batch, q_heads, kv_heads, n, dim, dtype=torch.float32, mask_kind=None, seed=0, value_dim=None):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, q_heads, 2, dim, generator=generator) * 2
+    keys = torch.randn(batch, kv_heads, n, dim, generator=generator)
+    values = torch.randn(batch, kv_heads, n, value_dim or dim, generator=generator)
+    positions = torch.arange(n).expand(batch, n) + 5 * torch.arange(batch)[:, None]
+    real = torch.ones(batch, n, dtype=torch.bool)
+    if batch > 1:
+        real[1, :3] = False  # row 1 is left-padded by 3 slots
+    mask = None
+    if mask_kind == "bool":
+        mask = real[:, None, None, :].expand(batch, 1, 2, n)
+    elif mask_kind == "additive":
+        bias = torch.where(real, -0.25 * torch.rand(batch, n, generator=generator), torch.finfo(dtype).min)
+        mask = bias.to(dtype)[:, None, None, :].expand(batch, 1, 2, n)
+    to = dict(device=DEVICE)
+    return (query.to(dtype=dtype, **to), keys.to(dtype=dtype, **to), values.to(dtype=dtype, **to),
+            positions.contiguous().to(**to), None if mask is None else mask.to(**to))
+
+
+def check_against_reference(case, scaling, tolerance=1e-6, **options):
+    expected = reference_eviction(*case, scaling, **options)
+    got = kernel_eviction(*case, scaling, **options)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=tolerance)
+    assert torch.equal(torch.isinf(got[0]), torch.isinf(expected[0]))
+    n = case[1].shape[2]
+    evicted = torch.tensor([sorted(set(range(n)) - set(row.tolist()))[0] for row in expected[1].cpu()])
+    assert torch.equal(got[1].cpu().long(), evicted)
+    for tensor, reference in zip(got[2:5], expected[2:5]):
+        assert torch.equal(tensor, reference)
+    return got
+
+
+@pytest.mark.parametrize("q_heads, kv_heads", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_scores_and_eviction_match_the_torch_path(q_heads, kv_heads, mask_kind):
+    check_against_reference(random_case(2, q_heads, kv_heads, 11, 16, mask_kind=mask_kind), 0.3)
+
+
+def test_softcapping_sinks_odd_head_dims_and_long_rows():
+    # 150 slots: several blocks of the scoring loop; head dims 24 / 40 are padded inside the kernel.
+    case = random_case(2, 6, 2, 150, 24, mask_kind="bool", seed=1, value_dim=40)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -3.0], device=DEVICE)
+    check_against_reference(case, 0.2, softcap=3.0, sinks=sinks)
+
+
+@pytest.mark.parametrize("policy", ["tova", "window"])
+def test_sink_tokens_and_window_policy(policy):
+    got = check_against_reference(random_case(2, 4, 2, 12, 16, mask_kind="bool", seed=2), 0.3, num_sink_tokens=2,
+                                  policy=policy)
+    if policy == "window":  # the oldest real token after the 2 sinks goes; row 1 first drops a pad
+        assert got[1].tolist() == [2, 2]
+
+
+def test_ties_evict_the_highest_slot():
+    query, keys, values, positions, mask = random_case(2, 4, 2, 10, 16, mask_kind="bool", seed=3)
+    query[:, :, -1] = 1.0
+    keys[0, :, [1, 4, 6]] = -1.0  # three exactly equal least attended slots: slot 6 goes
+    keys[1] = 0.5  # all equal: the pads (slots 0-2) tie at -inf, slot 2 goes, and the block stays on the left
+    got = check_against_reference((query, keys, values, positions, mask), 0.25)
+    assert got[1].tolist() == [6, 2]
+    # Without padding every slot of row 1 ties: the newest (last) slot goes and nothing moves.
+    got = check_against_reference((query, keys, values, positions, None), 0.25)
+    assert got[1].tolist()[1] == 9
+    assert torch.equal(got[5][0][1, :, :9], keys[1, :, :9])
+
+
+def test_bf16_scores_are_exact_products():
+    check_against_reference(random_case(2, 4, 2, 40, 32, dtype=torch.bfloat16, mask_kind="additive", seed=4), 32**-0.5)
+
+
+def tiny_model(config, attn_implementation="sdpa"):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).to(DEVICE).eval()
+    with torch.no_grad():  # peaky attention, so that eviction decisions matter
+        for name, param in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                param.mul_(4.0)
+    return model
+
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             pad_token_id=0, bos_token_id=1, eos_token_id=None)
+MODELS = {
+    "llama-gqa-padded": (lambda: LlamaConfig(**SMALL, num_key_value_heads=2), "sdpa", {}),
+    "llama-mqa-window-sinks": (lambda: LlamaConfig(**SMALL, num_key_value_heads=1), "eager",
+                               dict(num_sink_tokens=2, policy="window")),
+    "gemma2-softcap": (lambda: Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                            attn_logit_softcapping=5.0, final_logit_softcapping=None), "eager", {}),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generation_with_the_kernel_equals_the_torch_path(name, monkeypatch):
+    make_config, attn_implementation, options = MODELS[name]
+    model = tiny_model(make_config(), attn_implementation)
+    prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    calls = []
+    monkeypatch.setattr(cache_tova, "tova_evict_one_triton",
+                        lambda *args, **kwargs: calls.append(1) or tova_evict_one_triton(*args, **kwargs))
+    results = {}
+    for backend in ("torch", "triton"):
+        cache = TOVACache(6, kernel_backend=backend, **options)
+        out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=7, do_sample=False)
+        results[backend] = out, [cache.kept_positions(i) for i in range(len(cache.layers))]
+    full_layers = 1 if name.startswith("gemma2") else 2  # Gemma 2's sliding layer keeps its window by torch
+    assert len(calls) == 6 * full_layers  # 9 -> 6 tokens by the torch path at prefill, then the kernel each step
+    assert torch.equal(results["torch"][0], results["triton"][0])
+    for torch_kept, triton_kept in zip(results["torch"][1], results["triton"][1]):
+        assert torch.equal(torch_kept, triton_kept)
+
+
+def test_reproduces_an_official_generation_with_the_kernel():
+    folder = FIXTURES / "prompt_shorter"
+    meta = json.loads((folder / "meta.json").read_text())
+    config = LlamaConfig.from_json_file(str(folder / "config.json"))
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    data = load_file(folder / "data.safetensors")
+    cache = TOVACache(meta["N_cache_size"], kernel_backend="triton")
+    out = model.to(DEVICE).generate(data["input_ids"].to(DEVICE), past_key_values=cache,
+                                    max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
+    assert torch.equal(out.cpu(), data["generated"])
+    for i in range(config.num_hidden_layers):
+        assert torch.equal(cache.kept_positions(i)[0].sort().values.cpu(), data[f"kept_positions_layer{i}"])
+
+
+def test_auto_uses_the_kernel_only_on_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cache_tova, "tova_evict_one_triton", lambda *args, **kwargs: calls.append(1) or tova_evict_one_triton(*args, **kwargs))
+    model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 8), device=DEVICE), past_key_values=TOVACache(7))
+    assert len(calls) == (2 if DEVICE == "cuda" else 0)
+
+
+def test_backend_errors(monkeypatch):
+    with pytest.raises(ValueError, match="kernel_backend"):
+        TOVACache(4, kernel_backend="cuda")
+    monkeypatch.setattr(cache_tova, "tova_evict_one_triton", None)
+    with pytest.raises(ImportError, match="triton"):
+        TOVACache(4, kernel_backend="triton")
+    monkeypatch.undo()
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
+        with torch.no_grad(), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            model(torch.randint(3, 128, (1, 8)), past_key_values=TOVACache(7, kernel_backend="triton"))
+
+
+def test_gradients_take_the_torch_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cache_tova, "tova_evict_one_triton", lambda *args, **kwargs: calls.append(1))
+    model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
+    cache = TOVACache(7, kernel_backend="triton")
+    model(torch.randint(3, 128, (1, 8), device=DEVICE), past_key_values=cache).logits.sum().backward()
+    assert not calls and cache.layers[0].physical_length == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_real_sizes_on_cuda(dtype, mask_kind, no_tf32):
+    check_against_reference(random_case(4, 32, 8, 1025, 64, dtype=dtype, mask_kind=mask_kind, seed=6), 0.125)
+    case = random_case(2, 32, 8, 4097, 128, dtype=dtype, mask_kind=mask_kind, seed=7)
+    check_against_reference(case, 128**-0.5, num_sink_tokens=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+def test_official_generations_with_the_kernel_on_cuda(case, no_tf32):
+    folder = FIXTURES / case
+    meta = json.loads((folder / "meta.json").read_text())
+    config = LlamaConfig.from_json_file(str(folder / "config.json"))
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    data = load_file(folder / "data.safetensors")
+    out = model.cuda().generate(data["input_ids"].cuda(), past_key_values=TOVACache(meta["N_cache_size"], kernel_backend="triton"),
+                                max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
+    assert torch.equal(out.cpu(), data["generated"])
+
+
+@pytest.mark.gpu
+def test_bf16_generation_auto_equals_torch_on_cuda():
+    model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2)).to(torch.bfloat16)
+    prompt = torch.randint(3, 128, (4, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(8))
+    mask = torch.ones_like(prompt)
+    mask[1, :13] = 0
+    results = {}
+    for backend in ("torch", "auto"):
+        cache = TOVACache(16, kernel_backend=backend)
+        out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=48, do_sample=False)
+        results[backend] = out, [cache.kept_positions(i) for i in range(len(cache.layers))]
+    assert torch.equal(results["torch"][0], results["auto"][0])
+    for torch_kept, auto_kept in zip(results["torch"][1], results["auto"][1]):
+        assert torch.equal(torch_kept, auto_kept)
