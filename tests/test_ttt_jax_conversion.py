@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import msgpack
@@ -49,6 +50,28 @@ def test_optimizer_state_is_skipped_and_both_files_hold_the_same_parameters():
     assert full.keys() == params.keys() and all(k[0] == "model" for k in full)
     assert all((full[k] == params[k]).all() for k in full)
     assert ("model", "h", "0", "seq_modeling_block", "learnable_ttt_lr/kernel") in full  # "/" kept inside one element
+
+
+def test_reading_streams_and_skips_the_optimizer_state_undecoded(tmp_path):
+    """A train state whose optimizer records (16 MB) are not flax arrays at all: decoding one would raise, and
+    keeping them would show in the peak. What stays in memory is one record plus the reader's buffer."""
+    path = tmp_path / "train_state_with_big_optimizer_state"
+    junk = msgpack.packb(msgpack.ExtType(99, bytes(1 << 19)), use_bin_type=True)
+    params = 0
+    with open(FIXTURES / "ttt_linear" / "streaming_params", "rb") as src, open(path, "wb") as out:
+        for key, value in msgpack.Unpacker(src, raw=False, max_buffer_size=0):
+            out.write(msgpack.packb([["params", "params", *key], value], use_bin_type=True))
+            params += 1
+        for i in range(32):
+            out.write(msgpack.packb([["opt_state", "1", "0", "mu", str(i)], junk], use_bin_type=True))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in read_parameters(path, progress=False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == params
+    assert path.stat().st_size > 16e6 and peak < 6e6, peak
 
 
 def test_output_folder_is_complete_with_a_model_card(tmp_path):

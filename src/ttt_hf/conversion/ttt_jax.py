@@ -37,7 +37,8 @@ def _decode_array(serialized: bytes) -> np.ndarray:
             raise ValueError(f"unsupported msgpack extension type {code} in the checkpoint (expected flax ndarrays)")
         shape, dtype, buffer = msgpack.unpackb(data, raw=False)
         if dtype == "bfloat16":
-            bits = np.frombuffer(buffer, dtype=np.uint16).astype(np.uint32) << 16
+            bits = np.frombuffer(buffer, dtype=np.uint16).astype(np.uint32)
+            bits <<= 16  # in place: one fp32-sized allocation per record
             return bits.view(np.float32).reshape(shape)
         return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
 
@@ -226,7 +227,8 @@ def convert_ttt_jax(
             unknown.append("/".join(key))
             continue
         name, layout = mapped
-        weights[name] = torch.from_numpy(np.ascontiguousarray(_LAYOUTS[layout](array)))
+        tensor = torch.from_numpy(np.ascontiguousarray(_LAYOUTS[layout](array)))
+        weights[name] = tensor if dtype is None else tensor.to(dtype)  # cast now: no second full copy later
         sources[name] = "/".join(key)
     if unknown:
         raise ValueError(f"cannot convert this checkpoint: unknown keys in the checkpoint: {', '.join(sorted(unknown))}")
@@ -236,8 +238,6 @@ def convert_ttt_jax(
         model = TTTForCausalLM(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     check_keys(sources, expected, {k: tuple(v.shape) for k, v in weights.items()})
-    if dtype is not None:
-        weights = {k: v.to(dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()
     model.eval()
