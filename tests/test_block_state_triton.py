@@ -64,6 +64,42 @@ def test_kernel_backward_sums_lag_splits(monkeypatch):
     _check_kernel_matches_reference(filters=1, features=3, modes=2, length=333, tol=1e-4)
 
 
+def _check_chunked_conv(batch, length, filters, features, modes, chunk, tol, seed=7):
+    params = _s4d_parameters(filters, features, modes, seed=seed, device=DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, length, features, generator=g).to(DEVICE).requires_grad_()
+    weights = torch.randn(batch, length, filters, features, generator=g).to(DEVICE)
+    leaves = [u, *params.values()][:-1]  # the skip term is not part of the convolution
+    results = []
+    for conv in (
+        lambda *a: ssm_ops.fft_causal_conv(a[0], ssm_ops.s4d_kernel_reference(a[1], a[3] * a[2], length)),
+        lambda *a: ssm_ops.s4d_chunked_conv(*a, kernel_backend="triton", chunk=chunk),
+    ):
+        dt_a, db = ssm_ops.s4d_discretize(params["log_a_real"], params["a_imag"], params["log_dt"])
+        y = conv(u, dt_a, db, torch.view_as_complex(params["c"]))
+        results.append((y, torch.autograd.grad((y * weights).sum(), leaves)))
+    (expected, expected_grads), (actual, actual_grads) = results
+    _assert_relative(actual, expected, tol, "output")
+    for grad, grad_expected in zip(actual_grads, expected_grads):
+        _assert_relative(grad, grad_expected, tol)
+
+
+@pytest.mark.parametrize("length,chunk", [(37, 4), (37, 8), (5, 128), (64, 16)])
+def test_chunked_convolution_matches_the_fft_reference(length, chunk):
+    _check_chunked_conv(batch=2, length=length, filters=2, features=3, modes=4, chunk=chunk, tol=1e-4)
+
+
+def test_chunked_convolution_is_exactly_causal():
+    params = _s4d_parameters(1, 2, 4, seed=8)
+    dt_a, db = ssm_ops.s4d_discretize(params["log_a_real"], params["a_imag"], params["log_dt"])
+    u = torch.randn(1, 21, 2, requires_grad=True)
+    y = ssm_ops.s4d_chunked_conv(u, dt_a, db, torch.view_as_complex(params["c"]), "torch", chunk=4)
+    for t in range(21):
+        (grad,) = torch.autograd.grad(y[0, t].sum(), u, retain_graph=True)
+        assert torch.all(grad[0, t + 1 :] == 0), f"output {t} depends on a later input"
+        assert torch.all(grad[0, : t + 1].abs().sum(-1) > 0)
+
+
 @pytest.mark.parametrize("log_dt_shift", [0.0, -6.0])  # -6: dt A ~ 1e-5, where dB needs expm1's accuracy
 def test_fused_decode_step_matches_the_reference(log_dt_shift):
     params = {k: v.detach().to(DEVICE) for k, v in _s4d_parameters(2, 5, 4, seed=3).items()}
@@ -174,6 +210,12 @@ def test_fused_two_h_attention_equals_two_calls(context_mode, padded, monkeypatc
 @pytest.mark.parametrize("length", [4096, 65536])
 def test_cuda_kernel_matches_reference_at_real_sizes(length):
     _check_kernel_matches_reference(filters=1, features=1024, modes=8, length=length, tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
+def test_cuda_chunked_convolution_at_real_sizes():
+    _check_chunked_conv(batch=2, length=8192, filters=1, features=1024, modes=8, chunk=128, tol=1e-4)
 
 
 @pytest.mark.gpu

@@ -30,10 +30,10 @@ from .ssm_ops import (
     check_kernel_backend,
     fft_causal_conv,
     s4d_block_end_states,
+    s4d_causal_conv,
     s4d_decode_step,
     s4d_discretize,
     s4d_final_state,
-    s4d_kernel,
     s4d_state_output,
 )
 
@@ -149,7 +149,7 @@ class BlockStateS4D(nn.Module):
             index = layout.offset[:, None, None, None].expand(-1, 1, *y.shape[2:])
             return torch.zeros(*u.shape[:2], *y.shape[2:], device=u.device).scatter(1, index, y)
         dt_a, db, c = self._discretized()
-        y = fft_causal_conv(u, s4d_kernel(dt_a, c * db, u.shape[1], self.kernel_backend))
+        y = s4d_causal_conv(u, dt_a, db, c, self.kernel_backend)
         if x0 is not None:
             steps = torch.arange(u.shape[1], device=u.device)[None] - layout.offset[:, None] + 1
             y = y + s4d_state_output(x0, dt_a, c, steps.clamp(min=0))
