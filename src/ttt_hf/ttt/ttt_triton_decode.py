@@ -31,8 +31,10 @@ TILE_ELEMENTS = 2048
 
 @triton.jit
 def _gelu_tanh(x):
-    # tanh(u) = 2 sigmoid(2u) - 1; the constants of the official code (sqrt(2/pi), as in `gelu_tanh_grad`).
-    tanh = 2.0 * tl.sigmoid(2.0 * 0.79788456 * x * (1.0 + 0.044715 * x * x)) - 1.0
+    """gelu_tanh(x) and the tanh it used (the gradient reuses it); constants of the official code."""
+    u = 0.79788456 * x * (1.0 + 0.044715 * x * x)
+    e = tl.exp(-2.0 * tl.abs(u))  # tanh from exp(-2|u|) <= 1: no overflow for large |u|
+    tanh = tl.where(u >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
     return 0.5 * x * (1.0 + tanh), tanh
 
 
