@@ -4,6 +4,10 @@ The S4D layer is a bank of diagonal state spaces: `F` filters per feature (1 for
 each with `n = N/2` complex modes. Shapes: B batch, L positions, D features, F filters, n modes.
 Everything runs in fp32 / complex64 with autocast off, whatever the model dtype: `torch.fft.rfft`
 rejects bf16, fp16 needs power-of-two sizes and overflows.
+
+Dispatch points (kernel_backend "auto" | "triton" | "torch"): `s4d_kernel` (Triton Vandermonde sum),
+`s4d_causal_conv` (chunked state-space convolution instead of the FFT recursion) and `s4d_decode_step`
+(fused Triton step). Triton on CUDA when applicable, the torch reference elsewhere.
 """
 
 from __future__ import annotations
