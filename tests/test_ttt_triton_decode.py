@@ -8,6 +8,7 @@ pytest.importorskip("triton")
 
 from ttt_hf.ttt.ttt_ops import ttt_chunk_torch, ttt_step_torch  # noqa: E402
 from ttt_hf.ttt.ttt_triton_decode import decode_kernel_supported, ttt_step_triton  # noqa: E402
+from ttt_testing import random_ids, tiny_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MB = 4  # a mini-batch of 4 makes short sequences cross several commits
@@ -118,6 +119,30 @@ def test_supported_shapes_and_errors(monkeypatch):
         assert not decode_kernel_supported(state, q)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             ttt_step_triton(state, acc, q, k, v, lr, tau, ln_w, ln_b, position, active)
+
+
+def test_mlp_model_decodes_the_same_with_both_backends():
+    """A TTT-MLP model with kernel_backend="triton" decodes through the kernel (its prefill runs in torch): a
+    left-padded prompt then steps crossing commits give the torch backend's logits; beam search (which
+    reorders the cache between in-place steps) picks the same tokens."""
+    model = tiny_model("mlp", hidden_size=32, num_attention_heads=2, num_hidden_layers=1, mini_batch_size=MB)  # f = 16
+    ids = random_ids(2, 13, vocab=96, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    logits, generated = {}, {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            model.config.kernel_backend = backend
+            out = model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+            steps = [out.logits[:, -1]]
+            for t in range(7, 13):
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+                steps.append(out.logits[:, -1])
+            logits[backend] = torch.stack(steps, 1)
+            generated[backend] = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2,
+                                                do_sample=False)
+    assert rel_err(logits["triton"], logits["torch"]) <= 1e-4
+    assert torch.equal(generated["triton"], generated["torch"])
 
 
 GPU_CASES = [(layer_type, heads, head_dim, dtype) for layer_type in ("linear", "mlp")
