@@ -3,11 +3,11 @@ conftest) at tiny sizes, on CUDA at real sizes (marked gpu)."""
 
 import pytest
 import torch
+from ttt_testing import random_ids, tiny_model
 
 from ttt_hf.ttt import ttt_ops
 from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
 from ttt_hf.ttt.ttt_triton import ttt_linear_chunk_triton
-from ttt_testing import random_ids, tiny_model
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,7 +16,7 @@ MB = 16
 
 def linear_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, device=DEVICE, seed=0):
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g)  # noqa: E731
+    rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g)
     q, k, v = (rand(batch, heads, seq_len, head_dim).to(device, dtype) for _ in range(3))
     lr = (torch.rand(batch, heads, seq_len, generator=g) * 0.5 / head_dim ** 0.5).to(device)
     tau = (1.0 / torch.arange(1, MB + 1) + 0.05 * torch.randn(MB, generator=g)).clamp_min(0).to(device)
@@ -51,7 +51,8 @@ def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.floa
             cotangents = [torch.randn(x.shape, generator=g, device=DEVICE) for x in outputs]
         grads = torch.autograd.grad(outputs, inputs, cotangents) if backward else ()
         results[backend] = [x.detach() for x in outputs] + list(grads)
-    names = ["out", "W", "c", "acc_W", "acc_c"] + [f"d_{n}" for n in ("q k v lr tau ln_w ln_b W c acc_W acc_c".split())]
+    names = ["out", "W", "c", "acc_W", "acc_c", "d_q", "d_k", "d_v", "d_lr", "d_tau", "d_ln_w", "d_ln_b", "d_W", "d_c",
+             "d_acc_W", "d_acc_c"]
     errors = {n: rel_err(a, b) for n, a, b in zip(names, results["triton"], results["torch"])}
     assert max(errors.values()) <= tol, errors
 
@@ -122,7 +123,7 @@ def test_chunk_backward_saves_a_state_per_group_not_per_mini_batch():
     for backend in ("torch", "triton"):
         storages = {}
 
-        def pack(t):
+        def pack(t, storages=storages):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 

@@ -22,9 +22,13 @@ from torch.utils.checkpoint import checkpoint
 from .configuration_ttt import KERNEL_BACKENDS
 
 try:
-    from .ttt_triton import ttt_linear_chunk_triton, ttt_linear_step_triton
+    from .ttt_triton import ttt_linear_chunk_triton
 except ImportError:  # triton is optional: the torch reference runs everywhere
-    ttt_linear_chunk_triton = ttt_linear_step_triton = None
+    ttt_linear_chunk_triton = None
+try:
+    from .ttt_triton_decode import decode_kernel_supported, ttt_step_triton
+except ImportError:  # without triton (or without the decode kernels) the step runs in torch
+    decode_kernel_supported = ttt_step_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +51,39 @@ def check_kernel_backend(kernel_backend: str) -> None:
         raise ImportError("kernel_backend='triton' needs the triton package (pip install triton)")
 
 
-def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs this call. Kernels exist for TTT-Linear (forward and backward) with
-    fp32/bf16/fp16 inputs and head_dim 16..128; elsewhere the torch reference runs, also under
-    kernel_backend="triton" (logged once), so a result is never wrong, only slower."""
+def _kernel_requested(kernel_backend: str, kernel, q: torch.Tensor) -> bool:
+    """Whether this backend may run `kernel` (None when not importable) for inputs on q's device."""
     check_kernel_backend(kernel_backend)
-    if kernel_backend == "torch" or ttt_linear_chunk_triton is None:
+    if kernel_backend == "torch" or kernel is None:
         return False
-    on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if kernel_backend == "triton" and not on_device:
+    if kernel_backend == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError(
             "kernel_backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
             "triton, or use kernel_backend='auto'"
         )
+    return q.is_cuda or kernel_backend == "triton"
+
+
+def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor) -> bool:
+    """Whether the chunk kernel runs this call. It exists for TTT-Linear (forward and backward) with
+    fp32/bf16/fp16 inputs and head_dim 16..128; elsewhere the torch reference runs, also under
+    kernel_backend="triton" (logged once), so a result is never wrong, only slower."""
+    if not _kernel_requested(kernel_backend, ttt_linear_chunk_triton, q):
+        return False
     supported = len(state) == 2 and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= q.shape[-1] <= 128
     if kernel_backend == "triton" and not supported:
         _log_fallback_once("TTT-MLP, fp64 inputs or head_dim outside 16..128")
-    return supported and (q.is_cuda or kernel_backend == "triton")
+    return supported
+
+
+def _use_step_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether the decode step kernel (TTT-Linear and TTT-MLP, no backward) runs this call."""
+    if not _kernel_requested(kernel_backend, ttt_step_triton, q):
+        return False
+    supported = not needs_grad and decode_kernel_supported(state, q)
+    if kernel_backend == "triton" and not supported:
+        _log_fallback_once("decode step with gradients, fp64 inputs, head_dim above 128 or another state layout")
+    return supported
 
 
 @functools.cache
@@ -341,12 +361,9 @@ def ttt_step(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
     )
-    if needs_grad or not _use_kernel(kernel_backend, state, q):
+    if not _use_step_kernel(kernel_backend, state, q, needs_grad):
         return ttt_step_torch(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active)
-    owned = all(t.dtype == torch.float32 and t.is_contiguous() and t.stride(0) != 0 for t in (*state, *acc))
-    return ttt_linear_step_triton(
-        state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active, TTT_LN_EPS, in_place=owned
-    )
+    return ttt_step_triton(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active, TTT_LN_EPS)
 
 
 def causal_conv1d(

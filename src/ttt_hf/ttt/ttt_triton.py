@@ -1,9 +1,9 @@
-"""Triton kernels of TTT-Linear: the chunked dual form (prefill and training, forward and backward) and the
-fused one-token decode step.
+"""Triton kernels of TTT-Linear's chunked dual form (prefill and training, forward and backward); the decode
+step is in `ttt_triton_decode`.
 
-Every kernel keeps the inner state W [f, f], c [f] and its accumulator on chip in fp32 for one (row, head)
-per program. The torch reference (`ttt_ops.ttt_chunk_torch`, `ttt_ops.ttt_step_torch`) is the numerical
-definition; `ttt_ops` dispatches here.
+Both kernels keep the inner state W [f, f], c [f] and its accumulator on chip in fp32 for one (row, head)
+per program. The torch reference `ttt_ops.ttt_chunk_torch` is the numerical definition; `ttt_ops.ttt_chunk`
+dispatches here.
 
 Shapes: B rows, H heads, f head dim (padded to a power of two F_PAD inside the kernels), b mini-batch, M
 mini-batches of the slot layout, G mini-batches per checkpoint group.
@@ -157,7 +157,7 @@ def _ttt_linear_chunk_fwd_kernel(
     causal = tokens[:, None] >= tokens[None, :]
 
     for m in range(M):
-        if SAVE:
+        if SAVE:  # noqa: SIM102 (a constexpr: without SAVE the branch is not compiled)
             if m % GROUP == 0:
                 _store_state(ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr, bh * NUM_GROUPS + m // GROUP,
                              w, c, acc_w, acc_c, square, square_mask, cols, col_mask, F)
@@ -325,54 +325,6 @@ def _ttt_linear_chunk_bwd_kernel(
     tl.store(d_ln_b_ptr + bh * F + cols, d_ln_b, mask=col_mask)
 
 
-@triton.jit
-def _ttt_linear_step_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, position_ptr, active_ptr,
-    w_ptr, c_ptr, acc_w_ptr, acc_c_ptr,
-    out_ptr, w_out_ptr, c_out_ptr, acc_w_out_ptr, acc_c_out_ptr,
-    H, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr,
-):
-    """One token per row, one program per (row, head); the out pointers may equal the in pointers."""
-    bh = tl.program_id(0)
-    row, head = bh // H, bh % H
-    cols = tl.arange(0, F_PAD)
-    col_mask = cols < F
-    square = bh * F * F + cols[:, None] * F + cols[None, :]
-    square_mask = col_mask[:, None] & col_mask[None, :]
-
-    q = tl.load(q_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + bh)
-    index = tl.load(position_ptr + row) % MB
-    tau = tl.load(tau_ptr + index)
-    tau_last = tl.load(tau_ptr + MB - 1)
-    active = (tl.load(active_ptr + row) != 0).to(tl.float32)
-    ln_w = tl.load(ln_w_ptr + head * F + cols, mask=col_mask, other=0.0)
-    ln_b = tl.load(ln_b_ptr + head * F + cols, mask=col_mask, other=0.0)
-    w = tl.load(w_ptr + square, mask=square_mask, other=0.0)
-    c = tl.load(c_ptr + bh * F + cols, mask=col_mask, other=0.0)
-    acc_w = tl.load(acc_w_ptr + square, mask=square_mask, other=0.0)
-    acc_c = tl.load(acc_c_ptr + bh * F + cols, mask=col_mask, other=0.0)
-
-    z = tl.sum(k[:, None] * w, axis=0) + c  # [F_PAD]
-    grad, _, _, _ = _layer_norm_l2_grad(z[None, :], (v - k)[None, :], ln_w, ln_b, col_mask, F, eps)
-    grad = tl.sum(grad, axis=0)
-    weighted = active * lr * grad
-    acc_w += k[:, None] * weighted[None, :]
-    acc_c += weighted
-    z_q = tl.sum(q[:, None] * (w - tau * acc_w), axis=0) + c - tau * acc_c
-    out = q + tl.sum(_layer_norm(z_q[None, :], ln_w, ln_b, col_mask, F, eps), axis=0)
-    tl.store(out_ptr + bh * F + cols, out, mask=col_mask)
-
-    commit = active * (index == MB - 1).to(tl.float32)
-    tl.store(w_out_ptr + square, w - commit * tau_last * acc_w, mask=square_mask)
-    tl.store(c_out_ptr + bh * F + cols, c - commit * tau_last * acc_c, mask=col_mask)
-    tl.store(acc_w_out_ptr + square, acc_w * (1.0 - commit), mask=square_mask)
-    tl.store(acc_c_out_ptr + bh * F + cols, acc_c * (1.0 - commit), mask=col_mask)
-
-
 def _state_views(state: list[torch.Tensor], acc: list[torch.Tensor]) -> list[torch.Tensor]:
     """W [B,H,f,f], c [B,H,1,f] and their accumulators as contiguous fp32 tensors."""
     return [t.float().contiguous() for t in (*state, *acc)]
@@ -468,35 +420,4 @@ def ttt_linear_chunk_triton(
         out, *new = TTTLinearChunk.apply(*args, checkpoint_group)
     else:
         out, new, _ = _chunk_forward(*args, group=0)
-    return out, new[:2], new[2:]
-
-
-def ttt_linear_step_triton(
-    state: list[torch.Tensor],
-    acc: list[torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lr: torch.Tensor,
-    tau: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    position: torch.Tensor,
-    active: torch.Tensor,
-    eps: float,
-    in_place: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """One decoding step of TTT-Linear, same contract as `ttt_step_torch`. `in_place=True` overwrites the
-    (contiguous, fp32) state and accumulator tensors, so that the step allocates nothing and can be
-    captured in a CUDA graph; positions and the active mask stay on the device (no host sync)."""
-    batch, heads, head_dim = q.shape
-    tensors = list(state) + list(acc) if in_place else _state_views(state, acc)
-    new = tensors if in_place else [torch.empty_like(t) for t in tensors]
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    _ttt_linear_step_kernel[(batch * heads,)](
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
-        ln_weight.float().contiguous(), ln_bias.float().contiguous(), position.contiguous(),
-        active.to(torch.int8).contiguous(), *tensors, out, *new,
-        heads, eps, F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=tau.shape[0], num_warps=4,
-    )
     return out, new[:2], new[2:]
