@@ -66,13 +66,15 @@ def _kernel_requested(kernel_backend: str, kernel, q: torch.Tensor) -> bool:
 
 def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor) -> bool:
     """Whether the chunk kernel runs this call. It exists for TTT-Linear (forward and backward) with
-    fp32/bf16/fp16 inputs and head_dim 16..128; elsewhere the torch reference runs, also under
+    bf16/fp16 inputs and head_dim 16..128, fp32 inputs and head_dim 16..64; elsewhere the torch reference runs, also under
     kernel_backend="triton" (logged once), so a result is never wrong, only slower."""
     if not _kernel_requested(kernel_backend, ttt_linear_chunk_triton, q):
         return False
-    supported = len(state) == 2 and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= q.shape[-1] <= 128
+    # fp32 tiles of head_dim 96/128 need ~400 KB of shared memory (H100: 227 KB): fp32 runs the kernel up to 64.
+    max_head_dim = 64 if q.dtype == torch.float32 else 128
+    supported = len(state) == 2 and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= q.shape[-1] <= max_head_dim
     if kernel_backend == "triton" and not supported:
-        _log_fallback_once("TTT-MLP, fp64 inputs or head_dim outside 16..128")
+        _log_fallback_once("TTT-MLP, fp64 inputs, head_dim outside 16..128 (16..64 in fp32)")
     return supported
 
 
