@@ -58,17 +58,16 @@ class TOVALayer(DynamicLayer):
         held, new = self.physical_length, key_states.shape[-2]
         grad = torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad)
         if self._buffers is None or held + new > self._buffers[2].shape[-1] or grad:  # autograd: never in place
-            buffers = self._new_buffers(key_states, value_states, held + new)
+            previous = (self.keys, self.values, self.positions)
+            self._hold(self._new_buffers(key_states, value_states, held + new), held)
             if held:
-                for buffer, tensor in zip(buffers, (self.keys, self.values, self.positions)):
-                    _slots(buffer, 0, held).copy_(tensor)
-            self._hold(buffers, held)
-        keys, values, positions = self._buffers
-        _slots(keys, held, new).copy_(key_states)
-        _slots(values, held, new).copy_(value_states)
-        _slots(positions, held, new).copy_(torch.arange(self.seen, self.seen + new, device=positions.device))
-        self.seen += new
+                for tensor, kept in zip((self.keys, self.values, self.positions), previous):
+                    tensor.copy_(kept)
         self._hold(self._buffers, held + new)
+        self.keys.narrow(2, held, new).copy_(key_states)
+        self.values.narrow(2, held, new).copy_(value_states)
+        self.positions.narrow(1, held, new).copy_(torch.arange(self.seen, self.seen + new, device=self.positions.device))
+        self.seen += new
         return self.keys, self.values
 
     def _new_buffers(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
@@ -84,7 +83,8 @@ class TOVALayer(DynamicLayer):
     def _hold(self, buffers: tuple[torch.Tensor, ...], length: int) -> None:
         """Holds the first `length` slots of `buffers` (keys, values, positions)."""
         self._buffers = buffers
-        self.keys, self.values, self.positions = (_slots(buffer, 0, length) for buffer in buffers)
+        keys, values, positions = buffers
+        self.keys, self.values, self.positions = keys.narrow(2, 0, length), values.narrow(2, 0, length), positions.narrow(1, 0, length)
 
     def drop_last(self) -> None:
         """Forgets the last slot (the in-place eviction moved the kept slots to the front)."""
@@ -102,17 +102,16 @@ class TOVALayer(DynamicLayer):
 
     def keep(self, index: torch.Tensor) -> None:
         """Keeps the slots `index` [B, n'] (sorted: order is preserved)."""
-        kept = index.shape[-1]
         gather = index[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-        indices = (gather, gather[..., :1].expand(-1, -1, -1, self.values.shape[-1]), index)
-        held = (self.keys, self.values, self.positions)
+        sources = zip((self.keys, self.values, self.positions), (2, 2, 1),
+                      (gather, gather[..., :1].expand(-1, -1, -1, self.values.shape[-1]), index))
         if torch.is_grad_enabled() and (self.keys.requires_grad or self.values.requires_grad):  # out= records no graph
-            self._hold(tuple(torch.gather(t, _slot_dim(t), i) for t, i in zip(held, indices)), kept)
+            self._hold(tuple(torch.gather(*source) for source in sources), index.shape[-1])
             return
-        buffers = self._new_buffers(self.keys, self.values, kept)
-        for buffer, tensor, i in zip(buffers, held, indices):  # gathered straight into the new buffers
-            torch.gather(tensor, _slot_dim(tensor), i, out=_slots(buffer, 0, kept))
-        self._hold(buffers, kept)
+        sources = tuple(sources)
+        self._hold(self._new_buffers(self.keys, self.values, index.shape[-1]), index.shape[-1])
+        for out, source in zip((self.keys, self.values, self.positions), sources):  # straight into the new buffers
+            torch.gather(*source, out=out)
 
     def reset(self) -> None:
         super().reset()
@@ -149,15 +148,6 @@ def _log_fallback_once() -> None:
         "kernel_backend='triton': no TOVA kernel for this call (gradients, fp64, head_dim > 256 or keys that are not "
         "the cache's); using the torch path"
     )
-
-
-def _slot_dim(tensor: torch.Tensor) -> int:
-    """The slot dimension of keys/values [B, H, n, d] or positions [B, n]."""
-    return 2 if tensor.dim() == 4 else 1
-
-
-def _slots(tensor: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    return tensor.narrow(_slot_dim(tensor), start, length)
 
 
 _CROP_ERROR = (
