@@ -6,9 +6,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from ttt_hf.ttt.ttt_ops import ttt_chunk_torch, ttt_step_torch  # noqa: E402
-from ttt_hf.ttt.ttt_triton_decode import decode_kernel_supported, ttt_step_triton  # noqa: E402
-from ttt_testing import random_ids, tiny_model  # noqa: E402
+from ttt_testing import random_ids, tiny_model
+
+from ttt_hf.ttt.ttt_ops import ttt_chunk_torch, ttt_step_torch
+from ttt_hf.ttt.ttt_triton_decode import decode_kernel_supported, ttt_step_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MB = 4  # a mini-batch of 4 makes short sequences cross several commits
@@ -25,7 +26,7 @@ def state_shapes(layer_type, batch, heads, head_dim):
 def step_inputs(layer_type, batch, heads, head_dim, tokens=1, dtype=torch.float32, mini_batch=MB, seed=0):
     """State, accumulator, q/k/v [B, H, T, f], lr [B, H, T], tau, LayerNorm; all random and non-trivial."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
+    rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g).to(DEVICE)
     shapes = state_shapes(layer_type, batch, heads, head_dim)
     state = [rand(*s, scale=0.1 if s[-2] == 1 else 0.3) for s in shapes]
     acc = [rand(*s, scale=0.01) for s in shapes]

@@ -2,8 +2,8 @@
 
 One launch per layer and step; one program per (row, head) streams the inner state through registers in
 tiles, so any head_dim up to 128 (padded to a power of two F_PAD, masked) fits without spilling. State and
-accumulator are updated in place and positions / the active mask are read on the device: the step
-allocates only its output, never syncs with the host and can be captured in a CUDA graph.
+accumulator are updated in place and positions / the active mask are read on the device: the step allocates
+no state, never syncs with the host and can be captured in a CUDA graph.
 The torch reference `ttt_ops.ttt_step_torch` is the numerical definition.
 
 Per token, with (W, c) the mini-batch start state, (A, a) the accumulator, i = position mod b:
@@ -66,20 +66,14 @@ def _step_scalars(position_ptr, active_ptr, tau_ptr, lr_ptr, bh, row, MB: tl.con
 
 
 @triton.jit
-def _update_tile(w_ptrs, acc_ptrs, mask, acc_w, active, commit, tau_last):
-    """Writes the new accumulator tile, or on commit the new weight tile and a zero accumulator. W is read
-    only on commit. (`tl.where(flag, mask, False)` is `mask & flag`, which the interpreter types as int32.)"""
+def _write_state(w_ptrs, acc_ptrs, mask, acc, active, commit, tau_last):
+    """Writes a tile (or vector) of the new accumulator, or on commit the new weights and a zero accumulator;
+    the weights are read only on commit. (`tl.where(flag, mask, False)` is `mask & flag`, which the interpreter
+    types as int32 for a scalar flag.)"""
     commit_mask = tl.where(commit, mask, False)
     w = tl.load(w_ptrs, mask=commit_mask, other=0.0)
-    tl.store(w_ptrs, w - tau_last * acc_w, mask=commit_mask)
-    tl.store(acc_ptrs, tl.where(commit, 0.0, acc_w), mask=tl.where(active, mask, False))
-
-
-@triton.jit
-def _update_bias(c_ptrs, acc_ptrs, mask, acc_c, active, commit, tau_last):
-    c = tl.load(c_ptrs, mask=mask, other=0.0)
-    tl.store(c_ptrs, c - tau_last * acc_c, mask=tl.where(commit, mask, False))
-    tl.store(acc_ptrs, tl.where(commit, 0.0, acc_c), mask=tl.where(active, mask, False))
+    tl.store(w_ptrs, w - tau_last * acc, mask=commit_mask)
+    tl.store(acc_ptrs, tl.where(commit, 0.0, acc), mask=tl.where(active, mask, False))
 
 
 @triton.jit
@@ -130,8 +124,8 @@ def _ttt_linear_step_kernel(
         offsets = bh * F * F + r[:, None] * F + cols[None, :]
         k_r = tl.load(k_ptr + bh * F + r, mask=r < F, other=0.0).to(tl.float32)
         acc_w = tl.load(acc_w_ptr + offsets, mask=mask, other=0.0) + k_r[:, None] * weighted[None, :]
-        _update_tile(w_ptr + offsets, acc_w_ptr + offsets, mask, acc_w, active, commit, tau_last)
-    _update_bias(c_ptr + bh * F + cols, acc_c_ptr + bh * F + cols, col_mask, acc_c, active, commit, tau_last)
+        _write_state(w_ptr + offsets, acc_w_ptr + offsets, mask, acc_w, active, commit, tau_last)
+    _write_state(c_ptr + bh * F + cols, acc_c_ptr + bh * F + cols, col_mask, acc_c, active, commit, tau_last)
 
 
 @triton.jit
@@ -200,14 +194,14 @@ def _ttt_mlp_step_kernel(
 
         acc_w1 += k[:, None] * weighted1[None, :]
         acc_w2 += weighted2[:, None] * x2[None, :]
-        _update_tile(w1_ptr + offsets1, acc_w1_ptr + offsets1, mask, acc_w1, active, commit, tau_last)
-        _update_tile(w2_ptr + offsets2, acc_w2_ptr + offsets2, mask, acc_w2, active, commit, tau_last)
-        _update_bias(c1_ptr + bh * N + n, acc_c1_ptr + bh * N + n, n_mask, acc_c1, active, commit, tau_last)
+        _write_state(w1_ptr + offsets1, acc_w1_ptr + offsets1, mask, acc_w1, active, commit, tau_last)
+        _write_state(w2_ptr + offsets2, acc_w2_ptr + offsets2, mask, acc_w2, active, commit, tau_last)
+        _write_state(c1_ptr + bh * N + n, acc_c1_ptr + bh * N + n, n_mask, acc_c1, active, commit, tau_last)
 
     z_q -= tau * x2_xq * weighted2
     out = q + _vector_layer_norm(z_q, ln_w, ln_b, col_mask, F, eps)
     tl.store(out_ptr + bh * F + cols, out, mask=col_mask)
-    _update_bias(c2_ptr + bh * F + cols, acc_c2_ptr + bh * F + cols, col_mask, acc_c2, active, commit, tau_last)
+    _write_state(c2_ptr + bh * F + cols, acc_c2_ptr + bh * F + cols, col_mask, acc_c2, active, commit, tau_last)
 
 
 def _on_triton_device(x: torch.Tensor) -> bool:
@@ -262,7 +256,7 @@ def ttt_step_triton(
     q, k, v: [B, H, f]; lr: [B, H]; tau: [b]; ln_weight, ln_bias: [H, 1, f]; position: [B] integer; active: [B].
     State and accumulator are updated in place and returned in the same lists' tensors when they are contiguous
     fp32 tensors owning their memory (as the cache's are after the first step); otherwise (e.g. the broadcast
-    initial parameters) the step writes fresh copies. No allocation but the output, no host sync.
+    initial parameters) the step writes fresh copies. No host sync.
     Returns the output [B, H, f] fp32, the new state and the new accumulator.
     """
     if not _on_triton_device(q):
@@ -288,7 +282,7 @@ def ttt_step_triton(
         q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
         ln_weight.float().contiguous(), ln_bias.float().contiguous(), position.contiguous(), active.contiguous(),
     )
-    common = dict(F=head_dim, F_PAD=f_pad, MB=tau.shape[0], num_warps=4)
+    common = {"F": head_dim, "F_PAD": f_pad, "MB": tau.shape[0], "num_warps": 4}
     block = max(TILE_ELEMENTS // f_pad, 1)
     if len(state) == 2:
         _ttt_linear_step_kernel[(batch * heads,)](
