@@ -274,7 +274,10 @@ def ttt_step_triton(
         )
     if [t.shape for t in acc] != [t.shape for t in state]:
         raise ValueError(f"acc must match the state's shapes {[tuple(t.shape) for t in state]}")
-    tensors = [t if _writable(t) else t.detach().float().contiguous().clone() for t in (*state, *acc)]
+    tensors = [
+        t if _writable(t) else t.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        for t in (*state, *acc)
+    ]
     batch, heads, head_dim = q.shape
     f_pad = triton.next_power_of_2(head_dim)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -286,8 +289,7 @@ def ttt_step_triton(
     block = max(TILE_ELEMENTS // f_pad, 1)
     if len(state) == 2:
         _ttt_linear_step_kernel[(batch * heads,)](
-            *inputs, tensors[0], tensors[1], tensors[2], tensors[3], out, heads, eps,
-            BLOCK=min(block, f_pad), **common,
+            *inputs, *tensors, out, heads, eps, BLOCK=min(block, f_pad), **common,
         )
     else:
         _ttt_mlp_step_kernel[(batch * heads,)](
