@@ -10,14 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
-import ttt_hf.tova.cache_tova as cache_tova
 from ttt_hf import TOVACache
+from ttt_hf.tova import cache_tova
 from ttt_hf.tova.tova_attention import last_query_scores
 
 pytest.importorskip("triton")
-from ttt_hf.tova.tova_triton import tova_evict_one_triton  # noqa: E402
+from ttt_hf.tova.tova_triton import tova_evict_one_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIXTURES = Path(__file__).parent / "fixtures" / "tova"
@@ -63,9 +68,8 @@ def random_case(batch, q_heads, kv_heads, n, dim, dtype=torch.float32, mask_kind
     elif mask_kind == "additive":
         bias = torch.where(real, -0.25 * torch.rand(batch, n, generator=generator), torch.finfo(dtype).min)
         mask = bias.to(dtype)[:, None, None, :].expand(batch, 1, 2, n)
-    to = dict(device=DEVICE)
-    return (query.to(dtype=dtype, **to), keys.to(dtype=dtype, **to), values.to(dtype=dtype, **to),
-            positions.contiguous().to(**to), None if mask is None else mask.to(**to))
+    return (query.to(DEVICE, dtype), keys.to(DEVICE, dtype), values.to(DEVICE, dtype), positions.contiguous().to(DEVICE),
+            None if mask is None else mask.to(DEVICE))
 
 
 def check_against_reference(case, scaling, tolerance=1e-6, **options):
@@ -74,7 +78,7 @@ def check_against_reference(case, scaling, tolerance=1e-6, **options):
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=tolerance)
     assert torch.equal(torch.isinf(got[0]), torch.isinf(expected[0]))
     n = case[1].shape[2]
-    evicted = torch.tensor([sorted(set(range(n)) - set(row.tolist()))[0] for row in expected[1].cpu()])
+    evicted = torch.tensor([min(set(range(n)) - set(row.tolist())) for row in expected[1].cpu()])
     assert torch.equal(got[1].cpu().long(), evicted)
     for tensor, reference in zip(got[2:5], expected[2:5]):
         assert torch.equal(tensor, reference)
@@ -129,12 +133,12 @@ def tiny_model(config, attn_implementation="sdpa"):
     return model
 
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             pad_token_id=0, bos_token_id=1, eos_token_id=None)
+SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None}
 MODELS = {
     "llama-gqa-padded": (lambda: LlamaConfig(**SMALL, num_key_value_heads=2), "sdpa", {}),
     "llama-mqa-window-sinks": (lambda: LlamaConfig(**SMALL, num_key_value_heads=1), "eager",
-                               dict(num_sink_tokens=2, policy="window")),
+                               {"num_sink_tokens": 2, "policy": "window"}),
     "gemma2-softcap": (lambda: Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=16, sliding_window=4,
                                             attn_logit_softcapping=5.0, final_logit_softcapping=None), "eager", {}),
 }

@@ -21,7 +21,12 @@ import os
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .tova_attention import install_attention_hooks, last_mask_row, last_query_scores, set_pending
+from .tova_attention import (
+    install_attention_hooks,
+    last_mask_row,
+    last_query_scores,
+    set_pending,
+)
 
 try:
     from .tova_triton import tova_evict_one_triton

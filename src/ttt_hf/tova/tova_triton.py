@@ -39,7 +39,7 @@ def _tova_scores_kernel(
 ):
     """MASK: 0 none, 1 boolean (True = attend), 2 additive (<= hidden_below = hidden).
     logits [B, Hq, n] fp32 is scratch; partial [B, Hkv, n] fp32 receives sum over the group of p(slot), -inf where hidden."""
-    row, kv_head = tl.program_id(0), tl.program_id(1)
+    row, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: row offsets of large batches
     kv_heads = tl.num_programs(1)
     heads = tl.arange(0, G_PAD)
     head_ok = heads < G
@@ -120,7 +120,7 @@ def _tova_evict_kernel(
     BLOCK: tl.constexpr, SHIFT_K: tl.constexpr, SHIFT_V: tl.constexpr,
 ):
     """Program (row, KV head, plane): plane 0 shifts the keys (and, for KV head 0, the positions), plane 1 the values."""
-    row, kv_head, plane = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row, kv_head, plane = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     first_program = (kv_head == 0) & (plane == 0)
     offsets = tl.arange(0, BLOCK)
     best = tl.full([], float("inf"), tl.float32)
