@@ -122,12 +122,13 @@ def test_supported_shapes_and_errors(monkeypatch):
             ttt_step_triton(state, acc, q, k, v, lr, tau, ln_w, ln_b, position, active)
 
 
-def test_mlp_model_decodes_the_same_with_both_backends():
+def test_mlp_model_decodes_the_same_with_both_backends(no_tf32):
     """A TTT-MLP model with kernel_backend="triton" decodes through the kernel (its prefill runs in torch): a
     left-padded prompt then steps crossing commits give the torch backend's logits; beam search (which
     reorders the cache between in-place steps) picks the same tokens."""
     model = tiny_model("mlp", hidden_size=32, num_attention_heads=2, num_hidden_layers=1, mini_batch_size=MB)  # f = 16
-    ids = random_ids(2, 13, vocab=96, seed=5)
+    model = model.to(DEVICE)
+    ids = random_ids(2, 13, vocab=96, seed=5).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     logits, generated = {}, {}
