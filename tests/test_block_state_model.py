@@ -94,7 +94,7 @@ def test_mf_never_builds_per_position_filter_outputs(monkeypatch):
     model = tiny_model(context_mode="mf")
     calls = []
     monkeypatch.setattr(modeling, "fft_causal_conv", lambda *a: calls.append(a) or None)
-    monkeypatch.setattr(modeling, "s4d_kernel", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(modeling, "s4d_causal_conv", lambda *a: calls.append(a) or None)
     ids = random_ids(2, 5 * W + 1, seed=6)
     with torch.no_grad():
         out = model(ids)
