@@ -35,7 +35,7 @@ def _tova_scores_kernel(
     n, scaling, softcap, hidden_below,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_mb, stride_mn,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK: tl.constexpr, SINKS: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK: tl.constexpr, SINKS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """MASK: 0 none, 1 boolean (True = attend), 2 additive (<= hidden_below = hidden).
     logits [B, Hq, n] fp32 is scratch; partial [B, Hkv, n] fp32 receives sum over the group of p(slot), -inf where hidden."""
@@ -50,7 +50,7 @@ def _tova_scores_kernel(
     q = tl.load(
         q_ptr + row * stride_qb + (kv_head * G + heads)[:, None] * stride_qh + dims[None, :],
         mask=head_ok[:, None] & dim_ok[None, :], other=0.0,
-    ).to(tl.float32)
+    )
     k_head = k_ptr + row * stride_kb + kv_head * stride_kh
     logit_rows = logits_ptr + ((row * kv_heads + kv_head) * G + heads)[:, None] * n
     row_max = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -60,8 +60,12 @@ def _tova_scores_kernel(
         slots = start + offsets
         valid = slots < n
         k = tl.load(k_head + slots[:, None] * stride_kn + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
-        # fp32 products and sums, as the reference computes them (IEEE: no TF32 rounding of the inputs).
-        logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
+        # fp32 products and sums as in the reference: 16-bit products are exact in the fp32 accumulator; fp32
+        # inputs use IEEE (no TF32 rounding). UPCAST also on CPU, where the interpreter's bf16 dot is wrong.
+        if UPCAST:
+            logits = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
+        else:
+            logits = tl.dot(q, tl.trans(k)) * scaling
         if SOFTCAP:
             logits = softcap * (2.0 * tl.sigmoid(2.0 * logits / softcap) - 1.0)  # softcap * tanh(logits / softcap)
         hidden = ~valid
@@ -212,6 +216,7 @@ def tova_evict_one_triton(
             mask_row.stride(0), mask_row.stride(1),
             G=group, G_PAD=_pad(group), D=head_dim, D_PAD=dk, BLOCK=SCORE_BLOCK,
             SOFTCAP=softcap is not None, MASK=mask_kind, SINKS=sinks is not None,
+            UPCAST=query.dtype == torch.float32 or not query.is_cuda,
         )
         _tova_evict_kernel[(batch, kv_heads, 2)](
             partial, positions, keys, values, scores, evicted,
