@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttt_hf import BlockStateConfig, BlockStateForCausalLM
-from ttt_hf.block_state.modeling_block_state import BlockStateAttention, BlockStateModel, apply_rope
+from ttt_hf.block_state.modeling_block_state import (
+    BlockStateAttention,
+    BlockStateModel,
+    apply_rope,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "kernels" / "results"
@@ -126,10 +131,10 @@ def layer_benchmark(args) -> list[dict]:
         layout, _ = BlockStateModel._layout(SimpleNamespace(config=fast.config), mask, torch.zeros_like(mask[:, 0], dtype=torch.long))
         position = layout.position
         candidates = {
-            "bst (auto)": lambda: fast(x, layout),
-            "bst (torch reference)": lambda: reference(x, layout),
-            "full attention": lambda: full(x, position),
-            "sliding window": lambda: window(x, position),
+            "bst (auto)": partial(fast, x, layout),
+            "bst (torch reference)": partial(reference, x, layout),
+            "full attention": partial(full, x, position),
+            "sliding window": partial(window, x, position),
         }
         if length == args.lengths[0]:
             with torch.no_grad():
@@ -144,7 +149,7 @@ def layer_benchmark(args) -> list[dict]:
                 with torch.no_grad():
                     forward()
 
-            def fwd_bwd(forward=forward):
+            def fwd_bwd(forward=forward, x=x):
                 forward().float().sum().backward()
                 x.grad = None
 
@@ -178,11 +183,11 @@ def model_benchmark(args) -> list[dict]:
             for batch in args.model_batches:
                 ids = torch.randint(3, bst_config.vocab_size, (batch, length), device="cuda")
 
-                def fwd():
+                def fwd(model=model, ids=ids):
                     with torch.no_grad():
                         model(ids, use_cache=False)
 
-                def fwd_bwd():
+                def fwd_bwd(model=model, ids=ids):
                     model(ids, labels=ids, use_cache=False).loss.backward()
                     model.zero_grad(set_to_none=True)
 
@@ -193,7 +198,6 @@ def model_benchmark(args) -> list[dict]:
                     result[f"{key}_tokens_per_s"] = ms if isinstance(ms, str) else round(batch * length / ms * 1e3)
                 rows.append(result)
                 print(rows[-1], flush=True)
-        del model
         torch.cuda.empty_cache()
     return rows
 
@@ -206,7 +210,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",")]
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=ints, default=[4096, 16384, 65536])
     parser.add_argument("--batch", type=int, default=4)

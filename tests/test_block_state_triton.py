@@ -6,13 +6,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does the same)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from block_state_testing import random_ids, tiny_model  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
+from block_state_testing import random_ids, tiny_model
 
-from ttt_hf.block_state import block_state_triton, ssm_ops  # noqa: E402
-from ttt_hf.block_state.modeling_block_state import apply_rope  # noqa: E402
+from ttt_hf.block_state import block_state_triton, ssm_ops
+from ttt_hf.block_state.modeling_block_state import apply_rope
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -20,13 +20,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _s4d_parameters(filters, features, modes, seed=0, device="cpu"):
     """Raw S4D parameters as BlockStateS4D holds them, with dt up to ~0.7 so every lag matters."""
     g = torch.Generator().manual_seed(seed)
-    params = dict(
-        log_a_real=math.log(0.5) + 0.1 * torch.randn(filters, features, modes, generator=g),
-        a_imag=math.pi * torch.arange(modes).float() + 0.1 * torch.randn(filters, features, modes, generator=g),
-        log_dt=torch.empty(filters, features).uniform_(math.log(1e-3), math.log(0.7), generator=g),
-        c=torch.randn(filters, features, modes, 2, generator=g),
-        skip=torch.randn(filters, features, generator=g),
-    )
+    params = {
+        "log_a_real": math.log(0.5) + 0.1 * torch.randn(filters, features, modes, generator=g),
+        "a_imag": math.pi * torch.arange(modes).float() + 0.1 * torch.randn(filters, features, modes, generator=g),
+        "log_dt": torch.empty(filters, features).uniform_(math.log(1e-3), math.log(0.7), generator=g),
+        "c": torch.randn(filters, features, modes, 2, generator=g),
+        "skip": torch.randn(filters, features, generator=g),
+    }
     return {name: value.to(device).requires_grad_() for name, value in params.items()}
 
 
