@@ -191,7 +191,7 @@ def model_benchmark(args) -> list[dict]:
                     model(ids, labels=ids, use_cache=False).loss.backward()
                     model.zero_grad(set_to_none=True)
 
-                attention = getattr(model.config, "_attn_implementation", None) or "block-state"
+                attention = model.config._attn_implementation if name == "llama" else "blocks: 2H-head is_causal SDPA"
                 result = dict(model=name, attention=attention, params_m=round(params, 1), length=length, batch=batch)
                 for key, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
                     ms = measure(fn, 2)
