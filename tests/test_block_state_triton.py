@@ -4,10 +4,12 @@ at tiny sizes; on CUDA at real sizes), the dispatch rule, and the fused 2H-head 
 import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does the same)
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the kernels run in the interpreter; set before triton is imported (as conftest)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch.nn.functional as F
 from block_state_testing import random_ids, tiny_model
 
@@ -124,8 +126,12 @@ def test_dispatch_rule(monkeypatch):
     ssm_ops.s4d_kernel(dt_a, db, 8, "auto")
     ssm_ops.s4d_kernel(dt_a, db, 8, "torch")
     assert calls == []  # "auto" on CPU runs the reference, as does "torch"
-    ssm_ops.s4d_kernel(dt_a, db, 8, "triton")
-    assert len(calls) == 1  # "triton" on CPU runs the kernel in the interpreter
+    if torch.cuda.is_available():
+        ssm_ops.s4d_kernel(dt_a.cuda(), db.cuda(), 8, "auto")
+        assert len(calls) == 1  # "auto" on CUDA runs the kernel
+    else:
+        ssm_ops.s4d_kernel(dt_a, db, 8, "triton")
+        assert len(calls) == 1  # "triton" on CPU runs the kernel in the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ssm_ops.s4d_kernel(dt_a, db, 8, "triton")
