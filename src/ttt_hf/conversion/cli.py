@@ -34,6 +34,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="store the weights in this dtype")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="JAX only: override a config field the weights do not determine (repeatable)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="save this tokenizer (a local folder, e.g. Llama-2's) into DST; the releases ship none")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -49,11 +51,12 @@ def run_convert(args: argparse.Namespace) -> int:
         if kind == "pytorch":
             if overrides:
                 raise ValueError("--set applies to JAX checkpoints only (a ttt-lm-pytorch folder has its config.json)")
-            out = convert_ttt_pytorch(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
+            out = convert_ttt_pytorch(args.src, args.dst, dtype=dtype, overwrite=args.overwrite,
+                                      tokenizer=args.tokenizer)
         else:
             out = convert_ttt_jax(args.src, args.dst, dtype=dtype, overwrite=args.overwrite, progress=not args.quiet,
-                                  **overrides)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+                                  tokenizer=args.tokenizer, **overrides)
+    except (ValueError, TypeError, OSError) as error:  # OSError: missing or existing paths
         print(f"ttt-hf convert: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""Pieces shared by the converters: the atomic output folder and the key check."""
+"""Pieces shared by the converters: the atomic output folder, the key check, the tokenizer to ship."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
 @contextlib.contextmanager
@@ -54,3 +56,16 @@ def check_keys(mapped: dict[str, str], expected: dict[str, tuple[int, ...]], sha
         problems.append(f"keys with the wrong shape: {'; '.join(mis_shaped)}")
     if problems:
         raise ValueError("cannot convert this checkpoint: " + " | ".join(problems))
+
+
+def load_tokenizer(tokenizer: str | Path | None) -> PreTrainedTokenizerBase | None:
+    """The tokenizer to save beside the converted weights (the official checkpoints ship none; `ttt-hf perplexity`
+    and `generate` need one): a local folder or a Hub id already in the cache. Loaded before the conversion
+    starts, so a wrong path fails before gigabytes are read."""
+    if tokenizer is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"tokenizer {str(tokenizer)!r} is neither a tokenizer folder nor a cached Hub id: {error}") \
+            from error

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..ttt.configuration_ttt import TTTConfig
 from ..ttt.modeling_ttt import TTTForCausalLM
-from .common import atomic_output_dir, check_keys
+from .common import atomic_output_dir, check_keys, load_tokenizer
 
 _FLAX_NDARRAY_EXT = 1  # flax.serialization's msgpack extension code for numpy arrays
 _TRAIN_STATE_PREFIX = ("params", "params")
@@ -44,7 +44,7 @@ def _decode_array(serialized: bytes) -> np.ndarray:
 
     array = msgpack.unpackb(serialized, raw=False, ext_hook=ext_hook)
     if not isinstance(array, np.ndarray):
-        raise ValueError(f"a checkpoint record holds {type(array).__name__}, not an array")
+        raise TypeError(f"a checkpoint record holds {type(array).__name__}, not an array")
     return array
 
 
@@ -144,23 +144,23 @@ def infer_config(shapes: dict[Key, tuple[int, ...]], **overrides: Any) -> TTTCon
     heads, _ = shape(*block, "seq_modeling_block", "ttt_norm/scale")
     mlp = (*block, "seq_modeling_block", "ttt_dense_1") in shapes
     pre_conv = (*block, "conv", "conv1", "kernel") in shapes
-    values: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=len(layers),
-        num_attention_heads=heads,
-        intermediate_size=shape(*block, "feed_forward", "w1", "kernel")[1],
-        mini_batch_size=shape(*block, "seq_modeling_block", "learnable_token_idx")[0],
-        ttt_layer_type="mlp" if mlp else "linear",
-        ttt_base_lr=0.1 if mlp else 1.0,  # the official values (ttt-lm-jax CONFIGS)
-        pre_conv=pre_conv,
-        conv_kernel=shape(*block, "conv", "conv1", "kernel")[0] if pre_conv else 4,
-        share_qk=(*block, "seq_modeling_block", "wk", "kernel") not in shapes,
-        use_gate=(*block, "seq_modeling_block", "wg", "kernel") in shapes,
-        tie_word_embeddings=True,
-        use_cache=True,
-        architectures=["TTTForCausalLM"],
-    )
+    values: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": heads,
+        "intermediate_size": shape(*block, "feed_forward", "w1", "kernel")[1],
+        "mini_batch_size": shape(*block, "seq_modeling_block", "learnable_token_idx")[0],
+        "ttt_layer_type": "mlp" if mlp else "linear",
+        "ttt_base_lr": 0.1 if mlp else 1.0,  # the official values (ttt-lm-jax CONFIGS)
+        "pre_conv": pre_conv,
+        "conv_kernel": shape(*block, "conv", "conv1", "kernel")[0] if pre_conv else 4,
+        "share_qk": (*block, "seq_modeling_block", "wk", "kernel") not in shapes,
+        "use_gate": (*block, "seq_modeling_block", "wg", "kernel") in shapes,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "architectures": ["TTTForCausalLM"],
+    }
     for name in overrides:
         if not hasattr(TTTConfig(), name):
             raise ValueError(f"unknown TTTConfig field in the overrides: {name!r}")
@@ -203,14 +203,17 @@ def convert_ttt_jax(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    tokenizer: str | Path | None = None,
     **overrides: Any,
 ) -> Path:
     """Converts an official ttt-lm-jax streaming checkpoint into a ttt_hf folder (weights, config,
     generation config, model code for trust_remote_code, model card). Refuses unknown, missing or
-    mis-shaped keys, naming them; the output folder appears only when complete."""
+    mis-shaped keys, naming them; the output folder appears only when complete. `tokenizer` (a folder or a
+    cached Hub id; the releases use Llama-2's) is saved into the folder too."""
     checkpoint, dst = Path(checkpoint), Path(dst)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a file (pass the checkpoint file, e.g. streaming_train_state)")
+    tokenizer_to_save = load_tokenizer(tokenizer)
     digest = hashlib.sha256()
     with checkpoint.open("rb") as file:
         for block in iter(lambda: file.read(1 << 24), b""):
@@ -243,6 +246,8 @@ def convert_ttt_jax(
     model.eval()
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        if tokenizer_to_save is not None:
+            tokenizer_to_save.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(config, checkpoint, digest.hexdigest()), encoding="utf-8")
         (tmp / "conversion.json").write_text(
             json.dumps({"source": checkpoint.name, "sha256": digest.hexdigest(), "format": "ttt-lm-jax streaming"}, indent=2)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ..ttt.configuration_ttt import TTTConfig
 from ..ttt.modeling_ttt import TTTForCausalLM
-from .common import atomic_output_dir, check_keys
+from .common import atomic_output_dir, check_keys, load_tokenizer
 
 # Official module names -> ours; every other name is the same in both.
 _RENAMES = [
@@ -38,7 +38,11 @@ def _load_official_weights(src: Path) -> dict[str, torch.Tensor]:
 
 
 def convert_ttt_pytorch(
-    src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
+    src: str | Path,
+    dst: str | Path,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> Path:
     """Converts a ttt-lm-pytorch checkpoint folder into a ttt_hf folder that `AutoModelForCausalLM` loads.
 
@@ -47,6 +51,7 @@ def convert_ttt_pytorch(
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src / 'config.json'} not found")
+    tokenizer_to_save = load_tokenizer(tokenizer)
     config = TTTConfig.from_json_file(str(src / "config.json"))
     config.use_cache = True
     config.architectures = ["TTTForCausalLM"]
@@ -75,4 +80,6 @@ def convert_ttt_pytorch(
     model.eval()
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        if tokenizer_to_save is not None:
+            tokenizer_to_save.save_pretrained(tmp)
     return dst
