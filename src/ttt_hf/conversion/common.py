@@ -1,4 +1,5 @@
-"""Pieces shared by the converters: the atomic output folder, the key check, the tokenizer to ship."""
+"""Pieces shared by the converters: the atomic output folder, the key check, the tokenizer to ship, and the
+final step (check the mapped weights against the model, save the folder)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..ttt.configuration_ttt import TTTConfig
+from ..ttt.modeling_ttt import TTTForCausalLM
 
 
 @contextlib.contextmanager
@@ -69,3 +74,33 @@ def load_tokenizer(tokenizer: str | Path | None) -> PreTrainedTokenizerBase | No
     except (OSError, ValueError) as error:
         raise ValueError(f"tokenizer {str(tokenizer)!r} is neither a tokenizer folder nor a cached Hub id: {error}") \
             from error
+
+
+def save_converted(
+    config: TTTConfig,
+    weights: dict[str, torch.Tensor],
+    sources: dict[str, str],
+    dst: str | Path,
+    overwrite: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Checks `weights` (ttt_hf names; `sources` maps them to the checkpoint's names for the error message)
+    against a `TTTForCausalLM(config)` built on the meta device, then saves the model, the tokenizer and
+    `extra_files` ({name: text}) into `dst`, which appears only once complete."""
+    with torch.device("meta"):
+        model = TTTForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    check_keys(sources, expected, {k: tuple(v.shape) for k, v in weights.items()})
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(dst)

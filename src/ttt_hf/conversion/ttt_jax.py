@@ -20,8 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ttt.configuration_ttt import TTTConfig
-from ..ttt.modeling_ttt import TTTForCausalLM
-from .common import atomic_output_dir, check_keys, load_tokenizer
+from .common import load_tokenizer, save_converted
 
 _FLAX_NDARRAY_EXT = 1  # flax.serialization's msgpack extension code for numpy arrays
 _TRAIN_STATE_PREFIX = ("params", "params")
@@ -48,17 +47,31 @@ def _decode_array(serialized: bytes) -> np.ndarray:
     return array
 
 
-def read_parameters(path: str | Path, progress: bool = True) -> Iterator[tuple[Key, np.ndarray]]:
+class _HashingReader:
+    """A binary file whose bytes also feed `digest` as they are read (one pass for the records and the hash)."""
+
+    def __init__(self, file, digest) -> None:
+        self.file, self.digest = file, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.digest.update(data)
+        return data
+
+
+def read_parameters(path: str | Path, progress: bool = True, digest=None) -> Iterator[tuple[Key, np.ndarray]]:
     """Streams the model parameters of a ttt-lm-jax checkpoint as (key path without prefix, fp32/int array).
 
     Works on a full train state (`streaming_train_state`: parameters under params/params/, optimizer state
-    skipped) and on a params-only file (`streaming_params`). One record is in memory at a time.
+    skipped) and on a params-only file (`streaming_params`). One record is in memory at a time. A hashlib
+    `digest` receives every byte of the file.
     """
     path = Path(path)
     with path.open("rb") as file, tqdm(
         total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=not progress
     ) as bar:
-        unpacker = msgpack.Unpacker(file, raw=False, max_buffer_size=0)
+        source = file if digest is None else _HashingReader(file, digest)
+        unpacker = msgpack.Unpacker(source, raw=False, max_buffer_size=0)
         position = 0
         for record in unpacker:
             bar.update(unpacker.tell() - position)
@@ -215,15 +228,12 @@ def convert_ttt_jax(
         raise FileNotFoundError(f"{checkpoint} is not a file (pass the checkpoint file, e.g. streaming_train_state)")
     tokenizer_to_save = load_tokenizer(tokenizer)
     digest = hashlib.sha256()
-    with checkpoint.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
 
     weights: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     shapes: dict[Key, tuple[int, ...]] = {}
     unknown: list[str] = []
-    for key, array in read_parameters(checkpoint, progress=progress):
+    for key, array in read_parameters(checkpoint, progress=progress, digest=digest):
         shapes[key] = array.shape
         mapped = jax_to_ttt_hf_key(key)
         if mapped is None:
@@ -237,19 +247,9 @@ def convert_ttt_jax(
         raise ValueError(f"cannot convert this checkpoint: unknown keys in the checkpoint: {', '.join(sorted(unknown))}")
 
     config = infer_config(shapes, **overrides)
-    with torch.device("meta"):
-        model = TTTForCausalLM(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    check_keys(sources, expected, {k: tuple(v.shape) for k, v in weights.items()})
-    model.load_state_dict(weights, strict=False, assign=True)
-    model.tie_weights()
-    model.eval()
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer_to_save is not None:
-            tokenizer_to_save.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(config, checkpoint, digest.hexdigest()), encoding="utf-8")
-        (tmp / "conversion.json").write_text(
-            json.dumps({"source": checkpoint.name, "sha256": digest.hexdigest(), "format": "ttt-lm-jax streaming"}, indent=2)
-        )
-    return dst
+    provenance = {"source": checkpoint.name, "sha256": digest.hexdigest(), "format": "ttt-lm-jax streaming"}
+    return save_converted(
+        config, weights, sources, dst, overwrite=overwrite, tokenizer=tokenizer_to_save,
+        extra_files={"README.md": _model_card(config, checkpoint, digest.hexdigest()),
+                     "conversion.json": json.dumps(provenance, indent=2)},
+    )

@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..ttt.configuration_ttt import TTTConfig
-from ..ttt.modeling_ttt import TTTForCausalLM
-from .common import atomic_output_dir, check_keys, load_tokenizer
+from .common import load_tokenizer, save_converted
 
 # Official module names -> ours; every other name is the same in both.
 _RENAMES = [
@@ -66,20 +65,6 @@ def convert_ttt_pytorch(
     weights = {official_to_ttt_hf_key(k): v for k, v in official.items()}
     sources = {official_to_ttt_hf_key(k): k for k in official}
 
-    with torch.device("meta"):
-        model = TTTForCausalLM(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    check_keys(sources, expected, {k: tuple(v.shape) for k, v in weights.items()})
-
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    model.load_state_dict(weights, strict=False, assign=True)
-    model.tie_weights()
-    model.eval()
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer_to_save is not None:
-            tokenizer_to_save.save_pretrained(tmp)
-    return dst
+    return save_converted(config, weights, sources, dst, overwrite=overwrite, tokenizer=tokenizer_to_save)
