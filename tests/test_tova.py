@@ -1,19 +1,14 @@
 """TOVACache on tiny random decoders of every supported family, and against the official TOVA code."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
+from tova_testing import CASES, assert_kept_positions, official_generation
 from ttt_hf import TOVACache, TTTConfig, TTTForCausalLM
 from ttt_hf.tova.tova_attention import last_query_scores
 
-FIXTURES = Path(__file__).parent / "fixtures" / "tova"
-CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=None, max_position_embeddings=512)
 FAMILIES = {
@@ -51,18 +46,9 @@ def ids(batch, length, seed=0):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_reproduces_the_official_generations(case, attn_implementation):
-    folder = FIXTURES / case
-    meta = json.loads((folder / "meta.json").read_text())
-    config = LlamaConfig.from_json_file(str(folder / "config.json"))
-    config._attn_implementation = attn_implementation
-    model = LlamaForCausalLM(config).eval()
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    data = load_file(folder / "data.safetensors")
-    cache = TOVACache(meta["N_cache_size"])
-    out = model.generate(data["input_ids"], past_key_values=cache, max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
+    out, data, cache = official_generation(case, attn_implementation)
     assert torch.equal(out, data["generated"])
-    for i in range(config.num_hidden_layers):
-        assert torch.equal(cache.kept_positions(i)[0].sort().values, data[f"kept_positions_layer{i}"])
+    assert_kept_positions(cache, data)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

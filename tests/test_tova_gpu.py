@@ -1,33 +1,20 @@
 """TOVA on a CUDA device (skipped without one): the official generations under sdpa, bf16 models."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tova_testing import CASES, official_generation
 from ttt_hf import TOVACache
 
 pytestmark = pytest.mark.gpu
-FIXTURES = Path(__file__).parent / "fixtures" / "tova"
 
 
-@pytest.mark.parametrize("case", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+@pytest.mark.parametrize("case", CASES)
 def test_official_generations_on_cuda(case):
     torch.backends.cuda.matmul.allow_tf32 = False
-    folder = FIXTURES / case
-    meta = json.loads((folder / "meta.json").read_text())
-    config = LlamaConfig.from_json_file(str(folder / "config.json"))
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).eval()
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    model.cuda()
-    data = load_file(folder / "data.safetensors")
-    out = model.generate(data["input_ids"].cuda(), past_key_values=TOVACache(meta["N_cache_size"]),
-                         max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
-    assert torch.equal(out.cpu(), data["generated"])
+    out, data, _ = official_generation(case, device="cuda")
+    assert torch.equal(out, data["generated"])
 
 
 def test_bf16_padded_batch_stays_within_budget():

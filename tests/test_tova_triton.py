@@ -4,19 +4,16 @@ CPU: Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU), tiny
 repeat the comparisons at real sizes and in bf16.
 """
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     LlamaConfig,
-    LlamaForCausalLM,
 )
 
+from tova_testing import CASES, assert_kept_positions, official_generation
 from ttt_hf import TOVACache
 from ttt_hf.tova import cache_tova
 from ttt_hf.tova.tova_attention import last_query_scores
@@ -25,7 +22,6 @@ pytest.importorskip("triton")
 from ttt_hf.tova.tova_triton import tova_evict_one_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FIXTURES = Path(__file__).parent / "fixtures" / "tova"
 
 
 def reference_eviction(query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0,
@@ -167,19 +163,9 @@ def test_generation_with_the_kernel_equals_the_torch_path(name, monkeypatch):
 
 
 def test_reproduces_an_official_generation_with_the_kernel():
-    folder = FIXTURES / "prompt_shorter"
-    meta = json.loads((folder / "meta.json").read_text())
-    config = LlamaConfig.from_json_file(str(folder / "config.json"))
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).eval()
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    data = load_file(folder / "data.safetensors")
-    cache = TOVACache(meta["N_cache_size"], kernel_backend="triton")
-    out = model.to(DEVICE).generate(data["input_ids"].to(DEVICE), past_key_values=cache,
-                                    max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
-    assert torch.equal(out.cpu(), data["generated"])
-    for i in range(config.num_hidden_layers):
-        assert torch.equal(cache.kept_positions(i)[0].sort().values.cpu(), data[f"kept_positions_layer{i}"])
+    out, data, cache = official_generation("prompt_shorter", device=DEVICE, kernel_backend="triton")
+    assert torch.equal(out, data["generated"])
+    assert_kept_positions(cache, data)
 
 
 def test_auto_uses_the_kernel_only_on_cuda(monkeypatch):
@@ -224,18 +210,10 @@ def test_real_sizes_on_cuda(dtype, mask_kind, no_tf32):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+@pytest.mark.parametrize("case", CASES)
 def test_official_generations_with_the_kernel_on_cuda(case, no_tf32):
-    folder = FIXTURES / case
-    meta = json.loads((folder / "meta.json").read_text())
-    config = LlamaConfig.from_json_file(str(folder / "config.json"))
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).eval()
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    data = load_file(folder / "data.safetensors")
-    out = model.cuda().generate(data["input_ids"].cuda(), past_key_values=TOVACache(meta["N_cache_size"], kernel_backend="triton"),
-                                max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
-    assert torch.equal(out.cpu(), data["generated"])
+    out, data, _ = official_generation(case, device="cuda", kernel_backend="triton")
+    assert torch.equal(out, data["generated"])
 
 
 @pytest.mark.gpu
