@@ -19,10 +19,8 @@ kernels/results/block_state.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -36,8 +34,8 @@ from ttt_hf.block_state.modeling_block_state import (
     apply_rope,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "kernels" / "results"
+from bench_common import RESULTS, ROOT, cuda_time, save_results
+
 
 try:
     from flash_attn import flash_attn_func
@@ -86,22 +84,9 @@ def _blockwise_window(q, k, v, window):
     return F.scaled_dot_product_attention(split(q), k2, v2, attn_mask=mask).reshape(batch, heads, length, dim)
 
 
-def timed(fn, reps: int) -> float:
-    """Milliseconds per call: one warm-up call, then `reps` calls between CUDA events."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def measure(fn, reps: int) -> float | str:
     try:
-        return round(timed(fn, reps), 3)
+        return round(cuda_time(fn, reps) * 1e3, 3)
     except torch.OutOfMemoryError:
         return "OOM"
     finally:
@@ -239,10 +224,9 @@ def main() -> None:
     if models:
         print("\n## Whole model tokens/s (bf16)\n")
         print(markdown(models))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = dict(device=device, torch=torch.__version__, args=vars(args), layers=layers, models=models,
                    window_impl="flash_attn" if flash_attn_func else "blockwise_sdpa", seconds=round(time.time() - started))
-    (RESULTS / "block_state.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results("block_state.json", payload)
     print(f"\nwrote {RESULTS / 'block_state.json'} in {payload['seconds']} s")
 
 

@@ -17,10 +17,7 @@ Prints markdown tables and writes kernels/results/tova.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +29,7 @@ from ttt_hf import TOVACache
 from ttt_hf.tova.tova_attention import last_query_scores
 from ttt_hf.tova.tova_triton import tova_evict_one_triton
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench_common import cuda_time, save_results
 
 
 def host_us(fn, calls: int = 50) -> float:
@@ -106,16 +103,7 @@ def decode(model, cache, token: torch.Tensor, steps: int) -> dict:
         nonlocal token
         token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
-    for _ in range(3):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
+    ms = cuda_time(step, steps, warmup=3) * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -207,11 +195,7 @@ def main() -> None:
     if not args.skip_model:
         results.update(model_benchmark(args, budgets))
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    text, name = json.dumps(results, indent=2), "tova_cudnn_sdpa.json" if args.cudnn_sdpa else "tova.json"
-    (RESULTS / name).write_text(text)
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / name).write_text(text)
+    save_results("tova_cudnn_sdpa.json" if args.cudnn_sdpa else "tova.json", results)
 
 
 if __name__ == "__main__":

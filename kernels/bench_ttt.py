@@ -11,8 +11,6 @@ writes kernels/results/ttt_ops.json and kernels/results/ttt_ops.png.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,7 +19,8 @@ from triton.testing import do_bench
 
 from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench_common import cuda_time, result_paths, save_results
+
 MB = 16
 
 
@@ -52,15 +51,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def ms(fn, quick: bool = False) -> float:
     if quick:  # seconds-long reference runs: one warm-up, few repeats
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(2):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 2
+        return cuda_time(fn, 2) * 1e3
     return do_bench(fn, warmup=25, rep=100)
 
 
@@ -172,12 +163,8 @@ def main() -> None:
         results["decode"][f"{batch}x{heads}"] = row
         print(f"| {batch} x {heads} | {row['triton_us']:.1f} | {row['torch_us']:.1f} |")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2)
-    (RESULTS / "ttt_ops.json").write_text(text)
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "ttt_ops.json").write_text(text)
-    plot(results, [RESULTS / "ttt_ops.png"] + ([Path(os.environ["OUT"]) / "ttt_ops.png"] if os.environ.get("OUT") else []))
+    save_results("ttt_ops.json", results)
+    plot(results, result_paths("ttt_ops.png"))
 
 
 def plot(results: dict, paths: list[Path]) -> None:

@@ -10,34 +10,17 @@ Prints markdown tables and writes kernels/results/ttt_decode.json (and $OUT/ttt_
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
 import torch
 
-from ttt_hf import TTTConfig, TTTForCausalLM
+from ttt_hf import TTTForCausalLM
 from ttt_hf.ttt.cache_ttt import TTTCache
 from ttt_hf.ttt.ttt_ops import ttt_step_torch
 from ttt_hf.ttt.ttt_triton_decode import ttt_step_triton
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "kernels" / "results"
+from bench_common import cuda_time, save_results, ttt_model
+
 MINI_BATCH = 16
-
-
-def cuda_time(fn, repeats: int, warmup: int = 3) -> float:
-    """Mean seconds of `fn()` over `repeats` runs after `warmup` runs (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
 
 
 def as_graph(fn):
@@ -83,17 +66,10 @@ def bench_step(layer_type: str, batch: int, heads: int, head_dim: int, dtype: to
 
     row = {}
     for name, fn in (("triton", triton_step), ("torch", torch_step)):
-        row[f"{name}_us"] = cuda_time(fn, repeats) * 1e6
-        row[f"{name}_graph_us"] = cuda_time(as_graph(fn), repeats) * 1e6
+        row[f"{name}_us"] = cuda_time(fn, repeats, warmup=3) * 1e6
+        row[f"{name}_graph_us"] = cuda_time(as_graph(fn), repeats, warmup=3) * 1e6
     row["triton_graph_gb_per_s"] = state_bytes(state) / row["triton_graph_us"] / 1e3
     return row
-
-
-def ttt_model(name: str, backend: str, dtype: torch.dtype) -> TTTForCausalLM:
-    config = TTTConfig.from_json_file(ROOT / "configs" / f"{name}.json")
-    config.kernel_backend = backend
-    torch.manual_seed(0)
-    return TTTForCausalLM(config).to("cuda", dtype).eval()
 
 
 _CACHE_FIELDS = ("ttt_state", "ttt_acc", "pre_conv_state", "qk_conv_state")
@@ -149,7 +125,7 @@ def bench_model(name: str, backend: str, batch: int, context: int, steps: int) -
     def eager_step():
         token.copy_(model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1))
 
-    row = {"eager_tokens_per_s": batch / cuda_time(eager_step, steps)}
+    row = {"eager_tokens_per_s": batch / cuda_time(eager_step, steps, warmup=3)}
     replay = capture_decode_step(model, cache, token)
     start, snapshot = token.clone(), [t.clone() for t in cache_tensors(cache)]
     inputs = cache_tensors(cache)
@@ -165,7 +141,7 @@ def bench_model(name: str, backend: str, batch: int, context: int, steps: int) -
             generated.append(token.clone())
         tokens[variant] = torch.cat(generated, 1)
     row["graph_matches_eager"] = bool(torch.equal(tokens["graph"], tokens["eager"]))
-    row["graph_tokens_per_s"] = batch / cuda_time(replay, steps)
+    row["graph_tokens_per_s"] = batch / cuda_time(replay, steps, warmup=3)
     return row
 
 
@@ -199,10 +175,7 @@ def main() -> None:
                   f"| {row['graph_matches_eager']} |")
             torch.cuda.empty_cache()
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ttt_decode.json").write_text(json.dumps(results, indent=2))
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "ttt_decode.json").write_text(json.dumps(results, indent=2))
+    save_results("ttt_decode.json", results)
 
 
 if __name__ == "__main__":

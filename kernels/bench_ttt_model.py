@@ -9,28 +9,14 @@ Prints markdown tables and writes kernels/results/ttt_model.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from ttt_hf import TTTConfig, TTTForCausalLM
+from ttt_hf import TTTConfig
 from ttt_hf.ttt.cache_ttt import TTTCache
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "kernels" / "results"
-
-
-def ttt_model(name: str, backend: str, dtype: torch.dtype, **overrides) -> TTTForCausalLM:
-    config = TTTConfig.from_json_file(ROOT / "configs" / f"{name}.json")
-    config.kernel_backend = backend
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.max_position_embeddings = 1 << 16
-    torch.manual_seed(0)
-    return TTTForCausalLM(config).to("cuda", dtype)
+from bench_common import ROOT, cuda_time, save_results, ttt_model
 
 
 def llama_like(config: TTTConfig, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -42,20 +28,6 @@ def llama_like(config: TTTConfig, dtype: torch.dtype) -> LlamaForCausalLM:
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(llama).to("cuda", dtype)
-
-
-def cuda_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Mean seconds of `fn()` over `repeats` runs after `warmup` runs (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
 
 
 def training_throughput(model, batch: int, length: int, repeats: int) -> dict:
@@ -149,10 +121,7 @@ def main() -> None:
     results["decode"][f"Llama 1.3B DynamicCache @ {context}"] = row
     print(f"| Llama 1.3B (DynamicCache) | {context} | {row['ms_per_token']:.2f} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} |")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ttt_model.json").write_text(json.dumps(results, indent=2))
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "ttt_model.json").write_text(json.dumps(results, indent=2))
+    save_results("ttt_model.json", results)
 
 
 if __name__ == "__main__":
