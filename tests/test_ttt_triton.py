@@ -5,7 +5,7 @@ import pytest
 import torch
 from ttt_testing import random_ids, tiny_model
 
-from ttt_hf.ttt import ttt_ops
+from ttt_hf.ttt import ttt_ops, ttt_triton
 from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
 from ttt_hf.ttt.ttt_triton import ttt_linear_chunk_triton
 
@@ -62,6 +62,12 @@ def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_min
     # row 0 starts mid mini-batch and ends mid one (keeps its accumulator); row 1 is right-padded; head_dim 24
     # is padded to 32 inside the kernel; groups of 2 leave a last group of 1 (3 mini-batches).
     check_chunk(2, 2, 40, head_dim, start=[5, 32], length=[40, 27], checkpoint_group=checkpoint_group)
+
+
+def test_forward_in_segments_hands_the_state_on(monkeypatch):
+    # Room for the start states of two mini-batches of all 4 (row, head) pairs: 3 mini-batches run as 2 + 1.
+    monkeypatch.setattr(ttt_triton, "START_STATE_BYTES", 2 * 4 * 16 * 16 * 4)
+    check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], checkpoint_group=2)
 
 
 def test_chunk_gradients_when_only_the_output_is_used():

@@ -1,9 +1,12 @@
 """Triton kernels of TTT-Linear's chunked dual form (prefill and training, forward and backward); the decode
 step is in `ttt_triton_decode`.
 
-Both kernels keep the inner state W [f, f], c [f] and its accumulator on chip in fp32 for one (row, head)
-per program. The torch reference `ttt_ops.ttt_chunk_torch` is the numerical definition; `ttt_ops.ttt_chunk`
-dispatches here.
+The forward is two kernels: a sequential one per (row, head) that keeps the inner state W [f, f], c [f] and
+its accumulator on chip in fp32 and does only what the next state needs (the key pass and the update), and a
+parallel one per (mini-batch, row, head) that computes the outputs from the start states and key gradients the
+first one wrote, so the serial chain of mini-batches carries two small products instead of six. The backward
+is one sequential kernel per (row, head). The torch reference `ttt_ops.ttt_chunk_torch` is the numerical
+definition; `ttt_ops.ttt_chunk` dispatches here.
 
 Shapes: B rows, H heads, f head dim (padded to a power of two F_PAD inside the kernels), b mini-batch, M
 mini-batches of the slot layout, G mini-batches per checkpoint group.
@@ -127,16 +130,20 @@ def _commit(w, c, acc_w, acc_c, commit, tau_last):
 
 
 @triton.jit
-def _ttt_linear_chunk_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
+def _ttt_linear_chunk_state_kernel(
+    k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
     w_ptr, c_ptr, acc_w_ptr, acc_c_ptr,
-    out_ptr, w_out_ptr, c_out_ptr, acc_w_out_ptr, acc_c_out_ptr,
+    w_out_ptr, c_out_ptr, acc_w_out_ptr, acc_c_out_ptr,
+    start_w_ptr, start_c_ptr, grad_ptr,
     ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr,
-    H, M, GROUP, NUM_GROUPS, eps,
+    H, M, FIRST, COUNT, GROUP, NUM_GROUPS, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
 ):
-    """One program per (row, head): mini-batches 0..M-1 of the slot layout [B, H, M, MB, F] in order. With SAVE,
-    the state at the start of every GROUP-th mini-batch goes to the checkpoints [B*H, NUM_GROUPS, ...]."""
+    """The sequential half of the forward, one program per (row, head): mini-batches FIRST..FIRST+COUNT-1 of the
+    slot layout [B, H, M, MB, F] in order, doing only what the next state needs (the key pass and the update).
+    It writes each mini-batch's start state (W, c) [B*H, COUNT, ...] in start_w's dtype and the key gradients g
+    [B, H, M, MB, F] fp32 for `_ttt_linear_chunk_output_kernel`; with SAVE, the full state at the start of
+    every GROUP-th mini-batch goes to the checkpoints [B*H, NUM_GROUPS, ...] of the backward."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
@@ -151,25 +158,64 @@ def _ttt_linear_chunk_fwd_kernel(
     acc_c = _load_row(acc_c_ptr, bh, cols, col_mask, F)
     ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
     ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-    tau = tl.load(tau_ptr + tokens)
     tau_last = tl.load(tau_ptr + MB - 1)
     span = tl.load(span_ptr + row)
-    causal = tokens[:, None] >= tokens[None, :]
 
-    for m in range(M):
+    # The next mini-batch's keys, values and rates load while this one computes (the loop is latency-bound).
+    _, _, k, v, lr = _load_mini_batch(k_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + FIRST) * MB, tokens, cols, col_mask, F)
+    for m in range(FIRST, FIRST + COUNT):
         if SAVE:  # noqa: SIM102 (a constexpr: without SAVE the branch is not compiled)
             if m % GROUP == 0:
                 _store_state(ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr, bh * NUM_GROUPS + m // GROUP,
                              w, c, acc_w, acc_c, square, square_mask, cols, col_mask, F)
-        offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols, col_mask, F)
+        offsets = (bh * M + m) * MB * F + tokens[:, None] * F + cols[None, :]
+        following = (bh * M + tl.minimum(m + 1, M - 1)) * MB
+        _, _, k_next, v_next, lr_next = _load_mini_batch(k_ptr, k_ptr, v_ptr, lr_ptr, following, tokens, cols, col_mask, F)
+        start = bh * COUNT + m - FIRST
+        tl.store(start_w_ptr + start * F * F + square, w.to(start_w_ptr.dtype.element_ty), mask=square_mask)
+        tl.store(start_c_ptr + start * F + cols, c.to(start_c_ptr.dtype.element_ty), mask=col_mask)
         grad, _, _, _ = _key_pass(w, c, k, v, ln_w, ln_b, col_mask, F, eps, PRECISION)
-        z_q, _, _ = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION)
-        tl.store(out_ptr + offsets, q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps), mask=col_mask[None, :])
+        tl.store(grad_ptr + offsets, grad, mask=col_mask[None, :])
         acc_w, acc_c = _accumulate(acc_w, acc_c, k, grad, lr, PRECISION)
         w, c, acc_w, acc_c = _commit(w, c, acc_w, acc_c, ((m + 1) * MB <= span).to(tl.float32), tau_last)
+        k, v, lr = k_next, v_next, lr_next
 
     _store_state(w_out_ptr, c_out_ptr, acc_w_out_ptr, acc_c_out_ptr, bh, w, c, acc_w, acc_c, square, square_mask,
                  cols, col_mask, F)
+
+
+@triton.jit
+def _ttt_linear_chunk_output_kernel(
+    q_ptr, k_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, start_w_ptr, start_c_ptr, grad_ptr, acc_w_ptr, acc_c_ptr,
+    out_ptr, H, M, FIRST, COUNT, eps,
+    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The parallel half of the forward, one program per (mini-batch FIRST + i, row and head): the dual-form
+    output from the mini-batch's start state and key gradients. Only the first mini-batch of the layout starts
+    with an accumulator (the cache's): any later one that holds real tokens follows a committed one."""
+    i, bh = tl.program_id(0), tl.program_id(1)
+    m = FIRST + i
+    head = bh % H
+    tokens = tl.arange(0, MB)
+    cols = tl.arange(0, F_PAD)
+    col_mask = cols < F
+    square = cols[:, None] * F + cols[None, :]
+    square_mask = col_mask[:, None] & col_mask[None, :]
+
+    start = bh * COUNT + i
+    w = _load_square(start_w_ptr, start, square, square_mask, F).to(tl.float32)
+    c = _load_row(start_c_ptr, start, cols, col_mask, F).to(tl.float32)
+    first = (cols * 0 + m) == 0
+    acc_w = tl.load(acc_w_ptr + bh * F * F + square, mask=square_mask & first[None, :], other=0.0)
+    acc_c = tl.load(acc_c_ptr + bh * F + cols, mask=col_mask & first, other=0.0)
+    ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
+    ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
+    tau = tl.load(tau_ptr + tokens)
+    causal = tokens[:, None] >= tokens[None, :]
+    offsets, q, k, _, lr = _load_mini_batch(q_ptr, k_ptr, k_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols, col_mask, F)
+    grad = tl.load(grad_ptr + offsets, mask=col_mask[None, :], other=0.0)
+    z_q, _, _ = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION)
+    tl.store(out_ptr + offsets, q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps), mask=col_mask[None, :])
 
 
 @triton.jit
@@ -178,7 +224,8 @@ def _chunk_mini_batch_backward(
     d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b,
     F: tl.constexpr, MB: tl.constexpr, eps, PRECISION: tl.constexpr,
 ):
-    """Reverse mode of one mini-batch (the forward of `_ttt_linear_chunk_fwd_kernel`, recomputed from its start
+    """Reverse mode of one mini-batch (the forward of `_ttt_linear_chunk_state_kernel` and
+    `_ttt_linear_chunk_output_kernel`, recomputed from its start
     state). d_w .. d_acc_c are the adjoints of the state after the mini-batch and come back as those of the
     state before it; d_tau, d_ln_w, d_ln_b accumulate. Returns d_q, d_k, d_v, d_lr of its tokens as well."""
     grad, z_hat, rstd, grad_hat = _key_pass(w, c, k, v, ln_w, ln_b, col_mask, F, eps, PRECISION)
@@ -335,19 +382,39 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+# The start states the forward hands from its sequential to its parallel kernel are held for at most this
+# many bytes at a time: longer inputs run in segments of mini-batches.
+START_STATE_BYTES = 1 << 29
+
+
 def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):
-    """Launches the forward kernel; `group > 0` also returns the checkpoints the backward needs."""
+    """Launches the forward kernels; `group > 0` also returns the checkpoints the backward needs."""
     batch, heads, num_mb, mini_batch, head_dim = q.shape
+    rows = batch * heads
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    new = [torch.empty_like(t) for t in (w, c, acc_w, acc_c)]
+    grad = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    state = [w, c, acc_w, acc_c]
+    new = [torch.empty_like(t) for t in state]
     num_groups = triton.cdiv(num_mb, group) if group > 0 else 1
-    checkpoints = [t.new_empty(batch * heads, num_groups, *t.shape[2:]) for t in (w, c, acc_w, acc_c)] if group > 0 else new
-    _ttt_linear_chunk_fwd_kernel[(batch * heads,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, out, *new, *checkpoints,
-        heads, num_mb, max(group, 1), num_groups, eps,
-        F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q), SAVE=group > 0,
-        num_warps=4,
-    )
+    checkpoints = [t.new_empty(rows, num_groups, *t.shape[2:]) for t in state] if group > 0 else new
+    # Half-precision inputs meet the start states in half-precision products anyway: bf16 halves their traffic.
+    start_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    segment = max(1, min(num_mb, START_STATE_BYTES // (rows * head_dim * head_dim * start_dtype.itemsize)))
+    start_w = torch.empty(rows, segment, head_dim, head_dim, dtype=start_dtype, device=q.device)
+    start_c = torch.empty(rows, segment, head_dim, dtype=start_dtype, device=q.device)
+    meta = dict(F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q), num_warps=4)
+    for first in range(0, num_mb, segment):
+        count = min(segment, num_mb - first)
+        if first:  # this segment continues from the last one's final state
+            state, new = new, [torch.empty_like(t) for t in new]
+        _ttt_linear_chunk_state_kernel[(rows,)](
+            k, v, lr, tau, ln_weight, ln_bias, span, *state, *new, start_w, start_c, grad, *checkpoints,
+            heads, num_mb, first, count, max(group, 1), num_groups, eps, SAVE=group > 0, **meta,
+        )
+        _ttt_linear_chunk_output_kernel[(count, rows)](
+            q, k, lr, tau, ln_weight, ln_bias, start_w, start_c, grad, acc_w, acc_c, out,
+            heads, num_mb, first, count, eps, **meta,
+        )
     return out, new, checkpoints
 
 
