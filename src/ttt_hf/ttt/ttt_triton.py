@@ -382,6 +382,19 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+# Launch parameters of each kernel for head dims up to 64 and above (the backward holds about six live [F, F]
+# fp32 tiles: wide heads spread them over more threads). kernels/tune_ttt.py sweeps them on the GPU.
+LAUNCH = {
+    "state": ({"num_warps": 4}, {"num_warps": 4}),
+    "output": ({"num_warps": 4}, {"num_warps": 4}),
+    "backward": ({"num_warps": 4}, {"num_warps": 8}),
+}
+
+
+def _launch(kernel: str, head_dim: int) -> dict:
+    return LAUNCH[kernel][head_dim > 64]
+
+
 # The start states the forward hands from its sequential to its parallel kernel are held for at most this
 # many bytes at a time: longer inputs run in segments of mini-batches.
 START_STATE_BYTES = 1 << 29
@@ -402,7 +415,7 @@ def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_
     segment = max(1, min(num_mb, START_STATE_BYTES // (rows * head_dim * head_dim * start_dtype.itemsize)))
     start_w = torch.empty(rows, segment, head_dim, head_dim, dtype=start_dtype, device=q.device)
     start_c = torch.empty(rows, segment, head_dim, dtype=start_dtype, device=q.device)
-    meta = dict(F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q), num_warps=4)
+    meta = dict(F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q))
     for first in range(0, num_mb, segment):
         count = min(segment, num_mb - first)
         if first:  # this segment continues from the last one's final state
@@ -410,10 +423,11 @@ def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_
         _ttt_linear_chunk_state_kernel[(rows,)](
             k, v, lr, tau, ln_weight, ln_bias, span, *state, *new, start_w, start_c, grad, *checkpoints,
             heads, num_mb, first, count, max(group, 1), num_groups, eps, SAVE=group > 0, **meta,
+            **_launch("state", head_dim),
         )
         _ttt_linear_chunk_output_kernel[(count, rows)](
             q, k, lr, tau, ln_weight, ln_bias, start_w, start_c, grad, acc_w, acc_c, out,
-            heads, num_mb, first, count, eps, **meta,
+            heads, num_mb, first, count, eps, **meta, **_launch("output", head_dim),
         )
     return out, new, checkpoints
 
@@ -451,7 +465,7 @@ class TTTLinearChunk(torch.autograd.Function):
             d_q, d_k, d_v, d_lr, d_tau, *d_ln,
             heads, num_mb, group, checkpoints[0].shape[1], ctx.eps,
             F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q),
-            num_warps=4 if head_dim <= 64 else 8,  # about six live [F, F] fp32 tiles: spread them over more threads
+            **_launch("backward", head_dim),
         )
         d_ln_w, d_ln_b = (d.view(batch, heads, head_dim).sum(0).view_as(ln_weight) for d in d_ln)
         return (d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), d_lr, d_tau.sum(0), d_ln_w, d_ln_b, None,

@@ -1,0 +1,92 @@
+"""Tuning sweep of the TTT-Linear chunk kernels' launch parameters (`ttt_triton.LAUNCH`) and of the backward's
+checkpoint group, on the GPU:
+
+    python kernels/tune_ttt.py [--length 8192] [--batch 4 --heads 32 --head-dims 64,128]
+
+For each head dim and kernel, times the op with every candidate launch of that kernel (the other kernels at
+their defaults): the forward without gradients for the state and output kernels, forward + backward for the
+backward kernel and for the checkpoint groups. Every variant is first checked against the default launch.
+Prints a markdown table and writes kernels/results/ttt_tune.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+from ttt_hf.ttt import ttt_triton
+from ttt_hf.ttt.ttt_ops import ttt_chunk
+
+from bench_common import save_results
+from bench_ttt import fwd_bwd, inputs, rel_err
+
+CANDIDATES = {
+    "state": [{"num_warps": w, "num_stages": s} for w in (2, 4, 8) for s in (1, 2)],
+    "output": [{"num_warps": w} for w in (2, 4, 8)],
+    "backward": [{"num_warps": w} for w in (4, 8, 16)],
+}
+GROUPS = (4, 16, 64)
+
+
+def run_variant(kernel: str, launch: dict, head_dim: int, forward_only: bool, args: tuple, group: int = 0):
+    """(ms, outputs and gradients) of the op with `launch` for `kernel`; the default launch is restored after."""
+    default = ttt_triton.LAUNCH[kernel]
+    ttt_triton.LAUNCH[kernel] = tuple(launch if (i == 1) == (head_dim > 64) else d for i, d in enumerate(default))
+    try:
+        op = lambda: ttt_chunk(*args, checkpoint_group=group, kernel_backend="triton")[0]  # noqa: E731
+        if forward_only:
+            with torch.no_grad():
+                result = [op()]
+                return do_bench(op, warmup=25, rep=100), result
+        out = op()
+        leaves = [x for x in args[2:5] if x.requires_grad]
+        result = [out.detach(), *torch.autograd.grad(out.float().square().sum(), leaves)]
+        return do_bench(fwd_bwd(op), warmup=25, rep=100), result
+    finally:
+        ttt_triton.LAUNCH[kernel] = default
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dims", default="64,128")
+    args = parser.parse_args()
+    rows = []
+    for head_dim in map(int, args.head_dims.split(",")):
+        a = inputs(args.batch, args.heads, args.length, head_dim, torch.bfloat16, requires_grad=True)
+        for kernel, launches in CANDIDATES.items():
+            forward_only = kernel != "backward"
+            reference = None
+            for launch in [ttt_triton.LAUNCH[kernel][head_dim > 64], *launches]:
+                try:
+                    ms, result = run_variant(kernel, launch, head_dim, forward_only, a)
+                except Exception as error:  # noqa: BLE001 (a launch that does not compile, e.g. out of resources)
+                    rows.append(dict(head_dim=head_dim, kernel=kernel, launch=launch, ms=None, error=type(error).__name__))
+                    continue
+                reference = reference or result
+                err = max(rel_err(x, y) for x, y in zip(result, reference))
+                rows.append(dict(head_dim=head_dim, kernel=kernel, launch=launch, ms=ms, max_rel_diff=err))
+        for group in GROUPS:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            ms, _ = run_variant("backward", ttt_triton.LAUNCH["backward"][head_dim > 64], head_dim, False, a, group)
+            rows.append(dict(head_dim=head_dim, kernel=f"checkpoint_group={group}", launch={}, ms=ms,
+                             extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30))
+        del a
+        torch.cuda.empty_cache()
+
+    print(f"\n## TTT-Linear kernel launches, B={args.batch}, H={args.heads}, T={args.length}, bf16 (ms)\n")
+    print("| head dim | kernel | launch | ms | note |\n|---|---|---|---|---|")
+    for row in rows:
+        note = row.get("error") or (f"diff {row['max_rel_diff']:.1e}" if "max_rel_diff" in row else f"{row['extra_gib']:.2f} GiB")
+        ms = "n/a" if row["ms"] is None else f"{row['ms']:.2f}"
+        print(f"| {row['head_dim']} | {row['kernel']} | {row['launch']} | {ms} | {note} |")
+    save_results("ttt_tune.json", {"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
