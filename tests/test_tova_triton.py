@@ -16,6 +16,7 @@ from transformers import (
 from tova_testing import CASES, assert_kept_positions, official_generation
 from ttt_hf import TOVACache
 from ttt_hf.tova import cache_tova
+from ttt_hf.tova.cache_tova import TOVALayer
 from ttt_hf.tova.tova_attention import last_query_scores
 
 pytest.importorskip("triton")
@@ -26,14 +27,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def reference_eviction(query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0,
                        policy="tova"):
-    """The torch path: scores, kept slots, and the compacted keys/values/positions."""
+    """The torch path on copies: scores, the victim slots, and the kept keys/values/positions after the swap-remove."""
     n = keys.shape[2]
     scores = last_query_scores(None, query, keys, mask, scaling, softcap, sinks)
-    kept = TOVACache(n - 1, num_sink_tokens=num_sink_tokens, policy=policy)._kept_slots(scores, positions)
-    gather = kept[:, None, :, None]
-    return (scores, kept, torch.gather(keys, 2, gather.expand(-1, keys.shape[1], -1, keys.shape[-1])),
-            torch.gather(values, 2, gather.expand(-1, values.shape[1], -1, values.shape[-1])),
-            torch.gather(positions, 1, kept))
+    victims = TOVACache(n - 1, num_sink_tokens=num_sink_tokens, policy=policy)._victims(scores, positions)
+    layer = TOVALayer(n)
+    layer._hold((keys.clone(), values.clone(), positions.clone()), n)
+    layer.swap_remove(victims)
+    return scores, victims, layer.keys, layer.values, layer.positions
 
 
 def kernel_eviction(query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0,
@@ -73,9 +74,7 @@ def check_against_reference(case, scaling, tolerance=1e-6, **options):
     got = kernel_eviction(*case, scaling, **options)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=tolerance)
     assert torch.equal(torch.isinf(got[0]), torch.isinf(expected[0]))
-    n = case[1].shape[2]
-    evicted = torch.tensor([min(set(range(n)) - set(row.tolist())) for row in expected[1].cpu()])
-    assert torch.equal(got[1].cpu().long(), evicted)
+    assert torch.equal(got[1].long(), expected[1])
     for tensor, reference in zip(got[2:5], expected[2:5]):
         assert torch.equal(tensor, reference)
     return got

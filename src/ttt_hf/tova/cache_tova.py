@@ -8,8 +8,13 @@ the last prompt token's scores. Keys are stored after RoPE and never re-rotated;
 
 transformers contract for a cache shorter than what it has seen: `get_seq_length()` is the number of
 tokens seen; `get_mask_sizes(q)` is `(physical + q, seen - physical)`: the kept slots take the last
-logical indices. Left padding stays a contiguous block on the left (pads score -inf, eviction is an
-order-preserving compaction), so the padding mask keeps lining up.
+logical indices. Left padding stays a contiguous block on the left (pads score -inf; a prompt is compressed
+by an order-preserving compaction, a decode step by a swap-remove that drops the highest pad first), so the
+padding mask keeps lining up.
+
+A decode step at the budget is CUDA-graph capturable: no host synchronisation, the same buffers every step, and
+new positions come from a device counter. Pass `position_ids` explicitly (a device tensor updated in place
+before each replay); `get_seq_length()` counts the steps run eagerly, not the replays.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class TOVALayer(DynamicLayer):
 
     They are views of the first n slots of buffers with room for more (up to `reserve` slots: the budget plus
     the next token), so a decode step writes its token in place instead of re-allocating the cache, and the
-    Triton eviction shifts in place.
+    decode eviction (swap-remove) works in place: at the budget the buffers never change.
     """
 
     is_croppable = False
@@ -56,6 +61,7 @@ class TOVALayer(DynamicLayer):
         self.reserve = reserve
         self.positions: torch.Tensor | None = None
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._next_position: torch.Tensor | None = None  # `seen` on the device: a captured step advances it
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -71,7 +77,11 @@ class TOVALayer(DynamicLayer):
         self._hold(self._buffers, held + new)
         self.keys.narrow(2, held, new).copy_(key_states)
         self.values.narrow(2, held, new).copy_(value_states)
-        self.positions.narrow(1, held, new).copy_(torch.arange(self.seen, self.seen + new, device=self.positions.device))
+        if self._next_position is None:
+            self._next_position = torch.tensor(self.seen, device=self.positions.device)
+        column = self._next_position if new == 1 else self._next_position + torch.arange(new, device=self.positions.device)
+        self.positions.narrow(1, held, new).copy_(column)
+        self._next_position += new
         self.seen += new
         return self.keys, self.values
 
@@ -92,8 +102,20 @@ class TOVALayer(DynamicLayer):
         self.keys, self.values, self.positions = keys.narrow(2, 0, length), values.narrow(2, 0, length), positions.narrow(1, 0, length)
 
     def drop_last(self) -> None:
-        """Forgets the last slot (the in-place eviction moved the kept slots to the front)."""
+        """Forgets the last slot (the Triton eviction already moved it into the victim's slot)."""
         self._hold(self._buffers, self.physical_length - 1)
+
+    def swap_remove(self, victim: torch.Tensor) -> None:
+        """Evicts slot `victim[b]` of each row b [B]: it receives the row's last slot (keys and values of every
+        KV head, position), then the last slot is dropped. Moves O(heads x d) per row instead of a shift."""
+        last = self.physical_length - 1
+        out_of_place = torch.is_grad_enabled() and (self.keys.requires_grad or self.values.requires_grad)
+        moved = []
+        for tensor, dim in ((self.keys, 2), (self.values, 2), (self.positions, 1)):
+            source = tensor.narrow(dim, last, 1).clone()  # scatter_ refuses a source inside its destination
+            index = victim.long().view(-1, *[1] * (tensor.dim() - 1)).expand_as(source)
+            moved.append(tensor.scatter(dim, index, source) if out_of_place else tensor.scatter_(dim, index, source))
+        self._hold(tuple(moved) if out_of_place else self._buffers, last)
 
     @property
     def physical_length(self) -> int:
@@ -123,6 +145,7 @@ class TOVALayer(DynamicLayer):
         self.seen = 0
         self.positions = None
         self._buffers = None
+        self._next_position = None
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(_CROP_ERROR)
@@ -264,7 +287,10 @@ class TOVACache(Cache):
             layer.drop_last()
             return
         scores = last_query_scores(module, query, key, attention_mask, scaling, softcap, sinks)
-        layer.keep(self._kept_slots(scores, layer.positions))
+        if layer.physical_length == self.budget + 1:  # one slot per row goes: as the kernel does
+            layer.swap_remove(self._victims(scores, layer.positions))
+        else:
+            layer.keep(self._kept_slots(scores, layer.positions))
 
     def _use_kernel(self, layer: TOVALayer, query: torch.Tensor, key: torch.Tensor, sinks: torch.Tensor | None) -> bool:
         """Whether the Triton kernel evicts this step: one slot per row to drop (the decode step; a longer
@@ -293,18 +319,30 @@ class TOVACache(Cache):
             _log_fallback_once()
         return supported
 
+    def _eviction_keys(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What eviction minimises per slot [B, n]: the score ("tova") or the position ("window") of real slots;
+        -inf for hidden ones (padding), +inf for the sink tokens. Sinks are the first `num_sink_tokens` real
+        positions of the row, not slots: a swap-remove moves the newest token in front of them."""
+        real = scores > float("-inf")
+        keys = torch.where(real, positions.float(), float("-inf")) if self.policy == "window" else scores
+        if self.num_sink_tokens:
+            first = positions.masked_fill(~real, torch.iinfo(positions.dtype).max).amin(-1, keepdim=True)
+            keys = keys.masked_fill(real & (positions - first < self.num_sink_tokens), float("inf"))
+        return keys
+
     def _kept_slots(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Sorted slot indices [B, budget] that survive. Ties evict the highest slot first."""
-        real = scores > float("-inf")
-        if self.policy == "window":
-            scores = torch.where(real, positions.float(), float("-inf"))
-        if self.num_sink_tokens:
-            sink = real & (real.cumsum(-1) <= self.num_sink_tokens)
-            scores = scores.masked_fill(sink, float("inf"))
-        slots = scores.shape[-1]
-        ascending = torch.sort(scores.flip(-1), dim=-1, stable=True).indices  # ties: higher slot first
+        keys = self._eviction_keys(scores, positions)
+        slots = keys.shape[-1]
+        ascending = torch.sort(keys.flip(-1), dim=-1, stable=True).indices  # ties: higher slot first
         kept = slots - 1 - ascending[:, slots - self.budget :]
         return kept.sort(dim=-1).values
+
+    def _victims(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The slot [B] each row evicts when one goes: the lowest key, ties to the highest slot (argmin takes the
+        first of equal values, so it runs on the flipped keys), which makes the highest pad go first."""
+        keys = self._eviction_keys(scores, positions)
+        return keys.shape[-1] - 1 - keys.flip(-1).argmin(-1)
 
     def update_conv_state(self, *args, **kwargs):
         raise TypeError(_NO_ATTENTION_ERROR)
@@ -324,7 +362,8 @@ class TOVACache(Cache):
         return -1
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
-        """Input columns held by layer `layer_idx`, per row ([B, n], in cache order)."""
+        """Input columns held by layer `layer_idx`, per row ([B, n], in cache order: not sorted once a decode
+        step has evicted, since the newest token takes the evicted slot; sort them to compare sets)."""
         return self.layers[layer_idx].positions
 
     @property

@@ -1,19 +1,23 @@
 """Triton kernels of TOVA's decode step: score the cached slots by the current query and evict one, in place.
 
-The torch reference is `tova_attention.last_query_scores` (the scores), `TOVACache._kept_slots` (the slot to
-drop: the lowest score, ties to the highest slot) and `TOVALayer.keep` (an order-preserving compaction);
+The torch reference is `tova_attention.last_query_scores` (the scores), `TOVACache._victims` (the slot to drop:
+the lowest score, ties to the highest slot) and `TOVALayer.swap_remove` (the victim slot takes the last slot);
 `TOVACache.after_attention` dispatches here when exactly one slot per row has to go, the common decode case.
 
-Two launches per layer and step, no host synchronisation:
-- `_tova_scores_kernel`, one program per (row, KV head): the last query of the KV head's group of query
-  heads against its keys (read once, never repeated), softmax in fp32 with the module's scaling,
-  soft-capping, mask row and attention sinks; writes the group's summed probabilities per slot.
-- `_tova_evict_kernel`, one program per (row, KV head, keys | values): sums the groups into the head-averaged
-  score, picks the slot to evict (identically in every program of the row: no cross-program communication),
-  then shifts the later slots of its KV head one to the left. Padded slots score -inf and go first, so left
-  padding stays a contiguous block on the left.
+The slots are split into blocks of `SPLIT` so that every SM streams keys (read once, never repeated per query
+head), as split-K decode attention does. Three launches per layer and step, no host synchronisation:
+1. `_split_logits_kernel`, one program per (row, KV head, split): the last query of the KV head's group of
+   query heads against the split's keys with the module's scaling, soft-capping and mask row; stores the fp32
+   logits and the split's max and sum of exponentials per query head (and, with sink tokens, the split's
+   lowest real position).
+2. `_split_scores_kernel`, one program per (row, split): combines the per-split statistics of every head
+   (plus the attention sinks) into the softmax denominators, writes the head-averaged probability of the
+   split's slots and the split's eviction candidate (lowest key, highest slot among ties).
+3. `_swap_remove_kernel`, one program per (row, KV head): the row's victim from the split candidates; the
+   victim slot receives the last slot's key and value (and position). Padded slots score -inf and the
+   highest of them goes first, so left padding stays a contiguous block on the left.
 
-Shapes: B rows, Hq query heads, Hkv KV heads (G = Hq / Hkv per group), n slots, d head dim.
+Shapes: B rows, Hq query heads, Hkv KV heads (G = Hq / Hkv per group), n slots, d head dim, S splits.
 """
 
 from __future__ import annotations
@@ -24,150 +28,161 @@ import torch
 import triton
 import triton.language as tl
 
-SCORE_BLOCK = 128  # slots per step of the scoring loop
-SELECT_BLOCK = 512  # slots per step of the argmin loop
-SHIFT_ELEMENTS = 8192  # elements per tile of the shift (slots x padded head dim)
+SPLIT = 128  # slots per program of the scoring kernels
+MAX_CHUNK = 64  # splits combined per step of a loop over the splits
 
 
 @triton.jit
-def _tova_scores_kernel(
-    q_ptr, k_ptr, mask_ptr, sinks_ptr, logits_ptr, partial_ptr,
-    n, scaling, softcap, hidden_below,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_mb, stride_mn,
+def _split_logits_kernel(
+    q_ptr, k_ptr, mask_ptr, pos_ptr, logits_ptr, max_ptr, sum_ptr, first_ptr,
+    n, splits, scaling, softcap, hidden_below,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_mb, stride_mn, stride_pb,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK: tl.constexpr, SINKS: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK: tl.constexpr, SINK_TOKENS: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """MASK: 0 none, 1 boolean (True = attend), 2 additive (<= hidden_below = hidden).
-    logits [B, Hq, n] fp32 is scratch; partial [B, Hkv, n] fp32 receives sum over the group of p(slot), -inf where hidden."""
-    row, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: row offsets of large batches
-    kv_heads = tl.num_programs(1)
-    heads = tl.arange(0, G_PAD)
-    head_ok = heads < G
+    """MASK: 0 none, 1 boolean (True = attend), 2 additive (<= hidden_below = hidden). Hidden slots get -inf.
+    logits [B, Hq, n], max/sum [B, Hq, S] fp32; first [B, S] int64: lowest position of a real slot of the split."""
+    row, kv_head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q_heads = tl.num_programs(1) * G
+    heads = kv_head * G + tl.arange(0, G_PAD)
+    head_ok = heads < (kv_head + 1) * G
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < D
-    offsets = tl.arange(0, BLOCK)
+    slots = split * BLOCK + tl.arange(0, BLOCK)
+    valid = slots < n
 
-    q = tl.load(
-        q_ptr + row * stride_qb + (kv_head * G + heads)[:, None] * stride_qh + dims[None, :],
-        mask=head_ok[:, None] & dim_ok[None, :], other=0.0,
-    )
-    k_head = k_ptr + row * stride_kb + kv_head * stride_kh
-    logit_rows = logits_ptr + ((row * kv_heads + kv_head) * G + heads)[:, None] * n
-    row_max = tl.full([G_PAD], float("-inf"), tl.float32)
-    row_sum = tl.zeros([G_PAD], tl.float32)
-    # Pass 1: logits exactly as attention computed them, kept in scratch; online max and sum of exponentials.
-    for start in range(0, n, BLOCK):
-        slots = start + offsets
-        valid = slots < n
-        k = tl.load(k_head + slots[:, None] * stride_kn + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
-        # fp32 products and sums as in the reference: 16-bit products are exact in the fp32 accumulator; fp32
-        # inputs use IEEE (no TF32 rounding). UPCAST also on CPU, where the interpreter's bf16 dot is wrong.
-        if UPCAST:
-            logits = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
-        else:
-            logits = tl.dot(q, tl.trans(k)) * scaling
-        if SOFTCAP:
-            logits = softcap * (2.0 * tl.sigmoid(2.0 * logits / softcap) - 1.0)  # softcap * tanh(logits / softcap)
-        hidden = ~valid
-        if MASK == 1:
-            hidden |= tl.load(mask_ptr + row * stride_mb + slots * stride_mn, mask=valid, other=1) == 0
-        if MASK == 2:
-            bias = tl.load(mask_ptr + row * stride_mb + slots * stride_mn, mask=valid, other=0.0).to(tl.float32)
-            logits += bias[None, :]
-            hidden |= bias <= hidden_below
-        logits = tl.where(hidden[None, :], float("-inf"), logits)
-        tl.store(logit_rows + slots[None, :], logits, mask=head_ok[:, None] & valid[None, :])
-        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no NaN while every slot so far is hidden
-        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
-        row_max = new_max
-    if SINKS:  # the sink logit joins the denominator only
-        sink = tl.load(sinks_ptr + kv_head * G + heads, mask=head_ok, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(row_max, sink)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - shift) + tl.exp(sink - shift)
-        row_max = new_max
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-    # Pass 2: probabilities summed over the group (padded heads read -inf and add 0).
-    partial_row = partial_ptr + (row * kv_heads + kv_head) * n
-    for start in range(0, n, BLOCK):
-        slots = start + offsets
-        valid = slots < n
-        logits = tl.load(logit_rows + slots[None, :], mask=head_ok[:, None] & valid[None, :], other=float("-inf"))
-        probs = tl.exp(logits - shift[:, None]) / row_sum[:, None]
-        column = tl.where(tl.max(logits, axis=0) == float("-inf"), float("-inf"), tl.sum(probs, axis=0))
-        tl.store(partial_row + slots, column, mask=valid)
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
+    k = tl.load(k_ptr + row * stride_kb + kv_head * stride_kh + slots[:, None] * stride_kn + dims[None, :],
+                mask=valid[:, None] & dim_ok[None, :], other=0.0)
+    # fp32 products and sums as in the reference: 16-bit products are exact in the fp32 accumulator; fp32 inputs
+    # use IEEE (no TF32 rounding). UPCAST also on CPU, where the interpreter's bf16 dot is wrong.
+    if UPCAST:
+        logits = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
+    else:
+        logits = tl.dot(q, tl.trans(k)) * scaling
+    if SOFTCAP:
+        logits = softcap * (2.0 * tl.sigmoid(2.0 * logits / softcap) - 1.0)  # softcap * tanh(logits / softcap)
+    hidden = ~valid
+    if MASK == 1:
+        hidden |= tl.load(mask_ptr + row * stride_mb + slots * stride_mn, mask=valid, other=1) == 0
+    if MASK == 2:
+        bias = tl.load(mask_ptr + row * stride_mb + slots * stride_mn, mask=valid, other=0.0).to(tl.float32)
+        logits += bias[None, :]
+        hidden |= bias <= hidden_below
+    logits = tl.where(hidden[None, :], float("-inf"), logits)
+    tl.store(logits_ptr + (row * q_heads + heads)[:, None] * n + slots[None, :], logits,
+             mask=head_ok[:, None] & valid[None, :])
+    split_max = tl.max(logits, axis=1)
+    shift = tl.where(split_max == float("-inf"), 0.0, split_max)  # no NaN where the whole split is hidden
+    split_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+    stats = (row * q_heads + heads) * splits + split
+    tl.store(max_ptr + stats, split_max, mask=head_ok)
+    tl.store(sum_ptr + stats, split_sum, mask=head_ok)
+    if SINK_TOKENS > 0:
+        if kv_head == 0:
+            positions = tl.load(pos_ptr + row * stride_pb + slots, mask=valid, other=0)
+            first = tl.min(tl.where(hidden, 0x7FFFFFFFFFFFFFFF, positions), axis=0)
+            tl.store(first_ptr + row * splits + split, first)
 
 
 @triton.jit
-def _shift_left(base, stride_n, first, n, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Slots [first + 1, n) of one head move to [first, n - 1), in order (slot n - 1 becomes stale).
-    One program walks upwards: a tile is read before it is overwritten, and the barrier keeps one warp's
-    store from landing before another warp's load of the same slot."""
-    dims = tl.arange(0, D_PAD)
-    dim_ok = dims < D
-    for start in range(first, n - 1, BLOCK):
-        slots = start + tl.arange(0, BLOCK)
-        ok = (slots < n - 1)[:, None] & dim_ok[None, :]
-        tile = tl.load(base + (slots + 1)[:, None] * stride_n + dims[None, :], mask=ok)
-        tl.debug_barrier()
-        tl.store(base + slots[:, None] * stride_n + dims[None, :], tile, mask=ok)
+def _split_scores_kernel(
+    logits_ptr, max_ptr, sum_ptr, first_ptr, sinks_ptr, pos_ptr, scores_ptr, key_ptr, victim_ptr,
+    n, splits, kv_heads, stride_pb,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    SINKS: tl.constexpr, SINK_TOKENS: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """scores [B, n] fp32 (-inf where hidden); key/victim [B, S]: the split's lowest eviction key and its highest slot."""
+    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    q_heads = kv_heads * G
+    slots = split * BLOCK + tl.arange(0, BLOCK)
+    valid = slots < n
+    chunk = tl.arange(0, CHUNK)
+    total = tl.zeros([BLOCK], tl.float32)
+    top = tl.full([BLOCK], float("-inf"), tl.float32)  # the slot's highest logit: -inf where the mask hides it
+    for kv_head in range(kv_heads):
+        heads = kv_head * G + tl.arange(0, G_PAD)
+        head_ok = heads < (kv_head + 1) * G
+        stats = (row * q_heads + heads)[:, None] * splits
+        # The softmax denominator of each head: the per-split sums rescaled to the global max.
+        head_max = tl.full([G_PAD], float("-inf"), tl.float32)
+        head_sum = tl.zeros([G_PAD], tl.float32)
+        for start in range(0, splits, CHUNK):
+            ok = head_ok[:, None] & (start + chunk < splits)[None, :]
+            split_max = tl.load(max_ptr + stats + start + chunk[None, :], mask=ok, other=float("-inf"))
+            split_sum = tl.load(sum_ptr + stats + start + chunk[None, :], mask=ok, other=0.0)
+            new_max = tl.maximum(head_max, tl.max(split_max, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            head_sum = head_sum * tl.exp(head_max - shift) + tl.sum(split_sum * tl.exp(split_max - shift[:, None]), axis=1)
+            head_max = new_max
+        if SINKS:  # the sink logit joins the denominator only
+            sink = tl.load(sinks_ptr + heads, mask=head_ok, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(head_max, sink)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            head_sum = head_sum * tl.exp(head_max - shift) + tl.exp(sink - shift)
+            head_max = new_max
+        shift = tl.where(head_max == float("-inf"), 0.0, head_max)
+        logits = tl.load(logits_ptr + (row * q_heads + heads)[:, None] * n + slots[None, :],
+                         mask=head_ok[:, None] & valid[None, :], other=float("-inf"))
+        denominator = tl.where(head_ok, head_sum, 1.0)  # padded heads read -inf logits and add 0
+        total += tl.sum(tl.exp(logits - shift[:, None]) / denominator[:, None], axis=0)
+        top = tl.maximum(top, tl.max(logits, axis=0))
+    attended = top > float("-inf")
+    scores = tl.where(attended, total / q_heads, float("-inf"))
+    tl.store(scores_ptr + row * n + slots, scores, mask=valid)
+
+    # The eviction key (as TOVACache._eviction_keys): the score, or the position (window policy), of real slots;
+    # -inf for hidden ones, +inf for the sink tokens (the first SINK_TOKENS real positions).
+    real = valid & attended
+    key = scores
+    if WINDOW or SINK_TOKENS > 0:
+        positions = tl.load(pos_ptr + row * stride_pb + slots, mask=valid, other=0)
+    if WINDOW:
+        key = tl.where(real, positions.to(tl.float32), float("-inf"))
+    if SINK_TOKENS > 0:
+        first = tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
+        for start in range(0, splits, CHUNK):
+            firsts = tl.load(first_ptr + row * splits + start + chunk, mask=start + chunk < splits,
+                             other=0x7FFFFFFFFFFFFFFF)
+            first = tl.minimum(first, tl.min(firsts, axis=0))
+        key = tl.where(real & (positions - first < SINK_TOKENS), float("inf"), key)
+    key = tl.where(valid, key, float("inf"))
+    lowest = tl.min(key, axis=0)
+    tl.store(key_ptr + row * splits + split, lowest)
+    tl.store(victim_ptr + row * splits + split, tl.max(tl.where(valid & (key == lowest), slots, -1), axis=0))
 
 
 @triton.jit
-def _tova_evict_kernel(
-    partial_ptr, pos_ptr, k_ptr, v_ptr, scores_ptr, evicted_ptr,
-    n, q_heads, kv_heads, stride_pb,
-    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    NUM_SINK: tl.constexpr, WINDOW: tl.constexpr,
-    DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, SHIFT_K: tl.constexpr, SHIFT_V: tl.constexpr,
+def _swap_remove_kernel(
+    key_ptr, victim_ptr, pos_ptr, k_ptr, v_ptr, evicted_ptr,
+    n, splits, stride_pb, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Program (row, KV head, plane): plane 0 shifts the keys (and, for KV head 0, the positions), plane 1 the values."""
-    row, kv_head, plane = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    first_program = (kv_head == 0) & (plane == 0)
-    offsets = tl.arange(0, BLOCK)
+    """Program (row, KV head): the row's victim (lowest key, highest slot among ties) takes the last slot."""
+    row, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    chunk = tl.arange(0, CHUNK)
     best = tl.full([], float("inf"), tl.float32)
     victim = tl.full([], -1, tl.int32)
-    real_before = tl.zeros([], tl.int32)
-    for start in range(0, n, BLOCK):
-        slots = start + offsets
-        valid = slots < n
-        total = tl.zeros([BLOCK], tl.float32)
-        for head in range(kv_heads):
-            total += tl.load(partial_ptr + (row * kv_heads + head) * n + slots, mask=valid, other=0.0)
-        scores = total / q_heads  # -inf stays -inf: hidden slots
-        if first_program:
-            tl.store(scores_ptr + row * n + slots, scores, mask=valid)
-        real = valid & (scores > float("-inf"))
-        key = scores
-        if WINDOW:  # evict the oldest real token
-            positions = tl.load(pos_ptr + row * stride_pb + slots, mask=valid, other=0).to(tl.float32)
-            key = tl.where(real, positions, float("-inf"))
-        if NUM_SINK > 0:  # the first NUM_SINK real slots are never evicted
-            rank = tl.cumsum(real.to(tl.int32), axis=0) + real_before
-            key = tl.where(real & (rank <= NUM_SINK), float("inf"), key)
-            real_before += tl.sum(real.to(tl.int32), axis=0)
-        key = tl.where(valid, key, float("inf"))
-        block_min = tl.min(key, axis=0)
-        block_victim = tl.max(tl.where(valid & (key == block_min), slots, -1), axis=0)
-        take = block_min <= best  # later blocks hold higher slots: ties go to the highest
-        victim = tl.where(take, block_victim, victim)
-        best = tl.minimum(best, block_min)
-
-    if first_program:
+    for start in range(0, splits, CHUNK):
+        ok = start + chunk < splits
+        keys = tl.load(key_ptr + row * splits + start + chunk, mask=ok, other=float("inf"))
+        victims = tl.load(victim_ptr + row * splits + start + chunk, mask=ok, other=-1)
+        lowest = tl.min(keys, axis=0)
+        candidate = tl.max(tl.where(ok & (keys == lowest), victims, -1), axis=0)
+        take = lowest <= best  # later splits hold higher slots: ties go to the highest
+        victim = tl.where(take, candidate, victim)
+        best = tl.minimum(best, lowest)
+    last = n - 1
+    dims = tl.arange(0, DK_PAD)
+    key_head = k_ptr + row * stride_kb + kv_head * stride_kh + dims
+    tl.store(key_head + victim * stride_kn, tl.load(key_head + last * stride_kn, mask=dims < DK), mask=dims < DK)
+    dims = tl.arange(0, DV_PAD)
+    value_head = v_ptr + row * stride_vb + kv_head * stride_vh + dims
+    tl.store(value_head + victim * stride_vn, tl.load(value_head + last * stride_vn, mask=dims < DV), mask=dims < DV)
+    if kv_head == 0:
+        tl.store(pos_ptr + row * stride_pb + victim, tl.load(pos_ptr + row * stride_pb + last))
         tl.store(evicted_ptr + row, victim)
-        position_row = pos_ptr + row * stride_pb
-        for start in range(victim, n - 1, BLOCK):
-            slots = start + offsets
-            ok = slots < n - 1
-            moved = tl.load(position_row + slots + 1, mask=ok)
-            tl.debug_barrier()
-            tl.store(position_row + slots, moved, mask=ok)
-    if plane == 0:
-        _shift_left(k_ptr + row * stride_kb + kv_head * stride_kh, stride_kn, victim, n, DK, DK_PAD, SHIFT_K)
-    else:
-        _shift_left(v_ptr + row * stride_vb + kv_head * stride_vh, stride_vn, victim, n, DV, DV_PAD, SHIFT_V)
 
 
 def _pad(size: int) -> int:
@@ -190,39 +205,50 @@ def tova_evict_one_triton(
 
     query [B, Hq, d]: the last query; keys [B, Hkv, n, d], values [B, Hkv, n, dv], positions [B, n] int64
     (views are fine: the last dim must be contiguous); mask_row [B, n]: boolean (True = attend) or additive,
-    or None; sinks [Hq] or None. Afterwards slots [0, n - 1) hold the kept tokens in their order.
+    or None; sinks [Hq] or None. Afterwards slots [0, n - 1) hold the kept tokens: the evicted slot holds what
+    was in slot n - 1 (swap-remove), the others are untouched.
     """
     batch, q_heads, head_dim = query.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
-    logits = torch.empty(batch, q_heads, n, device=keys.device, dtype=torch.float32)
-    partial = torch.empty(batch, kv_heads, n, device=keys.device, dtype=torch.float32)
-    scores = torch.empty(batch, n, device=keys.device, dtype=torch.float32)
-    evicted = torch.empty(batch, device=keys.device, dtype=torch.int32)
+    splits = triton.cdiv(n, SPLIT)
+    device = keys.device
+    logits = torch.empty(batch, q_heads, n, device=device, dtype=torch.float32)
+    split_max, split_sum = torch.empty(2, batch, q_heads, splits, device=device, dtype=torch.float32)
+    first = torch.empty(batch, splits, device=device, dtype=torch.long)
+    split_key = torch.empty(batch, splits, device=device, dtype=torch.float32)
+    split_victim = torch.empty(batch, splits, device=device, dtype=torch.int32)
+    scores = torch.empty(batch, n, device=device, dtype=torch.float32)
+    evicted = torch.empty(batch, device=device, dtype=torch.int32)
     if mask_row is None:
-        mask_kind, mask_row, hidden_below = 0, partial, 0.0
+        mask_kind, mask_row, hidden_below = 0, scores, 0.0
     elif mask_row.dtype == torch.bool:
         mask_kind, mask_row, hidden_below = 1, mask_row.expand(batch, n).view(torch.uint8), 0.0
     else:
         mask_kind, hidden_below = 2, torch.finfo(mask_row.dtype).min / 2
         mask_row = mask_row.expand(batch, n)
-    dk, dv = _pad(head_dim), _pad(values.shape[-1])
-    guard = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
+    chunk = min(MAX_CHUNK, triton.next_power_of_2(splits))
+    guard = torch.cuda.device(device) if keys.is_cuda else contextlib.nullcontext()
     with guard:
-        _tova_scores_kernel[(batch, kv_heads)](
-            query, keys, mask_row, partial if sinks is None else sinks, logits, partial,
-            n, scaling, 1.0 if softcap is None else softcap, hidden_below,
+        _split_logits_kernel[(batch, kv_heads, splits)](
+            query, keys, mask_row, positions, logits, split_max, split_sum, first,
+            n, splits, scaling, 1.0 if softcap is None else softcap, hidden_below,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-            mask_row.stride(0), mask_row.stride(1),
-            G=group, G_PAD=_pad(group), D=head_dim, D_PAD=dk, BLOCK=SCORE_BLOCK,
-            SOFTCAP=softcap is not None, MASK=mask_kind, SINKS=sinks is not None,
+            mask_row.stride(0), mask_row.stride(1), positions.stride(0),
+            G=group, G_PAD=_pad(group), D=head_dim, D_PAD=_pad(head_dim), BLOCK=SPLIT,
+            SOFTCAP=softcap is not None, MASK=mask_kind, SINK_TOKENS=num_sink_tokens,
             UPCAST=query.dtype == torch.float32 or not query.is_cuda,
         )
-        _tova_evict_kernel[(batch, kv_heads, 2)](
-            partial, positions, keys, values, scores, evicted,
-            n, q_heads, kv_heads, positions.stride(0),
+        _split_scores_kernel[(batch, splits)](
+            logits, split_max, split_sum, first, scores if sinks is None else sinks, positions, scores,
+            split_key, split_victim, n, splits, kv_heads, positions.stride(0),
+            G=group, G_PAD=_pad(group), BLOCK=SPLIT, CHUNK=chunk,
+            SINKS=sinks is not None, SINK_TOKENS=num_sink_tokens, WINDOW=window,
+        )
+        _swap_remove_kernel[(batch, kv_heads)](
+            split_key, split_victim, positions, keys, values, evicted,
+            n, splits, positions.stride(0),
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-            NUM_SINK=num_sink_tokens, WINDOW=window, DK=head_dim, DK_PAD=dk, DV=values.shape[-1], DV_PAD=dv,
-            BLOCK=SELECT_BLOCK, SHIFT_K=SHIFT_ELEMENTS // dk, SHIFT_V=SHIFT_ELEMENTS // dv,
+            DK=head_dim, DK_PAD=_pad(head_dim), DV=values.shape[-1], DV_PAD=_pad(values.shape[-1]), CHUNK=chunk,
         )
     return scores, evicted
