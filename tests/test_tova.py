@@ -92,18 +92,46 @@ def test_physical_length_and_memory_stay_flat(family):
     assert sizes[budget + 1] == sizes[4 * budget + 3]
 
 
-@pytest.mark.parametrize("family, attn_implementation", [("llama", "eager"), ("llama", "sdpa"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("gemma3", "sdpa")])
-def test_left_padded_batch_equals_rows_alone(family, attn_implementation):
-    model = family_model(family, attn_implementation)
+def padded_batch():
+    """Rows of 17 and 6 tokens, left-padded to 17: (rows, ids, attention mask)."""
     rows = [ids(1, 17, seed=2)[0], ids(1, 6, seed=3)[0]]
     batch = torch.zeros(2, 17, dtype=torch.long)
     mask = torch.zeros_like(batch)
     for r, row in enumerate(rows):
         batch[r, 17 - len(row) :], mask[r, 17 - len(row) :] = row, 1
-    together = model.generate(batch, attention_mask=mask, past_key_values=TOVACache(7), max_new_tokens=12, do_sample=False)
+    return rows, batch, mask
+
+
+# Budget 7: the prompt compression drops all but one pad; budget 12: six pads stay and the decode steps drop them
+# one by one (swap-remove), each time the highest pad slot, which the newest token then fills.
+@pytest.mark.parametrize("budget", [7, 12])
+@pytest.mark.parametrize("family, attn_implementation", [("llama", "eager"), ("llama", "sdpa"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("gemma3", "sdpa")])
+def test_left_padded_batch_equals_rows_alone(family, attn_implementation, budget):
+    model = family_model(family, attn_implementation)
+    rows, batch, mask = padded_batch()
+    together = model.generate(batch, attention_mask=mask, past_key_values=TOVACache(budget), max_new_tokens=12, do_sample=False)
     for r, row in enumerate(rows):
-        alone = model.generate(row[None], past_key_values=TOVACache(7), max_new_tokens=12, do_sample=False)
+        alone = model.generate(row[None], past_key_values=TOVACache(budget), max_new_tokens=12, do_sample=False)
         assert torch.equal(together[r, 17 - len(row) :], alone[0])
+
+
+@pytest.mark.parametrize("policy", ["tova", "window"])
+def test_pads_stay_left_and_sink_tokens_survive_decode_evictions(policy):
+    model = family_model("llama")
+    rows, batch, mask = padded_batch()
+    cache = TOVACache(12, num_sink_tokens=2, policy=policy)
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask, past_key_values=cache)
+        for _ in range(12):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=cache)
+            for layer in range(len(cache.layers)):
+                held = cache.kept_positions(layer)
+                pads = held[1] < 11  # row 1's columns 0-10 are padding
+                assert pads[: int(pads.sum())].all()
+                for r, first in enumerate((0, 11)):  # each row's first two real columns are sinks
+                    assert {first, first + 1} <= set(held[r].tolist())
+    assert not pads.any() and cache.layers[0].physical_length == 12
 
 
 def test_sink_tokens_and_window_policy():

@@ -20,6 +20,7 @@ from ttt_hf.tova.cache_tova import TOVALayer
 from ttt_hf.tova.tova_attention import last_query_scores
 
 pytest.importorskip("triton")
+from ttt_hf.tova import tova_triton
 from ttt_hf.tova.tova_triton import tova_evict_one_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,28 +81,67 @@ def check_against_reference(case, scaling, tolerance=1e-6, **options):
     return got
 
 
+@pytest.fixture(params=[8, tova_triton.SPLIT], ids=["split8", "split-default"])
+def split(request, monkeypatch):
+    """Tiny splits (several per row, combined two at a time) as well as the real split size."""
+    monkeypatch.setattr(tova_triton, "SPLIT", request.param)
+    if request.param == 8:
+        monkeypatch.setattr(tova_triton, "MAX_CHUNK", 2)
+    return request.param
+
+
 @pytest.mark.parametrize("q_heads, kv_heads", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_scores_and_eviction_match_the_torch_path(q_heads, kv_heads, mask_kind):
+def test_scores_and_eviction_match_the_torch_path(q_heads, kv_heads, mask_kind, split):
     check_against_reference(random_case(2, q_heads, kv_heads, 11, 16, mask_kind=mask_kind), 0.3)
 
 
-def test_softcapping_sinks_odd_head_dims_and_long_rows():
-    # 150 slots: several blocks of the scoring loop; head dims 24 / 40 are padded inside the kernel.
+def test_softcapping_sinks_odd_head_dims_and_long_rows(split):
+    # 150 slots: 19 splits of 8 (the last one partial), or 2 of 128; head dims 24 / 40 are padded in the kernel.
     case = random_case(2, 6, 2, 150, 24, mask_kind="bool", seed=1, value_dim=40)
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -3.0], device=DEVICE)
     check_against_reference(case, 0.2, softcap=3.0, sinks=sinks)
 
 
 @pytest.mark.parametrize("policy", ["tova", "window"])
-def test_sink_tokens_and_window_policy(policy):
+def test_sink_tokens_and_window_policy(policy, split):
     got = check_against_reference(random_case(2, 4, 2, 12, 16, mask_kind="bool", seed=2), 0.3, num_sink_tokens=2,
                                   policy=policy)
     if policy == "window":  # the oldest real token after the 2 sinks goes; row 1 first drops a pad
         assert got[1].tolist() == [2, 2]
 
 
-def test_ties_evict_the_highest_slot():
+@pytest.mark.parametrize("policy", ["tova", "window"])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_positions_out_of_order_after_swap_removes(policy, mask_kind, split):
+    # As after decode steps: the real positions are shuffled (the newest token took evicted slots), pads stay left.
+    query, keys, values, positions, mask = random_case(3, 4, 2, 37, 16, mask_kind=mask_kind, seed=9)
+    generator = torch.Generator().manual_seed(9)
+    for row in range(3):
+        start = 3 if row == 1 else 0
+        order = start + torch.randperm(37 - start, generator=generator).to(DEVICE)
+        positions[row, start:] = positions[row, order]
+    # Row 0's first real position (a sink) sits at slot 30 and is the least attended: it must stay.
+    first = int(positions[0].argmin())
+    positions[0, [first, 30]] = positions[0, [30, first]]
+    keys[0, :, 30] = -query[0, :, -1].view(2, 2, -1).sum(1) * 4
+    case = (query, keys, values, positions, mask)
+    if policy == "tova":
+        assert check_against_reference(case, 0.3)[1][0] == 30  # without sink tokens it goes
+    got = check_against_reference(case, 0.3, num_sink_tokens=3, policy=policy)
+    assert int(positions[0].min()) in got[4][0].tolist()
+    assert got[1][1] == 2  # row 1: the highest pad goes first
+
+
+def test_ties_across_splits_evict_the_highest_slot(split):
+    query, keys, values, positions, mask = random_case(2, 4, 2, 37, 16, seed=10)
+    query[:, :, -1] = 1.0
+    keys[:, :, [3, 13, 30]] = -1.0  # in splits 0, 1 and 3 of 8 slots
+    got = check_against_reference((query, keys, values, positions, mask), 0.25)
+    assert got[1].tolist() == [30, 30]
+
+
+def test_ties_evict_the_highest_slot(split):
     query, keys, values, positions, mask = random_case(2, 4, 2, 10, 16, mask_kind="bool", seed=3)
     query[:, :, -1] = 1.0
     keys[0, :, [1, 4, 6]] = -1.0  # three exactly equal least attended slots: slot 6 goes
@@ -114,7 +154,7 @@ def test_ties_evict_the_highest_slot():
     assert torch.equal(got[5][0][1, :, :9], keys[1, :, :9])
 
 
-def test_bf16_scores_are_exact_products():
+def test_bf16_scores_are_exact_products(split):
     check_against_reference(random_case(2, 4, 2, 40, 32, dtype=torch.bfloat16, mask_kind="additive", seed=4), 32**-0.5)
 
 
@@ -159,6 +199,26 @@ def test_generation_with_the_kernel_equals_the_torch_path(name, monkeypatch):
     assert torch.equal(results["torch"][0], results["triton"][0])
     for torch_kept, triton_kept in zip(results["torch"][1], results["triton"][1]):
         assert torch.equal(torch_kept, triton_kept)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_at_the_budget_keeps_its_buffers(backend):
+    # What a CUDA graph of the step needs: the same buffers every step, positions from the device counter.
+    model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
+    cache = TOVACache(6, kernel_backend=backend)
+    prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    with torch.no_grad():
+        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        pointers = None
+        for step in range(5):
+            position = torch.full((2, 1), 9 + step, device=DEVICE)
+            token = model(token, position_ids=position, past_key_values=cache).logits[:, -1:].argmax(-1)
+            now = [tuple(t.data_ptr() for t in (layer.keys, layer.values, layer.positions, layer._next_position))
+                   for layer in cache.layers]
+            assert pointers in (None, now)
+            pointers = now
+    for layer in cache.layers:
+        assert layer.physical_length == 6 and int(layer._next_position) == 14 == layer.seen
 
 
 def test_reproduces_an_official_generation_with_the_kernel():
