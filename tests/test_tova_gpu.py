@@ -45,3 +45,53 @@ def test_flex_attention_keeps_the_same_tokens_as_sdpa():
     assert torch.equal(results["sdpa"][0], results["flex_attention"][0])
     for sdpa_kept, flex_kept in zip(results["sdpa"][1], results["flex_attention"][1]):
         assert torch.equal(sdpa_kept, flex_kept)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32):
+    # Positions come from a device tensor updated in place (a Python int would be frozen into the graph). Under
+    # capture transformers always materialises the causal mask (all True here): both runs pass it explicitly, so
+    # that they compute the same thing.
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).cuda().eval()
+    budget, prompt = 8, torch.randint(3, 128, (2, 20), device="cuda")
+    mask = torch.ones(2, 1, 1, budget + 1, dtype=torch.bool, device="cuda")
+
+    def decode(graph: bool):
+        cache = TOVACache(budget, kernel_backend=backend)
+        with torch.no_grad():
+            token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            position = torch.full((2, 1), prompt.shape[1], device="cuda")
+
+            def step():
+                token.copy_(model(token, attention_mask=mask, position_ids=position, past_key_values=cache).logits[:, -1:].argmax(-1))
+                position.add_(1)
+
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            if graph:
+                captured = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(captured):
+                    step()
+                step = captured.replay
+            tokens = []
+            torch.cuda.set_sync_debug_mode("error")  # a host synchronisation in the step raises
+            try:
+                for _ in range(12):
+                    step()
+                    tokens.append(token.clone())
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return torch.cat(tokens, 1), [cache.kept_positions(i).clone() for i in range(len(cache.layers))]
+
+    eager, graph = decode(graph=False), decode(graph=True)
+    assert torch.equal(eager[0], graph[0])
+    for eager_kept, graph_kept in zip(eager[1], graph[1]):
+        assert torch.equal(eager_kept, graph_kept)
+        assert int(graph_kept.max()) > prompt.shape[1] + 2  # tokens of the replays, with their own positions
