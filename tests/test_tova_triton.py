@@ -4,6 +4,11 @@ CPU: Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU), tiny
 repeat the comparisons at real sizes and in bf16.
 """
 
+import argparse
+import importlib
+import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,6 +262,38 @@ def test_gradients_take_the_torch_path(monkeypatch):
     cache = TOVACache(7, kernel_backend="triton")
     model(torch.randint(3, 128, (1, 8), device=DEVICE), past_key_values=cache).logits.sum().backward()
     assert not calls and cache.layers[0].physical_length == 7
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the benchmark itself runs on the GPU")
+def test_benchmark_model_loop_runs_on_cpu(monkeypatch):
+    # kernels/bench_tova.py's model part with a tiny Llama, the "graph" being the step itself: every cache runs,
+    # the graph check restores the state (equal tokens), and the tables fill.
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "kernels"))
+    bench = importlib.import_module("bench_tova")
+
+    def wall_time(fn, repeats, warmup=1):
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
+
+    monkeypatch.setattr(bench, "llama_1b", lambda: tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2)))
+    monkeypatch.setattr(bench, "capture", lambda step, warm_up: [warm_up() for _ in range(3)] and step)
+    monkeypatch.setattr(bench, "cuda_time", wall_time)
+    monkeypatch.setattr(bench, "ProfilerActivity", types.SimpleNamespace(CUDA=torch.profiler.ProfilerActivity.CPU))
+    for name, value in (("empty_cache", None), ("reset_peak_memory_stats", None), ("synchronize", None),
+                        ("max_memory_allocated", 0), ("get_device_name", "cpu"),
+                        ("get_device_properties", types.SimpleNamespace(total_memory=2**30))):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
+    args = argparse.Namespace(context=40, batch=2, steps=3, chunk=16, cudnn_sdpa=False)
+    out = bench.model_benchmark(args, [8, 12])
+    assert len(out["runs"]) == 8
+    for name, row in out["runs"].items():
+        assert "error" not in row and "graph_error" not in row, name
+        assert row.get("graph_matches_eager", True) is True, name
+    assert not any("failed" in line for line in out["tables"])
 
 
 @pytest.mark.gpu

@@ -10,9 +10,9 @@ head), as split-K decode attention does. Three launches per layer and step, no h
    query heads against the split's keys with the module's scaling, soft-capping and mask row; stores the fp32
    logits and the split's max and sum of exponentials per query head (and, with sink tokens, the split's
    lowest real position).
-2. `_split_scores_kernel`, one program per (row, split): combines the per-split statistics of every head
-   (plus the attention sinks) into the softmax denominators, writes the head-averaged probability of the
-   split's slots and the split's eviction candidate (lowest key, highest slot among ties).
+2. `_split_scores_kernel`, one program per (row, split), all query heads at once: combines the per-split
+   statistics of every head (plus the attention sinks) into the softmax denominators, writes the head-averaged
+   probability of the split's slots and the split's eviction candidate (lowest key, highest slot among ties).
 3. `_swap_remove_kernel`, one program per (row, KV head): the row's victim from the split candidates; the
    victim slot receives the last slot's key and value (and position). Padded slots score -inf and the
    highest of them goes first, so left padding stays a contiguous block on the left.
@@ -89,46 +89,42 @@ def _split_logits_kernel(
 @triton.jit
 def _split_scores_kernel(
     logits_ptr, max_ptr, sum_ptr, first_ptr, sinks_ptr, pos_ptr, scores_ptr, key_ptr, victim_ptr,
-    n, splits, kv_heads, stride_pb,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    n, splits, q_heads, stride_pb,
+    HQ_PAD: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     SINKS: tl.constexpr, SINK_TOKENS: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """scores [B, n] fp32 (-inf where hidden); key/victim [B, S]: the split's lowest eviction key and its highest slot."""
+    """scores [B, n] fp32 (-inf where hidden); key/victim [B, S]: the split's lowest eviction key and its highest slot.
+    All query heads at once (a [HQ_PAD, BLOCK] tile): the groups do not matter once the logits are written."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    q_heads = kv_heads * G
     slots = split * BLOCK + tl.arange(0, BLOCK)
     valid = slots < n
+    heads = tl.arange(0, HQ_PAD)
+    head_ok = heads < q_heads
     chunk = tl.arange(0, CHUNK)
-    total = tl.zeros([BLOCK], tl.float32)
-    top = tl.full([BLOCK], float("-inf"), tl.float32)  # the slot's highest logit: -inf where the mask hides it
-    for kv_head in range(kv_heads):
-        heads = kv_head * G + tl.arange(0, G_PAD)
-        head_ok = heads < (kv_head + 1) * G
-        stats = (row * q_heads + heads)[:, None] * splits
-        # The softmax denominator of each head: the per-split sums rescaled to the global max.
-        head_max = tl.full([G_PAD], float("-inf"), tl.float32)
-        head_sum = tl.zeros([G_PAD], tl.float32)
-        for start in range(0, splits, CHUNK):
-            ok = head_ok[:, None] & (start + chunk < splits)[None, :]
-            split_max = tl.load(max_ptr + stats + start + chunk[None, :], mask=ok, other=float("-inf"))
-            split_sum = tl.load(sum_ptr + stats + start + chunk[None, :], mask=ok, other=0.0)
-            new_max = tl.maximum(head_max, tl.max(split_max, axis=1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            head_sum = head_sum * tl.exp(head_max - shift) + tl.sum(split_sum * tl.exp(split_max - shift[:, None]), axis=1)
-            head_max = new_max
-        if SINKS:  # the sink logit joins the denominator only
-            sink = tl.load(sinks_ptr + heads, mask=head_ok, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(head_max, sink)
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            head_sum = head_sum * tl.exp(head_max - shift) + tl.exp(sink - shift)
-            head_max = new_max
-        shift = tl.where(head_max == float("-inf"), 0.0, head_max)
-        logits = tl.load(logits_ptr + (row * q_heads + heads)[:, None] * n + slots[None, :],
-                         mask=head_ok[:, None] & valid[None, :], other=float("-inf"))
-        denominator = tl.where(head_ok, head_sum, 1.0)  # padded heads read -inf logits and add 0
-        total += tl.sum(tl.exp(logits - shift[:, None]) / denominator[:, None], axis=0)
-        top = tl.maximum(top, tl.max(logits, axis=0))
-    attended = top > float("-inf")
+    stats = (row * q_heads + heads)[:, None] * splits
+    # The softmax denominator of each head: the per-split sums rescaled to the global max.
+    head_max = tl.full([HQ_PAD], float("-inf"), tl.float32)
+    head_sum = tl.zeros([HQ_PAD], tl.float32)
+    for start in range(0, splits, CHUNK):
+        ok = head_ok[:, None] & (start + chunk < splits)[None, :]
+        split_max = tl.load(max_ptr + stats + start + chunk[None, :], mask=ok, other=float("-inf"))
+        split_sum = tl.load(sum_ptr + stats + start + chunk[None, :], mask=ok, other=0.0)
+        new_max = tl.maximum(head_max, tl.max(split_max, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        head_sum = head_sum * tl.exp(head_max - shift) + tl.sum(split_sum * tl.exp(split_max - shift[:, None]), axis=1)
+        head_max = new_max
+    if SINKS:  # the sink logit joins the denominator only
+        sink = tl.load(sinks_ptr + heads, mask=head_ok, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(head_max, sink)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        head_sum = head_sum * tl.exp(head_max - shift) + tl.exp(sink - shift)
+        head_max = new_max
+    shift = tl.where(head_max == float("-inf"), 0.0, head_max)
+    denominator = tl.where(head_ok, head_sum, 1.0)  # padded heads read -inf logits and add 0
+    logits = tl.load(logits_ptr + (row * q_heads + heads)[:, None] * n + slots[None, :],
+                     mask=head_ok[:, None] & valid[None, :], other=float("-inf"))
+    total = tl.sum(tl.exp(logits - shift[:, None]) / denominator[:, None], axis=0)
+    attended = tl.max(logits, axis=0) > float("-inf")  # -inf for every head where the mask hides the slot
     scores = tl.where(attended, total / q_heads, float("-inf"))
     tl.store(scores_ptr + row * n + slots, scores, mask=valid)
 
@@ -136,11 +132,11 @@ def _split_scores_kernel(
     # -inf for hidden ones, +inf for the sink tokens (the first SINK_TOKENS real positions).
     real = valid & attended
     key = scores
-    if WINDOW or SINK_TOKENS > 0:
-        positions = tl.load(pos_ptr + row * stride_pb + slots, mask=valid, other=0)
     if WINDOW:
+        positions = tl.load(pos_ptr + row * stride_pb + slots, mask=valid, other=0)
         key = tl.where(real, positions.to(tl.float32), float("-inf"))
     if SINK_TOKENS > 0:
+        positions = tl.load(pos_ptr + row * stride_pb + slots, mask=valid, other=0)
         first = tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
         for start in range(0, splits, CHUNK):
             firsts = tl.load(first_ptr + row * splits + start + chunk, mask=start + chunk < splits,
@@ -241,9 +237,10 @@ def tova_evict_one_triton(
         )
         _split_scores_kernel[(batch, splits)](
             logits, split_max, split_sum, first, scores if sinks is None else sinks, positions, scores,
-            split_key, split_victim, n, splits, kv_heads, positions.stride(0),
-            G=group, G_PAD=_pad(group), BLOCK=SPLIT, CHUNK=chunk,
+            split_key, split_victim, n, splits, q_heads, positions.stride(0),
+            HQ_PAD=triton.next_power_of_2(q_heads), BLOCK=SPLIT, CHUNK=chunk,
             SINKS=sinks is not None, SINK_TOKENS=num_sink_tokens, WINDOW=window,
+            num_warps=8 if q_heads * SPLIT >= 8192 else 4,
         )
         _swap_remove_kernel[(batch, kv_heads)](
             split_key, split_victim, positions, keys, values, evicted,
