@@ -77,9 +77,10 @@ class TOVALayer(DynamicLayer):
         self._hold(self._buffers, held + new)
         self.keys.narrow(2, held, new).copy_(key_states)
         self.values.narrow(2, held, new).copy_(value_states)
+        device = self.positions.device
         if self._next_position is None:
-            self._next_position = torch.tensor(self.seen, device=self.positions.device)
-        column = self._next_position if new == 1 else self._next_position + torch.arange(new, device=self.positions.device)
+            self._next_position = torch.tensor(self.seen, device=device)
+        column = self._next_position if new == 1 else self._next_position + torch.arange(new, device=device)
         self.positions.narrow(1, held, new).copy_(column)
         self._next_position += new
         self.seen += new
