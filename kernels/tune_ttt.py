@@ -23,11 +23,24 @@ from bench_common import save_results
 from bench_ttt import fwd_bwd, inputs, rel_err
 
 CANDIDATES = {
-    "state": [{"num_warps": w, "num_stages": s} for w in (2, 4, 8) for s in (1, 2)],
-    "output": [{"num_warps": w} for w in (2, 4, 8)],
-    "backward": [{"num_warps": w} for w in (4, 8, 16)],
+    "state": [{"num_warps": w} for w in (1, 2, 8)] + [{"num_warps": 4, "num_stages": 1}],
+    "output": [{"num_warps": w} for w in (2, 8)],
+    "backward": [{"num_warps": 8}],
 }
-GROUPS = (4, 16, 64)
+GROUPS = (4, 64)
+
+
+def kernel_breakdown(args: tuple) -> list[tuple[str, float]]:
+    """GPU microseconds per kernel of one forward + backward at the default launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = fwd_bwd(lambda: ttt_chunk(*args, kernel_backend="triton")[0])
+    run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    events = [(e.key, e.self_device_time_total) for e in prof.key_averages()]
+    return sorted(events, key=lambda e: -e[1])[:8]
 
 
 def run_variant(kernel: str, launch: dict, head_dim: int, forward_only: bool, args: tuple, group: int = 0):
@@ -58,6 +71,9 @@ def main() -> None:
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
         a = inputs(args.batch, args.heads, args.length, head_dim, torch.bfloat16, requires_grad=True)
+        print(f"\nD={head_dim}: GPU us per kernel, one forward + backward at the default launches")
+        for name, us in kernel_breakdown(a):
+            print(f"  {us:10.1f}  {name[:90]}")
         for kernel, launches in CANDIDATES.items():
             forward_only = kernel != "backward"
             reference = None
@@ -70,12 +86,14 @@ def main() -> None:
                 reference = reference or result
                 err = max(rel_err(x, y) for x, y in zip(result, reference))
                 rows.append(dict(head_dim=head_dim, kernel=kernel, launch=launch, ms=ms, max_rel_diff=err))
+                print(rows[-1], flush=True)
         for group in GROUPS:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             ms, _ = run_variant("backward", ttt_triton.LAUNCH["backward"][head_dim > 64], head_dim, False, a, group)
             rows.append(dict(head_dim=head_dim, kernel=f"checkpoint_group={group}", launch={}, ms=ms,
                              extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30))
+            print(rows[-1], flush=True)
         del a
         torch.cuda.empty_cache()
 
