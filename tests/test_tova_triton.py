@@ -1,7 +1,8 @@
-"""The fused TOVA score-and-evict Triton kernel against the torch path (the numerical definition).
+"""The split-parallel TOVA score-and-evict Triton kernels against the torch path (the numerical definition):
+scores, victims and the kept keys/values/positions after the swap-remove, exactly.
 
-CPU: Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU), tiny sizes. GPU-marked tests
-repeat the comparisons at real sizes and in bf16.
+CPU: Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU), tiny sizes and tiny splits. GPU-marked
+tests repeat the comparisons at real sizes and in bf16.
 """
 
 import argparse
