@@ -212,6 +212,10 @@ class TOVACache(Cache):
 
     Sliding-window layers (Mistral, Gemma 2/3, ...) whose window is at most the budget keep their last
     `window - 1` tokens as transformers' own sliding layers do; the budget applies to the others.
+
+    CUDA graphs: once a step has run at the budget, `model(token, position_ids=position, past_key_values=cache)`
+    can be captured and replayed (`token` and `position` device tensors updated in place; without padding).
+    Replays advance the cache on the device only: `get_seq_length()` then lags behind.
     """
 
     is_compileable = False
