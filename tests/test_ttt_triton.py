@@ -64,6 +64,15 @@ def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_min
     check_chunk(2, 2, 40, head_dim, start=[5, 32], length=[40, 27], checkpoint_group=checkpoint_group)
 
 
+def test_aligned_full_rows_take_the_slots_as_views():
+    # Both rows start a mini-batch (0 and 16) and fill whole ones: no gathers, same results and gradients.
+    layout = ttt_ops.SlotLayout(torch.tensor([0, 16]), torch.tensor([32, 32]), MB, 32)
+    assert layout.dense and not ttt_ops.SlotLayout(torch.tensor([0, 16]), torch.tensor([32, 31]), MB, 32).dense
+    x = torch.randn(2, 3, 32, 4)
+    assert layout.to_slots(x).data_ptr() == x.data_ptr() and torch.equal(layout.from_slots(layout.to_slots(x)), x)
+    check_chunk(2, 2, 32, 16, start=[0, 16], length=[32, 32], checkpoint_group=1)
+
+
 def test_forward_in_segments_hands_the_state_on(monkeypatch):
     # Room for the start states of two mini-batches of all 4 (row, head) pairs: 3 mini-batches run as 2 + 1.
     monkeypatch.setattr(ttt_triton, "START_STATE_BYTES", 2 * 4 * 16 * 16 * 4)

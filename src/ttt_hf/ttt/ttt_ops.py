@@ -189,7 +189,11 @@ class SlotLayout:
         self.mini_batch_size, self.seq_len = mini_batch_size, seq_len
         self.offset = start % mini_batch_size
         self.span = self.offset + length
-        self.num_mini_batches = max(1, -(-int(self.span.max()) // mini_batch_size))
+        longest, shortest, ragged = torch.stack([self.span.max(), self.span.min(), self.offset.max()]).tolist()
+        self.num_mini_batches = max(1, -(-longest // mini_batch_size))
+        # Every row starts a mini-batch and fills whole ones (training, aligned prefill): the slots are the
+        # tokens themselves, a view instead of two gathers and a mask per tensor.
+        self.dense = ragged == 0 and shortest == longest == seq_len and seq_len % mini_batch_size == 0
         slot = torch.arange(self.num_mini_batches * mini_batch_size, device=start.device)
         src = slot[None, :] - self.offset[:, None]  # [B, M*b]
         self.valid = (src >= 0) & (src < length[:, None])
@@ -198,6 +202,8 @@ class SlotLayout:
     def to_slots(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, T, d] -> [B, H, M, b, d]."""
         batch, heads = x.shape[:2]
+        if self.dense:
+            return x.reshape(batch, heads, self.num_mini_batches, self.mini_batch_size, x.shape[-1])
         index = self.src[:, None, :, None].expand(batch, heads, -1, x.shape[-1])
         x = torch.gather(x, 2, index) * self.valid[:, None, :, None]
         return x.reshape(batch, heads, self.num_mini_batches, self.mini_batch_size, x.shape[-1])
@@ -206,6 +212,8 @@ class SlotLayout:
         """[B, H, M*b, d] (or [B, H, M, b, d]) -> [B, H, T, d]."""
         batch, heads, dim = x.shape[0], x.shape[1], x.shape[-1]
         x = x.reshape(batch, heads, -1, dim)
+        if self.dense:
+            return x
         index = torch.arange(self.seq_len, device=x.device)[None, :] + self.offset[:, None]
         index = index.clamp(max=x.shape[2] - 1)
         return torch.gather(x, 2, index[:, None, :, None].expand(batch, heads, self.seq_len, dim))

@@ -382,12 +382,12 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-# Launch parameters of each kernel for head dims up to 64 and above (the backward holds about six live [F, F]
-# fp32 tiles: wide heads spread them over more threads). kernels/tune_ttt.py sweeps them on the GPU.
+# Launch parameters of each kernel for head dims up to 64 and above, from kernels/tune_ttt.py on the H200
+# (results/ttt_tune.md): the backward holds about six live [F, F] fp32 tiles, 8 warps spread them thinnest.
 LAUNCH = {
     "state": ({"num_warps": 4}, {"num_warps": 4}),
-    "output": ({"num_warps": 4}, {"num_warps": 4}),
-    "backward": ({"num_warps": 4}, {"num_warps": 8}),
+    "output": ({"num_warps": 2}, {"num_warps": 4}),
+    "backward": ({"num_warps": 8}, {"num_warps": 8}),
 }
 
 
