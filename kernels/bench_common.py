@@ -29,6 +29,22 @@ def cuda_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
+def capture(step: Callable[[], object], warm_up: Callable[[], object] | None = None) -> Callable[[], None]:
+    """`step` captured in a CUDA graph after three `warm_up` calls (default: `step` itself) on a side stream, so
+    that Triton compiles and allocators settle outside the capture; returns the replay."""
+    warm_up = warm_up or step
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            warm_up()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def ttt_model(name: str, backend: str, dtype: torch.dtype, **overrides) -> TTTForCausalLM:
     """A random-weight TTT model of configs/<name>.json on the GPU, in eval mode, with `kernel_backend` and
     any other config field set."""

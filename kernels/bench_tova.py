@@ -36,7 +36,7 @@ from ttt_hf.tova.cache_tova import TOVALayer
 from ttt_hf.tova.tova_attention import last_query_scores
 from ttt_hf.tova.tova_triton import tova_evict_one_triton
 
-from bench_common import cuda_time, save_results
+from bench_common import capture, cuda_time, save_results
 
 CHECK_STEPS = 16  # decode steps compared between the graph and eager
 
@@ -51,21 +51,6 @@ def host_us(fn, calls: int = 50) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
-
-
-def capture(step: Callable[[], None], warm_up: Callable[[], None]) -> Callable[[], None]:
-    """`step` captured in a CUDA graph after three `warm_up` steps on a side stream (the same kernels: Triton
-    compiles them there, not under capture); returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            warm_up()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def graph_us(fn: Callable[[], object], calls: int = 20) -> float:

@@ -18,23 +18,9 @@ from ttt_hf.ttt.cache_ttt import TTTCache
 from ttt_hf.ttt.ttt_ops import ttt_step_torch
 from ttt_hf.ttt.ttt_triton_decode import ttt_step_triton
 
-from bench_common import cuda_time, save_results, ttt_model
+from bench_common import capture, cuda_time, save_results, ttt_model
 
 MINI_BATCH = 16
-
-
-def as_graph(fn):
-    """`fn` captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def step_inputs(layer_type: str, batch: int, heads: int, head_dim: int, dtype: torch.dtype):
@@ -67,7 +53,7 @@ def bench_step(layer_type: str, batch: int, heads: int, head_dim: int, dtype: to
     row = {}
     for name, fn in (("triton", triton_step), ("torch", torch_step)):
         row[f"{name}_us"] = cuda_time(fn, repeats, warmup=3) * 1e6
-        row[f"{name}_graph_us"] = cuda_time(as_graph(fn), repeats, warmup=3) * 1e6
+        row[f"{name}_graph_us"] = cuda_time(capture(fn), repeats, warmup=3) * 1e6
     row["triton_graph_gb_per_s"] = state_bytes(state) / row["triton_graph_us"] / 1e3
     return row
 
@@ -110,7 +96,7 @@ def capture_decode_step(model: TTTForCausalLM, cache: TTTCache, token: torch.Ten
                 old.copy_(new)
         set_cache_tensors(cache, inputs)
 
-    return as_graph(step)
+    return capture(step)
 
 
 @torch.no_grad()
