@@ -194,10 +194,11 @@ class SlotLayout:
         # Every row starts a mini-batch and fills whole ones (training, aligned prefill): the slots are the
         # tokens themselves, a view instead of two gathers and a mask per tensor.
         self.dense = ragged == 0 and shortest == longest == seq_len and seq_len % mini_batch_size == 0
-        slot = torch.arange(self.num_mini_batches * mini_batch_size, device=start.device)
-        src = slot[None, :] - self.offset[:, None]  # [B, M*b]
-        self.valid = (src >= 0) & (src < length[:, None])
-        self.src = src.clamp(0, seq_len - 1)
+        if not self.dense:
+            slot = torch.arange(self.num_mini_batches * mini_batch_size, device=start.device)
+            src = slot[None, :] - self.offset[:, None]  # [B, M*b]
+            self.valid = (src >= 0) & (src < length[:, None])
+            self.src = src.clamp(0, seq_len - 1)
 
     def to_slots(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, T, d] -> [B, H, M, b, d]."""

@@ -84,14 +84,24 @@ def _store_state(w_ptr, c_ptr, acc_w_ptr, acc_c_ptr, index, w, c, acc_w, acc_c, 
 
 
 @triton.jit
+def _token_offsets(first, tokens, cols, F: tl.constexpr):
+    """Offsets of tokens [first, first + MB) of the slot layout into [.., F] tensors."""
+    return (first + tokens)[:, None] * F + cols[None, :]
+
+
+@triton.jit
+def _load_tokens(ptr, offsets, col_mask):
+    return tl.load(ptr + offsets, mask=col_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first, tokens, cols, col_mask, F: tl.constexpr):
     """Tokens [first, first + MB) of the slot layout, in fp32, with their offsets into [.., F] tensors."""
-    offsets = (first + tokens)[:, None] * F + cols[None, :]
-    q = tl.load(q_ptr + offsets, mask=col_mask[None, :], other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + offsets, mask=col_mask[None, :], other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offsets, mask=col_mask[None, :], other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + first + tokens)
-    return offsets, q, k, v, lr
+    offsets = _token_offsets(first, tokens, cols, F)
+    q = _load_tokens(q_ptr, offsets, col_mask)
+    k = _load_tokens(k_ptr, offsets, col_mask)
+    v = _load_tokens(v_ptr, offsets, col_mask)
+    return offsets, q, k, v, tl.load(lr_ptr + first + tokens)
 
 
 @triton.jit
@@ -162,15 +172,20 @@ def _ttt_linear_chunk_state_kernel(
     span = tl.load(span_ptr + row)
 
     # The next mini-batch's keys, values and rates load while this one computes (the loop is latency-bound).
-    _, _, k, v, lr = _load_mini_batch(k_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + FIRST) * MB, tokens, cols, col_mask, F)
+    following = (bh * M + FIRST) * MB
+    upcoming = _token_offsets(following, tokens, cols, F)
+    k, v = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask)
+    lr = tl.load(lr_ptr + following + tokens)
     for m in range(FIRST, FIRST + COUNT):
         if SAVE:  # noqa: SIM102 (a constexpr: without SAVE the branch is not compiled)
             if m % GROUP == 0:
                 _store_state(ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr, bh * NUM_GROUPS + m // GROUP,
                              w, c, acc_w, acc_c, square, square_mask, cols, col_mask, F)
-        offsets = (bh * M + m) * MB * F + tokens[:, None] * F + cols[None, :]
+        offsets = upcoming
         following = (bh * M + tl.minimum(m + 1, M - 1)) * MB
-        _, _, k_next, v_next, lr_next = _load_mini_batch(k_ptr, k_ptr, v_ptr, lr_ptr, following, tokens, cols, col_mask, F)
+        upcoming = _token_offsets(following, tokens, cols, F)
+        k_next, v_next = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask)
+        lr_next = tl.load(lr_ptr + following + tokens)
         start = bh * COUNT + m - FIRST
         tl.store(start_w_ptr + start * F * F + square, w.to(start_w_ptr.dtype.element_ty), mask=square_mask)
         tl.store(start_c_ptr + start * F + cols, c.to(start_c_ptr.dtype.element_ty), mask=col_mask)
@@ -212,8 +227,12 @@ def _ttt_linear_chunk_output_kernel(
     ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
     tau = tl.load(tau_ptr + tokens)
     causal = tokens[:, None] >= tokens[None, :]
-    offsets, q, k, _, lr = _load_mini_batch(q_ptr, k_ptr, k_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols, col_mask, F)
-    grad = tl.load(grad_ptr + offsets, mask=col_mask[None, :], other=0.0)
+    first_token = (bh * M + m) * MB
+    offsets = _token_offsets(first_token, tokens, cols, F)
+    q = _load_tokens(q_ptr, offsets, col_mask)
+    k = _load_tokens(k_ptr, offsets, col_mask)
+    grad = _load_tokens(grad_ptr, offsets, col_mask)
+    lr = tl.load(lr_ptr + first_token + tokens)
     z_q, _, _ = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION)
     tl.store(out_ptr + offsets, q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps), mask=col_mask[None, :])
 
@@ -383,9 +402,10 @@ def _precision(x: torch.Tensor) -> str:
 
 
 # Launch parameters of each kernel for head dims up to 64 and above, from kernels/tune_ttt.py on the H200
-# (results/ttt_tune.md): the backward holds about six live [F, F] fp32 tiles, 8 warps spread them thinnest.
+# (results/ttt_tune.md): the backward holds about six live [F, F] fp32 tiles, 8 warps spread them thinnest. At
+# head dim 128 the state kernel spills 1.2 KB per thread with 4 warps, 128 B with 8 (ptxas resource report).
 LAUNCH = {
-    "state": ({"num_warps": 4}, {"num_warps": 4}),
+    "state": ({"num_warps": 4}, {"num_warps": 8}),
     "output": ({"num_warps": 2}, {"num_warps": 4}),
     "backward": ({"num_warps": 8}, {"num_warps": 8}),
 }
