@@ -12,9 +12,10 @@
    forward with explicit `position_ids` (a device tensor advanced in place): eagerly, and captured in a CUDA
    graph and replayed (the graph's tokens are checked against eager steps from the same state). Caches: the
    full context in a DynamicCache (eager) and in a StaticCache (eager and graph); TOVACache at each budget with
-   the kernel and with the torch path; a StaticCache of budget + 1 slots whose last slot every step overwrites
-   (the same attention and physical length as TOVA without scoring): the score-and-evict overhead is
-   (TOVA step - that step) / TOVA step, both captured.
+   the kernel and with the torch path; TOVACache without scoring (each step drops the newest slot: the same
+   attention and physical length): the score-and-evict overhead is (TOVA step - that step) / TOVA step, both
+   captured. Under capture transformers materialises the all-True causal mask; TOVACache drops it for unpadded
+   caches, so TOVA's captured steps attend through SDPA's GQA path as the eager ones do.
 Prints markdown tables and writes kernels/results/tova.json.
 """
 
@@ -39,6 +40,17 @@ from ttt_hf.tova.tova_triton import tova_evict_one_triton
 from bench_common import capture, cuda_time, save_results
 
 CHECK_STEPS = 16  # decode steps compared between the graph and eager
+
+
+class UnscoredTOVACache(TOVACache):
+    """TOVACache whose decode steps drop the newest slot instead of scoring: TOVA's attention and physical length
+    without the score-and-evict, the baseline of its overhead. Prompts are compressed as TOVA does."""
+
+    def after_attention(self, module, query, key, attention_mask, scaling, softcap=None, sinks=None) -> None:
+        layer = self.layers[module.layer_idx]
+        if query.shape[2] > 1 or layer.physical_length != self.budget + 1:
+            return super().after_attention(module, query, key, attention_mask, scaling, softcap, sinks)
+        layer.drop_last()
 
 
 def host_us(fn, calls: int = 50) -> float:
@@ -130,18 +142,14 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     return out.logits[:, -1:].argmax(-1)
 
 
-def greedy_step(model, cache, token: torch.Tensor, position: torch.Tensor, attention_mask=None,
-                after: Callable[[], None] | None = None) -> Callable[[], None]:
+def greedy_step(model, cache, token: torch.Tensor, position: torch.Tensor) -> Callable[[], None]:
     """One greedy decode step, all in place on device tensors (so a CUDA graph of it replays correctly): the
     next token into `token` [B, 1], `position` [B, 1] (the RoPE position) advanced by one."""
 
     def step():
-        logits = model(token, attention_mask=attention_mask, position_ids=position, past_key_values=cache,
-                       use_cache=True).logits
+        logits = model(token, position_ids=position, past_key_values=cache, use_cache=True).logits
         token.copy_(logits[:, -1:].argmax(-1))
         position.add_(1)
-        if after is not None:
-            after()
 
     return step
 
@@ -162,16 +170,13 @@ def greedy_tokens(step: Callable[[], None], token: torch.Tensor, steps: int) -> 
     return torch.cat(tokens, dim=1)
 
 
-def graph_row(model, cache, token: torch.Tensor, position: torch.Tensor, steps: int, after=None,
-              check_mask: torch.Tensor | None = None) -> dict:
-    """ms/token of the captured step, and whether its tokens equal eager steps from the same state. Under
-    capture transformers always materialises the causal mask (all True for TOVA, whose eager decode passes
-    none): `check_mask` is that mask for the eager steps of the check, so that both compute the same thing."""
-    masked = greedy_step(model, cache, token, position, check_mask, after)
-    replay = capture(greedy_step(model, cache, token, position, after=after), warm_up=masked)
+def graph_row(model, cache, token: torch.Tensor, position: torch.Tensor, steps: int) -> dict:
+    """ms/token of the captured step, and whether its tokens equal eager steps from the same state."""
+    eager_step = greedy_step(model, cache, token, position)
+    replay = capture(eager_step)
     tensors = state_tensors(cache) + [token, position]
     snapshot = [t.clone() for t in tensors]
-    eager = greedy_tokens(masked, token, CHECK_STEPS)
+    eager = greedy_tokens(eager_step, token, CHECK_STEPS)
     for tensor, saved in zip(tensors, snapshot):
         tensor.copy_(saved)
     graph = greedy_tokens(replay, token, CHECK_STEPS)
@@ -180,8 +185,8 @@ def graph_row(model, cache, token: torch.Tensor, position: torch.Tensor, steps: 
             "graph_matches_eager": bool(torch.equal(graph, eager))}
 
 
-def eager_row(model, cache, token: torch.Tensor, position: torch.Tensor, steps: int, after=None) -> dict:
-    step = greedy_step(model, cache, token, position, after=after)
+def eager_row(model, cache, token: torch.Tensor, position: torch.Tensor, steps: int) -> dict:
+    step = greedy_step(model, cache, token, position)
     ms = cuda_time(step, steps, warmup=3) * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
@@ -203,34 +208,23 @@ def generate_ms(model, cache, token: torch.Tensor, steps: int) -> float:
 
 
 @torch.no_grad()
-def run(model, name: str, make_cache, context: int, args, graph: bool, same_length: int | None = None) -> dict:
-    """Prefill `context` tokens, then eager steps, `generate` (caches it supports), and the CUDA graph.
-    `same_length`: a StaticCache of that many + 1 slots that stays at that length (its last slot is rewritten)."""
+def run(model, name: str, make_cache, context: int, args, graph: bool) -> dict:
+    """Prefill `context` tokens, then eager steps, `generate` (caches it supports), and the CUDA graph."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(3, model.config.vocab_size, (args.batch, context), device=model.device)
     cache = make_cache()
     token = prefill(model, cache, ids, args.chunk)
     position = torch.full_like(token, context)
-    after = None
-    if same_length is not None:
-        def after():
-            for layer in cache.layers:
-                layer.cumulative_length.fill_(same_length)
-
-    row = eager_row(model, cache, token, position, args.steps, after)
+    row = eager_row(model, cache, token, position, args.steps)
     layer = cache.layers[0]
     row.update(physical_tokens=layer.keys.shape[-2], kv_bytes_per_row=cache_bytes(cache) / args.batch)
     if not isinstance(cache, StaticCache):  # generate would compile a StaticCache's step
         row["generate_ms_per_token"] = generate_ms(model, cache, token, args.steps)
         position.fill_(cache.get_seq_length())
     if graph:
-        check_mask = None
-        if isinstance(cache, TOVACache):
-            n = layer.physical_length + 1
-            check_mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device=model.device).expand(args.batch, 1, 1, n)
         try:
-            row.update(graph_row(model, cache, token, position, args.steps, after, check_mask))
+            row.update(graph_row(model, cache, token, position, args.steps))
         except Exception as error:  # report it and go on with the other caches
             traceback.print_exc()
             row["graph_error"] = f"{type(error).__name__}: {error}"
@@ -251,18 +245,17 @@ def model_benchmark(args, budgets: list[int]) -> dict:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     room = args.context + 2 * args.steps + 2 * CHECK_STEPS + 64  # every step a run takes, with a margin
     runs = {
-        "DynamicCache (full)": (lambda: DynamicCache(config=config), args.context, False, None),
-        "StaticCache (full)": (lambda: StaticCache(config=config, max_cache_len=room), args.context, True, None),
+        "DynamicCache (full)": (lambda: DynamicCache(config=config), args.context, False),
+        "StaticCache (full)": (lambda: StaticCache(config=config, max_cache_len=room), args.context, True),
     }
     for budget in budgets:
-        runs[f"TOVACache {budget}, Triton"] = (lambda b=budget: TOVACache(b, kernel_backend="auto"), args.context, True, None)
-        runs[f"TOVACache {budget}, torch path"] = (lambda b=budget: TOVACache(b, kernel_backend="torch"), args.context, True, None)
-        runs[f"StaticCache holding {budget}"] = (
-            lambda b=budget: StaticCache(config=config, max_cache_len=b + 1), budget, True, budget)
+        runs[f"TOVACache {budget}, Triton"] = (lambda b=budget: TOVACache(b, kernel_backend="auto"), args.context, True)
+        runs[f"TOVACache {budget}, torch path"] = (lambda b=budget: TOVACache(b, kernel_backend="torch"), args.context, True)
+        runs[f"TOVACache {budget}, no scoring"] = (lambda b=budget: UnscoredTOVACache(b), args.context, True)
     results = {}
-    for name, (make_cache, context, graph, same_length) in runs.items():
+    for name, (make_cache, context, graph) in runs.items():
         try:
-            results[name] = run(model, name, make_cache, context, args, graph, same_length)
+            results[name] = run(model, name, make_cache, context, args, graph)
         except Exception as error:
             traceback.print_exc()
             results[name] = {"error": f"{type(error).__name__}: {error}"}
@@ -306,29 +299,30 @@ def model_tables(args, budgets: list[int], weights: int, results: dict) -> list[
             f"{graph_ms} | {graph_rate} | {row.get('graph_matches_eager', '-')} | "
             f"{_ms(row, 'generate_ms_per_token')} | {row['gpu_busy_ms'] / row['ms_per_token']:.0%} | "
             f"{row['peak_gib']:.1f} | {row['kv_bytes_per_row'] / 2**20:.0f} | "
-            f"{row['max_batch'] if 'holding' not in name else ''} |"
+            f"{row['max_batch'] if 'no scoring' not in name else ''} |"
         )
     lines += [
         "",
-        "| budget | path | TOVA graph ms/token | StaticCache same length, graph ms/token | score-and-evict overhead "
-        "(graphs) | speed-up vs full StaticCache (graphs) | speed-up vs full DynamicCache (eager) |",
-        "|---|---|---|---|---|---|---|",
+        "| budget | path | TOVA graph ms/token | TOVA without scoring, graph ms/token | score-and-evict overhead "
+        "(graphs) | TOVA graph vs full DynamicCache eager | vs full StaticCache graph | eager vs eager |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     static_full, dynamic_full = results["StaticCache (full)"], results["DynamicCache (full)"]
     for budget in budgets:
-        same = results[f"StaticCache holding {budget}"]
+        same = results[f"TOVACache {budget}, no scoring"]
         for path in ("Triton", "torch path"):
             tova = results[f"TOVACache {budget}, {path}"]
             lines.append(
                 f"| {budget} | {path} | {_ms(tova, 'graph_ms_per_token')} | {_ms(same, 'graph_ms_per_token')} | "
                 f"{_ratio(tova, 'graph_ms_per_token', same, 'graph_ms_per_token', percent=True)} of a step | "
+                f"{_ratio(dynamic_full, 'ms_per_token', tova, 'graph_ms_per_token')} | "
                 f"{_ratio(static_full, 'graph_ms_per_token', tova, 'graph_ms_per_token')} | "
                 f"{_ratio(dynamic_full, 'ms_per_token', tova, 'ms_per_token')} |"
             )
     lines.append(
-        "\nUnder CUDA-graph capture transformers materialises the causal mask (it skips it only outside capture), "
-        "and with a mask its SDPA integration repeats K/V per query head: the graphs of TOVA and of the StaticCache "
-        "(which always has a mask) attend that way, the eager TOVA and DynamicCache steps with SDPA's GQA."
+        "\nUnder CUDA-graph capture transformers materialises the causal mask and, with a mask, its SDPA integration "
+        "repeats K/V per query head: the full StaticCache attends that way; TOVACache drops the all-True mask of an "
+        "unpadded cache, so its captured steps use SDPA's GQA path like the eager steps."
     )
     return lines
 

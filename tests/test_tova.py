@@ -244,3 +244,41 @@ def test_flex_block_mask_gives_the_same_scores_as_the_dense_mask():
     expected = last_query_scores(attention, query, key, dense, 0.25)
     torch.testing.assert_close(last_query_scores(attention, query, key, block_mask, 0.25), expected, rtol=0, atol=0)
     assert torch.isinf(expected[1, :4]).all() and torch.isfinite(expected[1, 4:]).all()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_captured_steps_drop_the_all_true_mask_of_an_unpadded_cache(padded, monkeypatch):
+    # Under CUDA-graph capture (faked: the check is device-bound) transformers materialises the 4-D mask even
+    # where it is all True; a one-token step of a cache whose prompt had no padding runs attention without it
+    # (SDPA's GQA path), a padded cache keeps it. Logits equal the masked steps either way.
+    from ttt_hf.tova import cache_tova
+
+    model, budget = family_model("llama"), 16
+    prompt = ids(2, 10)
+    prompt_mask = torch.ones_like(prompt)
+    if padded:
+        prompt_mask[1, :3] = 0
+    step_mask = torch.cat([prompt_mask, torch.ones(2, 1, dtype=prompt_mask.dtype)], 1).bool()[:, None, None, :]
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        masks.append((query.shape[2], attn_mask))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    def decode(capturing: bool) -> torch.Tensor:
+        cache = TOVACache(budget)
+        with torch.no_grad():
+            token = model(prompt, attention_mask=prompt_mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            monkeypatch.setattr(cache_tova, "_capturing", lambda tensor: capturing)
+            masks.clear()
+            logits = model(token, attention_mask=step_mask, position_ids=torch.full((2, 1), 10),
+                           past_key_values=cache).logits
+            monkeypatch.setattr(cache_tova, "_capturing", lambda tensor: False)
+        return logits, [mask is not None for _, mask in masks]
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    expected, eager_masks = decode(capturing=False)
+    got, captured_masks = decode(capturing=True)
+    assert eager_masks == [True, True] and captured_masks == [padded, padded]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

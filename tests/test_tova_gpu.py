@@ -49,9 +49,9 @@ def test_flex_attention_keeps_the_same_tokens_as_sdpa():
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32):
-    # Positions come from a device tensor updated in place (a Python int would be frozen into the graph). Under
-    # capture transformers always materialises the causal mask (all True here): both runs pass it explicitly, so
-    # that they compute the same thing.
+    # Positions come from a device tensor updated in place (a Python int would be frozen into the graph). Both
+    # runs pass the all-True mask transformers materialises under capture; the captured steps drop it (an
+    # unpadded cache), so the two attend to the same slots through different SDPA kernels.
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, pad_token_id=0, eos_token_id=None)
     torch.manual_seed(0)

@@ -281,7 +281,7 @@ def test_benchmark_model_loop_runs_on_cpu(monkeypatch):
         return (time.perf_counter() - start) / repeats
 
     monkeypatch.setattr(bench, "llama_1b", lambda: tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2)))
-    monkeypatch.setattr(bench, "capture", lambda step, warm_up: [warm_up() for _ in range(3)] and step)
+    monkeypatch.setattr(bench, "capture", lambda step, warm_up=None: [(warm_up or step)() for _ in range(3)] and step)
     monkeypatch.setattr(bench, "cuda_time", wall_time)
     monkeypatch.setattr(bench, "ProfilerActivity", types.SimpleNamespace(CUDA=torch.profiler.ProfilerActivity.CPU))
     for name, value in (("empty_cache", None), ("reset_peak_memory_stats", None), ("synchronize", None),

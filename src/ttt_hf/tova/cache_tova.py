@@ -171,6 +171,11 @@ class TOVALayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether this call is being captured into a CUDA graph (work on `tensor`'s device)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @functools.cache
 def _log_fallback_once() -> None:
     logger.warning(
@@ -215,7 +220,9 @@ class TOVACache(Cache):
 
     CUDA graphs: once a step has run at the budget, `model(token, position_ids=position, past_key_values=cache)`
     can be captured and replayed (`token` and `position` device tensors updated in place; without padding).
-    Replays advance the cache on the device only: `get_seq_length()` then lags behind.
+    Replays advance the cache on the device only: `get_seq_length()` then lags behind. When no prompt or
+    chunk of this cache was padded, captured steps attend without the all-true mask transformers
+    materialises under capture (see `attention_mask_for`).
     """
 
     is_compileable = False
@@ -237,6 +244,7 @@ class TOVACache(Cache):
         self.policy = policy
         self.kernel_backend = kernel_backend
         self._owner: int | None = None
+        self._padded = False  # whether an attention mask of this cache ever hid a slot
         install_attention_hooks()
 
     def __repr__(self) -> str:
@@ -261,6 +269,24 @@ class TOVACache(Cache):
         keys, values = layer.update(key_states, value_states)
         set_pending(self, layer_idx)
         return keys, values
+
+    def attention_mask_for(self, module, query: torch.Tensor, attention_mask):
+        """The mask this layer's attention runs with. Under CUDA-graph capture transformers materialises the
+        causal mask even where it hides nothing, and with a mask its SDPA integration repeats K/V for every query
+        head; a single query over a cache that never held padding attends to every slot, so there the mask is
+        dropped (None: SDPA's GQA path, as in an eager step). Padding enters with a prompt or chunk: eager
+        calls of several tokens record whether their mask hid a slot (one check each; decode steps never sync)."""
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+            return attention_mask
+        if getattr(module, "sliding_window", None) is not None:  # the mask holds the window
+            return attention_mask
+        if _capturing(query):
+            return None if query.shape[2] == 1 and not self._padded else attention_mask
+        if query.shape[2] > 1 and not self._padded:  # once padding is seen the mask is always kept
+            row = last_mask_row(attention_mask, query.shape[0], query.shape[2], attention_mask.shape[-1])
+            hidden = ~row if row.dtype == torch.bool else row <= torch.finfo(row.dtype).min / 2
+            self._padded = bool(hidden.any())
+        return attention_mask
 
     def after_attention(self, module, query, key, attention_mask, scaling, softcap=None, sinks=None) -> None:
         """Called by the attention wrapper once this step's attention of `module`'s layer is computed."""
@@ -380,6 +406,7 @@ class TOVACache(Cache):
         for layer in self.layers:
             layer.reset()
         self._owner = None
+        self._padded = False
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(_CROP_ERROR)

@@ -107,8 +107,9 @@ def _wrap(original):
     def tova_aware_attention(module, query, key, value, attention_mask, *args, **kwargs):
         # "eager" is not in the registry: each model file defines its own eager function.
         function = original or getattr(sys.modules[type(module).__module__], "eager_attention_forward")
-        output = function(module, query, key, value, attention_mask, *args, **kwargs)
         cache = _take_pending(module)
+        mask = attention_mask if cache is None else cache.attention_mask_for(module, query, attention_mask)
+        output = function(module, query, key, value, mask, *args, **kwargs)
         if cache is not None:
             scaling = kwargs.get("scaling", getattr(module, "scaling", None))
             cache.after_attention(module, query, key, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
