@@ -5,7 +5,7 @@ checkpoint group, on the GPU:
 
 For each head dim and kernel, times the op with every candidate launch of that kernel (the other kernels at
 their defaults): the forward without gradients for the state and output kernels, forward + backward for the
-backward kernel and for the checkpoint groups. Every variant is first checked against the default launch.
+backward's kernels and for the checkpoint groups. Every variant is first checked against the default launch.
 Prints a markdown table and writes kernels/results/ttt_tune.json.
 """
 
@@ -25,7 +25,9 @@ from bench_ttt import fwd_bwd, inputs, rel_err
 CANDIDATES = {
     "state": [{"num_warps": w} for w in (1, 2, 8)] + [{"num_warps": 4, "num_stages": 1}],
     "output": [{"num_warps": w} for w in (2, 8)],
-    "backward": [{"num_warps": 8}],
+    "bwd_local": [{"num_warps": w} for w in (4, 8)],
+    "bwd_state": [{"num_warps": w} for w in (4, 8, 16)],
+    "bwd_inputs": [{"num_warps": w} for w in (4, 8, 16)],
 }
 GROUPS = (4, 64)
 
@@ -75,7 +77,7 @@ def main() -> None:
         for name, us in kernel_breakdown(a):
             print(f"  {us:10.1f}  {name[:90]}")
         for kernel, launches in CANDIDATES.items():
-            forward_only = kernel != "backward"
+            forward_only = not kernel.startswith("bwd")
             reference = None
             for launch in [ttt_triton.LAUNCH[kernel][head_dim > 64], *launches]:
                 try:
@@ -90,7 +92,7 @@ def main() -> None:
         for group in GROUPS:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            ms, _ = run_variant("backward", ttt_triton.LAUNCH["backward"][head_dim > 64], head_dim, False, a, group)
+            ms, _ = run_variant("bwd_inputs", ttt_triton.LAUNCH["bwd_inputs"][head_dim > 64], head_dim, False, a, group)
             rows.append(dict(head_dim=head_dim, kernel=f"checkpoint_group={group}", launch={}, ms=ms,
                              extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30))
             print(rows[-1], flush=True)

@@ -74,8 +74,9 @@ def test_aligned_full_rows_take_the_slots_as_views():
 
 
 def test_forward_in_segments_hands_the_state_on(monkeypatch):
-    # Room for the start states of two mini-batches of all 4 (row, head) pairs: 3 mini-batches run as 2 + 1.
-    monkeypatch.setattr(ttt_triton, "START_STATE_BYTES", 2 * 4 * 16 * 16 * 4)
+    # Room for the start states of two mini-batches of all 4 (row, head) pairs: 3 mini-batches run as 2 + 1 in
+    # the forward and (one checkpoint group of 2 per segment: the backward also holds two adjoints) in the backward.
+    monkeypatch.setattr(ttt_triton, "SEGMENT_BYTES", 2 * 4 * (16 * 16 + 16) * 4)
     check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], checkpoint_group=2)
 
 

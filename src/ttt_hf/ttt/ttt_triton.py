@@ -5,8 +5,9 @@ The forward is two kernels: a sequential one per (row, head) that keeps the inne
 its accumulator on chip in fp32 and does only what the next state needs (the key pass and the update), and a
 parallel one per (mini-batch, row, head) that computes the outputs from the start states and key gradients the
 first one wrote, so the serial chain of mini-batches carries two small products instead of six. The backward
-is one sequential kernel per (row, head). The torch reference `ttt_ops.ttt_chunk_torch` is the numerical
-definition; `ttt_ops.ttt_chunk` dispatches here.
+splits the same way (see `_chunk_backward`): the only serial chain is that of the state adjoints (dW, dc),
+two small products per mini-batch, between two parallel passes. The torch reference
+`ttt_ops.ttt_chunk_torch` is the numerical definition; `ttt_ops.ttt_chunk` dispatches here.
 
 Shapes: B rows, H heads, f head dim (padded to a power of two F_PAD inside the kernels), b mini-batch, M
 mini-batches of the slot layout, G mini-batches per checkpoint group.
@@ -16,7 +17,10 @@ Per mini-batch, from its start state (W, c) and accumulator (A, a), the chunk fo
     z_q = q W - tau (q A) - (E * (P + 1)) g + c - tau a,  out = q + LN(z_q)
     A' = A + k^T (lr g),  a' = a + sum_j lr_j g_j,  and on commit W -= tau_{b-1} A', c -= tau_{b-1} a', A' = a' = 0.
 The backward runs that in reverse (see `_chunk_mini_batch_backward`); it needs each mini-batch's start
-state, which the forward stores every G mini-batches and the backward recomputes inside each group.
+state, which the forward stores every G mini-batches and the backward recomputes from there. The key
+gradient's reverse mode is linear in its cotangent, so dW_before = dW_after + (a part that depends on the
+mini-batch's own output gradient only) + k^T J(lr (k dA_end + da_end)): the first part is computed in parallel,
+the chain in the sequential pass.
 """
 
 from __future__ import annotations
@@ -105,13 +109,6 @@ def _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first, tokens, cols, col_mask,
 
 
 @triton.jit
-def _key_pass(w, c, k, v, ln_w, ln_b, col_mask, F: tl.constexpr, eps, PRECISION: tl.constexpr):
-    """Every gradient of a mini-batch is taken at its start state (w, c): g = dloss/dz at z = k w + c."""
-    z = _dot(k, w, PRECISION) + c[None, :]
-    return _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
-
-
-@triton.jit
 def _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION: tl.constexpr):
     """z_q before the output LayerNorm, with eta and the scores q k^T. Token i sees W - tau_i * (A + sum_{j<=i}
     k_j^T lr_j g_j); the bias term is the same sum without k_j, hence eta * (q k^T + 1)."""
@@ -144,16 +141,18 @@ def _ttt_linear_chunk_state_kernel(
     k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
     w_ptr, c_ptr, acc_w_ptr, acc_c_ptr,
     w_out_ptr, c_out_ptr, acc_w_out_ptr, acc_c_out_ptr,
-    start_w_ptr, start_c_ptr, grad_ptr,
+    start_w_ptr, start_c_ptr, keys_out_ptr,
     ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr,
     H, M, FIRST, COUNT, GROUP, NUM_GROUPS, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
+    KEYS_OUT_Z: tl.constexpr,
 ):
     """The sequential half of the forward, one program per (row, head): mini-batches FIRST..FIRST+COUNT-1 of the
     slot layout [B, H, M, MB, F] in order, doing only what the next state needs (the key pass and the update).
     It writes each mini-batch's start state (W, c) [B*H, COUNT, ...] in start_w's dtype and the key gradients g
-    [B, H, M, MB, F] fp32 for `_ttt_linear_chunk_output_kernel`; with SAVE, the full state at the start of
-    every GROUP-th mini-batch goes to the checkpoints [B*H, NUM_GROUPS, ...] of the backward."""
+    [B, H, M, MB, F] fp32 for `_ttt_linear_chunk_output_kernel` (KEYS_OUT_Z, in the backward's recomputation:
+    their pre-activations z = k W + c instead); with SAVE, the full state at the start of every GROUP-th
+    mini-batch goes to the checkpoints [B*H, NUM_GROUPS, ...] of the backward."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
@@ -189,8 +188,12 @@ def _ttt_linear_chunk_state_kernel(
         start = bh * COUNT + m - FIRST
         tl.store(start_w_ptr + start * F * F + square, w.to(start_w_ptr.dtype.element_ty), mask=square_mask)
         tl.store(start_c_ptr + start * F + cols, c.to(start_c_ptr.dtype.element_ty), mask=col_mask)
-        grad, _, _, _ = _key_pass(w, c, k, v, ln_w, ln_b, col_mask, F, eps, PRECISION)
-        tl.store(grad_ptr + offsets, grad, mask=col_mask[None, :])
+        z = _dot(k, w, PRECISION) + c[None, :]  # every gradient of a mini-batch is taken at its start state
+        grad, _, _, _ = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
+        if KEYS_OUT_Z:
+            tl.store(keys_out_ptr + offsets, z, mask=col_mask[None, :])
+        else:
+            tl.store(keys_out_ptr + offsets, grad, mask=col_mask[None, :])
         acc_w, acc_c = _accumulate(acc_w, acc_c, k, grad, lr, PRECISION)
         w, c, acc_w, acc_c = _commit(w, c, acc_w, acc_c, ((m + 1) * MB <= span).to(tl.float32), tau_last)
         k, v, lr = k_next, v_next, lr_next
@@ -200,14 +203,27 @@ def _ttt_linear_chunk_state_kernel(
 
 
 @triton.jit
+def _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square, square_mask, cols,
+                      col_mask, F: tl.constexpr):
+    """A mini-batch's start state in fp32. Only the layout's first mini-batch starts with an accumulator (the
+    cache's): a later one that holds real tokens follows a committed one, and those after a row's last commit
+    are inert (zero inputs and learning rates), where the accumulator changes nothing."""
+    w = _load_square(start_w_ptr, start, square, square_mask, F).to(tl.float32)
+    c = _load_row(start_c_ptr, start, cols, col_mask, F).to(tl.float32)
+    first = (cols * 0 + m) == 0
+    acc_w = tl.load(acc_w_ptr + bh * F * F + square, mask=square_mask & first[None, :], other=0.0)
+    acc_c = tl.load(acc_c_ptr + bh * F + cols, mask=col_mask & first, other=0.0)
+    return w, c, acc_w, acc_c
+
+
+@triton.jit
 def _ttt_linear_chunk_output_kernel(
     q_ptr, k_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, start_w_ptr, start_c_ptr, grad_ptr, acc_w_ptr, acc_c_ptr,
     out_ptr, H, M, FIRST, COUNT, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The parallel half of the forward, one program per (mini-batch FIRST + i, row and head): the dual-form
-    output from the mini-batch's start state and key gradients. Only the first mini-batch of the layout starts
-    with an accumulator (the cache's): any later one that holds real tokens follows a committed one."""
+    output from the mini-batch's start state and key gradients."""
     i, bh = tl.program_id(0), tl.program_id(1)
     m = FIRST + i
     head = bh % H
@@ -218,11 +234,8 @@ def _ttt_linear_chunk_output_kernel(
     square_mask = col_mask[:, None] & col_mask[None, :]
 
     start = bh * COUNT + i
-    w = _load_square(start_w_ptr, start, square, square_mask, F).to(tl.float32)
-    c = _load_row(start_c_ptr, start, cols, col_mask, F).to(tl.float32)
-    first = (cols * 0 + m) == 0
-    acc_w = tl.load(acc_w_ptr + bh * F * F + square, mask=square_mask & first[None, :], other=0.0)
-    acc_c = tl.load(acc_c_ptr + bh * F + cols, mask=col_mask & first, other=0.0)
+    w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
+                                           square_mask, cols, col_mask, F)
     ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
     ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
     tau = tl.load(tau_ptr + tokens)
@@ -238,17 +251,46 @@ def _ttt_linear_chunk_output_kernel(
 
 
 @triton.jit
+def _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F: tl.constexpr):
+    """Reverse mode of the key gradient g = rstd * project(grad_hat, z_hat), grad_hat = (ln_w z_hat + ln_b - (v - k))
+    ln_w, given d_grad = dL/dg: returns dL/dz (through z_hat and rstd: d rstd / d z = -rstd^2 z_hat / F) and
+    dL/dgrad_hat. Linear in d_grad, which is what lets the backward split its sequential chain off."""
+    u = _project(grad_hat, z_hat, col_mask, F)
+    d_rstd = tl.sum(d_grad * u, axis=1)
+    d_u = rstd[:, None] * d_grad
+    d_grad_hat = _project(d_u, z_hat, col_mask, F)
+    d_z_hat = (
+        d_grad_hat * ln_w[None, :] * ln_w[None, :]
+        - (tl.sum(grad_hat * z_hat, axis=1) / F)[:, None] * d_u
+        - (tl.sum(d_u * z_hat, axis=1) / F)[:, None] * grad_hat
+    )
+    d_z = rstd[:, None] * _project(d_z_hat, z_hat, col_mask, F) - (d_rstd * rstd * rstd / F)[:, None] * z_hat
+    return d_z, d_grad_hat
+
+
+@triton.jit
+def _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal, col_mask, F: tl.constexpr, eps,
+                     PRECISION: tl.constexpr):
+    """Recomputes z_q and takes out = q + LN(z_q) back to dL/dz_q; returns it with z_hat_q, eta and q k^T."""
+    z_q, eta, scores = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION)
+    z_hat_q, rstd_q = _layer_norm_stats(z_q, col_mask, F, eps)
+    d_z_q = _project(d_out * ln_w[None, :], z_hat_q, col_mask, F) * rstd_q[:, None]
+    return d_z_q, z_hat_q, eta, scores
+
+
+@triton.jit
 def _chunk_mini_batch_backward(
-    q, k, v, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
+    q, k, v, z, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
     d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b,
     F: tl.constexpr, MB: tl.constexpr, eps, PRECISION: tl.constexpr,
 ):
     """Reverse mode of one mini-batch (the forward of `_ttt_linear_chunk_state_kernel` and
-    `_ttt_linear_chunk_output_kernel`, recomputed from its start
-    state). d_w .. d_acc_c are the adjoints of the state after the mini-batch and come back as those of the
-    state before it; d_tau, d_ln_w, d_ln_b accumulate. Returns d_q, d_k, d_v, d_lr of its tokens as well."""
-    grad, z_hat, rstd, grad_hat = _key_pass(w, c, k, v, ln_w, ln_b, col_mask, F, eps, PRECISION)
-    z_q, eta, scores = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION)
+    `_ttt_linear_chunk_output_kernel`) from its start state and keys' pre-activations z = k W + c. d_w .. d_acc_c
+    are the adjoints of the state after the mini-batch and come back as those of the state before it; d_tau,
+    d_ln_w, d_ln_b accumulate. Returns d_q, d_k, d_v, d_lr of its tokens as well."""
+    grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
+    d_z_q, z_hat_q, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
+                                                   col_mask, F, eps, PRECISION)
     weighted = lr[:, None] * grad
     acc_w_end = acc_w + _dot(tl.trans(k), weighted, PRECISION)
     acc_c_end = acc_c + tl.sum(weighted, axis=0)
@@ -266,10 +308,8 @@ def _chunk_mini_batch_backward(
     d_lr = tl.sum(d_weighted * grad, axis=1)
 
     # Output: out = q + LN(z_q).
-    z_hat_q, rstd_q = _layer_norm_stats(z_q, col_mask, F, eps)
     d_ln_w += tl.sum(d_out * z_hat_q, axis=0)
     d_ln_b += tl.sum(d_out, axis=0)
-    d_z_q = _project(d_out * ln_w[None, :], z_hat_q, col_mask, F) * rstd_q[:, None]
     tau_d_z_q = tau[:, None] * d_z_q
 
     # z_q = q W - tau (q A) - (eta * (q k^T + 1)) g + c - tau a.
@@ -288,21 +328,11 @@ def _chunk_mini_batch_backward(
     d_tau += tl.sum(d_eta * lr[None, :], axis=1)
     d_lr += tl.sum(d_eta * tau[:, None], axis=0)
 
-    # Key gradient: g = rstd * u, u = project(grad_hat, z_hat), grad_hat = (ln_w z_hat + ln_b - (v - k)) ln_w.
-    u = _project(grad_hat, z_hat, col_mask, F)
-    d_rstd = tl.sum(d_grad * u, axis=1)
-    d_u = rstd[:, None] * d_grad
-    d_grad_hat = _project(d_u, z_hat, col_mask, F)
-    d_z_hat = (
-        d_grad_hat * ln_w[None, :] * ln_w[None, :]
-        - (tl.sum(grad_hat * z_hat, axis=1) / F)[:, None] * d_u
-        - (tl.sum(d_u * z_hat, axis=1) / F)[:, None] * grad_hat
-    )
+    # Key gradient, then z = k W + c.
+    d_z, d_grad_hat = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
     d_ln_w += tl.sum(d_grad_hat * (2.0 * ln_w[None, :] * z_hat + ln_b[None, :] - (v - k)), axis=0)
     d_ln_b += tl.sum(d_grad_hat * ln_w[None, :], axis=0)
     d_v = -d_grad_hat * ln_w[None, :]
-    # z = k W + c; rstd depends on z as well: d rstd / d z = -rstd^2 z_hat / F.
-    d_z = rstd[:, None] * _project(d_z_hat, z_hat, col_mask, F) - (d_rstd * rstd * rstd / F)[:, None] * z_hat
     d_k += _dot(d_z, tl.trans(w), PRECISION) + d_grad_hat * ln_w[None, :]
     d_w += _dot(tl.trans(k), d_z, PRECISION)
     d_c += tl.sum(d_z, axis=0)
@@ -310,19 +340,55 @@ def _chunk_mini_batch_backward(
 
 
 @triton.jit
-def _ttt_linear_chunk_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
-    ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr,
-    scratch_w_ptr, scratch_c_ptr, scratch_acc_w_ptr, scratch_acc_c_ptr,
-    d_out_ptr, d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr,
-    d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr,
-    H, M, GROUP, NUM_GROUPS, eps,
+def _ttt_linear_chunk_bwd_local_kernel(
+    q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr,
+    d_out_ptr, local_w_ptr, local_c_ptr, H, M, FIRST, COUNT, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program per (row, head), groups of GROUP mini-batches from the last: the group's start states are
-    recomputed from its checkpoint into this program's scratch [B*H, GROUP, ...], then its mini-batches run
-    backwards. d_w .. d_acc_c hold the adjoints of the final state on entry and of the initial one on exit;
-    d_tau, d_ln_w and d_ln_b get this program's partial sums [B*H, ...]."""
+    """First parallel pass of the backward, one program per (mini-batch FIRST + i, row and head): the part of
+    the adjoint of the mini-batch's start (W, c) that does not depend on later mini-batches, from its output
+    gradient: q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q), with J the key gradient's reverse mode [B*H, COUNT, ...]."""
+    i, bh = tl.program_id(0), tl.program_id(1)
+    m = FIRST + i
+    head = bh % H
+    tokens = tl.arange(0, MB)
+    cols = tl.arange(0, F_PAD)
+    col_mask = cols < F
+    square = cols[:, None] * F + cols[None, :]
+    square_mask = col_mask[:, None] & col_mask[None, :]
+
+    start = bh * COUNT + i
+    w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
+                                           square_mask, cols, col_mask, F)
+    ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
+    ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
+    tau = tl.load(tau_ptr + tokens)
+    causal = tokens[:, None] >= tokens[None, :]
+    first_token = (bh * M + m) * MB
+    offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
+    z = _load_tokens(z_ptr, offsets, col_mask)
+    d_out = _load_tokens(d_out_ptr, offsets, col_mask)
+    grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
+    d_z_q, _, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal, col_mask,
+                                             F, eps, PRECISION)
+    d_grad = -_dot(tl.trans(eta * (scores + 1.0)), d_z_q, PRECISION)
+    d_z, _ = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
+    tl.store(local_w_ptr + start * F * F + square,
+             _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
+    tl.store(local_c_ptr + start * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _ttt_linear_chunk_bwd_state_kernel(
+    k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, local_w_ptr, local_c_ptr,
+    d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr, after_w_ptr, after_c_ptr, H, M, FIRST, COUNT, eps,
+    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The sequential pass of the backward, one program per (row, head), mini-batches FIRST + COUNT - 1 down to
+    FIRST: only the chain of the state adjoints, dW_before = dW_after + local + k^T J(lr (k dA_end + da_end)),
+    with dA_end = -tau_last dW_after at a commit and the final accumulator's adjoint after a row's last commit
+    (the inert mini-batches after it pass it on unchanged). Writes each mini-batch's dW_after, dc_after
+    [B*H, COUNT, ...]; d_w, d_c hold the adjoints after the segment on entry and before it on exit."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
@@ -333,62 +399,104 @@ def _ttt_linear_chunk_bwd_kernel(
 
     ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
     ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-    tau = tl.load(tau_ptr + tokens)
     tau_last = tl.load(tau_ptr + MB - 1)
     span = tl.load(span_ptr + row)
-    causal = tokens[:, None] >= tokens[None, :]
     d_w = _load_square(d_w_ptr, bh, square, square_mask, F)
-    d_acc_w = _load_square(d_acc_w_ptr, bh, square, square_mask, F)
     d_c = _load_row(d_c_ptr, bh, cols, col_mask, F)
+
+    # The previous mini-batch's inputs load while this one computes (the loop is latency-bound).
+    last = (bh * M + FIRST + COUNT - 1) * MB
+    upcoming = _token_offsets(last, tokens, cols, F)
+    k, v, z = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask), _load_tokens(
+        z_ptr, upcoming, col_mask)
+    lr = tl.load(lr_ptr + last + tokens)
+    local_w = _load_square(local_w_ptr, bh * COUNT + COUNT - 1, square, square_mask, F)
+    local_c = _load_row(local_c_ptr, bh * COUNT + COUNT - 1, cols, col_mask, F)
+    for i_back in range(COUNT):
+        i = COUNT - 1 - i_back
+        m = FIRST + i
+        earlier = tl.maximum(i - 1, 0)
+        upcoming = _token_offsets((bh * M + FIRST + earlier) * MB, tokens, cols, F)
+        k_next, v_next = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask)
+        z_next = _load_tokens(z_ptr, upcoming, col_mask)
+        lr_next = tl.load(lr_ptr + (bh * M + FIRST + earlier) * MB + tokens)
+        local_w_next = _load_square(local_w_ptr, bh * COUNT + earlier, square, square_mask, F)
+        local_c_next = _load_row(local_c_ptr, bh * COUNT + earlier, cols, col_mask, F)
+
+        tl.store(after_w_ptr + (bh * COUNT + i) * F * F + square, d_w, mask=square_mask)
+        tl.store(after_c_ptr + (bh * COUNT + i) * F + cols, d_c, mask=col_mask)
+        # The final accumulator's adjoint is read (from cache) only past the last commit: one [F, F] tile less.
+        commit = ((m + 1) * MB <= span).to(tl.float32)
+        keeps = (cols * 0 + (m + 1) * MB) > span
+        d_acc_w_end = tl.load(d_acc_w_ptr + bh * F * F + square, mask=square_mask & keeps[None, :], other=0.0) - (
+            commit * tau_last * d_w)
+        d_acc_c_end = tl.load(d_acc_c_ptr + bh * F + cols, mask=col_mask & keeps, other=0.0) - commit * tau_last * d_c
+        _, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
+        d_grad = lr[:, None] * (_dot(k, d_acc_w_end, PRECISION) + d_acc_c_end[None, :])
+        d_z, _ = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
+        d_w += local_w + _dot(tl.trans(k), d_z, PRECISION)
+        d_c += local_c + tl.sum(d_z, axis=0)
+        k, v, z, lr, local_w, local_c = k_next, v_next, z_next, lr_next, local_w_next, local_c_next
+
+    tl.store(d_w_ptr + bh * F * F + square, d_w, mask=square_mask)
+    tl.store(d_c_ptr + bh * F + cols, d_c, mask=col_mask)
+
+
+@triton.jit
+def _ttt_linear_chunk_bwd_inputs_kernel(
+    q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
+    start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, after_w_ptr, after_c_ptr, d_acc_w_ptr, d_acc_c_ptr, d_out_ptr,
+    d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
+    H, M, FIRST, COUNT, eps,
+    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Second parallel pass, one program per (mini-batch FIRST + i, row and head): the whole reverse mode of the
+    mini-batch from its start state and the adjoints of the state after it. Writes the gradients of its tokens,
+    its partial sums of d_tau, d_ln_w, d_ln_b [COUNT, B*H, ...] and, for the layout's first mini-batch, the
+    adjoint of the initial accumulator."""
+    i, bh = tl.program_id(0), tl.program_id(1)
+    m = FIRST + i
+    row, head = bh // H, bh % H
+    tokens = tl.arange(0, MB)
+    cols = tl.arange(0, F_PAD)
+    col_mask = cols < F
+    square = cols[:, None] * F + cols[None, :]
+    square_mask = col_mask[:, None] & col_mask[None, :]
+
+    start = bh * COUNT + i
+    w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
+                                           square_mask, cols, col_mask, F)
+    ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
+    ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
+    tau = tl.load(tau_ptr + tokens)
+    tau_last = tl.load(tau_ptr + MB - 1)
+    commit = ((m + 1) * MB <= tl.load(span_ptr + row)).to(tl.float32)
+    causal = tokens[:, None] >= tokens[None, :]
+    first_token = (bh * M + m) * MB
+    offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
+    z = _load_tokens(z_ptr, offsets, col_mask)
+    d_out = _load_tokens(d_out_ptr, offsets, col_mask)
+    d_w = _load_square(after_w_ptr, start, square, square_mask, F)
+    d_c = _load_row(after_c_ptr, start, cols, col_mask, F)
+    d_acc_w = _load_square(d_acc_w_ptr, bh, square, square_mask, F)
     d_acc_c = _load_row(d_acc_c_ptr, bh, cols, col_mask, F)
-    d_tau = tl.zeros([MB], dtype=tl.float32)
-    d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
-    d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
-
-    for group_back in range(NUM_GROUPS):
-        group = NUM_GROUPS - 1 - group_back
-        first = group * GROUP
-        count = tl.minimum(M - first, GROUP)
-        w = _load_square(ckpt_w_ptr, bh * NUM_GROUPS + group, square, square_mask, F)
-        c = _load_row(ckpt_c_ptr, bh * NUM_GROUPS + group, cols, col_mask, F)
-        acc_w = _load_square(ckpt_acc_w_ptr, bh * NUM_GROUPS + group, square, square_mask, F)
-        acc_c = _load_row(ckpt_acc_c_ptr, bh * NUM_GROUPS + group, cols, col_mask, F)
-        for i in range(count):
-            m = first + i
-            _store_state(scratch_w_ptr, scratch_c_ptr, scratch_acc_w_ptr, scratch_acc_c_ptr, bh * GROUP + i,
-                         w, c, acc_w, acc_c, square, square_mask, cols, col_mask, F)
-            _, _, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols, col_mask, F)
-            grad, _, _, _ = _key_pass(w, c, k, v, ln_w, ln_b, col_mask, F, eps, PRECISION)
-            acc_w, acc_c = _accumulate(acc_w, acc_c, k, grad, lr, PRECISION)
-            w, c, acc_w, acc_c = _commit(w, c, acc_w, acc_c, ((m + 1) * MB <= span).to(tl.float32), tau_last)
-        tl.debug_barrier()  # the scratch written above is read back by other threads of this program
-
-        for i_back in range(count):
-            i = count - 1 - i_back
-            m = first + i
-            w = _load_square(scratch_w_ptr, bh * GROUP + i, square, square_mask, F)
-            c = _load_row(scratch_c_ptr, bh * GROUP + i, cols, col_mask, F)
-            acc_w = _load_square(scratch_acc_w_ptr, bh * GROUP + i, square, square_mask, F)
-            acc_c = _load_row(scratch_acc_c_ptr, bh * GROUP + i, cols, col_mask, F)
-            first_token = (bh * M + m) * MB
-            offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
-            d_out = tl.load(d_out_ptr + offsets, mask=col_mask[None, :], other=0.0)
-            d_q, d_k, d_v, d_lr, d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b = _chunk_mini_batch_backward(
-                q, k, v, lr, d_out, w, c, acc_w, acc_c, ((m + 1) * MB <= span).to(tl.float32), tau, tau_last,
-                ln_w, ln_b, causal, tokens, col_mask, d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b,
-                F, MB, eps, PRECISION,
-            )
-            tl.store(d_q_ptr + offsets, d_q, mask=col_mask[None, :])
-            tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
-            tl.store(d_v_ptr + offsets, d_v, mask=col_mask[None, :])
-            tl.store(d_lr_ptr + first_token + tokens, d_lr)
-        tl.debug_barrier()  # the next group overwrites the scratch
-
-    _store_state(d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr, bh, d_w, d_c, d_acc_w, d_acc_c, square, square_mask,
-                 cols, col_mask, F)
-    tl.store(d_tau_ptr + bh * MB + tokens, d_tau)
-    tl.store(d_ln_w_ptr + bh * F + cols, d_ln_w, mask=col_mask)
-    tl.store(d_ln_b_ptr + bh * F + cols, d_ln_b, mask=col_mask)
+    zero_tau = tl.zeros([MB], dtype=tl.float32)
+    zero_row = tl.zeros([F_PAD], dtype=tl.float32)
+    d_q, d_k, d_v, d_lr, _, _, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b = _chunk_mini_batch_backward(
+        q, k, v, z, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
+        d_w, d_c, d_acc_w, d_acc_c, zero_tau, zero_row, zero_row, F, MB, eps, PRECISION,
+    )
+    tl.store(d_q_ptr + offsets, d_q, mask=col_mask[None, :])
+    tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
+    tl.store(d_v_ptr + offsets, d_v, mask=col_mask[None, :])
+    tl.store(d_lr_ptr + first_token + tokens, d_lr)
+    partial = i * tl.num_programs(1) + bh
+    tl.store(d_tau_ptr + partial * MB + tokens, d_tau)
+    tl.store(d_ln_w_ptr + partial * F + cols, d_ln_w, mask=col_mask)
+    tl.store(d_ln_b_ptr + partial * F + cols, d_ln_b, mask=col_mask)
+    if m == 0:
+        tl.store(d_acc_w_init_ptr + bh * F * F + square, d_acc_w, mask=square_mask)
+        tl.store(d_acc_c_init_ptr + bh * F + cols, d_acc_c, mask=col_mask)
 
 
 def _state_views(state: list[torch.Tensor], acc: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -402,12 +510,16 @@ def _precision(x: torch.Tensor) -> str:
 
 
 # Launch parameters of each kernel for head dims up to 64 and above, from kernels/tune_ttt.py on the H200
-# (results/ttt_tune.md): the backward holds about six live [F, F] fp32 tiles, 8 warps spread them thinnest. At
-# head dim 128 the state kernel spills 1.2 KB per thread with 4 warps, 128 B with 8 (ptxas resource report).
+# (results/ttt_tune.md) and ptxas' resource report (bf16, sm_90; spills per thread): at head dim 128 the state
+# kernel spills 1.2 KB with 4 warps, 128 B with 8; the backward's sequential pass 104 B with 4 warps at 64 and
+# none with 8, 776 / 512 B with 8 / 16 at 128; its inputs pass (about six live [F, F] fp32 tiles) 88 B with 8
+# warps at 64, 2.3 / 1.8 KB with 8 / 16 at 128.
 LAUNCH = {
     "state": ({"num_warps": 4}, {"num_warps": 8}),
     "output": ({"num_warps": 2}, {"num_warps": 4}),
-    "backward": ({"num_warps": 8}, {"num_warps": 8}),
+    "bwd_local": ({"num_warps": 4}, {"num_warps": 8}),
+    "bwd_state": ({"num_warps": 8}, {"num_warps": 16}),
+    "bwd_inputs": ({"num_warps": 8}, {"num_warps": 16}),
 }
 
 
@@ -415,9 +527,26 @@ def _launch(kernel: str, head_dim: int) -> dict:
     return LAUNCH[kernel][head_dim > 64]
 
 
-# The start states the forward hands from its sequential to its parallel kernel are held for at most this
-# many bytes at a time: longer inputs run in segments of mini-batches.
-START_STATE_BYTES = 1 << 29
+# What the kernels hand from a sequential to a parallel pass (start states; in the backward also the local
+# and the propagated state adjoints) is held for at most this many bytes at a time: longer inputs run in
+# segments of mini-batches.
+SEGMENT_BYTES = 1 << 29
+
+
+def _start_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half-precision inputs meet the start states in half-precision products anyway: bf16 halves their traffic.
+    return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+
+
+def _segment(num_mb: int, rows: int, bytes_per_mini_batch: int, multiple: int = 1) -> int:
+    """Mini-batches per segment: a multiple of `multiple` (the backward starts segments at checkpoints)."""
+    fits = SEGMENT_BYTES // (rows * bytes_per_mini_batch * multiple)
+    return min(max(1, fits) * multiple, num_mb)
+
+
+def _meta(q: torch.Tensor) -> dict:
+    head_dim, mini_batch = q.shape[-1], q.shape[-2]
+    return dict(F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q))
 
 
 def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):
@@ -430,19 +559,18 @@ def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_
     new = [torch.empty_like(t) for t in state]
     num_groups = triton.cdiv(num_mb, group) if group > 0 else 1
     checkpoints = [t.new_empty(rows, num_groups, *t.shape[2:]) for t in state] if group > 0 else new
-    # Half-precision inputs meet the start states in half-precision products anyway: bf16 halves their traffic.
-    start_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
-    segment = max(1, min(num_mb, START_STATE_BYTES // (rows * head_dim * head_dim * start_dtype.itemsize)))
+    start_dtype = _start_dtype(q)
+    segment = _segment(num_mb, rows, (head_dim * head_dim + head_dim) * start_dtype.itemsize)
     start_w = torch.empty(rows, segment, head_dim, head_dim, dtype=start_dtype, device=q.device)
     start_c = torch.empty(rows, segment, head_dim, dtype=start_dtype, device=q.device)
-    meta = dict(F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q))
+    meta = _meta(q)
     for first in range(0, num_mb, segment):
         count = min(segment, num_mb - first)
         if first:  # this segment continues from the last one's final state
             state, new = new, [torch.empty_like(t) for t in new]
         _ttt_linear_chunk_state_kernel[(rows,)](
             k, v, lr, tau, ln_weight, ln_bias, span, *state, *new, start_w, start_c, grad, *checkpoints,
-            heads, num_mb, first, count, max(group, 1), num_groups, eps, SAVE=group > 0, **meta,
+            heads, num_mb, first, count, max(group, 1), num_groups, eps, SAVE=group > 0, KEYS_OUT_Z=False, **meta,
             **_launch("state", head_dim),
         )
         _ttt_linear_chunk_output_kernel[(count, rows)](
@@ -452,10 +580,60 @@ def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_
     return out, new, checkpoints
 
 
+def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, group, eps, d_out, d_state):
+    """Launches the backward kernels, segments of whole checkpoint groups from the last. Per segment: the start
+    states and pre-activations are recomputed from the segment's checkpoint (the forward's sequential kernel),
+    a parallel pass computes each mini-batch's local share of its state adjoint, a sequential pass chains the
+    adjoints through the segment carrying only (dW, dc), and a parallel pass computes every input gradient.
+    d_state (the final state's adjoints) comes back as the initial state's (dW, dc) and accumulator adjoints."""
+    batch, heads, num_mb, mini_batch, head_dim = q.shape
+    rows, square = batch * heads, head_dim * head_dim
+    start_dtype = _start_dtype(q)
+    segment = _segment(num_mb, rows, (square + head_dim) * (start_dtype.itemsize + 8), multiple=group)
+    start_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=start_dtype)
+    start_c = q.new_empty(rows, segment, head_dim, dtype=start_dtype)
+    local_w, after_w = q.new_empty(2, rows, segment, head_dim, head_dim, dtype=torch.float32)
+    local_c, after_c = q.new_empty(2, rows, segment, head_dim, dtype=torch.float32)
+    pre_activations = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    recomputed_end = [torch.empty_like(ckpt[:, 0]) for ckpt in checkpoints]  # the state kernel's end state: unused
+    d_q, d_k, d_v = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+    d_lr = torch.empty_like(lr)
+    d_acc_init = [torch.zeros_like(d) for d in d_state[2:]]
+    d_tau = tau.new_empty(segment, rows, mini_batch)
+    d_ln = ln_weight.new_empty(2, segment, rows, head_dim)
+    sums = [tau.new_zeros(mini_batch), ln_weight.new_zeros(2, heads, head_dim)]
+    meta = _meta(q)
+    for first in reversed(range(0, num_mb, segment)):
+        count = min(segment, num_mb - first)
+        state = [ckpt[:, first // group].contiguous() for ckpt in checkpoints]
+        _ttt_linear_chunk_state_kernel[(rows,)](
+            k, v, lr, tau, ln_weight, ln_bias, span, *state, *recomputed_end, start_w, start_c, pre_activations,
+            *checkpoints, heads, num_mb, first, count, group, checkpoints[0].shape[1], eps, SAVE=False,
+            KEYS_OUT_Z=True, **meta, **_launch("state", head_dim),
+        )
+        _ttt_linear_chunk_bwd_local_kernel[(count, rows)](
+            q, k, v, pre_activations, lr, tau, ln_weight, ln_bias, start_w, start_c, *state[2:], d_out,
+            local_w, local_c, heads, num_mb, first, count, eps, **meta, **_launch("bwd_local", head_dim),
+        )
+        _ttt_linear_chunk_bwd_state_kernel[(rows,)](
+            k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, local_w, local_c, *d_state, after_w, after_c,
+            heads, num_mb, first, count, eps, **meta, **_launch("bwd_state", head_dim),
+        )
+        _ttt_linear_chunk_bwd_inputs_kernel[(count, rows)](
+            q, k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, start_w, start_c, *state[2:], after_w, after_c,
+            *d_state[2:], d_out, d_q, d_k, d_v, d_lr, d_tau, *d_ln, *d_acc_init,
+            heads, num_mb, first, count, eps, **meta, **_launch("bwd_inputs", head_dim),
+        )
+        sums[0] += d_tau[:count].sum((0, 1))
+        sums[1] += d_ln[:, :count].reshape(2, count, batch, heads, head_dim).sum((1, 2))
+    d_ln_w, d_ln_b = (d.view_as(ln_weight) for d in sums[1])
+    return d_q, d_k, d_v, d_lr, sums[0], d_ln_w, d_ln_b, [*d_state[:2], *d_acc_init]
+
+
 class TTTLinearChunk(torch.autograd.Function):
-    """The chunk kernel with its backward. Memory: the forward keeps the state every `group` mini-batches
-    (4 (f^2 + f) floats per row and head each), the backward recomputes the states inside one group at a
-    time into a scratch of `group` states per row and head."""
+    """The chunk kernels with their backward. Memory: the forward keeps the state every `group` mini-batches
+    (4 (f^2 + f) floats per row and head each); the backward recomputes one segment of whole groups at a time
+    (at most `SEGMENT_BYTES` of start states and state adjoints)."""
 
     @staticmethod
     def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):
@@ -467,29 +645,18 @@ class TTTLinearChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_w, d_c, d_acc_w, d_acc_c):
         q, k, v, lr, tau, ln_weight, ln_bias, span, *checkpoints = ctx.saved_tensors
-        batch, heads, num_mb, mini_batch, head_dim = q.shape
-        group = min(ctx.group, num_mb)
-        # Unused outputs have no gradient; the kernel updates the state adjoints in place, so they are copies.
+        batch, heads = q.shape[:2]
+        # Unused outputs have no gradient; the kernels update the (W, c) adjoints in place, so they are copies.
         d_state = [
             torch.zeros_like(ckpt[:, 0]).view(batch, heads, *ckpt.shape[2:]) if d is None else d.float().contiguous().clone()
             for d, ckpt in zip((d_w, d_c, d_acc_w, d_acc_c), checkpoints)
         ]
         d_out = torch.zeros_like(q, dtype=torch.float32) if d_out is None else d_out.float().contiguous()
-        scratch = [ckpt.new_empty(batch * heads, group, *ckpt.shape[2:]) for ckpt in checkpoints]
-        d_q, d_k, d_v = (torch.empty_like(x, dtype=torch.float32) for x in (q, k, v))
-        d_lr = torch.empty_like(lr)
-        d_tau = tau.new_empty(batch * heads, mini_batch)
-        d_ln = [ln_weight.new_empty(batch * heads, head_dim) for _ in range(2)]
-        _ttt_linear_chunk_bwd_kernel[(batch * heads,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, span, *checkpoints, *scratch, d_out, *d_state,
-            d_q, d_k, d_v, d_lr, d_tau, *d_ln,
-            heads, num_mb, group, checkpoints[0].shape[1], ctx.eps,
-            F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q),
-            **_launch("backward", head_dim),
+        d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, d_init = _chunk_backward(
+            q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, min(ctx.group, q.shape[2]), ctx.eps, d_out, d_state
         )
-        d_ln_w, d_ln_b = (d.view(batch, heads, head_dim).sum(0).view_as(ln_weight) for d in d_ln)
-        return (d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), d_lr, d_tau.sum(0), d_ln_w, d_ln_b, None,
-                *d_state, None, None)
+        return (d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), d_lr, d_tau, d_ln_w, d_ln_b, None, *d_init,
+                None, None)
 
 
 def ttt_linear_chunk_triton(
