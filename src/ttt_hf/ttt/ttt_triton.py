@@ -109,18 +109,15 @@ def _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first, tokens, cols, col_mask,
 
 
 @triton.jit
-def _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION: tl.constexpr):
+def _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION: tl.constexpr, HAS_ACC: tl.constexpr):
     """z_q before the output LayerNorm, with eta and the scores q k^T. Token i sees W - tau_i * (A + sum_{j<=i}
-    k_j^T lr_j g_j); the bias term is the same sum without k_j, hence eta * (q k^T + 1)."""
+    k_j^T lr_j g_j); the bias term is the same sum without k_j, hence eta * (q k^T + 1). Without HAS_ACC the
+    mini-batch starts with no accumulator (acc_w, acc_c unused)."""
     eta = tl.where(causal, tau[:, None] * lr[None, :], 0.0)
     scores = _dot(q, tl.trans(k), PRECISION)
-    z_q = (
-        _dot(q, w, PRECISION)
-        - tau[:, None] * _dot(q, acc_w, PRECISION)
-        - _dot(eta * (scores + 1.0), grad, PRECISION)
-        + c[None, :]
-        - tau[:, None] * acc_c[None, :]
-    )
+    z_q = _dot(q, w, PRECISION) - _dot(eta * (scores + 1.0), grad, PRECISION) + c[None, :]
+    if HAS_ACC:
+        z_q -= tau[:, None] * (_dot(q, acc_w, PRECISION) + acc_c[None, :])
     return z_q, eta, scores
 
 
@@ -203,51 +200,69 @@ def _ttt_linear_chunk_state_kernel(
 
 
 @triton.jit
+def _program_mini_batch(i, row, FIRST, COUNT, M, span_ptr, MB: tl.constexpr, EDGE: tl.constexpr):
+    """The mini-batch of program i of a parallel pass over mini-batches FIRST..FIRST+COUNT-1, and whether it runs.
+    Only the layout's first mini-batch starts with an accumulator (the cache's) and only a row's mini-batch at
+    its span (the partial one) holds real tokens without committing; the ones after it are inert (zero inputs
+    and learning rates), where neither matters. Those two take the general code in a launch of their own
+    (EDGE: programs i = 0, 1); all others, the bulk, the lean one (no accumulator, a commit)."""
+    partial = tl.load(span_ptr + row) // MB
+    if EDGE:
+        m = tl.where(i == 0, 0, partial)
+        run = (m >= FIRST) & (m < FIRST + COUNT) & ((i == 0) | (partial != 0))
+    else:
+        m = FIRST + i
+        run = (m != 0) & (m != partial)
+    return m, run
+
+
+@triton.jit
 def _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square, square_mask, cols,
-                      col_mask, F: tl.constexpr):
-    """A mini-batch's start state in fp32. Only the layout's first mini-batch starts with an accumulator (the
-    cache's): a later one that holds real tokens follows a committed one, and those after a row's last commit
-    are inert (zero inputs and learning rates), where the accumulator changes nothing."""
+                      col_mask, F: tl.constexpr, HAS_ACC: tl.constexpr):
+    """A mini-batch's start state in fp32, with HAS_ACC the accumulator (the cache's at m = 0, else zero)."""
     w = _load_square(start_w_ptr, start, square, square_mask, F).to(tl.float32)
     c = _load_row(start_c_ptr, start, cols, col_mask, F).to(tl.float32)
-    first = (cols * 0 + m) == 0
-    acc_w = tl.load(acc_w_ptr + bh * F * F + square, mask=square_mask & first[None, :], other=0.0)
-    acc_c = tl.load(acc_c_ptr + bh * F + cols, mask=col_mask & first, other=0.0)
+    acc_w, acc_c = None, None
+    if HAS_ACC:
+        first = (cols * 0 + m) == 0
+        acc_w = tl.load(acc_w_ptr + bh * F * F + square, mask=square_mask & first[None, :], other=0.0)
+        acc_c = tl.load(acc_c_ptr + bh * F + cols, mask=col_mask & first, other=0.0)
     return w, c, acc_w, acc_c
 
 
 @triton.jit
 def _ttt_linear_chunk_output_kernel(
     q_ptr, k_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, start_w_ptr, start_c_ptr, grad_ptr, acc_w_ptr, acc_c_ptr,
-    out_ptr, H, M, FIRST, COUNT, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
+    span_ptr, out_ptr, H, M, FIRST, COUNT, eps,
+    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
-    """The parallel half of the forward, one program per (mini-batch FIRST + i, row and head): the dual-form
-    output from the mini-batch's start state and key gradients."""
-    i, bh = tl.program_id(0), tl.program_id(1)
-    m = FIRST + i
-    head = bh % H
+    """The parallel half of the forward, one program per (mini-batch, row and head) (see `_program_mini_batch`):
+    the dual-form output from the mini-batch's start state and key gradients."""
+    bh = tl.program_id(1)
+    row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
     cols = tl.arange(0, F_PAD)
     col_mask = cols < F
     square = cols[:, None] * F + cols[None, :]
     square_mask = col_mask[:, None] & col_mask[None, :]
 
-    start = bh * COUNT + i
-    w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
-                                           square_mask, cols, col_mask, F)
-    ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
-    ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-    tau = tl.load(tau_ptr + tokens)
-    causal = tokens[:, None] >= tokens[None, :]
-    first_token = (bh * M + m) * MB
-    offsets = _token_offsets(first_token, tokens, cols, F)
-    q = _load_tokens(q_ptr, offsets, col_mask)
-    k = _load_tokens(k_ptr, offsets, col_mask)
-    grad = _load_tokens(grad_ptr, offsets, col_mask)
-    lr = tl.load(lr_ptr + first_token + tokens)
-    z_q, _, _ = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION)
-    tl.store(out_ptr + offsets, q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps), mask=col_mask[None, :])
+    m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, M, span_ptr, MB, EDGE)
+    if run:
+        start = bh * COUNT + m - FIRST
+        w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
+                                               square_mask, cols, col_mask, F, EDGE)
+        ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
+        ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
+        tau = tl.load(tau_ptr + tokens)
+        causal = tokens[:, None] >= tokens[None, :]
+        first_token = (bh * M + m) * MB
+        offsets = _token_offsets(first_token, tokens, cols, F)
+        q = _load_tokens(q_ptr, offsets, col_mask)
+        k = _load_tokens(k_ptr, offsets, col_mask)
+        grad = _load_tokens(grad_ptr, offsets, col_mask)
+        lr = tl.load(lr_ptr + first_token + tokens)
+        z_q, _, _ = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION, EDGE)
+        tl.store(out_ptr + offsets, q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps), mask=col_mask[None, :])
 
 
 @triton.jit
@@ -270,9 +285,9 @@ def _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F: tl.cons
 
 @triton.jit
 def _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal, col_mask, F: tl.constexpr, eps,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, HAS_ACC: tl.constexpr):
     """Recomputes z_q and takes out = q + LN(z_q) back to dL/dz_q; returns it with z_hat_q, eta and q k^T."""
-    z_q, eta, scores = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION)
+    z_q, eta, scores = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION, HAS_ACC)
     z_hat_q, rstd_q = _layer_norm_stats(z_q, col_mask, F, eps)
     d_z_q = _project(d_out * ln_w[None, :], z_hat_q, col_mask, F) * rstd_q[:, None]
     return d_z_q, z_hat_q, eta, scores
@@ -282,24 +297,33 @@ def _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causa
 def _chunk_mini_batch_backward(
     q, k, v, z, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
     d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b,
-    F: tl.constexpr, MB: tl.constexpr, eps, PRECISION: tl.constexpr,
+    F: tl.constexpr, MB: tl.constexpr, eps, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
     """Reverse mode of one mini-batch (the forward of `_ttt_linear_chunk_state_kernel` and
     `_ttt_linear_chunk_output_kernel`) from its start state and keys' pre-activations z = k W + c. d_w .. d_acc_c
     are the adjoints of the state after the mini-batch and come back as those of the state before it; d_tau,
-    d_ln_w, d_ln_b accumulate. Returns d_q, d_k, d_v, d_lr of its tokens as well."""
+    d_ln_w, d_ln_b accumulate. Returns d_q, d_k, d_v, d_lr of its tokens as well. Without EDGE the mini-batch
+    starts with no accumulator and commits (acc_w, acc_c, d_acc_w, d_acc_c and commit are unused)."""
     grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
     d_z_q, z_hat_q, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
-                                                   col_mask, F, eps, PRECISION)
+                                                   col_mask, F, eps, PRECISION, EDGE)
     weighted = lr[:, None] * grad
-    acc_w_end = acc_w + _dot(tl.trans(k), weighted, PRECISION)
-    acc_c_end = acc_c + tl.sum(weighted, axis=0)
+    acc_w_end = _dot(tl.trans(k), weighted, PRECISION)
+    acc_c_end = tl.sum(weighted, axis=0)
+    if EDGE:
+        acc_w_end += acc_w
+        acc_c_end += acc_c
+    else:
+        commit = 1.0
 
     # Commit: W' = W - commit * tau_last * A_end (W and c pass their adjoints through unchanged).
     d_tau_last = -commit * (tl.sum(tl.sum(d_w * acc_w_end, axis=1), axis=0) + tl.sum(d_c * acc_c_end, axis=0))
     d_tau += tl.where(tokens == MB - 1, d_tau_last, 0.0)
-    d_acc_w_end = (1.0 - commit) * d_acc_w - commit * tau_last * d_w
-    d_acc_c_end = (1.0 - commit) * d_acc_c - commit * tau_last * d_c
+    d_acc_w_end = -commit * tau_last * d_w
+    d_acc_c_end = -commit * tau_last * d_c
+    if EDGE:
+        d_acc_w_end += (1.0 - commit) * d_acc_w
+        d_acc_c_end += (1.0 - commit) * d_acc_c
 
     # Accumulation: A_end = A + k^T (lr g), a_end = a + sum_j lr_j g_j.
     d_weighted = _dot(k, d_acc_w_end, PRECISION) + d_acc_c_end[None, :]
@@ -313,8 +337,10 @@ def _chunk_mini_batch_backward(
     tau_d_z_q = tau[:, None] * d_z_q
 
     # z_q = q W - tau (q A) - (eta * (q k^T + 1)) g + c - tau a.
-    d_q = d_out + _dot(d_z_q, tl.trans(w), PRECISION) - _dot(tau_d_z_q, tl.trans(acc_w), PRECISION)
-    d_tau -= tl.sum(d_z_q * (_dot(q, acc_w, PRECISION) + acc_c[None, :]), axis=1)
+    d_q = d_out + _dot(d_z_q, tl.trans(w), PRECISION)
+    if EDGE:
+        d_q -= _dot(tau_d_z_q, tl.trans(acc_w), PRECISION)
+        d_tau -= tl.sum(d_z_q * (_dot(q, acc_w, PRECISION) + acc_c[None, :]), axis=1)
     d_w += _dot(tl.trans(q), d_z_q, PRECISION)
     d_c += tl.sum(d_z_q, axis=0)
     d_acc_w = d_acc_w_end - _dot(tl.trans(q), tau_d_z_q, PRECISION)
@@ -341,41 +367,43 @@ def _chunk_mini_batch_backward(
 
 @triton.jit
 def _ttt_linear_chunk_bwd_local_kernel(
-    q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr,
-    d_out_ptr, local_w_ptr, local_c_ptr, H, M, FIRST, COUNT, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, start_c_ptr, acc_w_ptr,
+    acc_c_ptr, d_out_ptr, local_w_ptr, local_c_ptr, H, M, FIRST, COUNT, eps,
+    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
-    """First parallel pass of the backward, one program per (mini-batch FIRST + i, row and head): the part of
-    the adjoint of the mini-batch's start (W, c) that does not depend on later mini-batches, from its output
-    gradient: q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q), with J the key gradient's reverse mode [B*H, COUNT, ...]."""
-    i, bh = tl.program_id(0), tl.program_id(1)
-    m = FIRST + i
-    head = bh % H
+    """First parallel pass of the backward, one program per (mini-batch, row and head) (see
+    `_program_mini_batch`): the part of the adjoint of the mini-batch's start (W, c) that does not depend on later
+    mini-batches, from its output gradient: q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q), with J the key
+    gradient's reverse mode [B*H, COUNT, ...]."""
+    bh = tl.program_id(1)
+    row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
     cols = tl.arange(0, F_PAD)
     col_mask = cols < F
     square = cols[:, None] * F + cols[None, :]
     square_mask = col_mask[:, None] & col_mask[None, :]
 
-    start = bh * COUNT + i
-    w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
-                                           square_mask, cols, col_mask, F)
-    ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
-    ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-    tau = tl.load(tau_ptr + tokens)
-    causal = tokens[:, None] >= tokens[None, :]
-    first_token = (bh * M + m) * MB
-    offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
-    z = _load_tokens(z_ptr, offsets, col_mask)
-    d_out = _load_tokens(d_out_ptr, offsets, col_mask)
-    grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
-    d_z_q, _, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal, col_mask,
-                                             F, eps, PRECISION)
-    d_grad = -_dot(tl.trans(eta * (scores + 1.0)), d_z_q, PRECISION)
-    d_z, _ = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
-    tl.store(local_w_ptr + start * F * F + square,
-             _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
-    tl.store(local_c_ptr + start * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
+    m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, M, span_ptr, MB, EDGE)
+    if run:
+        start = bh * COUNT + m - FIRST
+        w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
+                                               square_mask, cols, col_mask, F, EDGE)
+        ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
+        ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
+        tau = tl.load(tau_ptr + tokens)
+        causal = tokens[:, None] >= tokens[None, :]
+        first_token = (bh * M + m) * MB
+        offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
+        z = _load_tokens(z_ptr, offsets, col_mask)
+        d_out = _load_tokens(d_out_ptr, offsets, col_mask)
+        grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
+        d_z_q, _, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
+                                                 col_mask, F, eps, PRECISION, EDGE)
+        d_grad = -_dot(tl.trans(eta * (scores + 1.0)), d_z_q, PRECISION)
+        d_z, _ = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
+        tl.store(local_w_ptr + start * F * F + square,
+                 _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
+        tl.store(local_c_ptr + start * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -448,55 +476,64 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
     start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, after_w_ptr, after_c_ptr, d_acc_w_ptr, d_acc_c_ptr, d_out_ptr,
     d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
     H, M, FIRST, COUNT, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
+    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
-    """Second parallel pass, one program per (mini-batch FIRST + i, row and head): the whole reverse mode of the
-    mini-batch from its start state and the adjoints of the state after it. Writes the gradients of its tokens,
-    its partial sums of d_tau, d_ln_w, d_ln_b [COUNT, B*H, ...] and, for the layout's first mini-batch, the
-    adjoint of the initial accumulator."""
+    """Second parallel pass, one program per (mini-batch, row and head) (see `_program_mini_batch`): the whole
+    reverse mode of the mini-batch from its start state and the adjoints of the state after it. Writes the
+    gradients of its tokens, its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 2, B*H, ...] (zeros where it
+    does not run) and, for the layout's first mini-batch, the adjoint of the initial accumulator."""
     i, bh = tl.program_id(0), tl.program_id(1)
-    m = FIRST + i
     row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
     cols = tl.arange(0, F_PAD)
     col_mask = cols < F
     square = cols[:, None] * F + cols[None, :]
     square_mask = col_mask[:, None] & col_mask[None, :]
+    d_tau = tl.zeros([MB], dtype=tl.float32)
+    d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
+    d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
 
-    start = bh * COUNT + i
-    w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
-                                           square_mask, cols, col_mask, F)
-    ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
-    ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-    tau = tl.load(tau_ptr + tokens)
-    tau_last = tl.load(tau_ptr + MB - 1)
-    commit = ((m + 1) * MB <= tl.load(span_ptr + row)).to(tl.float32)
-    causal = tokens[:, None] >= tokens[None, :]
-    first_token = (bh * M + m) * MB
-    offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
-    z = _load_tokens(z_ptr, offsets, col_mask)
-    d_out = _load_tokens(d_out_ptr, offsets, col_mask)
-    d_w = _load_square(after_w_ptr, start, square, square_mask, F)
-    d_c = _load_row(after_c_ptr, start, cols, col_mask, F)
-    d_acc_w = _load_square(d_acc_w_ptr, bh, square, square_mask, F)
-    d_acc_c = _load_row(d_acc_c_ptr, bh, cols, col_mask, F)
-    zero_tau = tl.zeros([MB], dtype=tl.float32)
-    zero_row = tl.zeros([F_PAD], dtype=tl.float32)
-    d_q, d_k, d_v, d_lr, _, _, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b = _chunk_mini_batch_backward(
-        q, k, v, z, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
-        d_w, d_c, d_acc_w, d_acc_c, zero_tau, zero_row, zero_row, F, MB, eps, PRECISION,
-    )
-    tl.store(d_q_ptr + offsets, d_q, mask=col_mask[None, :])
-    tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
-    tl.store(d_v_ptr + offsets, d_v, mask=col_mask[None, :])
-    tl.store(d_lr_ptr + first_token + tokens, d_lr)
-    partial = i * tl.num_programs(1) + bh
+    m, run = _program_mini_batch(i, row, FIRST, COUNT, M, span_ptr, MB, EDGE)
+    if run:
+        start = bh * COUNT + m - FIRST
+        w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
+                                               square_mask, cols, col_mask, F, EDGE)
+        ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
+        ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
+        tau = tl.load(tau_ptr + tokens)
+        tau_last = tl.load(tau_ptr + MB - 1)
+        causal = tokens[:, None] >= tokens[None, :]
+        first_token = (bh * M + m) * MB
+        offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
+        z = _load_tokens(z_ptr, offsets, col_mask)
+        d_out = _load_tokens(d_out_ptr, offsets, col_mask)
+        d_w = _load_square(after_w_ptr, start, square, square_mask, F)
+        d_c = _load_row(after_c_ptr, start, cols, col_mask, F)
+        if EDGE:
+            commit = ((m + 1) * MB <= tl.load(span_ptr + row)).to(tl.float32)
+            d_acc_w = _load_square(d_acc_w_ptr, bh, square, square_mask, F)
+            d_acc_c = _load_row(d_acc_c_ptr, bh, cols, col_mask, F)
+        else:
+            commit, d_acc_w, d_acc_c = None, None, None
+        d_q, d_k, d_v, d_lr, _, _, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b = _chunk_mini_batch_backward(
+            q, k, v, z, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
+            d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b, F, MB, eps, PRECISION, EDGE,
+        )
+        tl.store(d_q_ptr + offsets, d_q, mask=col_mask[None, :])
+        tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
+        tl.store(d_v_ptr + offsets, d_v, mask=col_mask[None, :])
+        tl.store(d_lr_ptr + first_token + tokens, d_lr)
+        if EDGE:  # noqa: SIM102 (a constexpr: the runtime test is compiled into the edge launch only)
+            if m == 0:
+                tl.store(d_acc_w_init_ptr + bh * F * F + square, d_acc_w, mask=square_mask)
+                tl.store(d_acc_c_init_ptr + bh * F + cols, d_acc_c, mask=col_mask)
+    if EDGE:
+        partial = (COUNT + i) * tl.num_programs(1) + bh
+    else:
+        partial = i * tl.num_programs(1) + bh
     tl.store(d_tau_ptr + partial * MB + tokens, d_tau)
     tl.store(d_ln_w_ptr + partial * F + cols, d_ln_w, mask=col_mask)
     tl.store(d_ln_b_ptr + partial * F + cols, d_ln_b, mask=col_mask)
-    if m == 0:
-        tl.store(d_acc_w_init_ptr + bh * F * F + square, d_acc_w, mask=square_mask)
-        tl.store(d_acc_c_init_ptr + bh * F + cols, d_acc_c, mask=col_mask)
 
 
 def _state_views(state: list[torch.Tensor], acc: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -549,6 +586,13 @@ def _meta(q: torch.Tensor) -> dict:
     return dict(F=head_dim, F_PAD=triton.next_power_of_2(head_dim), MB=mini_batch, PRECISION=_precision(q))
 
 
+def _parallel_pass(kernel, count: int, rows: int, *args, **meta) -> None:
+    """A parallel pass over `count` mini-batches: the bulk with the lean code, then the two edge mini-batches
+    of each row with the general one (see `_program_mini_batch`)."""
+    kernel[(count, rows)](*args, EDGE=False, **meta)
+    kernel[(2, rows)](*args, EDGE=True, **meta)
+
+
 def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):
     """Launches the forward kernels; `group > 0` also returns the checkpoints the backward needs."""
     batch, heads, num_mb, mini_batch, head_dim = q.shape
@@ -573,9 +617,9 @@ def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_
             heads, num_mb, first, count, max(group, 1), num_groups, eps, SAVE=group > 0, KEYS_OUT_Z=False, **meta,
             **_launch("state", head_dim),
         )
-        _ttt_linear_chunk_output_kernel[(count, rows)](
-            q, k, lr, tau, ln_weight, ln_bias, start_w, start_c, grad, acc_w, acc_c, out,
-            heads, num_mb, first, count, eps, **meta, **_launch("output", head_dim),
+        _parallel_pass(
+            _ttt_linear_chunk_output_kernel, count, rows, q, k, lr, tau, ln_weight, ln_bias, start_w, start_c, grad,
+            acc_w, acc_c, span, out, heads, num_mb, first, count, eps, **meta, **_launch("output", head_dim),
         )
     return out, new, checkpoints
 
@@ -599,8 +643,8 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
     d_q, d_k, d_v = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
     d_lr = torch.empty_like(lr)
     d_acc_init = [torch.zeros_like(d) for d in d_state[2:]]
-    d_tau = tau.new_empty(segment, rows, mini_batch)
-    d_ln = ln_weight.new_empty(2, segment, rows, head_dim)
+    d_tau = tau.new_empty(segment + 2, rows, mini_batch)  # partial sums of the bulk and the edge programs
+    d_ln = ln_weight.new_empty(2, segment + 2, rows, head_dim)
     sums = [tau.new_zeros(mini_batch), ln_weight.new_zeros(2, heads, head_dim)]
     meta = _meta(q)
     for first in reversed(range(0, num_mb, segment)):
@@ -611,21 +655,22 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
             *checkpoints, heads, num_mb, first, count, group, checkpoints[0].shape[1], eps, SAVE=False,
             KEYS_OUT_Z=True, **meta, **_launch("state", head_dim),
         )
-        _ttt_linear_chunk_bwd_local_kernel[(count, rows)](
-            q, k, v, pre_activations, lr, tau, ln_weight, ln_bias, start_w, start_c, *state[2:], d_out,
-            local_w, local_c, heads, num_mb, first, count, eps, **meta, **_launch("bwd_local", head_dim),
+        _parallel_pass(
+            _ttt_linear_chunk_bwd_local_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
+            span, start_w, start_c, *state[2:], d_out, local_w, local_c, heads, num_mb, first, count, eps, **meta,
+            **_launch("bwd_local", head_dim),
         )
         _ttt_linear_chunk_bwd_state_kernel[(rows,)](
             k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, local_w, local_c, *d_state, after_w, after_c,
             heads, num_mb, first, count, eps, **meta, **_launch("bwd_state", head_dim),
         )
-        _ttt_linear_chunk_bwd_inputs_kernel[(count, rows)](
-            q, k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, start_w, start_c, *state[2:], after_w, after_c,
-            *d_state[2:], d_out, d_q, d_k, d_v, d_lr, d_tau, *d_ln, *d_acc_init,
-            heads, num_mb, first, count, eps, **meta, **_launch("bwd_inputs", head_dim),
+        _parallel_pass(
+            _ttt_linear_chunk_bwd_inputs_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
+            span, start_w, start_c, *state[2:], after_w, after_c, *d_state[2:], d_out, d_q, d_k, d_v, d_lr, d_tau,
+            *d_ln, *d_acc_init, heads, num_mb, first, count, eps, **meta, **_launch("bwd_inputs", head_dim),
         )
-        sums[0] += d_tau[:count].sum((0, 1))
-        sums[1] += d_ln[:, :count].reshape(2, count, batch, heads, head_dim).sum((1, 2))
+        sums[0] += d_tau[: count + 2].sum((0, 1))
+        sums[1] += d_ln[:, : count + 2].reshape(2, count + 2, batch, heads, head_dim).sum((1, 2))
     d_ln_w, d_ln_b = (d.view_as(ln_weight) for d in sums[1])
     return d_q, d_k, d_v, d_lr, sums[0], d_ln_w, d_ln_b, [*d_state[:2], *d_acc_init]
 
@@ -674,7 +719,9 @@ def ttt_linear_chunk_triton(
     checkpoint_group: int = 16,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """TTT-Linear over mini-batch slots. q, k, v: [B, H, M, b, f] (fp32 or half precision); lr: [B, H, M, b];
-    span: [B] slots up to each row's last token (its mini-batch m commits when (m + 1) * b <= span).
+    span: [B] slots up to each row's last token (its mini-batch m commits when (m + 1) * b <= span); the slots
+    after it must be inert (zero inputs and learning rates, as `SlotLayout` makes them): outputs and learning-
+    rate gradients there are undefined.
     Returns the output [B, H, M, b, f] fp32, the new state [W, c] and accumulator. Differentiable in every
     tensor but span; the backward recomputes groups of `checkpoint_group` mini-batches."""
     if checkpoint_group < 1:
