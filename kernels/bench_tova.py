@@ -1,21 +1,24 @@
-"""TOVA decode benchmark on the GPU: the score-and-evict kernel, and TOVACache in a ~1B Llama, eager and as CUDA graphs.
+"""TOVA decode benchmark on the GPU: the TOVA kernels, and TOVACache in a ~1B Llama, eager and as CUDA graphs.
 
     python kernels/bench_tova.py [--context 32768] [--batch 16] [--budgets 1024,2048,4096] [--skip-model]
 
 1. Op level, per layer and decode step (B=16, 32 query heads, 8 KV heads, head_dim 64, bf16, n = budget + 1
-   slots): the Triton kernel vs the torch path (scores, victim, swap-remove) vs the step's own attention
-   (SDPA, one query over the same n keys, GQA without a mask); GPU time in a CUDA graph after an L2 flush (and
-   triton's do_bench, eager), the kernel's bandwidth (keys read once, fp32 logits written and read back), host
-   time to issue one call.
+   slots): the fused attention + score + evict kernel (what a decode step of an sdpa model runs) vs the step's
+   attention alone (SDPA, one query over the same n keys, GQA without a mask): "fused / SDPA" is the cost of
+   TOVA's scoring at equal physical length; next to them the score-and-evict kernel alone (after the model's own
+   attention: the "eager" route) and the torch path (scores, victim, swap-remove). GPU time in a CUDA graph after
+   an L2 flush (and triton's do_bench, eager), the kernels' bandwidth (keys, and values for the fused one, read
+   once; fp32 logits written and read back), host time to issue one call.
 2. Model level: a random-weight ~1B Llama (hidden 2048, 16 layers, 32 heads, 8 KV heads) in bf16, batch 16,
    a long prompt prefilled in chunks (TOVA compresses after each), then greedy decode steps through the model's
    forward with explicit `position_ids` (a device tensor advanced in place): eagerly, and captured in a CUDA
    graph and replayed (the graph's tokens are checked against eager steps from the same state). Caches: the
    full context in a DynamicCache (eager) and in a StaticCache (eager and graph); TOVACache at each budget with
-   the kernel and with the torch path; TOVACache without scoring (each step drops the newest slot: the same
-   attention and physical length): the score-and-evict overhead is (TOVA step - that step) / TOVA step, both
-   captured. Under capture transformers materialises the all-True causal mask; TOVACache drops it for unpadded
-   caches, so TOVA's captured steps attend through SDPA's GQA path as the eager ones do.
+   the kernels (the fused attention kernel in each decode step) and with the torch path (SDPA, then scores);
+   TOVACache without scoring (SDPA, then each step drops the newest slot: the same physical length): the
+   score-and-evict overhead is (TOVA step - that step) / TOVA step, both captured. Under capture transformers
+   materialises the all-True causal mask; TOVACache drops it for unpadded caches, so TOVA's captured steps attend
+   as the eager ones do (the fused kernel without a mask row; SDPA's GQA path for the baseline).
 Prints markdown tables and writes kernels/results/tova.json.
 """
 
@@ -35,7 +38,7 @@ from triton.testing import do_bench
 from ttt_hf import TOVACache
 from ttt_hf.tova.cache_tova import TOVALayer
 from ttt_hf.tova.tova_attention import last_query_scores
-from ttt_hf.tova.tova_triton import tova_evict_one_triton
+from ttt_hf.tova.tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton
 
 from bench_common import capture, cuda_time, save_results
 
@@ -43,8 +46,12 @@ CHECK_STEPS = 16  # decode steps compared between the graph and eager
 
 
 class UnscoredTOVACache(TOVACache):
-    """TOVACache whose decode steps drop the newest slot instead of scoring: TOVA's attention and physical length
-    without the score-and-evict, the baseline of its overhead. Prompts are compressed as TOVA does."""
+    """TOVACache whose decode steps run the model's attention (SDPA) and drop the newest slot instead of scoring:
+    TOVA's physical length without the score-and-evict, the baseline of its overhead. Prompts are compressed as
+    TOVA does."""
+
+    def fused_attention(self, *args, **kwargs) -> None:
+        return None  # never the fused kernel: the model's own attention runs, then after_attention
 
     def after_attention(self, module, query, key, attention_mask, scaling, softcap=None, sinks=None) -> None:
         layer = self.layers[module.layer_idx]
@@ -79,7 +86,9 @@ def graph_us(fn: Callable[[], object], calls: int = 20) -> float:
 
 
 def op_row(batch: int, budget: int, q_heads: int = 32, kv_heads: int = 8, dim: int = 64) -> dict:
-    """One layer's decode step with budget + 1 slots: kernel, torch path and the attention itself."""
+    """One layer's decode step with budget + 1 slots: the fused kernel, the score-and-evict kernel, the torch path
+    and the attention itself. The kernels evict in place: every call drops a slot of the same n (the data does
+    not change the work)."""
     n = budget + 1
     query = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
     keys = torch.randn(batch, kv_heads, n, dim, device="cuda", dtype=torch.bfloat16)
@@ -87,6 +96,9 @@ def op_row(batch: int, budget: int, q_heads: int = 32, kv_heads: int = 8, dim: i
     positions = torch.arange(n, device="cuda").expand(batch, n).contiguous()
     reference = TOVACache(budget, kernel_backend="torch")
     layer = TOVALayer(n)
+
+    def fused():
+        tova_attention_evict_one_triton(query[:, :, -1], keys, values, positions, None, dim**-0.5)
 
     def kernel():
         tova_evict_one_triton(query[:, :, -1], keys, values, positions, None, dim**-0.5)
@@ -100,28 +112,36 @@ def op_row(batch: int, budget: int, q_heads: int = 32, kv_heads: int = 8, dim: i
         F.scaled_dot_product_attention(query, keys, values, scale=dim**-0.5, enable_gqa=True)
 
     row = {name: {"graph_us": graph_us(fn), "gpu_us": do_bench(fn, warmup=25, rep=200) * 1e3, "host_us": host_us(fn)}
-           for name, fn in (("kernel", kernel), ("torch", torch_path), ("sdpa", attention))}
-    moved = keys.numel() * keys.element_size() + 2 * batch * q_heads * n * 4  # keys once, fp32 logits out and in
-    row["kernel"]["gb_per_s"] = moved / row["kernel"]["graph_us"] / 1e3
+           for name, fn in (("fused", fused), ("kernel", kernel), ("torch", torch_path), ("sdpa", attention))}
+    logits = 2 * batch * q_heads * n * 4  # fp32 logits written and read back
+    row["kernel"]["gb_per_s"] = (keys.numel() * keys.element_size() + logits) / row["kernel"]["graph_us"] / 1e3
+    moved = 2 * keys.numel() * keys.element_size() + logits  # plus the values; split outputs are ~1% of it
+    row["fused"]["gb_per_s"] = moved / row["fused"]["graph_us"] / 1e3
     return row
 
 
 def op_benchmark(batch: int, budgets: list[int]) -> dict:
     rows = {budget: op_row(batch, budget) for budget in budgets}
     lines = [
-        f"## Score and evict, one layer and decode step (B={batch}, 32 heads, 8 KV heads, d=64, bf16)",
-        "GPU us in a CUDA graph after an L2 flush (do_bench's eager figure, which includes launch gaps, in brackets)",
+        f"## Attention, score and evict, one layer and decode step (B={batch}, 32 heads, 8 KV heads, d=64, bf16)",
+        "GPU us in a CUDA graph after an L2 flush (do_bench's eager figure, which includes launch gaps, in brackets). "
+        "Fused: the step's attention, scores and eviction in one pass (sdpa models); SDPA: the attention alone (TOVA "
+        "without scoring); score-and-evict: the kernel alone, after the model's attention (eager models).",
         "",
-        "| slots | Triton kernel GPU us | kernel GB/s | torch path GPU us | SDPA decode attention GPU us | "
-        "kernel / attention | kernel host us | torch path host us |",
-        "|---|---|---|---|---|---|---|---|",
+        "| slots | fused GPU us | fused GB/s | SDPA decode attention GPU us | fused / SDPA | score-and-evict GPU us | "
+        "score-and-evict GB/s | score-and-evict / SDPA | torch path GPU us | fused host us | "
+        "score-and-evict host us | torch path host us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for budget, row in rows.items():
-        kernel, torch_path, sdpa = row["kernel"], row["torch"], row["sdpa"]
+        fused, kernel, torch_path, sdpa = row["fused"], row["kernel"], row["torch"], row["sdpa"]
         lines.append(
-            f"| {budget + 1} | {kernel['graph_us']:.1f} ({kernel['gpu_us']:.1f}) | {kernel['gb_per_s']:,.0f} | "
-            f"{torch_path['graph_us']:.1f} ({torch_path['gpu_us']:.1f}) | {sdpa['graph_us']:.1f} ({sdpa['gpu_us']:.1f}) | "
-            f"{kernel['graph_us'] / sdpa['graph_us']:.2f} | {kernel['host_us']:.0f} | {torch_path['host_us']:.0f} |"
+            f"| {budget + 1} | {fused['graph_us']:.1f} ({fused['gpu_us']:.1f}) | {fused['gb_per_s']:,.0f} | "
+            f"{sdpa['graph_us']:.1f} ({sdpa['gpu_us']:.1f}) | {fused['graph_us'] / sdpa['graph_us']:.2f} | "
+            f"{kernel['graph_us']:.1f} ({kernel['gpu_us']:.1f}) | {kernel['gb_per_s']:,.0f} | "
+            f"{kernel['graph_us'] / sdpa['graph_us']:.2f} | "
+            f"{torch_path['graph_us']:.1f} ({torch_path['gpu_us']:.1f}) | "
+            f"{fused['host_us']:.0f} | {kernel['host_us']:.0f} | {torch_path['host_us']:.0f} |"
         )
     print("\n".join(lines), flush=True)
     return {"rows": rows, "table": lines}
@@ -322,7 +342,8 @@ def model_tables(args, budgets: list[int], weights: int, results: dict) -> list[
     lines.append(
         "\nUnder CUDA-graph capture transformers materialises the causal mask and, with a mask, its SDPA integration "
         "repeats K/V per query head: the full StaticCache attends that way; TOVACache drops the all-True mask of an "
-        "unpadded cache, so its captured steps use SDPA's GQA path like the eager steps."
+        "unpadded cache, so its captured steps attend like the eager steps (the fused kernel; SDPA's GQA path "
+        "without scoring)."
     )
     return lines
 

@@ -6,6 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tova_testing import CASES, official_generation
 from ttt_hf import TOVACache
+from ttt_hf.tova import cache_tova
 
 pytestmark = pytest.mark.gpu
 
@@ -48,10 +49,15 @@ def test_flex_attention_keeps_the_same_tokens_as_sdpa():
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32):
+def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32, monkeypatch):
     # Positions come from a device tensor updated in place (a Python int would be frozen into the graph). Both
     # runs pass the all-True mask transformers materialises under capture; the captured steps drop it (an
-    # unpadded cache), so the two attend to the same slots through different SDPA kernels.
+    # unpadded cache), so the two attend to the same slots with and without a mask row ("auto": the fused
+    # attention kernel; "torch": different SDPA kernels).
+    fused = []
+    kernel = cache_tova.tova_attention_evict_one_triton
+    monkeypatch.setattr(cache_tova, "tova_attention_evict_one_triton",
+                        lambda *args, **kwargs: fused.append(1) or kernel(*args, **kwargs))
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, pad_token_id=0, eos_token_id=None)
     torch.manual_seed(0)
@@ -91,6 +97,7 @@ def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32):
         return torch.cat(tokens, 1), [cache.kept_positions(i).clone() for i in range(len(cache.layers))]
 
     eager, graph = decode(graph=False), decode(graph=True)
+    assert bool(fused) == (backend == "auto")  # sdpa decode steps at the budget take the fused route
     assert torch.equal(eager[0], graph[0])
     for eager_kept, graph_kept in zip(eager[1], graph[1]):
         assert torch.equal(eager_kept, graph_kept)

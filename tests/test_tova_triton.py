@@ -1,5 +1,6 @@
 """The split-parallel TOVA score-and-evict Triton kernels against the torch path (the numerical definition):
-scores, victims and the kept keys/values/positions after the swap-remove, exactly.
+scores, victims and the kept keys/values/positions after the swap-remove, exactly; the fused route's attention
+output against SDPA (or a torch reference where SDPA lacks soft-capping and sinks).
 
 CPU: Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU), tiny sizes and tiny splits. GPU-marked
 tests repeat the comparisons at real sizes and in bf16.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -23,11 +25,12 @@ from tova_testing import CASES, assert_kept_positions, official_generation
 from ttt_hf import TOVACache
 from ttt_hf.tova import cache_tova
 from ttt_hf.tova.cache_tova import TOVALayer
+from ttt_hf.tova import tova_attention
 from ttt_hf.tova.tova_attention import last_query_scores
 
 pytest.importorskip("triton")
 from ttt_hf.tova import tova_triton
-from ttt_hf.tova.tova_triton import tova_evict_one_triton
+from ttt_hf.tova.tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,17 +47,46 @@ def reference_eviction(query, keys, values, positions, mask, scaling, softcap=No
     return scores, victims, layer.keys, layer.values, layer.positions
 
 
+def reference_attention(query, keys, values, mask, scaling, softcap=None, sinks=None):
+    """The last query's attention output [B, 1, Hq, dv] in fp64 from the same inputs, rounded to their dtype: SDPA,
+    or by hand with soft-capping and gpt-oss sinks (an extra logit per head in the denominator only), which SDPA
+    does not apply."""
+    dtype = query.dtype
+    query, keys, values = query[:, :, -1:].double(), keys.double(), values.double()
+    if mask is not None:
+        mask = mask[:, :, -1:] if mask.dtype == torch.bool else mask[:, :, -1:].double()
+    if softcap is None and sinks is None:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+        return out.to(dtype).transpose(1, 2)
+    group = query.shape[1] // keys.shape[1]
+    keys, values = (t.repeat_interleave(group, dim=1) for t in (keys, values))
+    logits = query @ keys.transpose(-1, -2) * scaling
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.double().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)], dim=-1)
+    probs = torch.softmax(logits, dim=-1)[..., : keys.shape[2]]
+    return (probs @ values).to(dtype).transpose(1, 2)
+
+
 def kernel_eviction(query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0,
-                    policy="tova"):
-    """The kernel on copies held in buffers one slot longer than the cache (as TOVALayer holds them)."""
+                    policy="tova", fused=False):
+    """The kernel on copies held in buffers one slot longer than the cache (as TOVALayer holds them); fused: the
+    attention, score and evict kernel, whose output comes last (None otherwise)."""
     buffers = [torch.cat([t, torch.full_like(t.narrow(-2 if t.dim() == 4 else 1, 0, 1), 7)], dim=-2 if t.dim() == 4 else 1)
                for t in (keys, values, positions)]
     n = keys.shape[2]
     k, v, p = buffers[0][:, :, :n], buffers[1][:, :, :n], buffers[2][:, :n]
     row = None if mask is None else mask[:, 0, -1]
-    scores, evicted = tova_evict_one_triton(query[:, :, -1], k, v, p, row, scaling, softcap, sinks, num_sink_tokens,
-                                            window=policy == "window")
-    return scores, evicted, k[:, :, : n - 1], v[:, :, : n - 1], p[:, : n - 1], buffers
+    args = (query[:, :, -1], k, v, p, row, scaling, softcap, sinks, num_sink_tokens, policy == "window")
+    output = None
+    if fused:
+        output, scores, evicted = tova_attention_evict_one_triton(*args)
+    else:
+        scores, evicted = tova_evict_one_triton(*args)
+    return scores, evicted, k[:, :, : n - 1], v[:, :, : n - 1], p[:, : n - 1], buffers, output
 
 
 def random_case(batch, q_heads, kv_heads, n, dim, dtype=torch.float32, mask_kind=None, seed=0, value_dim=None):
@@ -76,14 +108,23 @@ def random_case(batch, q_heads, kv_heads, n, dim, dtype=torch.float32, mask_kind
             None if mask is None else mask.to(DEVICE))
 
 
-def check_against_reference(case, scaling, tolerance=1e-6, **options):
+def check_against_reference(case, scaling, tolerance=1e-6, fused=False, **options):
+    """The eviction exactly as the torch path's; fused: also the attention output, read before the eviction."""
+    if fused:
+        query, keys, values, _, mask = case
+        attention = reference_attention(query, keys, values, mask, scaling, options.get("softcap"),
+                                        options.get("sinks"))
     expected = reference_eviction(*case, scaling, **options)
-    got = kernel_eviction(*case, scaling, **options)
+    got = kernel_eviction(*case, scaling, fused=fused, **options)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=tolerance)
     assert torch.equal(torch.isinf(got[0]), torch.isinf(expected[0]))
     assert torch.equal(got[1].long(), expected[1])
     for tensor, reference in zip(got[2:5], expected[2:5]):
         assert torch.equal(tensor, reference)
+    if fused:  # fp32: fp32 sums; 16-bit: the weights rounded for the product with the values, and the output
+        assert got[6].dtype == attention.dtype and got[6].shape == attention.shape
+        exact = attention.dtype == torch.float32
+        torch.testing.assert_close(got[6], attention, rtol=1e-5 if exact else 1.6e-2, atol=1e-5 if exact else 1e-2)
     return got
 
 
@@ -96,30 +137,37 @@ def split(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[False, True], ids=["evict", "fused"])
+def fused(request):
+    """The score-and-evict kernels alone, and fused with the attention (the same eviction, plus the output)."""
+    return request.param
+
+
 @pytest.mark.parametrize("q_heads, kv_heads", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_scores_and_eviction_match_the_torch_path(q_heads, kv_heads, mask_kind, split):
-    check_against_reference(random_case(2, q_heads, kv_heads, 11, 16, mask_kind=mask_kind), 0.3)
+def test_scores_and_eviction_match_the_torch_path(q_heads, kv_heads, mask_kind, split, fused):
+    check_against_reference(random_case(2, q_heads, kv_heads, 11, 16, mask_kind=mask_kind), 0.3, fused=fused)
 
 
-def test_softcapping_sinks_odd_head_dims_and_long_rows(split):
-    # 150 slots: 19 splits of 8 (the last one partial), or 2 of 128; head dims 24 / 40 are padded in the kernel.
+def test_softcapping_sinks_odd_head_dims_and_long_rows(split, fused):
+    # 150 slots: 19 splits of 8 (the last one partial), or 2 of 128; head dims 24 / 40 are padded in the kernel;
+    # groups of 3 query heads.
     case = random_case(2, 6, 2, 150, 24, mask_kind="bool", seed=1, value_dim=40)
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -3.0], device=DEVICE)
-    check_against_reference(case, 0.2, softcap=3.0, sinks=sinks)
+    check_against_reference(case, 0.2, softcap=3.0, sinks=sinks, fused=fused)
 
 
 @pytest.mark.parametrize("policy", ["tova", "window"])
-def test_sink_tokens_and_window_policy(policy, split):
+def test_sink_tokens_and_window_policy(policy, split, fused):
     got = check_against_reference(random_case(2, 4, 2, 12, 16, mask_kind="bool", seed=2), 0.3, num_sink_tokens=2,
-                                  policy=policy)
+                                  policy=policy, fused=fused)
     if policy == "window":  # the oldest real token after the 2 sinks goes; row 1 first drops a pad
         assert got[1].tolist() == [2, 2]
 
 
 @pytest.mark.parametrize("policy", ["tova", "window"])
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
-def test_positions_out_of_order_after_swap_removes(policy, mask_kind, split):
+def test_positions_out_of_order_after_swap_removes(policy, mask_kind, split, fused):
     # As after decode steps: the real positions are shuffled (the newest token took evicted slots), pads stay left.
     query, keys, values, positions, mask = random_case(3, 4, 2, 37, 16, mask_kind=mask_kind, seed=9)
     generator = torch.Generator().manual_seed(9)
@@ -133,35 +181,36 @@ def test_positions_out_of_order_after_swap_removes(policy, mask_kind, split):
     keys[0, :, 30] = -query[0, :, -1].view(2, 2, -1).sum(1) * 4
     case = (query, keys, values, positions, mask)
     if policy == "tova":
-        assert check_against_reference(case, 0.3)[1][0] == 30  # without sink tokens it goes
-    got = check_against_reference(case, 0.3, num_sink_tokens=3, policy=policy)
+        assert check_against_reference(case, 0.3, fused=fused)[1][0] == 30  # without sink tokens it goes
+    got = check_against_reference(case, 0.3, num_sink_tokens=3, policy=policy, fused=fused)
     assert int(positions[0].min()) in got[4][0].tolist()
     assert got[1][1] == 2  # row 1: the highest pad goes first
 
 
-def test_ties_across_splits_evict_the_highest_slot(split):
+def test_ties_across_splits_evict_the_highest_slot(split, fused):
     query, keys, values, positions, mask = random_case(2, 4, 2, 37, 16, seed=10)
     query[:, :, -1] = 1.0
     keys[:, :, [3, 13, 30]] = -1.0  # in splits 0, 1 and 3 of 8 slots
-    got = check_against_reference((query, keys, values, positions, mask), 0.25)
+    got = check_against_reference((query, keys, values, positions, mask), 0.25, fused=fused)
     assert got[1].tolist() == [30, 30]
 
 
-def test_ties_evict_the_highest_slot(split):
+def test_ties_evict_the_highest_slot(split, fused):
     query, keys, values, positions, mask = random_case(2, 4, 2, 10, 16, mask_kind="bool", seed=3)
     query[:, :, -1] = 1.0
     keys[0, :, [1, 4, 6]] = -1.0  # three exactly equal least attended slots: slot 6 goes
     keys[1] = 0.5  # all equal: the pads (slots 0-2) tie at -inf, slot 2 goes, and the block stays on the left
-    got = check_against_reference((query, keys, values, positions, mask), 0.25)
+    got = check_against_reference((query, keys, values, positions, mask), 0.25, fused=fused)
     assert got[1].tolist() == [6, 2]
     # Without padding every slot of row 1 ties: the newest (last) slot goes and nothing moves.
-    got = check_against_reference((query, keys, values, positions, None), 0.25)
+    got = check_against_reference((query, keys, values, positions, None), 0.25, fused=fused)
     assert got[1].tolist()[1] == 9
     assert torch.equal(got[5][0][1, :, :9], keys[1, :, :9])
 
 
-def test_bf16_scores_are_exact_products(split):
-    check_against_reference(random_case(2, 4, 2, 40, 32, dtype=torch.bfloat16, mask_kind="additive", seed=4), 32**-0.5)
+def test_bf16_scores_are_exact_products(split, fused):
+    check_against_reference(random_case(2, 4, 2, 40, 32, dtype=torch.bfloat16, mask_kind="additive", seed=4), 32**-0.5,
+                            fused=fused)
 
 
 def tiny_model(config, attn_implementation="sdpa"):
@@ -176,35 +225,77 @@ def tiny_model(config, attn_implementation="sdpa"):
 
 SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
          "num_attention_heads": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None}
+GEMMA2 = {**SMALL, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4, "final_logit_softcapping": None}
+# name: (config, attn_implementation, cache options, the kernel each decode step of a full-attention layer runs)
 MODELS = {
-    "llama-gqa-padded": (lambda: LlamaConfig(**SMALL, num_key_value_heads=2), "sdpa", {}),
-    "llama-mqa-window-sinks": (lambda: LlamaConfig(**SMALL, num_key_value_heads=1), "eager",
-                               {"num_sink_tokens": 2, "policy": "window"}),
-    "gemma2-softcap": (lambda: Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=16, sliding_window=4,
-                                            attn_logit_softcapping=5.0, final_logit_softcapping=None), "eager", {}),
+    "llama-gqa-padded": (lambda: LlamaConfig(**SMALL, num_key_value_heads=2), "sdpa", {}, "fused"),
+    "llama-mha-window-sinks": (lambda: LlamaConfig(**SMALL, num_key_value_heads=4), "sdpa",
+                               {"num_sink_tokens": 2, "policy": "window"}, "fused"),
+    "llama-mqa-window-sinks-eager": (lambda: LlamaConfig(**SMALL, num_key_value_heads=1), "eager",
+                                     {"num_sink_tokens": 2, "policy": "window"}, "evict"),
+    "gemma2-sliding-layers": (lambda: Gemma2Config(**GEMMA2, attn_logit_softcapping=None), "sdpa", {}, "fused"),
+    # SDPA ignores soft-capping (the scores apply it): the fused kernel would not compute what SDPA does
+    "gemma2-softcap-sdpa": (lambda: Gemma2Config(**GEMMA2, attn_logit_softcapping=5.0), "sdpa", {}, "evict"),
+    "gemma2-softcap-eager": (lambda: Gemma2Config(**GEMMA2, attn_logit_softcapping=5.0), "eager", {}, "evict"),
 }
+
+
+def count_kernel_calls(monkeypatch) -> dict[str, list]:
+    """Records the calls of the fused attention kernel and of the score-and-evict kernel by TOVACache."""
+    calls = {"fused": [], "evict": []}
+    for kind, name, kernel in (("fused", "tova_attention_evict_one_triton", tova_attention_evict_one_triton),
+                               ("evict", "tova_evict_one_triton", tova_evict_one_triton)):
+        def counted(*args, kind=kind, kernel=kernel, **kwargs):
+            calls[kind].append(1)
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(cache_tova, name, counted)
+    return calls
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_generation_with_the_kernel_equals_the_torch_path(name, monkeypatch):
-    make_config, attn_implementation, options = MODELS[name]
+    # The fused route for sdpa (unless the call applies what SDPA does not), score-and-evict after "eager".
+    make_config, attn_implementation, options, kernel = MODELS[name]
     model = tiny_model(make_config(), attn_implementation)
     prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     mask = torch.ones_like(prompt)
     mask[1, :4] = 0
-    calls = []
-    monkeypatch.setattr(cache_tova, "tova_evict_one_triton",
-                        lambda *args, **kwargs: calls.append(1) or tova_evict_one_triton(*args, **kwargs))
+    calls = count_kernel_calls(monkeypatch)
     results = {}
     for backend in ("torch", "triton"):
         cache = TOVACache(6, kernel_backend=backend, **options)
         out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=7, do_sample=False)
         results[backend] = out, [cache.kept_positions(i) for i in range(len(cache.layers))]
     full_layers = 1 if name.startswith("gemma2") else 2  # Gemma 2's sliding layer keeps its window by torch
-    assert len(calls) == 6 * full_layers  # 9 -> 6 tokens by the torch path at prefill, then the kernel each step
+    # 9 -> 6 tokens by the torch path at prefill, then a kernel each step
+    assert {kind: len(c) for kind, c in calls.items()} == {kind: 6 * full_layers * (kind == kernel) for kind in calls}
     assert torch.equal(results["torch"][0], results["triton"][0])
     for torch_kept, triton_kept in zip(results["torch"][1], results["triton"][1]):
         assert torch.equal(torch_kept, triton_kept)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, training, fusable",
+    [("sdpa", {"dropout": 0.0, "scaling": 0.25}, False, True),
+     ("flash_attention_2", {"softcap": 5.0, "s_aux": torch.zeros(4)}, False, True),
+     ("flex_attention", {"softcap": 5.0}, False, True),
+     ("kernels-community/flash-attn3", {}, False, True),
+     ("eager", {}, False, False),
+     ("paged|sdpa", {}, False, False),
+     ("sdpa", {"softcap": 5.0}, False, False),
+     ("sdpa", {"s_aux": torch.zeros(4)}, False, False),
+     ("sdpa", {"dropout": 0.1}, False, False),
+     ("sdpa", {}, True, False),
+     ("sdpa", {"sliding_window": 4}, False, False),
+     ("flash_attention_2", {"cu_seq_lens_q": torch.zeros(2)}, False, False)],
+)
+def test_which_attention_calls_fuse(name, kwargs, training, fusable):
+    module = torch.nn.Module().train(training)
+    assert tova_attention._fusable_call(name, module, torch.zeros(1, 4, 1, 8), (), kwargs) is fusable
+    assert not tova_attention._fusable_call(name, module, torch.zeros(1, 4, 2, 8), (), kwargs)  # one query only
+    module.sliding_window = 4
+    assert not tova_attention._fusable_call(name, module, torch.zeros(1, 4, 1, 8), (), kwargs)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -233,13 +324,15 @@ def test_reproduces_an_official_generation_with_the_kernel():
     assert_kept_positions(cache, data)
 
 
-def test_auto_uses_the_kernel_only_on_cuda(monkeypatch):
-    calls = []
-    monkeypatch.setattr(cache_tova, "tova_evict_one_triton", lambda *args, **kwargs: calls.append(1) or tova_evict_one_triton(*args, **kwargs))
+def test_auto_uses_the_kernels_only_on_cuda(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
     model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
+    cache = TOVACache(7)
     with torch.no_grad():
-        model(torch.randint(3, 128, (1, 8), device=DEVICE), past_key_values=TOVACache(7))
-    assert len(calls) == (2 if DEVICE == "cuda" else 0)
+        token = model(torch.randint(3, 128, (1, 8), device=DEVICE), past_key_values=cache).logits[:, -1:].argmax(-1)
+        model(token, past_key_values=cache)  # 8 -> 7 slots after SDPA by score-and-evict, then the fused decode step
+    per_layer = 1 if DEVICE == "cuda" else 0
+    assert {kind: len(c) for kind, c in calls.items()} == {"fused": 2 * per_layer, "evict": 2 * per_layer}
 
 
 def test_backend_errors(monkeypatch):
@@ -256,13 +349,36 @@ def test_backend_errors(monkeypatch):
             model(torch.randint(3, 128, (1, 8)), past_key_values=TOVACache(7, kernel_backend="triton"))
 
 
-def test_gradients_take_the_torch_path(monkeypatch):
-    calls = []
-    monkeypatch.setattr(cache_tova, "tova_evict_one_triton", lambda *args, **kwargs: calls.append(1))
+@pytest.mark.parametrize("kernel", [tova_evict_one_triton, tova_attention_evict_one_triton])
+def test_kernel_input_errors(kernel):
+    query, keys, values, positions, _ = random_case(2, 4, 2, 11, 16)
+    query = query[:, :, -1]
+    with pytest.raises(ValueError, match="must match query"):
+        kernel(query[..., :8], keys, values, positions, None, 0.25)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        kernel(query[:, :3], keys, values, positions, None, 0.25)
+    with pytest.raises(ValueError, match="positions must be int64"):
+        kernel(query, keys, values, positions.int(), None, 0.25)
+    with pytest.raises(ValueError, match="mask_row"):
+        kernel(query, keys, values, positions, torch.ones(2, 10, dtype=torch.bool, device=DEVICE), 0.25)
+    with pytest.raises(ValueError, match="sinks"):
+        kernel(query, keys, values, positions, None, 0.25, sinks=torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel(query, keys.transpose(-1, -2).contiguous().transpose(-1, -2), values, positions, None, 0.25)
+
+
+def test_gradients_and_training_take_the_torch_path(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
     model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
     cache = TOVACache(7, kernel_backend="triton")
-    model(torch.randint(3, 128, (1, 8), device=DEVICE), past_key_values=cache).logits.sum().backward()
-    assert not calls and cache.layers[0].physical_length == 7
+    ids = torch.randint(3, 128, (1, 10), device=DEVICE)
+    loss = model(ids[:, :8], past_key_values=cache).logits.sum()  # a prompt over the budget
+    (loss + model(ids[:, 8:9], past_key_values=cache).logits.sum()).backward()  # and a decode step at the budget
+    assert calls == {"fused": [], "evict": []} and cache.layers[0].physical_length == 7
+    model.train()  # no gradients, but attention dropout may apply: the model's attention, then score-and-evict
+    with torch.no_grad():
+        model(ids[:, 9:], past_key_values=cache)
+    assert {kind: len(c) for kind, c in calls.items()} == {"fused": 0, "evict": 2}
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the benchmark itself runs on the GPU")
@@ -300,10 +416,24 @@ def test_benchmark_model_loop_runs_on_cpu(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_real_sizes_on_cuda(dtype, mask_kind, no_tf32):
-    check_against_reference(random_case(4, 32, 8, 1025, 64, dtype=dtype, mask_kind=mask_kind, seed=6), 0.125)
+def test_real_sizes_on_cuda(dtype, mask_kind, fused, no_tf32):
+    check_against_reference(random_case(4, 32, 8, 1025, 64, dtype=dtype, mask_kind=mask_kind, seed=6), 0.125,
+                            fused=fused)
     case = random_case(2, 32, 8, 4097, 128, dtype=dtype, mask_kind=mask_kind, seed=7)
-    check_against_reference(case, 128**-0.5, num_sink_tokens=4)
+    check_against_reference(case, 128**-0.5, num_sink_tokens=4, fused=fused)
+    # The benchmark's layer: 16 rows, 32 query and 8 KV heads, d = 64, 4097 slots
+    case = random_case(16, 32, 8, 4097, 64, dtype=dtype, mask_kind=mask_kind, seed=8)
+    check_against_reference(case, 0.125, fused=fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_softcapping_sinks_and_wide_heads_on_cuda(dtype, no_tf32):
+    # Soft-capping and sinks (flash / flex kinds of Gemma 2 and gpt-oss), head dims up to 256 (smaller splits)
+    sinks = torch.linspace(-2.0, 2.0, 16, device="cuda")
+    for head_dim, value_dim in ((64, 64), (256, 256), (96, 160)):
+        case = random_case(4, 16, 2, 2049, head_dim, dtype=dtype, mask_kind="bool", seed=head_dim, value_dim=value_dim)
+        check_against_reference(case, head_dim**-0.5, softcap=20.0, sinks=sinks.to(dtype), fused=True)
 
 
 @pytest.mark.gpu
@@ -314,7 +444,10 @@ def test_official_generations_with_the_kernel_on_cuda(case, no_tf32):
 
 
 @pytest.mark.gpu
-def test_bf16_generation_auto_equals_torch_on_cuda():
+def test_bf16_generation_auto_equals_torch_on_cuda(monkeypatch):
+    # SDPA, then score-and-evict: the same attention as the torch path, so the tokens are equal even in bf16 (the
+    # fused kernel's bf16 output differs from SDPA's by rounding; see the next test)
+    monkeypatch.setattr(tova_attention, "_returns_no_weights", lambda name: False)
     model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2)).to(torch.bfloat16)
     prompt = torch.randint(3, 128, (4, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(8))
     mask = torch.ones_like(prompt)
@@ -325,5 +458,26 @@ def test_bf16_generation_auto_equals_torch_on_cuda():
         out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=48, do_sample=False)
         results[backend] = out, [cache.kept_positions(i) for i in range(len(cache.layers))]
     assert torch.equal(results["torch"][0], results["auto"][0])
+    for torch_kept, auto_kept in zip(results["torch"][1], results["auto"][1]):
+        assert torch.equal(torch_kept, auto_kept)
+
+
+@pytest.mark.gpu
+def test_bf16_fused_decode_step_on_cuda():
+    # From the same bf16 state: the fused step's logits are SDPA's within bf16 rounding, its eviction is the torch
+    # path's exactly (the scores of the same query and keys).
+    model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2)).to(torch.bfloat16)
+    prompt = torch.randint(3, 128, (4, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(8))
+    mask = torch.ones_like(prompt)
+    mask[1, :13] = 0
+    results = {}
+    with torch.no_grad():
+        for backend in ("torch", "auto"):
+            cache = TOVACache(16, kernel_backend=backend)
+            token = model(prompt, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            step_mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            logits = model(token, attention_mask=step_mask, past_key_values=cache).logits
+            results[backend] = logits, [cache.kept_positions(i).clone() for i in range(len(cache.layers))]
+    torch.testing.assert_close(results["auto"][0], results["torch"][0], rtol=2e-2, atol=2e-2)
     for torch_kept, auto_kept in zip(results["torch"][1], results["auto"][1]):
         assert torch.equal(torch_kept, auto_kept)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -34,9 +35,9 @@ from .tova_attention import (
 )
 
 try:
-    from .tova_triton import tova_evict_one_triton
+    from .tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton
 except ImportError:  # triton is optional: the torch path runs everywhere
-    tova_evict_one_triton = None
+    tova_attention_evict_one_triton = tova_evict_one_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +212,12 @@ class TOVACache(Cache):
             finds TOVA keeps the first token anyway).
         policy: `"tova"` (evict the least attended token) or `"window"` (evict the oldest: a sliding window,
             which with sink tokens is the "window + sinks" baseline).
-        kernel_backend: `"auto"` (the fused Triton score-and-evict kernel on CUDA for the decode step, where
-            one token per row goes; the torch path otherwise), `"triton"` (the kernel wherever it applies, also
-            on CPU under `TRITON_INTERPRET=1`) or `"torch"` (always the torch path, the numerical definition).
+        kernel_backend: `"auto"` (Triton kernels on CUDA for the decode step, where one token per row goes: with
+            an attention kind that returns no weights (sdpa, flash, flex) one kernel computes the step's attention,
+            scores and evicts in a single pass over the keys and values; with "eager" a score-and-evict kernel runs
+            after the model's attention; the torch path otherwise), `"triton"` (the kernels wherever they apply,
+            also on CPU under `TRITON_INTERPRET=1`) or `"torch"` (always the model's attention and the torch path,
+            the numerical definition).
 
     Sliding-window layers (Mistral, Gemma 2/3, ...) whose window is at most the budget keep their last
     `window - 1` tokens as transformers' own sliding layers do; the budget applies to the others.
@@ -243,7 +247,7 @@ class TOVACache(Cache):
         self.num_sink_tokens = num_sink_tokens
         self.policy = policy
         self.kernel_backend = kernel_backend
-        self._owner: int | None = None
+        self._owner: weakref.ref | None = None  # the config of the model that filled the cache
         self._padded = False  # whether an attention mask of this cache ever hid a slot
         install_attention_hooks()
 
@@ -274,8 +278,9 @@ class TOVACache(Cache):
         """The mask this layer's attention runs with. Under CUDA-graph capture transformers materialises the
         causal mask even where it hides nothing, and with a mask its SDPA integration repeats K/V for every query
         head; a single query over a cache that never held padding attends to every slot, so there the mask is
-        dropped (None: SDPA's GQA path, as in an eager step). Padding enters with a prompt or chunk: eager
-        calls of several tokens record whether their mask hid a slot (one check each; decode steps never sync)."""
+        dropped (None: SDPA's GQA path, as in an eager step; the fused kernel reads no mask row). Padding enters
+        with a prompt or chunk: eager calls of several tokens record whether their mask hid a slot (one check
+        each; decode steps never sync)."""
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
             return attention_mask
         if getattr(module, "sliding_window", None) is not None:  # the mask holds the window
@@ -288,16 +293,49 @@ class TOVACache(Cache):
             self._padded = bool(hidden.any())
         return attention_mask
 
-    def after_attention(self, module, query, key, attention_mask, scaling, softcap=None, sinks=None) -> None:
-        """Called by the attention wrapper once this step's attention of `module`'s layer is computed."""
-        owner = id(module.config)
+    def _check_owner(self, module) -> None:
+        # A weak reference, not id(): a dead model's config id can be reused by the next model's.
         if self._owner is None:
-            self._owner = owner
-        elif self._owner != owner:
+            self._owner = weakref.ref(module.config)
+        elif self._owner() is not module.config:
             raise ValueError(
                 "this TOVACache was filled by another model: a cache holds one model's keys (use a new cache, "
                 "or reset() this one)"
             )
+
+    def fused_attention(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        scaling: float | None,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """This step's attention output [B, 1, Hq, dv] from the Triton kernel that also scores and evicts, or None
+        where it does not apply (then the model's attention runs and `after_attention` evicts). Called by the
+        attention wrapper for a single query of a kind that returns no weights, without dropout or position bias;
+        the kernel applies where `_use_kernel` says so (a decode step at the budget of a full-attention layer)."""
+        layer = self.layers[module.layer_idx]
+        if query.shape[2] != 1 or getattr(module, "sliding_window", None) is not None:
+            return None
+        if not self._use_kernel(layer, query, key, sinks, value):
+            return None
+        self._check_owner(module)
+        row = last_mask_row(attention_mask, query.shape[0], 1, key.shape[2])
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        output, _, _ = tova_attention_evict_one_triton(
+            query[:, :, -1], layer.keys, layer.values, layer.positions, row, scaling, softcap, sinks,
+            self.num_sink_tokens, window=self.policy == "window",
+        )
+        layer.drop_last()
+        return output
+
+    def after_attention(self, module, query, key, attention_mask, scaling, softcap=None, sinks=None) -> None:
+        """Called by the attention wrapper once this step's attention of `module`'s layer is computed."""
+        self._check_owner(module)
         layer = self.layers[module.layer_idx]
         window = getattr(module, "sliding_window", None)
         if window is not None and window <= self.budget:
@@ -323,10 +361,18 @@ class TOVACache(Cache):
         else:
             layer.keep(self._kept_slots(scores, layer.positions))
 
-    def _use_kernel(self, layer: TOVALayer, query: torch.Tensor, key: torch.Tensor, sinks: torch.Tensor | None) -> bool:
-        """Whether the Triton kernel evicts this step: one slot per row to drop (the decode step; a longer
+    def _use_kernel(
+        self,
+        layer: TOVALayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        sinks: torch.Tensor | None,
+        value: torch.Tensor | None = None,
+    ) -> bool:
+        """Whether a Triton kernel evicts this step: one slot per row to drop (the decode step; a longer
         prompt is compressed by the torch path), no gradient, fp32/bf16/fp16 with head dims up to 256, and the
-        attention's keys are this layer's. Elsewhere the torch path runs, so a result is never wrong."""
+        attention's keys (and `value`, for the fused attention) are this layer's. Elsewhere the torch path runs,
+        so a result is never wrong."""
         if self.kernel_backend == "torch" or tova_evict_one_triton is None:
             return False
         if self.kernel_backend == "triton" and not (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -336,8 +382,9 @@ class TOVACache(Cache):
             )
         if layer.physical_length != self.budget + 1 or not (query.is_cuda or self.kernel_backend == "triton"):
             return False
+        grad = query.requires_grad or key.requires_grad or (value is not None and value.requires_grad)
         supported = (
-            not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+            not (torch.is_grad_enabled() and grad)
             and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and query.dtype == key.dtype == layer.values.dtype
             and key.shape == layer.keys.shape and key.data_ptr() == layer.keys.data_ptr()
@@ -345,6 +392,7 @@ class TOVACache(Cache):
             and max(query.shape[-1], layer.values.shape[-1]) <= 256
             and query.stride(-1) == 1
             and (sinks is None or sinks.numel() == query.shape[1])
+            and (value is None or (value.shape == layer.values.shape and value.data_ptr() == layer.values.data_ptr()))
         )
         if self.kernel_backend == "triton" and not supported:
             _log_fallback_once()
