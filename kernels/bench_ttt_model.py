@@ -17,6 +17,7 @@ from ttt_hf import TTTConfig
 from ttt_hf.ttt.cache_ttt import TTTCache
 
 from bench_common import ROOT, cuda_time, save_results, ttt_model
+from bench_ttt_decode import capture_decode_step
 
 
 def llama_like(config: TTTConfig, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -46,8 +47,10 @@ def training_throughput(model, batch: int, length: int, repeats: int) -> dict:
 
 
 @torch.no_grad()
-def decode_latency(model, cache, batch: int, context: int, steps: int, prefill_chunk: int = 8192) -> dict:
-    """Per-token latency of greedy decoding at `batch` rows after `context` tokens (prefilled in chunks)."""
+def decode_latency(model, cache, batch: int, context: int, steps: int, prefill_chunk: int = 8192,
+                   graph: bool = False) -> dict:
+    """Per-token latency of greedy decoding at `batch` rows after `context` tokens (prefilled in chunks), eagerly
+    and (`graph`, TTT models) with the whole step captured in a CUDA graph."""
     model.eval()
     ids = torch.randint(3, model.config.vocab_size, (batch, context), device="cuda")
     for start in range(0, context, prefill_chunk):
@@ -55,12 +58,14 @@ def decode_latency(model, cache, batch: int, context: int, steps: int, prefill_c
     token = out.logits[:, -1:].argmax(-1)
 
     def step():
-        nonlocal token
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token.copy_(model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1))
 
     seconds = cuda_time(step, steps, warmup=3)
-    return {"ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    row = {"ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds}
+    if graph:
+        row["graph_ms_per_token"] = cuda_time(capture_decode_step(model, cache, token), steps, warmup=3) * 1e3
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
 
 
 def main() -> None:
@@ -76,14 +81,16 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "train": {}, "decode": {}}
     dtype = torch.bfloat16
 
-    print(f"## Training, 125M TTT-Linear (Mamba backbone) vs Llama, bf16, batch {args.train_batch} x {args.train_len}")
+    print(f"## Training, TTT-Linear (Mamba backbone) vs Llama, bf16, batch {args.train_batch} x {args.train_len}")
     print("(TTT trains through the Triton chunk kernels, forward and backward, recomputing inside groups of 16")
     print(" mini-batches; the torch reference took 40.7 s a step on the H100, 202 tokens/s)")
     print("| model | tokens/s | step ms | peak GiB |\n|---|---|---|---|")
-    config = TTTConfig.from_json_file(ROOT / "configs" / "ttt-125m-linear-mamba.json")
+    configs = {size: TTTConfig.from_json_file(ROOT / "configs" / f"ttt-{size}-linear-mamba.json") for size in ("125m", "1.3b")}
     candidates = {
-        "TTT-Linear 125M (Triton)": (lambda: ttt_model("ttt-125m-linear-mamba", "triton", dtype, scan_checkpoint_group_size=16), 1),
-        "Llama 125M (SDPA)": (lambda: llama_like(config, dtype), 5),
+        "TTT-Linear 125M (Triton)": (lambda: ttt_model("ttt-125m-linear-mamba", "triton", dtype, scan_checkpoint_group_size=16), 2),
+        "Llama 125M (SDPA)": (lambda: llama_like(configs["125m"], dtype), 5),
+        "TTT-Linear 1.3B (Triton)": (lambda: ttt_model("ttt-1.3b-linear-mamba", "triton", dtype, scan_checkpoint_group_size=16), 1),
+        "Llama 1.3B (SDPA)": (lambda: llama_like(configs["1.3b"], dtype), 2),
     }
     for name, (make, repeats) in candidates.items():
         model = make()
@@ -104,13 +111,14 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     print(f"\n## Greedy decode, 1.3B, bf16, batch {args.decode_batch}: per-token latency after a context")
-    print("| model | context | ms/token | tokens/s | peak GiB |\n|---|---|---|---|---|")
+    print("| model | context | ms/token | CUDA graph ms/token | tokens/s (eager) | peak GiB |\n|---|---|---|---|---|---|")
     model = ttt_model("ttt-1.3b-linear-mamba", "auto", dtype)
     for context in map(int, args.decode_contexts.split(",")):
         torch.cuda.reset_peak_memory_stats()
-        row = decode_latency(model, TTTCache(model.config), args.decode_batch, context, args.steps)
+        row = decode_latency(model, TTTCache(model.config), args.decode_batch, context, args.steps, graph=True)
         results["decode"][f"TTT-Linear 1.3B @ {context}"] = row
-        print(f"| TTT-Linear 1.3B | {context} | {row['ms_per_token']:.2f} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} |")
+        print(f"| TTT-Linear 1.3B | {context} | {row['ms_per_token']:.2f} | {row['graph_ms_per_token']:.2f} | "
+              f"{row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} |")
     config = model.config
     del model
     torch.cuda.empty_cache()
@@ -119,7 +127,8 @@ def main() -> None:
     context = args.llama_decode_context
     row = decode_latency(llama, DynamicCache(config=llama.config), args.decode_batch, context, args.steps)
     results["decode"][f"Llama 1.3B DynamicCache @ {context}"] = row
-    print(f"| Llama 1.3B (DynamicCache) | {context} | {row['ms_per_token']:.2f} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} |")
+    print(f"| Llama 1.3B (DynamicCache) | {context} | {row['ms_per_token']:.2f} | n/a | {row['tokens_per_s']:,.0f} | "
+          f"{row['peak_gib']:.1f} |")
 
     save_results("ttt_model.json", results)
 

@@ -219,10 +219,11 @@ def _program_mini_batch(i, row, FIRST, COUNT, M, span_ptr, MB: tl.constexpr, EDG
 @triton.jit
 def _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square, square_mask, cols,
                       col_mask, F: tl.constexpr, HAS_ACC: tl.constexpr):
-    """A mini-batch's start state in fp32, with HAS_ACC the accumulator (the cache's at m = 0, else zero)."""
+    """A mini-batch's start state in fp32, with HAS_ACC the accumulator (the cache's at m = 0, else zero;
+    without it W and c stand in for the accumulator, which the lean code never reads)."""
     w = _load_square(start_w_ptr, start, square, square_mask, F).to(tl.float32)
     c = _load_row(start_c_ptr, start, cols, col_mask, F).to(tl.float32)
-    acc_w, acc_c = None, None
+    acc_w, acc_c = w, c
     if HAS_ACC:
         first = (cols * 0 + m) == 0
         acc_w = tl.load(acc_w_ptr + bh * F * F + square, mask=square_mask & first[None, :], other=0.0)
@@ -514,7 +515,7 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
             d_acc_w = _load_square(d_acc_w_ptr, bh, square, square_mask, F)
             d_acc_c = _load_row(d_acc_c_ptr, bh, cols, col_mask, F)
         else:
-            commit, d_acc_w, d_acc_c = None, None, None
+            commit, d_acc_w, d_acc_c = 1.0, d_w, d_c  # stand-ins: the lean code never reads them
         d_q, d_k, d_v, d_lr, _, _, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b = _chunk_mini_batch_backward(
             q, k, v, z, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
             d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b, F, MB, eps, PRECISION, EDGE,
