@@ -8,8 +8,9 @@ pytest.importorskip("triton")
 
 from ttt_testing import random_ids, tiny_model
 
-from ttt_hf.ttt.ttt_ops import ttt_chunk_torch, ttt_step_torch
-from ttt_hf.ttt.ttt_triton_decode import decode_kernel_supported, ttt_step_triton
+from ttt_hf.ttt import ttt_ops
+from ttt_hf.ttt.ttt_ops import causal_conv1d, causal_conv1d_banks, ttt_chunk_torch, ttt_step_torch
+from ttt_hf.ttt.ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MB = 4  # a mini-batch of 4 makes short sequences cross several commits
@@ -120,6 +121,43 @@ def test_supported_shapes_and_errors(monkeypatch):
         assert not decode_kernel_supported(state, q)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             ttt_step_triton(state, acc, q, k, v, lr, tau, ln_w, ln_b, position, active)
+
+
+@pytest.mark.parametrize("banks", [1, 2])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("channels", [40, 300 if DEVICE == "cpu" else 2048])
+def test_conv_step_matches_reference_and_moves_the_state_in_place(banks, dtype, tol, channels):
+    # Row 1 is padding this step (length 0): its window must stay; 300 channels span two programs (one masked).
+    g = torch.Generator().manual_seed(banks)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)
+    x, state = rand(3, 1, channels).to(dtype), rand(3, 3, channels).to(dtype)
+    filters = [(rand(channels, 1, 4).to(dtype), rand(channels).to(dtype)) for _ in range(banks)]
+    length = torch.tensor([1, 0, 1], device=DEVICE)
+    expected = [causal_conv1d(x, w, b, state, length) for w, b in filters]
+    moved = state.clone()
+    ys, new_state = causal_conv1d_banks(x, filters, moved, length, kernel_backend="triton")
+    assert new_state.data_ptr() == moved.data_ptr()
+    assert torch.equal(new_state, expected[0][1])
+    for y, (want, _) in zip(ys, expected):
+        assert y.dtype == dtype and rel_err(y, want) <= tol
+
+
+def test_conv_step_dispatch_and_errors(monkeypatch):
+    x, state = torch.randn(2, 1, 8, device=DEVICE), torch.zeros(2, 3, 8, device=DEVICE)
+    filters = [(torch.randn(8, 1, 4, device=DEVICE), torch.randn(8, device=DEVICE))]
+    calls = []
+    monkeypatch.setattr(ttt_ops, "causal_conv_step_triton", lambda *a: calls.append(a) or causal_conv_step_triton(*a))
+    length = torch.ones(2, dtype=torch.long, device=DEVICE)
+    causal_conv1d_banks(x, filters, state, length, kernel_backend="triton")
+    causal_conv1d_banks(x, filters, state, length, kernel_backend="torch")
+    causal_conv1d_banks(torch.randn(2, 5, 8, device=DEVICE), filters, state, length * 5, kernel_backend="triton")
+    with torch.enable_grad():
+        causal_conv1d_banks(x.requires_grad_(), filters, state, length, kernel_backend="triton")
+    assert len(calls) == 1  # only the no-grad one-token step of the Triton backend
+    with pytest.raises(ValueError, match="dtype"):
+        causal_conv_step_triton(x.detach(), filters, state.double(), length)
+    with pytest.raises(ValueError, match="one token"):
+        causal_conv_step_triton(torch.randn(2, 2, 8, device=DEVICE), filters, state, length)
 
 
 def test_mlp_model_decodes_the_same_with_both_backends(no_tf32):

@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .cache_ttt import TTTCache, TTTLayerCache
 from .configuration_ttt import TTTConfig
-from .ttt_ops import at_least_fp32, causal_conv1d, check_kernel_backend, ttt_chunk, ttt_step
+from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, ttt_chunk, ttt_step
 
 logger = logging.get_logger(__name__)
 
@@ -78,11 +78,14 @@ class TTTPreConv(nn.Module):
         super().__init__()
         self.norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.conv = _depthwise_conv(config)
+        self.kernel_backend = config.kernel_backend
 
     def forward(self, hidden_states, layout: TTTBatchLayout, cache: TTTLayerCache | None = None) -> torch.Tensor:
         x = self.norm(hidden_states)
         state = cache.pre_conv_state if cache is not None else None
-        y, state = causal_conv1d(x, self.conv.weight, self.conv.bias, _conv_state(state, x, self.conv), layout.length)
+        (y,), state = causal_conv1d_banks(
+            x, [(self.conv.weight, self.conv.bias)], _conv_state(state, x, self.conv), layout.length, self.kernel_backend
+        )
         if cache is not None:
             cache.pre_conv_state = state
         return y
@@ -168,8 +171,10 @@ class TTTLayer(nn.Module):
         if self.share_qk:
             shared = self.q_proj(hidden_states)
             state = _conv_state(cache.qk_conv_state if cache is not None else None, shared, self.conv_q)
-            xq, _ = causal_conv1d(shared, self.conv_q.weight, self.conv_q.bias, state, layout.length)
-            xk, state = causal_conv1d(shared, self.conv_k.weight, self.conv_k.bias, state, layout.length)
+            (xq, xk), state = causal_conv1d_banks(
+                shared, [(self.conv_q.weight, self.conv_q.bias), (self.conv_k.weight, self.conv_k.bias)], state,
+                layout.length, self.config.kernel_backend,
+            )
             if cache is not None:
                 cache.qk_conv_state = state
         else:

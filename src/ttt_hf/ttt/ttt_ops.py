@@ -26,9 +26,9 @@ try:
 except ImportError:  # triton is optional: the torch reference runs everywhere
     ttt_linear_chunk_triton = None
 try:
-    from .ttt_triton_decode import decode_kernel_supported, ttt_step_triton
+    from .ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
 except ImportError:  # without triton (or without the decode kernels) the step runs in torch
-    decode_kernel_supported = ttt_step_triton = None
+    causal_conv_step_triton = decode_kernel_supported = ttt_step_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -392,3 +392,32 @@ def causal_conv1d(
     index = length[:, None] + torch.arange(width - 1, device=x.device)[None, :]
     new_state = torch.gather(padded, 1, index[..., None].expand(-1, -1, x.shape[-1]))
     return y, new_state
+
+
+def causal_conv1d_banks(
+    x: torch.Tensor,
+    filters: list[tuple[torch.Tensor, torch.Tensor | None]],
+    state: torch.Tensor,
+    length: torch.Tensor,
+    kernel_backend: str = "auto",
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Dispatch point of `causal_conv1d` for one or more filter banks (weight, bias) over the same input and
+    state (the shared q/k projection has two): returns each bank's output and the new state. A decoding step
+    (one token, no gradient) runs one Triton launch for all banks that moves the state in place; anything else
+    runs the reference per bank."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, state, *[p for bank in filters for p in bank])
+    )
+    use_kernel = (
+        _kernel_requested(kernel_backend, causal_conv_step_triton, x)
+        and not needs_grad
+        and x.shape[1] == 1
+        and len(filters) <= 2
+        and state.dtype == x.dtype
+        and state.stride(-1) == 1
+        and x.stride(-1) == 1
+    )
+    if use_kernel:
+        return causal_conv_step_triton(x, filters, state, length)
+    outputs = [causal_conv1d(x, weight, bias, state, length) for weight, bias in filters]
+    return [y for y, _ in outputs], outputs[0][1]

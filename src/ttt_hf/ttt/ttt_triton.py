@@ -296,56 +296,48 @@ def _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causa
 
 @triton.jit
 def _chunk_mini_batch_backward(
-    q, k, v, z, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
+    q, k, v, z, lr, d_out, d_z_q, w, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
     d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b,
     F: tl.constexpr, MB: tl.constexpr, eps, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
     """Reverse mode of one mini-batch (the forward of `_ttt_linear_chunk_state_kernel` and
-    `_ttt_linear_chunk_output_kernel`) from its start state and keys' pre-activations z = k W + c. d_w .. d_acc_c
-    are the adjoints of the state after the mini-batch and come back as those of the state before it; d_tau,
-    d_ln_w, d_ln_b accumulate. Returns d_q, d_k, d_v, d_lr of its tokens as well. Without EDGE the mini-batch
-    starts with no accumulator and commits (acc_w, acc_c, d_acc_w, d_acc_c and commit are unused)."""
+    `_ttt_linear_chunk_output_kernel`) from its start state W, the keys' pre-activations z = k W + c and
+    dL/dz_q (the output LayerNorm's backward, done by `_ttt_linear_chunk_bwd_local_kernel` with its parameter
+    gradients). d_w .. d_acc_c are the adjoints of the state after the mini-batch; d_tau, d_ln_w, d_ln_b
+    accumulate. Returns d_q, d_k, d_v, d_lr of its tokens and, with EDGE, the adjoint of the accumulator before
+    it. Without EDGE the mini-batch starts with no accumulator and commits (acc_w, acc_c, d_acc_w, d_acc_c and
+    commit are unused), so the commit's adjoint -tau_last d_w needs no tile of its own."""
     grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
-    d_z_q, z_hat_q, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
-                                                   col_mask, F, eps, PRECISION, EDGE)
+    eta = tl.where(causal, tau[:, None] * lr[None, :], 0.0)
+    scores = _dot(q, tl.trans(k), PRECISION)
     weighted = lr[:, None] * grad
-    acc_w_end = _dot(tl.trans(k), weighted, PRECISION)
-    acc_c_end = tl.sum(weighted, axis=0)
+    tau_d_z_q = tau[:, None] * d_z_q
+
+    # Commit: W' = W - commit tau_last A_end, A_end = A + k^T (lr g) (W and c pass their adjoints through).
+    # Accumulation's reverse: d_weighted = k dA_end + da_end, d_k = (lr g) dA_end^T.
+    k_d_w = _dot(k, d_w, PRECISION)
+    d_tau_last = tl.sum(tl.sum(k_d_w * weighted, axis=1), axis=0) + tl.sum(d_c * tl.sum(weighted, axis=0), axis=0)
     if EDGE:
-        acc_w_end += acc_w
-        acc_c_end += acc_c
+        d_tau_last = -commit * (d_tau_last + tl.sum(tl.sum(d_w * acc_w, axis=1), axis=0) + tl.sum(d_c * acc_c, axis=0))
+        d_acc_w_end = (1.0 - commit) * d_acc_w - commit * tau_last * d_w
+        d_acc_c_end = (1.0 - commit) * d_acc_c - commit * tau_last * d_c
+        d_weighted = _dot(k, d_acc_w_end, PRECISION) + d_acc_c_end[None, :]
+        d_k = _dot(weighted, tl.trans(d_acc_w_end), PRECISION)
+        d_acc_w = d_acc_w_end - _dot(tl.trans(q), tau_d_z_q, PRECISION)
+        d_acc_c = d_acc_c_end - tl.sum(tau_d_z_q, axis=0)
     else:
-        commit = 1.0
-
-    # Commit: W' = W - commit * tau_last * A_end (W and c pass their adjoints through unchanged).
-    d_tau_last = -commit * (tl.sum(tl.sum(d_w * acc_w_end, axis=1), axis=0) + tl.sum(d_c * acc_c_end, axis=0))
+        d_tau_last = -d_tau_last
+        d_weighted = -tau_last * (k_d_w + d_c[None, :])
+        d_k = -tau_last * _dot(weighted, tl.trans(d_w), PRECISION)
     d_tau += tl.where(tokens == MB - 1, d_tau_last, 0.0)
-    d_acc_w_end = -commit * tau_last * d_w
-    d_acc_c_end = -commit * tau_last * d_c
-    if EDGE:
-        d_acc_w_end += (1.0 - commit) * d_acc_w
-        d_acc_c_end += (1.0 - commit) * d_acc_c
-
-    # Accumulation: A_end = A + k^T (lr g), a_end = a + sum_j lr_j g_j.
-    d_weighted = _dot(k, d_acc_w_end, PRECISION) + d_acc_c_end[None, :]
-    d_k = _dot(weighted, tl.trans(d_acc_w_end), PRECISION)
     d_grad = lr[:, None] * d_weighted
     d_lr = tl.sum(d_weighted * grad, axis=1)
 
-    # Output: out = q + LN(z_q).
-    d_ln_w += tl.sum(d_out * z_hat_q, axis=0)
-    d_ln_b += tl.sum(d_out, axis=0)
-    tau_d_z_q = tau[:, None] * d_z_q
-
-    # z_q = q W - tau (q A) - (eta * (q k^T + 1)) g + c - tau a.
+    # z_q = q W - tau (q A) - (eta * (q k^T + 1)) g + c - tau a;  out = q + LN(z_q).
     d_q = d_out + _dot(d_z_q, tl.trans(w), PRECISION)
     if EDGE:
         d_q -= _dot(tau_d_z_q, tl.trans(acc_w), PRECISION)
         d_tau -= tl.sum(d_z_q * (_dot(q, acc_w, PRECISION) + acc_c[None, :]), axis=1)
-    d_w += _dot(tl.trans(q), d_z_q, PRECISION)
-    d_c += tl.sum(d_z_q, axis=0)
-    d_acc_w = d_acc_w_end - _dot(tl.trans(q), tau_d_z_q, PRECISION)
-    d_acc_c = d_acc_c_end - tl.sum(tau_d_z_q, axis=0)
     d_grad -= _dot(tl.trans(eta * (scores + 1.0)), d_z_q, PRECISION)
     d_mix = tl.where(causal, -_dot(d_z_q, tl.trans(grad), PRECISION), 0.0)
     d_eta = d_mix * (scores + 1.0)
@@ -361,21 +353,30 @@ def _chunk_mini_batch_backward(
     d_ln_b += tl.sum(d_grad_hat * ln_w[None, :], axis=0)
     d_v = -d_grad_hat * ln_w[None, :]
     d_k += _dot(d_z, tl.trans(w), PRECISION) + d_grad_hat * ln_w[None, :]
-    d_w += _dot(tl.trans(k), d_z, PRECISION)
-    d_c += tl.sum(d_z, axis=0)
-    return d_q, d_k, d_v, d_lr, d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b
+    return d_q, d_k, d_v, d_lr, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b
+
+
+@triton.jit
+def _partial_slot(i, bh, COUNT, EDGE: tl.constexpr):
+    """Row of program (i, bh)'s partial sums in [COUNT + 2, B*H, ...]: the bulk's i, then the edge launch's."""
+    if EDGE:
+        slot = (COUNT + i) * tl.num_programs(1) + bh
+    else:
+        slot = i * tl.num_programs(1) + bh
+    return slot
 
 
 @triton.jit
 def _ttt_linear_chunk_bwd_local_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, start_c_ptr, acc_w_ptr,
-    acc_c_ptr, d_out_ptr, local_w_ptr, local_c_ptr, H, M, FIRST, COUNT, eps,
+    acc_c_ptr, d_out_ptr, local_w_ptr, local_c_ptr, d_z_q_ptr, d_ln_w_ptr, d_ln_b_ptr, H, M, FIRST, COUNT, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
     """First parallel pass of the backward, one program per (mini-batch, row and head) (see
     `_program_mini_batch`): the part of the adjoint of the mini-batch's start (W, c) that does not depend on later
     mini-batches, from its output gradient: q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q), with J the key
-    gradient's reverse mode [B*H, COUNT, ...]."""
+    gradient's reverse mode [B*H, COUNT, ...]. Hands dL/dz_q [B, H, M, MB, F] and the output LayerNorm's
+    parameter gradients (partial sums, as `_ttt_linear_chunk_bwd_inputs_kernel` writes them) on to that kernel."""
     bh = tl.program_id(1)
     row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
@@ -398,13 +399,17 @@ def _ttt_linear_chunk_bwd_local_kernel(
         z = _load_tokens(z_ptr, offsets, col_mask)
         d_out = _load_tokens(d_out_ptr, offsets, col_mask)
         grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
-        d_z_q, _, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
-                                                 col_mask, F, eps, PRECISION, EDGE)
+        d_z_q, z_hat_q, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
+                                                       col_mask, F, eps, PRECISION, EDGE)
         d_grad = -_dot(tl.trans(eta * (scores + 1.0)), d_z_q, PRECISION)
         d_z, _ = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
         tl.store(local_w_ptr + start * F * F + square,
                  _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
         tl.store(local_c_ptr + start * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
+        tl.store(d_z_q_ptr + offsets, d_z_q, mask=col_mask[None, :])
+        partial = _partial_slot(tl.program_id(0), bh, COUNT, EDGE)
+        tl.store(d_ln_w_ptr + partial * F + cols, tl.sum(d_out * z_hat_q, axis=0), mask=col_mask)
+        tl.store(d_ln_b_ptr + partial * F + cols, tl.sum(d_out, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -475,14 +480,15 @@ def _ttt_linear_chunk_bwd_state_kernel(
 def _ttt_linear_chunk_bwd_inputs_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
     start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, after_w_ptr, after_c_ptr, d_acc_w_ptr, d_acc_c_ptr, d_out_ptr,
-    d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
+    d_z_q_ptr, d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
     H, M, FIRST, COUNT, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
     """Second parallel pass, one program per (mini-batch, row and head) (see `_program_mini_batch`): the whole
-    reverse mode of the mini-batch from its start state and the adjoints of the state after it. Writes the
-    gradients of its tokens, its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 2, B*H, ...] (zeros where it
-    does not run) and, for the layout's first mini-batch, the adjoint of the initial accumulator."""
+    reverse mode of the mini-batch from its start state, the adjoints of the state after it and dL/dz_q. Writes
+    the gradients of its tokens, its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 2, B*H, ...] (added to the
+    local pass's; zeros where it does not run) and, for the layout's first mini-batch, the adjoint of the
+    initial accumulator."""
     i, bh = tl.program_id(0), tl.program_id(1)
     row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
@@ -493,9 +499,12 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
     d_tau = tl.zeros([MB], dtype=tl.float32)
     d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
     d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
+    partial = _partial_slot(i, bh, COUNT, EDGE)
 
     m, run = _program_mini_batch(i, row, FIRST, COUNT, M, span_ptr, MB, EDGE)
     if run:
+        d_ln_w = tl.load(d_ln_w_ptr + partial * F + cols, mask=col_mask, other=0.0)
+        d_ln_b = tl.load(d_ln_b_ptr + partial * F + cols, mask=col_mask, other=0.0)
         start = bh * COUNT + m - FIRST
         w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
                                                square_mask, cols, col_mask, F, EDGE)
@@ -508,6 +517,7 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
         offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
         z = _load_tokens(z_ptr, offsets, col_mask)
         d_out = _load_tokens(d_out_ptr, offsets, col_mask)
+        d_z_q = _load_tokens(d_z_q_ptr, offsets, col_mask)
         d_w = _load_square(after_w_ptr, start, square, square_mask, F)
         d_c = _load_row(after_c_ptr, start, cols, col_mask, F)
         if EDGE:
@@ -516,9 +526,9 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
             d_acc_c = _load_row(d_acc_c_ptr, bh, cols, col_mask, F)
         else:
             commit, d_acc_w, d_acc_c = 1.0, d_w, d_c  # stand-ins: the lean code never reads them
-        d_q, d_k, d_v, d_lr, _, _, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b = _chunk_mini_batch_backward(
-            q, k, v, z, lr, d_out, w, c, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
-            d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b, F, MB, eps, PRECISION, EDGE,
+        d_q, d_k, d_v, d_lr, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b = _chunk_mini_batch_backward(
+            q, k, v, z, lr, d_out, d_z_q, w, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens,
+            col_mask, d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b, F, MB, eps, PRECISION, EDGE,
         )
         tl.store(d_q_ptr + offsets, d_q, mask=col_mask[None, :])
         tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
@@ -528,10 +538,6 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
             if m == 0:
                 tl.store(d_acc_w_init_ptr + bh * F * F + square, d_acc_w, mask=square_mask)
                 tl.store(d_acc_c_init_ptr + bh * F + cols, d_acc_c, mask=col_mask)
-    if EDGE:
-        partial = (COUNT + i) * tl.num_programs(1) + bh
-    else:
-        partial = i * tl.num_programs(1) + bh
     tl.store(d_tau_ptr + partial * MB + tokens, d_tau)
     tl.store(d_ln_w_ptr + partial * F + cols, d_ln_w, mask=col_mask)
     tl.store(d_ln_b_ptr + partial * F + cols, d_ln_b, mask=col_mask)
@@ -639,7 +645,7 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
     start_c = q.new_empty(rows, segment, head_dim, dtype=start_dtype)
     local_w, after_w = q.new_empty(2, rows, segment, head_dim, head_dim, dtype=torch.float32)
     local_c, after_c = q.new_empty(2, rows, segment, head_dim, dtype=torch.float32)
-    pre_activations = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    pre_activations, d_z_q = torch.empty(2, *q.shape, dtype=torch.float32, device=q.device)
     recomputed_end = [torch.empty_like(ckpt[:, 0]) for ckpt in checkpoints]  # the state kernel's end state: unused
     d_q, d_k, d_v = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
     d_lr = torch.empty_like(lr)
@@ -658,8 +664,8 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
         )
         _parallel_pass(
             _ttt_linear_chunk_bwd_local_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
-            span, start_w, start_c, *state[2:], d_out, local_w, local_c, heads, num_mb, first, count, eps, **meta,
-            **_launch("bwd_local", head_dim),
+            span, start_w, start_c, *state[2:], d_out, local_w, local_c, d_z_q, *d_ln, heads, num_mb, first, count,
+            eps, **meta, **_launch("bwd_local", head_dim),
         )
         _ttt_linear_chunk_bwd_state_kernel[(rows,)](
             k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, local_w, local_c, *d_state, after_w, after_c,
@@ -667,7 +673,7 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
         )
         _parallel_pass(
             _ttt_linear_chunk_bwd_inputs_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
-            span, start_w, start_c, *state[2:], after_w, after_c, *d_state[2:], d_out, d_q, d_k, d_v, d_lr, d_tau,
+            span, start_w, start_c, *state[2:], after_w, after_c, *d_state[2:], d_out, d_z_q, d_q, d_k, d_v, d_lr, d_tau,
             *d_ln, *d_acc_init, heads, num_mb, first, count, eps, **meta, **_launch("bwd_inputs", head_dim),
         )
         sums[0] += d_tau[: count + 2].sum((0, 1))

@@ -1,4 +1,5 @@
-"""Triton kernels of the one-token TTT decode step (primal form), for TTT-Linear and TTT-MLP.
+"""Triton kernels of the one-token TTT decode step (primal form), for TTT-Linear and TTT-MLP, and of the
+causal depthwise convolutions' decode step around it.
 
 One launch per layer and step; one program per (row, head) streams the inner state through registers in
 tiles, so any head_dim up to 128 (padded to a power of two F_PAD, masked) fits without spilling. State and
@@ -297,3 +298,81 @@ def ttt_step_triton(
         )
     n = len(state)
     return out, tensors[:n], tensors[n:]
+
+
+@triton.jit
+def _causal_conv_step_kernel(
+    x_ptr, state_ptr, length_ptr, weight_ptr, bias_ptr, weight_2_ptr, bias_2_ptr, y_ptr, y_2_ptr,
+    C, stride_xb, stride_sb, stride_sk,
+    K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, TWO: tl.constexpr,
+):
+    """Program (row, block of channels): y = sum_k w[:, k] [state, x][k] + bias for one or (TWO) two filter
+    banks over the same input, then the window moves by one token in place (rows with length 0 keep it).
+    x [B, C]; state [B, K-1, C]; weights [C, K] contiguous; y [B, C] in x's dtype; products and sums in fp32."""
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    channels = block * BLOCK + tl.arange(0, BLOCK)
+    ok = channels < C
+    x = tl.load(x_ptr + row * stride_xb + channels, mask=ok, other=0.0).to(tl.float32)
+    acc = x * tl.load(weight_ptr + channels * K + K - 1, mask=ok, other=0.0).to(tl.float32)
+    acc_2 = acc
+    if TWO:
+        acc_2 = x * tl.load(weight_2_ptr + channels * K + K - 1, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + channels, mask=ok, other=0.0).to(tl.float32)
+        if TWO:
+            acc_2 += tl.load(bias_2_ptr + channels, mask=ok, other=0.0).to(tl.float32)
+    moves = tl.load(length_ptr + row) > 0
+    window = state_ptr + row * stride_sb + channels
+    previous = tl.load(window, mask=ok, other=0.0)
+    for k in tl.static_range(K - 1):
+        acc += previous.to(tl.float32) * tl.load(weight_ptr + channels * K + k, mask=ok, other=0.0).to(tl.float32)
+        if TWO:
+            acc_2 += previous.to(tl.float32) * tl.load(weight_2_ptr + channels * K + k, mask=ok, other=0.0).to(
+                tl.float32)
+        if k < K - 2:
+            following = tl.load(window + (k + 1) * stride_sk, mask=ok, other=0.0)
+        else:
+            following = x.to(previous.dtype)
+        tl.store(window + k * stride_sk, tl.where(moves, following, previous), mask=ok)
+        previous = following
+    tl.store(y_ptr + row * C + channels, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    if TWO:
+        tl.store(y_2_ptr + row * C + channels, acc_2.to(y_2_ptr.dtype.element_ty), mask=ok)
+
+
+CONV_BLOCK = 256  # channels per program of the convolution step
+
+
+def causal_conv_step_triton(
+    x: torch.Tensor, filters: list[tuple[torch.Tensor, torch.Tensor | None]], state: torch.Tensor, length: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One decoding step of `ttt_ops.causal_conv1d` for one or two filter banks over the same input, in one
+    launch: x [B, 1, C]; filters [(weight [C, 1, K], bias [C] or None)]; state [B, K-1, C] in x's dtype,
+    contiguous in C; length [B] (0: the row's window stays). The state moves in place and is returned.
+    Returns the outputs [B, 1, C] (x's dtype), one per bank, and the state."""
+    if not _on_triton_device(x):
+        raise RuntimeError(
+            "causal_conv_step_triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing triton"
+        )
+    batch, tokens, channels = x.shape
+    width = filters[0][0].shape[-1]
+    if tokens != 1 or len(filters) not in (1, 2) or state.shape != (batch, width - 1, channels):
+        raise ValueError(
+            f"causal_conv_step_triton takes one token x [B, 1, C], one or two filter banks and a state [B, K-1, C]; "
+            f"got x {tuple(x.shape)}, {len(filters)} banks of width {width}, state {tuple(state.shape)}"
+        )
+    if state.dtype != x.dtype or state.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError(f"the state must be in x's dtype ({x.dtype}) and both contiguous in C, got {state.dtype}")
+    if len({b is None for _, b in filters}) > 1:
+        raise ValueError("the filter banks must all have a bias or none")
+    weights = [w.reshape(channels, width).contiguous() for w, _ in filters]
+    biases = [b for _, b in filters]
+    ys = [torch.empty(batch, 1, channels, dtype=x.dtype, device=x.device) for _ in filters]
+    two = len(filters) == 2
+    _causal_conv_step_kernel[(batch, triton.cdiv(channels, CONV_BLOCK))](
+        x, state, length, weights[0], biases[0] if biases[0] is not None else weights[0], weights[-1],
+        biases[-1] if biases[-1] is not None else weights[-1], ys[0], ys[-1],
+        channels, x.stride(0), state.stride(0), state.stride(1),
+        K=width, BLOCK=CONV_BLOCK, HAS_BIAS=biases[0] is not None, TWO=two, num_warps=2,
+    )
+    return ys, state
