@@ -69,6 +69,23 @@ def _layer_norm_l2_grad(z, target, weight, bias, col_mask, F: tl.constexpr, eps)
 
 
 @triton.jit
+def _tile_indices(MB: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr):
+    """Token and column indices of a mini-batch tile [MB, F_PAD], and offsets and mask of an [F, F] state tile."""
+    tokens = tl.arange(0, MB)
+    cols = tl.arange(0, F_PAD)
+    col_mask = cols < F
+    return tokens, cols, col_mask, cols[:, None] * F + cols[None, :], col_mask[:, None] & col_mask[None, :]
+
+
+@triton.jit
+def _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F: tl.constexpr):
+    """The head's LayerNorm parameters, tau per position and the causal mask of the dual form."""
+    ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
+    ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
+    return ln_w, ln_b, tl.load(tau_ptr + tokens), tokens[:, None] >= tokens[None, :]
+
+
+@triton.jit
 def _load_square(ptr, index, square, square_mask, F: tl.constexpr):
     return tl.load(ptr + index * F * F + square, mask=square_mask, other=0.0)
 
@@ -152,11 +169,7 @@ def _ttt_linear_chunk_state_kernel(
     mini-batch goes to the checkpoints [B*H, NUM_GROUPS, ...] of the backward."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
-    tokens = tl.arange(0, MB)
-    cols = tl.arange(0, F_PAD)
-    col_mask = cols < F
-    square = cols[:, None] * F + cols[None, :]
-    square_mask = col_mask[:, None] & col_mask[None, :]
+    tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
 
     w = _load_square(w_ptr, bh, square, square_mask, F)
     acc_w = _load_square(acc_w_ptr, bh, square, square_mask, F)
@@ -241,21 +254,14 @@ def _ttt_linear_chunk_output_kernel(
     the dual-form output from the mini-batch's start state and key gradients."""
     bh = tl.program_id(1)
     row, head = bh // H, bh % H
-    tokens = tl.arange(0, MB)
-    cols = tl.arange(0, F_PAD)
-    col_mask = cols < F
-    square = cols[:, None] * F + cols[None, :]
-    square_mask = col_mask[:, None] & col_mask[None, :]
+    tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
 
     m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, M, span_ptr, MB, EDGE)
     if run:
         start = bh * COUNT + m - FIRST
         w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
                                                square_mask, cols, col_mask, F, EDGE)
-        ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
-        ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-        tau = tl.load(tau_ptr + tokens)
-        causal = tokens[:, None] >= tokens[None, :]
+        ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
         first_token = (bh * M + m) * MB
         offsets = _token_offsets(first_token, tokens, cols, F)
         q = _load_tokens(q_ptr, offsets, col_mask)
@@ -379,21 +385,14 @@ def _ttt_linear_chunk_bwd_local_kernel(
     parameter gradients (partial sums, as `_ttt_linear_chunk_bwd_inputs_kernel` writes them) on to that kernel."""
     bh = tl.program_id(1)
     row, head = bh // H, bh % H
-    tokens = tl.arange(0, MB)
-    cols = tl.arange(0, F_PAD)
-    col_mask = cols < F
-    square = cols[:, None] * F + cols[None, :]
-    square_mask = col_mask[:, None] & col_mask[None, :]
+    tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
 
     m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, M, span_ptr, MB, EDGE)
     if run:
         start = bh * COUNT + m - FIRST
         w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
                                                square_mask, cols, col_mask, F, EDGE)
-        ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
-        ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-        tau = tl.load(tau_ptr + tokens)
-        causal = tokens[:, None] >= tokens[None, :]
+        ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
         first_token = (bh * M + m) * MB
         offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
         z = _load_tokens(z_ptr, offsets, col_mask)
@@ -425,11 +424,7 @@ def _ttt_linear_chunk_bwd_state_kernel(
     [B*H, COUNT, ...]; d_w, d_c hold the adjoints after the segment on entry and before it on exit."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
-    tokens = tl.arange(0, MB)
-    cols = tl.arange(0, F_PAD)
-    col_mask = cols < F
-    square = cols[:, None] * F + cols[None, :]
-    square_mask = col_mask[:, None] & col_mask[None, :]
+    tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
 
     ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
     ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
@@ -491,11 +486,7 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
     initial accumulator."""
     i, bh = tl.program_id(0), tl.program_id(1)
     row, head = bh // H, bh % H
-    tokens = tl.arange(0, MB)
-    cols = tl.arange(0, F_PAD)
-    col_mask = cols < F
-    square = cols[:, None] * F + cols[None, :]
-    square_mask = col_mask[:, None] & col_mask[None, :]
+    tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
     d_tau = tl.zeros([MB], dtype=tl.float32)
     d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
     d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
@@ -508,11 +499,8 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
         start = bh * COUNT + m - FIRST
         w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
                                                square_mask, cols, col_mask, F, EDGE)
-        ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
-        ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-        tau = tl.load(tau_ptr + tokens)
+        ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
         tau_last = tl.load(tau_ptr + MB - 1)
-        causal = tokens[:, None] >= tokens[None, :]
         first_token = (bh * M + m) * MB
         offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
         z = _load_tokens(z_ptr, offsets, col_mask)
