@@ -85,8 +85,8 @@ def set_cache_tensors(cache: TTTCache, tensors: list[torch.Tensor]) -> None:
 
 def capture_decode_step(model: TTTForCausalLM, cache: TTTCache, token: torch.Tensor):
     """A greedy step (token -> next token, in `token`) captured in a CUDA graph. The model replaces some cache
-    tensors (conv states, positions; all of them with the torch backend) instead of updating them: the graph
-    copies each new one back into the tensor it read, so that every replay continues from the last."""
+    tensors (positions; all of them with the torch backend) instead of updating them in place: the graph copies
+    each new one back into the tensor it read, so that every replay continues from the last."""
     inputs = cache_tensors(cache)
 
     def step():

@@ -226,6 +226,19 @@ def test_clear_errors():
             family_model("qwen2")(ids(1, 6), past_key_values=cache)
 
 
+def test_a_used_cache_pickles_and_continues():
+    import pickle
+
+    model, cache = family_model("llama"), TOVACache(4)
+    with torch.no_grad():
+        model(ids(1, 6), past_key_values=cache)
+        copy = pickle.loads(pickle.dumps(cache))
+        assert torch.equal(copy.kept_positions(0), cache.kept_positions(0))
+        step = ids(1, 1)
+        want, got = (model(step, past_key_values=c).logits for c in (cache, copy))
+    assert torch.equal(want, got) and torch.equal(copy.kept_positions(0), cache.kept_positions(0))
+
+
 def test_flex_block_mask_gives_the_same_scores_as_the_dense_mask():
     from torch.nn.attention.flex_attention import create_block_mask
 

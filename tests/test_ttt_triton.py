@@ -80,6 +80,17 @@ def test_forward_in_segments_hands_the_state_on(monkeypatch):
     check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], checkpoint_group=2)
 
 
+@pytest.mark.parametrize("start, length, segment_bytes", [
+    ([0, 0], [48, 32], None),  # the shorter row's span mini-batch is inert: the edge launch runs it
+    ([3, 16], [40, 0], None),  # an empty row starting mid mini-batch
+    ([5, 0], [100, 60], 4 * 4 * (16 * 16 + 16) * 12),  # segments of two groups, a partial mini-batch inside one
+])
+def test_chunk_gradients_across_edge_mini_batches_and_segments(monkeypatch, start, length, segment_bytes):
+    if segment_bytes:
+        monkeypatch.setattr(ttt_triton, "SEGMENT_BYTES", segment_bytes)
+    check_chunk(2, 2, max(length), 16, start=start, length=length, checkpoint_group=2)
+
+
 def test_chunk_gradients_when_only_the_output_is_used():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 2, 20, 16)
     span = torch.tensor([3], device=DEVICE)

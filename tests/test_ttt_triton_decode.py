@@ -142,6 +142,36 @@ def test_conv_step_matches_reference_and_moves_the_state_in_place(banks, dtype, 
         assert y.dtype == dtype and rel_err(y, want) <= tol
 
 
+def test_conv_step_leaves_views_and_width_one_to_their_owners():
+    # A state that is a view (of a larger buffer) or a broadcast is moved in a copy, never written through;
+    # a width-1 convolution has no window and runs the reference.
+    x, length = torch.randn(2, 1, 8, device=DEVICE), torch.tensor([1, 0], device=DEVICE)
+    filters = [(torch.randn(8, 1, 4, device=DEVICE), torch.randn(8, device=DEVICE))]
+    big = torch.randn(2, 5, 8, device=DEVICE)
+    for state in (big[:, 1:4], torch.randn(1, 3, 8, device=DEVICE).expand(2, 3, 8)):
+        before = state.clone()
+        (y,), new_state = causal_conv1d_banks(x, filters, state, length, kernel_backend="triton")
+        want, want_state = causal_conv1d(x, *filters[0], before, length)
+        assert torch.equal(state, before) and torch.equal(new_state, want_state) and rel_err(y, want) <= 1e-6
+    width_one = [(torch.randn(8, 1, 1, device=DEVICE), torch.randn(8, device=DEVICE))]
+    (y,), new_state = causal_conv1d_banks(x, width_one, x.new_zeros(2, 0, 8), length, kernel_backend="triton")
+    assert new_state.shape == (2, 0, 8) and torch.equal(y, causal_conv1d(x, *width_one[0], x.new_zeros(2, 0, 8), length)[0])
+
+
+def test_model_conv_steps_follow_the_config_backend(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ttt_ops, "causal_conv_step_triton", lambda *a: calls.append(a) or causal_conv_step_triton(*a))
+    model = tiny_model("linear", kernel_backend="triton")  # Mamba backbone: a pre-conv and the shared q/k pair
+    layers = model.config.num_hidden_layers
+    for backend, expected in (("triton", 2 * layers), ("torch", 0)):
+        model.config.kernel_backend = backend
+        calls.clear()
+        with torch.no_grad():
+            out = model(random_ids(1, 5), use_cache=True)
+            model(random_ids(1, 1), past_key_values=out.past_key_values, use_cache=True)
+        assert len(calls) == expected, backend
+
+
 def test_conv_step_dispatch_and_errors(monkeypatch):
     x, state = torch.randn(2, 1, 8, device=DEVICE), torch.zeros(2, 3, 8, device=DEVICE)
     filters = [(torch.randn(8, 1, 4, device=DEVICE), torch.randn(8, device=DEVICE))]
@@ -158,6 +188,8 @@ def test_conv_step_dispatch_and_errors(monkeypatch):
         causal_conv_step_triton(x.detach(), filters, state.double(), length)
     with pytest.raises(ValueError, match="one token"):
         causal_conv_step_triton(torch.randn(2, 2, 8, device=DEVICE), filters, state, length)
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv_step_triton(x.detach(), [*filters, (torch.randn(6, 1, 4, device=DEVICE), None)], state, length)
 
 
 def test_mlp_model_decodes_the_same_with_both_backends(no_tf32):

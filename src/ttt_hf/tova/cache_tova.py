@@ -293,6 +293,10 @@ class TOVACache(Cache):
             self._padded = bool(hidden.any())
         return attention_mask
 
+    def __getstate__(self) -> dict:
+        # The owner is a weak reference (not picklable) to a live model's config: a copy starts without one.
+        return {**self.__dict__, "_owner": None}
+
     def _check_owner(self, module) -> None:
         # A weak reference, not id(): a dead model's config id can be reused by the next model's.
         if self._owner is None:

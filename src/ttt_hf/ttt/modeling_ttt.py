@@ -78,13 +78,14 @@ class TTTPreConv(nn.Module):
         super().__init__()
         self.norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.conv = _depthwise_conv(config)
-        self.kernel_backend = config.kernel_backend
+        self.config = config
 
     def forward(self, hidden_states, layout: TTTBatchLayout, cache: TTTLayerCache | None = None) -> torch.Tensor:
         x = self.norm(hidden_states)
         state = cache.pre_conv_state if cache is not None else None
         (y,), state = causal_conv1d_banks(
-            x, [(self.conv.weight, self.conv.bias)], _conv_state(state, x, self.conv), layout.length, self.kernel_backend
+            x, [(self.conv.weight, self.conv.bias)], _conv_state(state, x, self.conv), layout.length,
+            self.config.kernel_backend,
         )
         if cache is not None:
             cache.pre_conv_state = state

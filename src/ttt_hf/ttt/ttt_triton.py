@@ -106,8 +106,8 @@ def _store_state(w_ptr, c_ptr, acc_w_ptr, acc_c_ptr, index, w, c, acc_w, acc_c, 
 
 @triton.jit
 def _token_offsets(first, tokens, cols, F: tl.constexpr):
-    """Offsets of tokens [first, first + MB) of the slot layout into [.., F] tensors."""
-    return (first + tokens)[:, None] * F + cols[None, :]
+    """Offsets of tokens [first, first + MB) of the slot layout into [.., F] tensors (int64: B*H*T*F may pass 2^31)."""
+    return (first + tokens).to(tl.int64)[:, None] * F + cols[None, :]
 
 
 @triton.jit
@@ -213,19 +213,19 @@ def _ttt_linear_chunk_state_kernel(
 
 
 @triton.jit
-def _program_mini_batch(i, row, FIRST, COUNT, M, span_ptr, MB: tl.constexpr, EDGE: tl.constexpr):
+def _program_mini_batch(i, row, FIRST, COUNT, span_ptr, MB: tl.constexpr, EDGE: tl.constexpr):
     """The mini-batch of program i of a parallel pass over mini-batches FIRST..FIRST+COUNT-1, and whether it runs.
     Only the layout's first mini-batch starts with an accumulator (the cache's) and only a row's mini-batch at
     its span (the partial one) holds real tokens without committing; the ones after it are inert (zero inputs
     and learning rates), where neither matters. Those two take the general code in a launch of their own
     (EDGE: programs i = 0, 1); all others, the bulk, the lean one (no accumulator, a commit)."""
-    partial = tl.load(span_ptr + row) // MB
+    at_span = tl.load(span_ptr + row) // MB
     if EDGE:
-        m = tl.where(i == 0, 0, partial)
-        run = (m >= FIRST) & (m < FIRST + COUNT) & ((i == 0) | (partial != 0))
+        m = tl.where(i == 0, 0, at_span)
+        run = (m >= FIRST) & (m < FIRST + COUNT) & ((i == 0) | (at_span != 0))
     else:
         m = FIRST + i
-        run = (m != 0) & (m != partial)
+        run = (m != 0) & (m != at_span)
     return m, run
 
 
@@ -256,7 +256,7 @@ def _ttt_linear_chunk_output_kernel(
     row, head = bh // H, bh % H
     tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
 
-    m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, M, span_ptr, MB, EDGE)
+    m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, span_ptr, MB, EDGE)
     if run:
         start = bh * COUNT + m - FIRST
         w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
@@ -363,7 +363,7 @@ def _chunk_mini_batch_backward(
 
 
 @triton.jit
-def _partial_slot(i, bh, COUNT, EDGE: tl.constexpr):
+def _sum_slot(i, bh, COUNT, EDGE: tl.constexpr):
     """Row of program (i, bh)'s partial sums in [COUNT + 2, B*H, ...]: the bulk's i, then the edge launch's."""
     if EDGE:
         slot = (COUNT + i) * tl.num_programs(1) + bh
@@ -387,7 +387,7 @@ def _ttt_linear_chunk_bwd_local_kernel(
     row, head = bh // H, bh % H
     tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
 
-    m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, M, span_ptr, MB, EDGE)
+    m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, span_ptr, MB, EDGE)
     if run:
         start = bh * COUNT + m - FIRST
         w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
@@ -406,9 +406,9 @@ def _ttt_linear_chunk_bwd_local_kernel(
                  _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
         tl.store(local_c_ptr + start * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
         tl.store(d_z_q_ptr + offsets, d_z_q, mask=col_mask[None, :])
-        partial = _partial_slot(tl.program_id(0), bh, COUNT, EDGE)
-        tl.store(d_ln_w_ptr + partial * F + cols, tl.sum(d_out * z_hat_q, axis=0), mask=col_mask)
-        tl.store(d_ln_b_ptr + partial * F + cols, tl.sum(d_out, axis=0), mask=col_mask)
+        slot = _sum_slot(tl.program_id(0), bh, COUNT, EDGE)
+        tl.store(d_ln_w_ptr + slot * F + cols, tl.sum(d_out * z_hat_q, axis=0), mask=col_mask)
+        tl.store(d_ln_b_ptr + slot * F + cols, tl.sum(d_out, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -490,12 +490,12 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
     d_tau = tl.zeros([MB], dtype=tl.float32)
     d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
     d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
-    partial = _partial_slot(i, bh, COUNT, EDGE)
+    slot = _sum_slot(i, bh, COUNT, EDGE)
 
-    m, run = _program_mini_batch(i, row, FIRST, COUNT, M, span_ptr, MB, EDGE)
+    m, run = _program_mini_batch(i, row, FIRST, COUNT, span_ptr, MB, EDGE)
     if run:
-        d_ln_w = tl.load(d_ln_w_ptr + partial * F + cols, mask=col_mask, other=0.0)
-        d_ln_b = tl.load(d_ln_b_ptr + partial * F + cols, mask=col_mask, other=0.0)
+        d_ln_w = tl.load(d_ln_w_ptr + slot * F + cols, mask=col_mask, other=0.0)
+        d_ln_b = tl.load(d_ln_b_ptr + slot * F + cols, mask=col_mask, other=0.0)
         start = bh * COUNT + m - FIRST
         w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
                                                square_mask, cols, col_mask, F, EDGE)
@@ -526,9 +526,9 @@ def _ttt_linear_chunk_bwd_inputs_kernel(
             if m == 0:
                 tl.store(d_acc_w_init_ptr + bh * F * F + square, d_acc_w, mask=square_mask)
                 tl.store(d_acc_c_init_ptr + bh * F + cols, d_acc_c, mask=col_mask)
-    tl.store(d_tau_ptr + partial * MB + tokens, d_tau)
-    tl.store(d_ln_w_ptr + partial * F + cols, d_ln_w, mask=col_mask)
-    tl.store(d_ln_b_ptr + partial * F + cols, d_ln_b, mask=col_mask)
+    tl.store(d_tau_ptr + slot * MB + tokens, d_tau)
+    tl.store(d_ln_w_ptr + slot * F + cols, d_ln_w, mask=col_mask)
+    tl.store(d_ln_b_ptr + slot * F + cols, d_ln_b, mask=col_mask)
 
 
 def _state_views(state: list[torch.Tensor], acc: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -542,10 +542,10 @@ def _precision(x: torch.Tensor) -> str:
 
 
 # Launch parameters of each kernel for head dims up to 64 and above, from kernels/tune_ttt.py on the H200
-# (results/ttt_tune.md) and ptxas' resource report (bf16, sm_90; spills per thread): at head dim 128 the state
-# kernel spills 1.2 KB with 4 warps, 128 B with 8; the backward's sequential pass 104 B with 4 warps at 64 and
-# none with 8, 776 / 512 B with 8 / 16 at 128; its inputs pass (about six live [F, F] fp32 tiles) 88 B with 8
-# warps at 64, 2.3 / 1.8 KB with 8 / 16 at 128.
+# (results/ttt_tune.md) and ptxas' resource report (bf16, sm_90, triton 3.6; spills per thread): at head dim
+# 128 the state kernel spills 1.2 KB with 4 warps, 128 B with 8; the backward's sequential pass none with 8
+# warps at 64, 560 B with 8 at 128; its inputs pass (lean code) none with 8 warps at 64 (216 registers: one
+# block per multiprocessor), 416 B with 8 at 128, and 4 warps spill at 64.
 LAUNCH = {
     "state": ({"num_warps": 4}, {"num_warps": 8}),
     "output": ({"num_warps": 2}, {"num_warps": 4}),
@@ -673,7 +673,7 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
 class TTTLinearChunk(torch.autograd.Function):
     """The chunk kernels with their backward. Memory: the forward keeps the state every `group` mini-batches
     (4 (f^2 + f) floats per row and head each); the backward recomputes one segment of whole groups at a time
-    (at most `SEGMENT_BYTES` of start states and state adjoints)."""
+    (start states and state adjoints of about `SEGMENT_BYTES`, or of one group where that is more)."""
 
     @staticmethod
     def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):

@@ -347,24 +347,35 @@ def causal_conv_step_triton(
     x: torch.Tensor, filters: list[tuple[torch.Tensor, torch.Tensor | None]], state: torch.Tensor, length: torch.Tensor
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One decoding step of `ttt_ops.causal_conv1d` for one or two filter banks over the same input, in one
-    launch: x [B, 1, C]; filters [(weight [C, 1, K], bias [C] or None)]; state [B, K-1, C] in x's dtype,
-    contiguous in C; length [B] (0: the row's window stays). The state moves in place and is returned.
-    Returns the outputs [B, 1, C] (x's dtype), one per bank, and the state."""
+    launch: x [B, 1, C]; filters [(weight [C, 1, K], bias [C] or None)], K >= 2; state [B, K-1, C] in x's dtype
+    on x's device; length [B] (0: the row's window stays). The state moves in place when it owns contiguous
+    memory (as the cache's does), else in a copy. Returns the outputs [B, 1, C] (x's dtype), one per bank, and
+    the state."""
     if not _on_triton_device(x):
         raise RuntimeError(
             "causal_conv_step_triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing triton"
         )
     batch, tokens, channels = x.shape
     width = filters[0][0].shape[-1]
-    if tokens != 1 or len(filters) not in (1, 2) or state.shape != (batch, width - 1, channels):
+    if tokens != 1 or len(filters) not in (1, 2) or width < 2 or state.shape != (batch, width - 1, channels):
         raise ValueError(
-            f"causal_conv_step_triton takes one token x [B, 1, C], one or two filter banks and a state [B, K-1, C]; "
-            f"got x {tuple(x.shape)}, {len(filters)} banks of width {width}, state {tuple(state.shape)}"
+            f"causal_conv_step_triton takes one token x [B, 1, C], one or two filter banks of width K >= 2 and a "
+            f"state [B, K-1, C]; got x {tuple(x.shape)}, {len(filters)} banks of width {width}, state {tuple(state.shape)}"
         )
-    if state.dtype != x.dtype or state.stride(-1) != 1 or x.stride(-1) != 1:
-        raise ValueError(f"the state must be in x's dtype ({x.dtype}) and both contiguous in C, got {state.dtype}")
+    for weight, bias in filters:
+        if weight.shape != (channels, 1, width) or (bias is not None and bias.shape != (channels,)):
+            raise ValueError(
+                f"every filter bank must be weight [C, 1, K] = [{channels}, 1, {width}] and bias [C] or None; got "
+                f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}"
+            )
     if len({b is None for _, b in filters}) > 1:
         raise ValueError("the filter banks must all have a bias or none")
+    if state.dtype != x.dtype or state.device != x.device:
+        raise ValueError(f"the state must be on x's device in x's dtype ({x.device}, {x.dtype}), got {state.device}, "
+                         f"{state.dtype}")
+    if not (state.is_contiguous() and state._base is None):  # a view or broadcast state: its base is not ours to move
+        state = state.contiguous().clone()
+    x = x.contiguous()
     weights = [w.reshape(channels, width).contiguous() for w, _ in filters]
     biases = [b for _, b in filters]
     ys = [torch.empty(batch, 1, channels, dtype=x.dtype, device=x.device) for _ in filters]
