@@ -210,14 +210,16 @@ class SlotLayout:
         return x.reshape(batch, heads, self.num_mini_batches, self.mini_batch_size, x.shape[-1])
 
     def from_slots(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, H, M*b, d] (or [B, H, M, b, d]) -> [B, H, T, d]."""
+        """[B, H, M*b, d] (or [B, H, M, b, d]) -> [B, H, T, d], zero at the padding after each row's tokens (what
+        the slots hold there differs between the reference and the kernels)."""
         batch, heads, dim = x.shape[0], x.shape[1], x.shape[-1]
         x = x.reshape(batch, heads, -1, dim)
         if self.dense:
             return x
-        index = torch.arange(self.seq_len, device=x.device)[None, :] + self.offset[:, None]
-        index = index.clamp(max=x.shape[2] - 1)
-        return torch.gather(x, 2, index[:, None, :, None].expand(batch, heads, self.seq_len, dim))
+        token = torch.arange(self.seq_len, device=x.device)[None, :]
+        index = (token + self.offset[:, None]).clamp(max=x.shape[2] - 1)
+        x = torch.gather(x, 2, index[:, None, :, None].expand(batch, heads, self.seq_len, dim))
+        return x * (token < self.span[:, None] - self.offset[:, None])[:, None, :, None]
 
 
 def ttt_chunk_torch(
@@ -239,7 +241,7 @@ def ttt_chunk_torch(
     q, k, v: [B, H, T, f]; lr: [B, H, T] per-token inner learning rate; tau: [b] per-position factor;
     ln_weight, ln_bias: [H, 1, f]. Rows are right-padded: row r holds `length[r]` real tokens whose first
     has absolute position `start[r]` (which may fall anywhere inside a mini-batch).
-    Returns the output [B, H, T, f] (fp32; undefined at padded slots), the new state and accumulator.
+    Returns the output [B, H, T, f] (fp32; zero at padded slots), the new state and accumulator.
     `checkpoint_group > 0` recomputes groups of that many mini-batches in the backward pass.
     """
     layout = SlotLayout(start, length, tau.shape[0], q.shape[2])
