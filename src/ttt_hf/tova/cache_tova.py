@@ -328,14 +328,7 @@ class TOVACache(Cache):
         if not self._use_kernel(layer, query, key, sinks, value):
             return None
         self._check_owner(module)
-        row = last_mask_row(attention_mask, query.shape[0], 1, key.shape[2])
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        output, _, _ = tova_attention_evict_one_triton(
-            query[:, :, -1], layer.keys, layer.values, layer.positions, row, scaling, softcap, sinks,
-            self.num_sink_tokens, window=self.policy == "window",
-        )
-        layer.drop_last()
-        return output
+        return self._kernel_step(layer, query, attention_mask, scaling, softcap, sinks, attend=True)
 
     def after_attention(self, module, query, key, attention_mask, scaling, softcap=None, sinks=None) -> None:
         """Called by the attention wrapper once this step's attention of `module`'s layer is computed."""
@@ -351,19 +344,24 @@ class TOVACache(Cache):
         if layer.physical_length <= self.budget:
             return
         if self._use_kernel(layer, query, key, sinks):
-            row = last_mask_row(attention_mask, query.shape[0], query.shape[2], key.shape[2])
-            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            tova_evict_one_triton(
-                query[:, :, -1], layer.keys, layer.values, layer.positions, row, scaling, softcap, sinks,
-                self.num_sink_tokens, window=self.policy == "window",
-            )
-            layer.drop_last()
+            self._kernel_step(layer, query, attention_mask, scaling, softcap, sinks, attend=False)
             return
         scores = last_query_scores(module, query, key, attention_mask, scaling, softcap, sinks)
         if layer.physical_length == self.budget + 1:  # one slot per row goes: as the kernel does
             layer.swap_remove(self._victims(scores, layer.positions))
         else:
             layer.keep(self._kept_slots(scores, layer.positions))
+
+    def _kernel_step(self, layer: TOVALayer, query, attention_mask, scaling, softcap, sinks, attend: bool):
+        """The Triton decode step on `layer` (budget + 1 slots): evicts one slot per row and, with `attend`, returns
+        the last query's attention output computed in the same pass."""
+        row = last_mask_row(attention_mask, query.shape[0], query.shape[2], layer.keys.shape[2])
+        args = (query[:, :, -1], layer.keys, layer.values, layer.positions, row,
+                query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, sinks, self.num_sink_tokens)
+        kernel = tova_attention_evict_one_triton if attend else tova_evict_one_triton
+        result = kernel(*args, window=self.policy == "window")
+        layer.drop_last()
+        return result[0] if attend else None
 
     def _use_kernel(
         self,

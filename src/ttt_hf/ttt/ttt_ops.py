@@ -354,6 +354,10 @@ def ttt_chunk(
     return layout.from_slots(out), state, acc
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def ttt_step(
     state: list[torch.Tensor],
     acc: list[torch.Tensor],
@@ -371,9 +375,7 @@ def ttt_step(
     """Dispatch point of the one-token decoding step; see `ttt_step_torch`. The kernel updates the state in
     place when the cache owns it (contiguous fp32 tensors, not the broadcast initial parameters)."""
     # The step kernel has no backward: a step that needs gradients (rare: decoding is inference) runs in torch.
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
-    )
+    needs_grad = _needs_grad(*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
     if not _use_step_kernel(kernel_backend, state, q, needs_grad):
         return ttt_step_torch(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active)
     return ttt_step_triton(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active, TTT_LN_EPS)
@@ -407,12 +409,9 @@ def causal_conv1d_banks(
     state (the shared q/k projection has two): returns each bank's output and the new state. A decoding step
     (one token, no gradient) runs one Triton launch for all banks that moves the state in place; anything else
     runs the reference per bank."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, state, *[p for bank in filters for p in bank])
-    )
     use_kernel = (
         _kernel_requested(kernel_backend, causal_conv_step_triton, x)
-        and not needs_grad
+        and not _needs_grad(x, state, *[p for bank in filters for p in bank])
         and x.shape[1] == 1
         and len(filters) <= 2
         and state.shape[1] > 0  # a width-1 convolution has no window to move

@@ -232,10 +232,14 @@ def decode_kernel_supported(state: list[torch.Tensor], q: torch.Tensor) -> bool:
     )
 
 
+def _owns_memory(t: torch.Tensor) -> bool:
+    """A kernel may overwrite `t`: contiguous memory of its own, not a view such as the broadcast initial
+    parameters (whose writes would land in the model) or an expanded tensor."""
+    return t.is_contiguous() and t._base is None and not t.requires_grad
+
+
 def _writable(t: torch.Tensor) -> bool:
-    """The kernel may overwrite `t`: contiguous fp32 memory of its own, not a view such as the broadcast
-    initial parameters (whose writes would land in the model)."""
-    return t.dtype == torch.float32 and t.is_contiguous() and t._base is None and not t.requires_grad
+    return t.dtype == torch.float32 and _owns_memory(t)
 
 
 def ttt_step_triton(
@@ -373,7 +377,7 @@ def causal_conv_step_triton(
     if state.dtype != x.dtype or state.device != x.device:
         raise ValueError(f"the state must be on x's device in x's dtype ({x.device}, {x.dtype}), got {state.device}, "
                          f"{state.dtype}")
-    if not (state.is_contiguous() and state._base is None):  # a view or broadcast state: its base is not ours to move
+    if not _owns_memory(state):
         state = state.contiguous().clone()
     x = x.contiguous()
     weights = [w.reshape(channels, width).contiguous() for w, _ in filters]
