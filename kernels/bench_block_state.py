@@ -53,8 +53,9 @@ class CausalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = (p(x).view(batch, length, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(batch, length, self.heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, position, 10000.0), apply_rope(k, position, 10000.0)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.window is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif flash_attn_func is not None:

@@ -66,36 +66,54 @@ def test_kernel_backward_sums_lag_splits(monkeypatch):
     _check_kernel_matches_reference(filters=1, features=3, modes=2, length=333, tol=1e-4)
 
 
-def _check_chunked_conv(batch, length, filters, features, modes, chunk, tol, seed=7):
+def _check_scan(batch, length, filters, features, modes, tol, dtype=torch.float32, seed=7):
+    """The Triton scan (output and the gradients of u and every S4D parameter) against the FFT reference."""
     params = _s4d_parameters(filters, features, modes, seed=seed, device=DEVICE)
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(batch, length, features, generator=g).to(DEVICE).requires_grad_()
+    u = torch.randn(batch, length, features, generator=g).to(DEVICE, dtype).requires_grad_()
     weights = torch.randn(batch, length, filters, features, generator=g).to(DEVICE)
-    leaves = [u, *params.values()][:-1]  # the skip term is not part of the convolution
+    leaves = [u, *params.values()]
     results = []
-    for conv in (
-        lambda *a: ssm_ops.fft_causal_conv(a[0], ssm_ops.s4d_kernel_reference(a[1], a[3] * a[2], length)),
-        lambda *a: ssm_ops.s4d_chunked_conv(*a, kernel_backend="triton", chunk=chunk),
-    ):
+    for backend in ("torch", "triton"):
         dt_a, db = ssm_ops.s4d_discretize(params["log_a_real"], params["a_imag"], params["log_dt"])
-        y = conv(u, dt_a, db, torch.view_as_complex(params["c"]))
-        results.append((y, torch.autograd.grad((y * weights).sum(), leaves)))
+        c = torch.view_as_complex(params["c"])
+        y = ssm_ops.s4d_causal_conv(u, dt_a, db, c, params["skip"], dtype, kernel_backend=backend)
+        assert y.dtype == dtype
+        results.append((y.float(), torch.autograd.grad((y.float() * weights).sum(), leaves)))
     (expected, expected_grads), (actual, actual_grads) = results
     _assert_relative(actual, expected, tol, "output")
-    for grad, grad_expected in zip(actual_grads, expected_grads):
-        _assert_relative(grad, grad_expected, tol)
+    for name, grad, grad_expected in zip(["u", *params], actual_grads, expected_grads):
+        assert grad.dtype == grad_expected.dtype
+        _assert_relative(grad.float(), grad_expected.float(), tol, name)
 
 
-@pytest.mark.parametrize("length,chunk", [(37, 4), (37, 8), (5, 128), (64, 16)])
-def test_chunked_convolution_matches_the_fft_reference(length, chunk):
-    _check_chunked_conv(batch=2, length=length, filters=2, features=3, modes=4, chunk=chunk, tol=1e-4)
+@pytest.mark.parametrize(
+    "batch,length,filters,features,modes",
+    [(2, 37, 1, 3, 4), (1, 5, 2, 3, 4), (2, 70, 3, 5, 3), (1, 33, 1, 40, 8)],
+    ids=["sh", "short-mh", "three-filters-odd-modes", "two-channel-blocks"],
+)
+def test_scan_matches_the_fft_reference(batch, length, filters, features, modes):
+    _check_scan(batch, length, filters, features, modes, tol=1e-4)
 
 
-def test_chunked_convolution_is_exactly_causal():
-    params = _s4d_parameters(1, 2, 4, seed=8)
+@pytest.mark.parametrize("filters", [1, 2])
+def test_scan_in_segments_matches_the_fft_reference(filters, monkeypatch):
+    # Sequences cut into 3 segments (the last one partial) for both passes: states chained across them.
+    monkeypatch.setattr(block_state_triton, "_SCAN_MIN_SEGMENT", 8)
+    monkeypatch.setattr(block_state_triton, "_SCAN_PROGRAMS_PER_SM", 8)
+    assert block_state_triton._segments(70, 2, 16, torch.device(DEVICE))[0] == 3
+    _check_scan(2, 70, filters, 3, 4, tol=1e-4)
+
+
+def test_scan_bf16_input_and_output():
+    _check_scan(2, 37, 2, 3, 4, tol=2e-2, dtype=torch.bfloat16)
+
+
+def test_scan_is_exactly_causal():
+    params = _s4d_parameters(2, 3, 4, seed=8)
     dt_a, db = ssm_ops.s4d_discretize(params["log_a_real"], params["a_imag"], params["log_dt"])
-    u = torch.randn(1, 21, 2, requires_grad=True)
-    y = ssm_ops.s4d_chunked_conv(u, dt_a, db, torch.view_as_complex(params["c"]), "torch", chunk=4)
+    u = torch.randn(1, 21, 3, requires_grad=True)
+    y = ssm_ops.s4d_causal_conv(u, dt_a, db, torch.view_as_complex(params["c"]), params["skip"], kernel_backend="triton")
     for t in range(21):
         (grad,) = torch.autograd.grad(y[0, t].sum(), u, retain_graph=True)
         assert torch.all(grad[0, t + 1 :] == 0), f"output {t} depends on a later input"
@@ -171,8 +189,8 @@ def _two_call_attention(attn, hidden_states, layout):
     theta, width = attn.config.rope_theta, attn.block_size
     batch, slots, _ = hidden_states.shape
 
-    def blocks(x):
-        return x.reshape(batch, attn.num_heads, -1, width, attn.head_dim)
+    def blocks(x):  # [B, S, H, hd] -> [B, H, M, W, hd]
+        return x.transpose(1, 2).reshape(batch, attn.num_heads, -1, width, attn.head_dim)
 
     query = apply_rope(attn._heads(attn.q_proj(hidden_states)), layout.position, theta)
     key = apply_rope(attn._heads(attn.k_proj(hidden_states)), layout.position, theta)
@@ -220,8 +238,9 @@ def test_cuda_kernel_matches_reference_at_real_sizes(length):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("no_tf32")
-def test_cuda_chunked_convolution_at_real_sizes():
-    _check_chunked_conv(batch=2, length=8192, filters=1, features=1024, modes=8, chunk=128, tol=1e-4)
+@pytest.mark.parametrize("filters,dtype,tol", [(1, torch.float32, 1e-4), (4, torch.float32, 1e-4), (1, torch.bfloat16, 2e-2)])
+def test_cuda_scan_at_real_sizes(filters, dtype, tol):
+    _check_scan(batch=2, length=8192, filters=filters, features=1024, modes=8, tol=tol, dtype=dtype)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,9 @@
 The torch references, which define the numbers, live next door in ssm_ops.py:
 - `s4d_kernel_triton` == `ssm_ops.s4d_kernel_reference`: the Vandermonde sum
   `K[c, l] = 2 Re(sum_n W[c, n] exp(dtA[c, n] l))` with `W = C dB`, forward and backward;
+- `s4d_scan_triton` == `ssm_ops.s4d_conv_reference`: the whole convolution `y = K * u + skip u` as the
+  recurrence `h[t] = z h[t-1] + u[t]`, `y[t] = 2 Re(sum_n W[n] h[n, t]) + skip u[t]` (z = exp(dt A), W = C dB),
+  one program per (row, channel block) sweeping the sequence with the state in registers, forward and backward;
 - `s4d_step_triton` == `ssm_ops.s4d_decode_step_reference`: one decoding step of the recurrence with the
   discretization, the state update, the output and the skip term fused into one launch.
 Channels `c` flatten (filter, feature); `n` runs over the N/2 complex modes.
@@ -193,3 +196,315 @@ def s4d_step_triton(
         channels, features, MODES=modes, BLOCK_C=_BLOCK_C,
     )
     return y, new_x
+
+
+# Launch of the scan kernels: (channels per program, time steps per group, warps). A group's inputs are
+# loaded as one tile while the previous group computes (loads cannot move past the stores of the outputs,
+# which might alias them, so one load per step would expose the memory latency at every step).
+# Every channel offset is multiplied by `lane_stride` (always 1, never specialized): without it the
+# compiler vectorizes the loads along channels and picks layouts that spread a channel's modes and time
+# steps over several threads, so that every step's sums would cross threads.
+_SCAN_LAUNCH = {"forward": (32, 16, 1), "backward": (32, 8, 1)}
+# The sequence is cut into segments swept in parallel when the channels alone give fewer than this many
+# programs per SM (the sweep of one program is latency-bound), each segment at least _SCAN_MIN_SEGMENT long.
+_SCAN_PROGRAMS_PER_SM = 16
+_SCAN_MIN_SEGMENT = 2048
+
+
+@triton.jit
+def _step(tile, rt, i):
+    """Step i of a [C, GROUP] tile as a [C] vector (each thread holds whole rows: no data moves)."""
+    return tl.sum(tl.where(rt[None, :] == i, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _segment_state(row, rn, lane, channels, BLOCK_N: tl.constexpr):
+    """Offsets of a program's [C, modes] tile in a per-segment state buffer [re/im, B, S, BLOCK_N, C], and the
+    distance from the real to the imaginary parts."""
+    index = row * tl.num_programs(2) + tl.program_id(2)
+    imag = tl.num_programs(0) * tl.num_programs(2) * BLOCK_N * channels
+    return lane[:, None] + (index * BLOCK_N + rn[None, :]) * channels, imag
+
+
+@triton.jit(do_not_specialize=["lane_stride"])
+def _s4d_scan_fwd(
+    u_ptr, zr_ptr, zi_ptr, wr_ptr, wi_ptr, skip_ptr, y_ptr, state_ptr, length, segment, features, channels,
+    lane_stride, MODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr,
+    FROM_STATE: tl.constexpr, OUTPUTS: tl.constexpr,
+):
+    """Program (row, channel block, segment of `segment` steps): u [B, L, D]; y [B, L, C] with channel
+    c = (filter, feature c % D); parameters [modes, C]; state [re/im, B, S, BLOCK_N, C].
+    OUTPUTS: y over the segment, from the state before it (FROM_STATE) or zero; else only the state at the
+    segment's end from a zero state (exact for every segment but the last, whose end state is not used).
+
+    Tiles are [channels, modes or steps], one channel per thread: sums over modes stay inside a thread."""
+    row = tl.program_id(0).to(tl.int64)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rn = tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, GROUP)
+    mc = rc < channels
+    mask = mc[:, None] & (rn < MODES)[None, :]
+    lane = rc * lane_stride
+    params = lane[:, None] + rn[None, :] * channels
+    # Padded modes get z = W = 0: they contribute nothing.
+    zr = tl.load(zr_ptr + params, mask=mask, other=0.0)
+    zi = tl.load(zi_ptr + params, mask=mask, other=0.0)
+    state, imag = _segment_state(row, rn, lane, channels, BLOCK_N)
+    if FROM_STATE:
+        hr = tl.load(state_ptr + state, mask=mask, other=0.0)
+        hi = tl.load(state_ptr + imag + state, mask=mask, other=0.0)
+    else:
+        hr = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+        hi = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+    if OUTPUTS:
+        wr = tl.load(wr_ptr + params, mask=mask, other=0.0)
+        wi = tl.load(wi_ptr + params, mask=mask, other=0.0)
+        skip = tl.load(skip_ptr + lane, mask=mc, other=0.0)
+    u_tile = u_ptr + row * length * features + ((rc % features) * lane_stride)[:, None] + rt[None, :] * features
+    y_tile = y_ptr + row * length * channels + lane[:, None] + rt[None, :] * channels
+    begin = tl.program_id(2) * segment
+    end = tl.minimum(begin + segment, length)
+    following = tl.load(u_tile + begin * features, mask=mc[:, None] & ((begin + rt) < end)[None, :], other=0.0)
+    for start in range(begin, end, GROUP):
+        current = following.to(tl.float32)
+        ahead = mc[:, None] & ((start + GROUP + rt) < end)[None, :]
+        following = tl.load(u_tile + (start + GROUP) * features, mask=ahead, other=0.0)
+        if OUTPUTS:
+            out = tl.zeros([BLOCK_C, GROUP], dtype=tl.float32)
+            for i in tl.static_range(GROUP):
+                u = _step(current, rt, i)
+                hr, hi = zr * hr - zi * hi + u[:, None], zr * hi + zi * hr
+                y = 2 * tl.sum(wr * hr - wi * hi, axis=1) + skip * u
+                out = tl.where(rt[None, :] == i, y[:, None], out)
+            inside = mc[:, None] & ((start + rt) < end)[None, :]
+            tl.store(y_tile + start * channels, out.to(y_ptr.dtype.element_ty), mask=inside)
+        else:
+            for i in tl.static_range(GROUP):
+                u = _step(current, rt, i)
+                hr, hi = zr * hr - zi * hi + u[:, None], zr * hi + zi * hr
+    if not OUTPUTS:
+        tl.store(state_ptr + state, hr, mask=mask)
+        tl.store(state_ptr + imag + state, hi, mask=mask)
+
+
+@triton.jit(do_not_specialize=["lane_stride"])
+def _s4d_scan_bwd(
+    u_ptr, dy_ptr, zr_ptr, zi_ptr, wr_ptr, wi_ptr, skip_ptr, du_ptr, g_ptr, h_ptr, dskip_ptr, r_ptr, q_ptr,
+    length, segment, features, lane_stride, FILTERS: tl.constexpr, MODES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, FROM_STATE: tl.constexpr,
+    OUTPUTS: tl.constexpr,
+):
+    """Program (row, feature block, segment), over every filter of those features in turn (so that du, a sum
+    over filters, has one writer). Reverse sweep with r[t] = z r[t+1] + dy[t] (the adjoint of h) and
+    q[t] = z q[t+1] + r[t+1] (its derivative in z); per channel and mode it sums G = sum_t u r and
+    H = sum_t u q: dL/dW = G, dL/dz = W H (holomorphic derivatives). Segments and group steps run backwards
+    in time: reversed index j is t = L - 1 - j. Parameters [modes, C]; r, q (the adjoint state entering the
+    segment, or with OUTPUTS=False the one leaving it from zero), g, h: [re/im, B, S, BLOCK_N, C]; dskip:
+    [B, S, C]."""
+    row = tl.program_id(0).to(tl.int64)
+    rd = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rn = tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, GROUP)
+    md = rd < features
+    mask = md[:, None] & (rn < MODES)[None, :]
+    channels = FILTERS * features
+    steps = (length - 1 - rt)[None, :]
+    u_tile = u_ptr + row * length * features + (rd * lane_stride)[:, None] + steps * features
+    du_tile = du_ptr + row * length * features + (rd * lane_stride)[:, None] + steps * features
+    begin = tl.program_id(2) * segment
+    end = tl.minimum(begin + segment, length)
+    for f in range(FILTERS):
+        rc = f * features + rd
+        lane = rc * lane_stride
+        params = lane[:, None] + rn[None, :] * channels
+        zr = tl.load(zr_ptr + params, mask=mask, other=0.0)
+        zi = tl.load(zi_ptr + params, mask=mask, other=0.0)
+        state, imag = _segment_state(row, rn, lane, channels, BLOCK_N)
+        if FROM_STATE:
+            rr = tl.load(r_ptr + state, mask=mask, other=0.0)
+            ri = tl.load(r_ptr + imag + state, mask=mask, other=0.0)
+            qr = tl.load(q_ptr + state, mask=mask, other=0.0)
+            qi = tl.load(q_ptr + imag + state, mask=mask, other=0.0)
+        else:
+            rr = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            ri = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            qr = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            qi = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+        dy_tile = dy_ptr + row * length * channels + lane[:, None] + steps * channels
+        first = md[:, None] & ((begin + rt) < end)[None, :]
+        dy_next = tl.load(dy_tile - begin * channels, mask=first, other=0.0)
+        if OUTPUTS:
+            wr = tl.load(wr_ptr + params, mask=mask, other=0.0)
+            wi = tl.load(wi_ptr + params, mask=mask, other=0.0)
+            skip = tl.load(skip_ptr + lane, mask=md, other=0.0)
+            g_r = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            g_i = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            h_r = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            h_i = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            d_skip = tl.zeros([BLOCK_C], dtype=tl.float32)
+            u_next = tl.load(u_tile - begin * features, mask=first, other=0.0)
+            # du sums over filters: from the second filter on, add to what the previous sweeps stored.
+            du_next = tl.load(du_tile - begin * features, mask=first & (f > 0), other=0.0)
+        for start in range(begin, end, GROUP):
+            dy_group = dy_next.to(tl.float32)
+            ahead = md[:, None] & ((start + GROUP + rt) < end)[None, :]
+            dy_next = tl.load(dy_tile - (start + GROUP) * channels, mask=ahead, other=0.0)
+            if OUTPUTS:
+                u_group, du_group = u_next.to(tl.float32), du_next.to(tl.float32)
+                u_next = tl.load(u_tile - (start + GROUP) * features, mask=ahead, other=0.0)
+                du_next = tl.load(du_tile - (start + GROUP) * features, mask=ahead & (f > 0), other=0.0)
+                for i in tl.static_range(GROUP):
+                    u = _step(u_group, rt, i)
+                    dy = _step(dy_group, rt, i)
+                    qr, qi = zr * qr - zi * qi + rr, zr * qi + zi * qr + ri
+                    rr, ri = zr * rr - zi * ri + dy[:, None], zr * ri + zi * rr
+                    g_r += u[:, None] * rr
+                    g_i += u[:, None] * ri
+                    h_r += u[:, None] * qr
+                    h_i += u[:, None] * qi
+                    d_skip += u * dy
+                    du = 2 * tl.sum(wr * rr - wi * ri, axis=1) + skip * dy
+                    du_group += tl.where(rt[None, :] == i, du[:, None], 0.0)
+                inside = md[:, None] & ((start + rt) < end)[None, :]
+                tl.store(du_tile - start * features, du_group.to(du_ptr.dtype.element_ty), mask=inside)
+            else:
+                for i in tl.static_range(GROUP):
+                    dy = _step(dy_group, rt, i)
+                    qr, qi = zr * qr - zi * qi + rr, zr * qi + zi * qr + ri
+                    rr, ri = zr * rr - zi * ri + dy[:, None], zr * ri + zi * rr
+        if OUTPUTS:
+            tl.store(g_ptr + state, g_r, mask=mask)
+            tl.store(g_ptr + imag + state, g_i, mask=mask)
+            tl.store(h_ptr + state, h_r, mask=mask)
+            tl.store(h_ptr + imag + state, h_i, mask=mask)
+            index = row * tl.num_programs(2) + tl.program_id(2)
+            tl.store(dskip_ptr + index * channels + lane, d_skip, mask=md)
+        else:
+            tl.store(r_ptr + state, rr, mask=mask)
+            tl.store(r_ptr + imag + state, ri, mask=mask)
+            tl.store(q_ptr + state, qr, mask=mask)
+            tl.store(q_ptr + imag + state, qi, mask=mask)
+
+
+def _segments(length: int, programs: int, group: int, device: torch.device) -> tuple[int, int]:
+    """(number, length) of the segments of a sweep of `length` steps whose channels give `programs` programs."""
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    wanted = _SCAN_PROGRAMS_PER_SM * processors  # the interpreter counts as one SM
+    count = max(1, min(triton.cdiv(wanted, programs), length // _SCAN_MIN_SEGMENT))
+    segment = triton.cdiv(triton.cdiv(length, count), group) * group
+    return triton.cdiv(length, segment), segment
+
+
+def _chain(ends: torch.Tensor, transfer) -> torch.Tensor:
+    """State entering each segment from the states `ends` [S, ...] that each segment leaves from a zero start:
+    entering[s] = transfer(entering[s-1]) + ends[s-1], entering[0] = 0 (the recurrence is linear)."""
+    entering = torch.zeros_like(ends)
+    for s in range(1, ends.shape[0]):
+        entering[s] = transfer(entering[s - 1]) + ends[s - 1]
+    return entering
+
+
+def _state_buffer(*shape: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(*shape, device=device, dtype=torch.float32)
+
+
+def _complex(parts: torch.Tensor) -> torch.Tensor:
+    """[re/im, B, S, BLOCK_N, C] -> complex [S, B, BLOCK_N, C]."""
+    return torch.complex(parts[0], parts[1]).transpose(0, 1)
+
+
+def _parts(state: torch.Tensor) -> torch.Tensor:
+    """complex [S, B, BLOCK_N, C] -> [re/im, B, S, BLOCK_N, C] (contiguous)."""
+    state = state.transpose(0, 1)
+    return torch.stack([state.real, state.imag]).contiguous()
+
+
+class S4DScanFunction(torch.autograd.Function):
+    """y [B, L, F, D] (out_dtype) from u [B, L, D] (any float dtype), z = exp(dt A) and W = C dB as real and
+    imaginary parts [n, C] (mode-major, C = F D channels) and skip [C] (fp32, contiguous).
+
+    A long sequence is swept in segments: a first pass of each kernel computes the state every segment
+    reaches from zero, `_chain` turns them into the state entering each segment, and the second pass
+    computes the outputs from there."""
+
+    @staticmethod
+    def forward(ctx, u, zr, zi, wr, wi, skip, filters: int, out_dtype: torch.dtype):
+        batch, length, features = u.shape
+        modes, channels = zr.shape
+        block_n = triton.next_power_of_2(modes)
+        y = torch.empty(batch, length, filters, features, device=u.device, dtype=out_dtype)
+        block_c, group, warps = _SCAN_LAUNCH["forward"]
+        count, segment = _segments(length, batch * triton.cdiv(channels, block_c), group, u.device)
+        state = _state_buffer(2, batch, count, block_n, channels, device=u.device)
+
+        def sweep(outputs: bool) -> None:
+            _s4d_scan_fwd[(batch, triton.cdiv(channels, block_c), count)](
+                u, zr, zi, wr, wi, skip, y, state, length, segment, features, channels, 1,
+                MODES=modes, BLOCK_N=block_n, BLOCK_C=block_c, GROUP=group, FROM_STATE=outputs and count > 1,
+                OUTPUTS=outputs, num_warps=warps,
+            )
+
+        if count > 1:
+            sweep(outputs=False)
+            decay = _padded(torch.complex(zr, zi), block_n) ** segment
+            state = _parts(_chain(_complex(state), lambda h: decay * h))
+        sweep(outputs=True)
+        ctx.save_for_backward(u, zr, zi, wr, wi, skip)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, zr, zi, wr, wi, skip = ctx.saved_tensors
+        batch, length, features = u.shape
+        modes, channels = zr.shape
+        filters = channels // features
+        block_n = triton.next_power_of_2(modes)
+        dy = dy.contiguous()
+        # du sums over filters: accumulate in fp32 across the program's filter sweeps when there are several.
+        du = torch.empty_like(u, dtype=u.dtype if filters == 1 else torch.float32)
+        block_c, group, warps = _SCAN_LAUNCH["backward"]
+        count, segment = _segments(length, batch * triton.cdiv(features, block_c), group, u.device)
+        r, q, g, h = (_state_buffer(2, batch, count, block_n, channels, device=u.device) for _ in range(4))
+        d_skip = _state_buffer(batch, count, channels, device=u.device)
+
+        def sweep(outputs: bool) -> None:
+            _s4d_scan_bwd[(batch, triton.cdiv(features, block_c), count)](
+                u, dy, zr, zi, wr, wi, skip, du, g, h, d_skip, r, q, length, segment, features, 1,
+                FILTERS=filters, MODES=modes, BLOCK_N=block_n, BLOCK_C=block_c, GROUP=group,
+                FROM_STATE=outputs and count > 1, OUTPUTS=outputs, num_warps=warps,
+            )
+
+        if count > 1:
+            sweep(outputs=False)
+            z = _padded(torch.complex(zr, zi), block_n)
+            decay, lag = z**segment, segment * z ** (segment - 1)
+            # Across a segment without inputs: r <- z^L r, q <- z^L q + L z^(L-1) r.
+            adjoint = _chain(torch.stack([_complex(r), _complex(q)], 1), lambda a: torch.stack(
+                [decay * a[0], decay * a[1] + lag * a[0]]))
+            r, q = _parts(adjoint[:, 0]), _parts(adjoint[:, 1])
+        sweep(outputs=True)
+        g, h = (_complex(x).sum((0, 1))[:modes] for x in (g, h))  # [n, C]
+        d_z = torch.complex(wr, wi) * h
+        # A real loss of y = 2 Re(F(p)), F holomorphic: dL/dRe(p) = 2 Re(F'), dL/dIm(p) = -2 Im(F').
+        return du.to(u.dtype), 2 * d_z.real, -2 * d_z.imag, 2 * g.real, -2 * g.imag, d_skip.sum((0, 1)), None, None
+
+
+def _padded(z: torch.Tensor, block_n: int) -> torch.Tensor:
+    """[n, C] -> [BLOCK_N, C] with zeros for the padded modes (as the kernels load them)."""
+    return torch.nn.functional.pad(z, (0, 0, 0, block_n - z.shape[0]))
+
+
+def s4d_scan_triton(
+    u: torch.Tensor, dt_a: torch.Tensor, c_db: torch.Tensor, skip: torch.Tensor, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """`y = K * u + skip u` with `K[l] = 2 Re(sum_n (C dB)[n] exp(dt A[n] l))`, exactly causal: u [B, L, D]
+    (any float dtype); dt_a, c_db complex64 [F, D, n]; skip [F, D]. Returns [B, L, F, D] in out_dtype."""
+    filters, _, modes = dt_a.shape
+
+    def parts(x):  # complex [F, D, n] -> real and imaginary parts [n, F D]
+        x = x.reshape(-1, modes).T
+        return x.real.contiguous(), x.imag.contiguous()
+
+    return S4DScanFunction.apply(
+        u.contiguous(), *parts(torch.exp(dt_a)), *parts(c_db), skip.float().reshape(-1).contiguous(), filters, out_dtype
+    )

@@ -12,10 +12,10 @@ class BlockStateLayerCache:
 
     Named tensors, batch first, allocated by the first forward on the device of its activations:
     - `ssm_state`: S4D state `[B, F, D, N/2]` complex64 (F filters per feature);
-    - `history`: implicit filter only, the SSM inputs seen so far, right-aligned `[B, P, D]` fp32;
-    - `self_k`, `self_v`: the current block's self-attention keys/values `[B, H, W, hd]` (slot = position % W);
+    - `history`: implicit filter only, the SSM inputs seen so far, right-aligned `[B, P, D]` in the model's dtype;
+    - `self_k`, `self_v`: the current block's self-attention keys/values `[B, W, H, hd]` (slot = position % W);
     - `prev_k`, `prev_v`: the previous block's, with `attend_previous_block`;
-    - `cross_k`, `cross_v`: the current block's context keys/values: `[B, H, W, hd]` (SH/MH, slot = position
+    - `cross_k`, `cross_v`: the current block's context keys/values: `[B, W, H, hd]` (SH/MH, slot = position
       % W) or `[B, H, S, hd]` (MF, computed once per block boundary).
     """
 

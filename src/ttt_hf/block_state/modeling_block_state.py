@@ -101,10 +101,10 @@ class BlockStateMLP(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, position: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (half-split pairs). x: [B, H, S, hd]; position: [B, S]."""
+    """Rotary embedding (half-split pairs). x: [B, S, h, hd]; position: [B, S]."""
     head_dim = x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim))
-    angle = position.float()[:, None, :, None] * inv_freq
+    angle = position.float()[:, :, None, None] * inv_freq
     cos, sin = torch.cat([angle.cos()] * 2, -1).to(x.dtype), torch.cat([angle.sin()] * 2, -1).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
@@ -141,21 +141,25 @@ class BlockStateS4D(nn.Module):
         )
         return y[:, None]
 
-    def outputs(self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None) -> torch.Tensor:
-        """Outputs at every slot: [B, S, F, D] fp32 (SH/MH). u: [B, S, D] fp32, zeros outside `layout.valid`."""
+    def outputs(
+        self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Outputs at every slot: [B, S, F, D] in `dtype` (SH/MH), computed in fp32. u: [B, S, D], zeros
+        outside `layout.valid`."""
         x0 = cache.get("ssm_state") if cache is not None else None
         if x0 is not None and layout.decoding:
             y = self._step(u, layout, cache, x0)
             index = layout.offset[:, None, None, None].expand(-1, 1, *y.shape[2:])
-            return torch.zeros(*u.shape[:2], *y.shape[2:], device=u.device).scatter(1, index, y)
+            return torch.zeros(*u.shape[:2], *y.shape[2:], device=u.device).scatter(1, index, y).to(dtype)
         dt_a, db, c = self._discretized()
-        y = s4d_causal_conv(u, dt_a, db, c, self.kernel_backend)
+        # From a zero state the convolution writes `dtype` itself; a cached state's share is added in fp32.
+        y = s4d_causal_conv(u, dt_a, db, c, self.skip, dtype if x0 is None else torch.float32, self.kernel_backend)
         if x0 is not None:
             steps = torch.arange(u.shape[1], device=u.device)[None] - layout.offset[:, None] + 1
-            y = y + s4d_state_output(x0, dt_a, c, steps.clamp(min=0))
+            y = (y + s4d_state_output(x0, dt_a, c, steps.clamp(min=0))).to(dtype)
         if cache is not None:
             cache.tensors["ssm_state"] = self._final_state(u, layout, x0, dt_a, db)
-        return y + self.skip.float() * u[:, :, None]
+        return y
 
     def block_end_outputs(
         self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None
@@ -232,11 +236,13 @@ class BlockStateImplicitFilter(nn.Module):
         where = torch.argsort(order, dim=1)[:, history.shape[1] :]  # right-aligned index of every slot
         return full, where
 
-    def outputs(self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None) -> torch.Tensor:
+    def outputs(
+        self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         full, where = self._with_history(u, layout, cache)
         y = fft_causal_conv(full, self.kernel(full.shape[1], u.device))  # [B, P+S, F, D]
         y = torch.gather(y, 1, where[:, :, None, None].expand(-1, -1, *y.shape[2:]))
-        return y + self.skip.float() * u[:, :, None]
+        return (y + self.skip.float() * u.float()[:, :, None]).to(dtype)
 
     def block_end_outputs(
         self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None
@@ -260,31 +266,35 @@ class HeadwiseLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(heads, out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, S, H, D] -> [B, H, S, hd]."""
-        return torch.einsum("bshd,hkd->bhsk", x, self.weight.to(x.dtype))
+        """x: [B, S, H, D] -> [B, S, H, hd]."""
+        return torch.einsum("bshd,hkd->bshk", x, self.weight.to(x.dtype))
 
 
 def _previous_blocks(blocks: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
-    """[B, H, M, W, hd] -> the block before each one: block m-1, or for block 0 the cached block (or zeros)."""
-    first = blocks.new_zeros(blocks[:, :, :1].shape) if cached is None else cached[:, :, None].to(blocks.dtype)
-    return torch.cat([first, blocks[:, :, :-1]], dim=2)
+    """[B, M, W, h, hd] -> the block before each one: block m-1, or for block 0 the cached block (or zeros)."""
+    first = blocks.new_zeros(blocks[:, :1].shape) if cached is None else cached[:, None].to(blocks.dtype)
+    return torch.cat([first, blocks[:, :-1]], dim=1)
 
 
 def _attend_in_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int) -> torch.Tensor:
     """Causal attention inside each block of W slots, the blocks as batch entries of one `is_causal` call
-    (which SDPA can run with its flash kernel): [B, h, S, hd] -> [B, h, S, hd].
+    (which SDPA can run with its flash kernel): [B, S, h, hd] -> [B, S, h, hd], no copies on the way in.
 
     The plain causal mask is exact for every slot holding a new token: a row's slots are its cached keys,
     then its new tokens, then padding, so the keys at or before a token are all real. It differs from
     `own_mask` only at padded queries, whose outputs are never read.
     """
-    batch, heads, slots, _ = query.shape
-    blocks = [x.reshape(batch, heads * (slots // block_size), block_size, x.shape[-1]) for x in (query, key, value)]
-    return F.scaled_dot_product_attention(*blocks, is_causal=True).reshape(batch, heads, slots, -1)
+    batch, slots, heads, _ = query.shape
+    blocks = [x.reshape(-1, block_size, heads, x.shape[-1]).transpose(1, 2) for x in (query, key, value)]
+    out = F.scaled_dot_product_attention(*blocks, is_causal=True)  # [B*M, h, W, hd]
+    return out.transpose(1, 2).reshape(batch, slots, heads, -1)
 
 
 class BlockStateAttention(nn.Module):
-    """Block self-attention (+ cross-attention to the SSM context states when the layer has an SSM)."""
+    """Block self-attention (+ cross-attention to the SSM context states when the layer has an SSM).
+
+    Activations are kept as [B, S, heads, hd] (the projections' layout): the 2H-head attention of SH/MH
+    concatenates self and cross heads along the head axis and hands SDPA strided views of the blocks."""
 
     def __init__(self, config: BlockStateConfig, layer_idx: int) -> None:
         super().__init__()
@@ -314,31 +324,32 @@ class BlockStateAttention(nn.Module):
         self.o_proj = nn.Linear(2 * width if self.has_ssm else width, width, bias=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, S, H, hd]
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], x.shape[1], -1, self.block_size, x.shape[-1])  # [B, H, M, W, hd]
+        return x.view(x.shape[0], -1, self.block_size, *x.shape[2:])  # [B, M, W, h, hd]
 
     @staticmethod
     def _fill_from_cache(x, cached, layout):
-        """Slots of block 0 before each row's first new token come from the cache."""
+        """Slots of block 0 before each row's first new token come from the cache. x: [B, S, h, hd]."""
         if cached is None:
             return x
-        head = torch.where((torch.arange(cached.shape[2], device=x.device)[None, :] < layout.offset[:, None])[:, None, :, None], cached.to(x.dtype), x[:, :, : cached.shape[2]])
-        return torch.cat([head, x[:, :, cached.shape[2] :]], dim=2)
+        width = cached.shape[1]
+        from_cache = (torch.arange(width, device=x.device)[None, :] < layout.offset[:, None])[:, :, None, None]
+        head = torch.where(from_cache, cached.to(x.dtype), x[:, :width])
+        return torch.cat([head, x[:, width:]], dim=1)
 
     def _store_block(self, cache, name, x, layout, previous_name=None):
         """Keeps the slots of the block holding each row's next token (and, optionally, the block before)."""
-        batch, heads, slots, dim = x.shape
         blocks = self._blocks(x)
-        zeros = blocks.new_zeros(batch, heads, 1, self.block_size, dim)
+        zeros = torch.zeros_like(blocks[:, :1])
         before = cache.get(previous_name) if previous_name else None
-        before = zeros if before is None else before[:, :, None].to(x.dtype)
-        extended = torch.cat([before, blocks, zeros], dim=2)  # [B, H, M+2, W, hd]
-        index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, heads, 1, self.block_size, dim)
-        cache.tensors[name] = torch.gather(extended, 2, index + 1)[:, :, 0]
+        before = zeros if before is None else before[:, None].to(x.dtype)
+        extended = torch.cat([before, blocks, zeros], dim=1)  # [B, M+2, W, h, hd]
+        index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, 1, *blocks.shape[2:])
+        cache.tensors[name] = torch.gather(extended, 1, index + 1)[:, 0]
         if previous_name:
-            cache.tensors[previous_name] = torch.gather(extended, 2, index)[:, :, 0]
+            cache.tensors[previous_name] = torch.gather(extended, 1, index)[:, 0]
 
     def forward(
         self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None = None
@@ -362,40 +373,44 @@ class BlockStateAttention(nn.Module):
         if self.has_ssm and self.context_mode != "mf" and previous is None:
             # SH/MH cross-attention has the self-attention's shape and mask: one call over 2H heads.
             cross = self._context_heads(hidden_states, layout, cache)
-            fused = (torch.cat(pair, dim=1) for pair in zip((query, key, value), cross))
+            fused = (torch.cat(pair, dim=2) for pair in zip((query, key, value), cross))
             attended = _attend_in_blocks(*fused, self.block_size)
         else:
             attended = self._self_attention(query, key, value, previous, layout)
             if self.has_ssm and self.context_mode == "mf":
-                attended = torch.cat([attended, self._mf_cross_attention(hidden_states, layout, cache)], dim=1)
+                attended = torch.cat([attended, self._mf_cross_attention(hidden_states, layout, cache)], dim=2)
             elif self.has_ssm:
                 cross = self._context_heads(hidden_states, layout, cache)
-                attended = torch.cat([attended, _attend_in_blocks(*cross, self.block_size)], dim=1)
-        return self.o_proj(attended.transpose(1, 2).reshape(batch, slots, -1))
+                attended = torch.cat([attended, _attend_in_blocks(*cross, self.block_size)], dim=2)
+        return self.o_proj(attended.reshape(batch, slots, -1))
 
     def _self_attention(self, query, key, value, previous, layout):
-        """[B, H, S, hd]; `previous`: the previous blocks' keys and values [B, H, M, W, hd], or None."""
+        """[B, S, H, hd]; `previous`: the previous blocks' keys and values [B, M, W, H, hd], or None."""
         if previous is None:
             return _attend_in_blocks(query, key, value, self.block_size)
         width = self.block_size
         prev_mask = layout.prev_mask[:, :, :, None, :].expand(-1, -1, -1, width, -1)
         mask = torch.cat([prev_mask, layout.own_mask], dim=-1)
-        key_b = torch.cat([previous[0], self._blocks(key)], dim=3)
-        value_b = torch.cat([previous[1], self._blocks(value)], dim=3)
-        out = F.scaled_dot_product_attention(self._blocks(query), key_b, value_b, attn_mask=mask)
-        return out.reshape(query.shape)
+
+        def head_major(blocks):  # [B, M, W, H, hd] -> [B, H, M, W, hd]
+            return blocks.permute(0, 3, 1, 2, 4)
+
+        key_b = head_major(torch.cat([previous[0], self._blocks(key)], dim=2))
+        value_b = head_major(torch.cat([previous[1], self._blocks(value)], dim=2))
+        out = F.scaled_dot_product_attention(head_major(self._blocks(query)), key_b, value_b, attn_mask=mask)
+        return out.permute(0, 2, 3, 1, 4).reshape(query.shape)
 
     @staticmethod
     def _ssm_input(hidden_states, layout):
-        """The SSM input: fp32, zero outside the new tokens."""
-        return (hidden_states.float() * layout.valid[..., None]).contiguous()
+        """The SSM input in the model's dtype (the SSM reads it as fp32): zero outside the new tokens."""
+        return (hidden_states * layout.valid[..., None]).contiguous()
 
     def _context_heads(self, hidden_states, layout, cache):
-        """SH/MH cross-attention queries and context keys/values, [B, H, S, hd] each (block 0's cached slots filled)."""
+        """SH/MH cross-attention queries and context keys/values, [B, S, H, hd] each (block 0's cached slots filled)."""
         query = self._heads(self.cross_q_proj(hidden_states))
         u = self._ssm_input(hidden_states, layout)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            context = self.ssm.outputs(u, layout, cache).to(hidden_states.dtype)  # [B, S, F, D]
+            context = self.ssm.outputs(u, layout, cache, hidden_states.dtype)  # [B, S, F, D]
         if self.context_mode == "mh":
             key, value = self.cross_k_proj(context), self.cross_v_proj(context)
         else:
@@ -408,14 +423,15 @@ class BlockStateAttention(nn.Module):
         return query, key, value
 
     def _mf_cross_attention(self, hidden_states, layout, cache):
-        """MF: every query of block i attends to block i's S context states (no mask). [B, H, S, hd]."""
+        """MF: every query of block i attends to block i's S context states (no mask). [B, S, H, hd]."""
         batch, slots, _ = hidden_states.shape
-        query = self._blocks(self._heads(self.cross_q_proj(hidden_states)))
+        query = self._blocks(self._heads(self.cross_q_proj(hidden_states))).permute(0, 3, 1, 2, 4)  # [B, H, M, W, hd]
         u = self._ssm_input(hidden_states, layout)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             ends = self.ssm.block_end_outputs(u, layout, cache)  # [B, M, S, D]: block ends only
         key, value = self._mf_context(ends.to(hidden_states.dtype), layout, cache)
-        return F.scaled_dot_product_attention(query, key, value).reshape(batch, self.num_heads, slots, -1)
+        out = F.scaled_dot_product_attention(query, key, value)  # [B, H, M, W, hd]
+        return out.permute(0, 2, 3, 1, 4).reshape(batch, slots, self.num_heads, -1)
 
     def _mf_context(self, ends, layout, cache):
         """Context keys/values of every block [B, H, M, S, hd]: block i uses the filter outputs at the end of

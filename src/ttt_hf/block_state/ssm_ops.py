@@ -6,7 +6,7 @@ Everything runs in fp32 / complex64 with autocast off, whatever the model dtype:
 rejects bf16, fp16 needs power-of-two sizes and overflows.
 
 Dispatch points (kernel_backend "auto" | "triton" | "torch"): `s4d_kernel` (Triton Vandermonde sum),
-`s4d_causal_conv` (chunked state-space convolution instead of the FFT recursion) and `s4d_decode_step`
+`s4d_causal_conv` (the Triton scan of the recurrence instead of the FFT recursion) and `s4d_decode_step`
 (fused Triton step). Triton on CUDA when applicable, the torch reference elsewhere.
 """
 
@@ -21,9 +21,9 @@ import torch
 from .configuration_block_state import KERNEL_BACKENDS
 
 try:
-    from .block_state_triton import s4d_kernel_triton, s4d_step_triton
+    from .block_state_triton import s4d_kernel_triton, s4d_scan_triton, s4d_step_triton
 except ImportError:  # triton is optional: the torch reference runs everywhere
-    s4d_kernel_triton = s4d_step_triton = None
+    s4d_kernel_triton = s4d_scan_triton = s4d_step_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -126,61 +126,26 @@ def fft_causal_conv(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return torch.cat([left, right + cross.permute(0, 3, 1, 2)], dim=1)
 
 
-# Chunk length of the chunked S4D convolution: intra-chunk Toeplitz matmuls cost O(L * T) per channel.
-_CONV_CHUNK = 128
-
-
 def s4d_causal_conv(
-    u: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor, c: torch.Tensor, kernel_backend: str = "auto"
+    u: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor, c: torch.Tensor, skip: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32, kernel_backend: str = "auto",
 ) -> torch.Tensor:
-    """The S4D convolution `y[t] = sum_{k<=t} K[k] u[t-k]` (no skip term): u [B, L, D] fp32 -> [B, L, F, D].
+    """The S4D layer from a zero state, `y[t] = sum_{k<=t} K[k] u[t-k] + skip u[t]`: u [B, L, D] (any float
+    dtype, read as fp32); dt_a, db, c complex64 [F, D, n]; skip [F, D]. Returns [B, L, F, D] in out_dtype.
 
-    Dispatch point: on the fast path the chunked form (`s4d_chunked_conv`, matmuls and the Triton kernel
-    generation), else the reference: the exactly-causal FFT convolution of the reference kernel."""
+    Dispatch point: the Triton scan (`s4d_scan_triton`: the recurrence swept once over the sequence with the
+    state on chip, O(L n), exactly causal, forward and backward) or the reference below."""
     if _use_triton(kernel_backend, u.device, True, "the S4D convolution"):
-        return s4d_chunked_conv(u, dt_a, db, c, kernel_backend)
-    return fft_causal_conv(u, s4d_kernel_reference(dt_a, c * db, u.shape[1]))
+        return s4d_scan_triton(u, dt_a, c * db, skip, out_dtype)
+    return s4d_causal_conv_reference(u, dt_a, db, c, skip).to(out_dtype)
 
 
-def s4d_chunked_conv(
-    u: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor, c: torch.Tensor, kernel_backend: str = "auto",
-    chunk: int = _CONV_CHUNK,
+def s4d_causal_conv_reference(
+    u: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor, c: torch.Tensor, skip: torch.Tensor
 ) -> torch.Tensor:
-    """`s4d_causal_conv` through the state space instead of an FFT: exactly causal at O(L (T + n log(L/T))).
-
-    Inside a chunk of T positions the convolution is a Toeplitz matmul with K[0:T]; across chunks the state
-    carries the past: chunk-end states come from a log-depth scan over chunks (it only multiplies by decays
-    |exp(dt A T)| < 1, so it is stable), and position t of chunk m adds `2 Re(sum_n C z^(t+1) x[m-1])`.
-    """
-    batch, length, features = u.shape
-    filters, _, modes = dt_a.shape
-    chunk = min(chunk, length)
-    pad = (-length) % chunk
-    blocks = (length + pad) // chunk
-    x = torch.nn.functional.pad(u.float(), (0, 0, 0, pad)).view(batch, blocks, chunk, features)
-    x = x.permute(3, 2, 0, 1).reshape(features, chunk, batch * blocks)  # [D, T, B*M]
-    lag = torch.arange(chunk, device=u.device)
-    lags = lag[:, None] - lag[None, :]
-    kernel = s4d_kernel(dt_a, c * db, chunk, kernel_backend)  # [F, D, T]
-    toeplitz = kernel[..., lags.clamp(min=0)] * (lags >= 0)  # [F, D, T, T]
-    y = torch.matmul(toeplitz, x)  # [F, D, T, B*M]
-    # State reached at each chunk's end from a zero state: dB sum_s z^(T-1-s) u_s.
-    to_end = torch.exp(dt_a[..., None] * lag.flip(0).float())  # [F, D, n, T]
-    ends = torch.complex(torch.matmul(to_end.real, x), torch.matmul(to_end.imag, x)) * db[..., None]
-    ends = ends.view(filters, features, modes, batch, blocks)
-    decay = torch.exp(dt_a * chunk)[..., None, None]
-    step = 1
-    while step < blocks:  # Hillis-Steele scan: x[m] += z^(T step) x[m - step]
-        ends = ends + torch.nn.functional.pad(decay * ends[..., :-step], (step, 0))
-        decay, step = decay * decay, 2 * step
-    previous = torch.nn.functional.pad(ends[..., :-1], (1, 0)).flatten(-2)  # state before each chunk [F, D, n, B*M]
-    from_start = c[..., None] * torch.exp(dt_a[..., None] * (lag + 1).float())  # [F, D, n, T]
-    y = y + 2 * (
-        torch.matmul(from_start.real.transpose(-1, -2), previous.real)
-        - torch.matmul(from_start.imag.transpose(-1, -2), previous.imag)
-    )
-    y = y.view(filters, features, chunk, batch, blocks).permute(3, 4, 2, 0, 1)
-    return y.reshape(batch, blocks * chunk, filters, features)[:, :length]
+    """The torch definition of `s4d_causal_conv`: the exactly-causal FFT convolution of the reference kernel."""
+    u = u.float()
+    return fft_causal_conv(u, s4d_kernel_reference(dt_a, c * db, u.shape[1])) + skip.float() * u[:, :, None]
 
 
 def s4d_state_output(x0: torch.Tensor, dt_a: torch.Tensor, c: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
