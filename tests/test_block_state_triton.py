@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from block_state_testing import random_ids, tiny_model
 
 from ttt_hf.block_state import block_state_triton, ssm_ops
-from ttt_hf.block_state.modeling_block_state import apply_rope
+from ttt_hf.block_state.modeling_block_state import apply_rope, rotary_heads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -118,6 +118,25 @@ def test_scan_is_exactly_causal():
         (grad,) = torch.autograd.grad(y[0, t].sum(), u, retain_graph=True)
         assert torch.all(grad[0, t + 1 :] == 0), f"output {t} depends on a later input"
         assert torch.all(grad[0, : t + 1].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("with_plain", [True, False], ids=["with-cross-heads", "alone"])
+def test_rotary_concat_matches_the_reference(with_plain):
+    # 37 tokens (a partial token block), positions up to 70k (the kernel wraps the angles first).
+    g = torch.Generator().manual_seed(9)
+    rotated = torch.randn(2, 37, 3, 16, generator=g).to(DEVICE).requires_grad_()
+    plain = torch.randn(2, 37, 2, 16, generator=g).to(DEVICE).requires_grad_() if with_plain else None
+    position = torch.randint(0, 70000, (2, 37), generator=g).to(DEVICE)
+    weights = torch.randn(2, 37, 5 if with_plain else 3, 16, generator=g).to(DEVICE)
+    leaves = [rotated] + ([plain] if with_plain else [])
+    results = []
+    for backend in ("torch", "triton"):
+        out = rotary_heads(rotated, plain, position, 10000.0, backend)
+        results.append((out, torch.autograd.grad((out * weights).sum(), leaves)))
+    (expected, expected_grads), (actual, actual_grads) = results
+    _assert_relative(actual, expected, 1e-5, "output")
+    for grad, grad_expected in zip(actual_grads, expected_grads):
+        _assert_relative(grad, grad_expected, 1e-5, "gradient")
 
 
 @pytest.mark.parametrize("log_dt_shift", [0.0, -6.0])  # -6: dt A ~ 1e-5, where dB needs expm1's accuracy

@@ -508,3 +508,73 @@ def s4d_scan_triton(
     return S4DScanFunction.apply(
         u.contiguous(), *parts(torch.exp(dt_a)), *parts(c_db), skip.float().reshape(-1).contiguous(), filters, out_dtype
     )
+
+
+@triton.jit
+def _rotary(
+    src_ptr, dst_ptr, position_ptr, inv_freq_ptr, tokens, src_stride, dst_stride,
+    HALF: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr,
+):
+    """Program (token block, head): rotary embedding of one head's [BLOCK_T, 2 HALF] slice (half-split pairs),
+    or its inverse (the backward). Tokens are rows of `src_stride` / `dst_stride` elements."""
+    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rj = tl.arange(0, HALF)
+    mask = (rt < tokens)[:, None]
+    angle = _wrap_angle(tl.load(position_ptr + rt, mask=rt < tokens, other=0).to(tl.float32)[:, None] * tl.load(inv_freq_ptr + rj)[None, :])
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    if INVERSE:
+        sin = -sin
+    head = tl.program_id(1) * 2 * HALF + rj[None, :]
+    src = src_ptr + rt.to(tl.int64)[:, None] * src_stride + head
+    dst = dst_ptr + rt.to(tl.int64)[:, None] * dst_stride + head
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+_ROTARY_BLOCK_T = 32
+
+
+def _rotate(src: torch.Tensor, dst: torch.Tensor, heads: int, position: torch.Tensor, inv_freq: torch.Tensor,
+            inverse: bool) -> None:
+    """Rotates heads [0, heads) of src [B, S, *, hd] into the same heads of dst (both contiguous)."""
+    tokens = src.shape[0] * src.shape[1]
+    _rotary[(triton.cdiv(tokens, _ROTARY_BLOCK_T), heads)](
+        src, dst, position, inv_freq, tokens, src.stride(1), dst.stride(1),
+        HALF=src.shape[-1] // 2, BLOCK_T=_ROTARY_BLOCK_T, INVERSE=inverse,
+    )
+
+
+class RotaryConcatFunction(torch.autograd.Function):
+    """[B, S, H, hd] rotated at `position` [B, S], then `plain` [B, S, H2, hd] (or nothing) along the head axis,
+    written once into the result (instead of rotating, negating, concatenating and adding in torch)."""
+
+    @staticmethod
+    def forward(ctx, rotated, plain, position, inv_freq):
+        batch, slots, heads, head_dim = rotated.shape
+        extra = 0 if plain is None else plain.shape[2]
+        out = rotated.new_empty(batch, slots, heads + extra, head_dim)
+        _rotate(rotated, out, heads, position, inv_freq, inverse=False)
+        if plain is not None:
+            out[:, :, heads:].copy_(plain)
+        ctx.save_for_backward(position, inv_freq)
+        ctx.heads, ctx.has_plain = heads, plain is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        position, inv_freq = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_rotated = grad.new_empty(*grad.shape[:2], ctx.heads, grad.shape[-1])
+        _rotate(grad, d_rotated, ctx.heads, position, inv_freq, inverse=True)
+        return d_rotated, grad[:, :, ctx.heads :] if ctx.has_plain else None, None, None
+
+
+def rotary_concat_triton(
+    rotated: torch.Tensor, plain: torch.Tensor | None, position: torch.Tensor, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """`torch.cat([apply_rope(rotated, position), plain], dim=2)` in one pass: rotated [B, S, H, hd], plain
+    [B, S, H2, hd] or None, position [B, S], inv_freq [hd / 2] fp32 (hd / 2 a power of two)."""
+    plain = None if plain is None else plain.contiguous()
+    return RotaryConcatFunction.apply(rotated.contiguous(), plain, position.contiguous(), inv_freq.float().contiguous())

@@ -27,7 +27,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache_block_state import BlockStateCache, BlockStateLayerCache
 from .configuration_block_state import BlockStateConfig
 from .ssm_ops import (
+    _use_triton,
     check_kernel_backend,
+    rotary_concat_triton,
     fft_causal_conv,
     s4d_block_end_states,
     s4d_causal_conv,
@@ -100,14 +102,30 @@ class BlockStateMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def apply_rope(x: torch.Tensor, position: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (half-split pairs). x: [B, S, h, hd]; position: [B, S]."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim))
-    angle = position.float()[:, :, None, None] * inv_freq
+    angle = position.float()[:, :, None, None] * _inv_freq(x.shape[-1], theta, x.device)
     cos, sin = torch.cat([angle.cos()] * 2, -1).to(x.dtype), torch.cat([angle.sin()] * 2, -1).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def rotary_heads(
+    rotated: torch.Tensor, plain: torch.Tensor | None, position: torch.Tensor, theta: float, kernel_backend: str = "auto"
+) -> torch.Tensor:
+    """`rotated` [B, S, H, hd] with rotary embeddings at `position` [B, S], followed along the head axis by
+    `plain` [B, S, H2, hd] (or nothing). Dispatch point: one Triton pass (`rotary_concat_triton`) or the
+    reference, `apply_rope` and a concatenation."""
+    half = rotated.shape[-1] // 2
+    supported = rotated.shape[-1] % 2 == 0 and half & (half - 1) == 0
+    if _use_triton(kernel_backend, rotated.device, supported, "rotary embeddings with head_dim / 2 not a power of two"):
+        return rotary_concat_triton(rotated, plain, position, _inv_freq(rotated.shape[-1], theta, rotated.device))
+    out = apply_rope(rotated, position, theta)
+    return out if plain is None else torch.cat([out, plain.to(out.dtype)], dim=2)
 
 
 class BlockStateS4D(nn.Module):
@@ -329,60 +347,78 @@ class BlockStateAttention(nn.Module):
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], -1, self.block_size, *x.shape[2:])  # [B, M, W, h, hd]
 
-    @staticmethod
-    def _fill_from_cache(x, cached, layout):
-        """Slots of block 0 before each row's first new token come from the cache. x: [B, S, h, hd]."""
-        if cached is None:
+    def _fill_from_cache(self, x, cache, names, layout):
+        """Slots of block 0 before each row's first new token come from the cache. x: [B, S, h, hd], its heads
+        the cached tensors `names` (H heads each) side by side."""
+        if cache is None or cache.get(names[0]) is None:
             return x
+        cached = torch.cat([cache.get(name) for name in names], dim=2).to(x.dtype)
         width = cached.shape[1]
         from_cache = (torch.arange(width, device=x.device)[None, :] < layout.offset[:, None])[:, :, None, None]
-        head = torch.where(from_cache, cached.to(x.dtype), x[:, :width])
+        head = torch.where(from_cache, cached, x[:, :width])
         return torch.cat([head, x[:, width:]], dim=1)
 
-    def _store_block(self, cache, name, x, layout, previous_name=None):
-        """Keeps the slots of the block holding each row's next token (and, optionally, the block before)."""
-        blocks = self._blocks(x)
-        zeros = torch.zeros_like(blocks[:, :1])
-        before = cache.get(previous_name) if previous_name else None
-        before = zeros if before is None else before[:, None].to(x.dtype)
-        extended = torch.cat([before, blocks, zeros], dim=1)  # [B, M+2, W, h, hd]
-        index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, 1, *blocks.shape[2:])
-        cache.tensors[name] = torch.gather(extended, 1, index + 1)[:, 0]
-        if previous_name:
-            cache.tensors[previous_name] = torch.gather(extended, 1, index)[:, 0]
+    def _store_blocks(self, cache, x, names, layout, previous_name=None):
+        """Keeps the slots of the block holding each row's next token (and, optionally, the block before) of
+        each head group of x (see `_fill_from_cache`)."""
+        for group, name in enumerate(names):
+            blocks = self._blocks(x[:, :, group * self.num_heads : (group + 1) * self.num_heads])
+            zeros = torch.zeros_like(blocks[:, :1])
+            before = cache.get(previous_name) if previous_name else None
+            before = zeros if before is None else before[:, None].to(x.dtype)
+            extended = torch.cat([before, blocks, zeros], dim=1)  # [B, M+2, W, H, hd]
+            index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, 1, *blocks.shape[2:])
+            cache.tensors[name] = torch.gather(extended, 1, index + 1)[:, 0]
+            if previous_name:
+                cache.tensors[previous_name] = torch.gather(extended, 1, index)[:, 0]
+            previous_name = None
+
+    def _through_cache(self, x, cache, names, layout):
+        x = self._fill_from_cache(x, cache, names, layout)
+        if cache is not None:
+            self._store_blocks(cache, x, names, layout)
+        return x
 
     def forward(
         self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None = None
     ) -> torch.Tensor:
         batch, slots, _ = hidden_states.shape
-        query = apply_rope(self._heads(self.q_proj(hidden_states)), layout.position, self.config.rope_theta)
-        key = apply_rope(self._heads(self.k_proj(hidden_states)), layout.position, self.config.rope_theta)
+        query, key = self._heads(self.q_proj(hidden_states)), self._heads(self.k_proj(hidden_states))
         value = self._heads(self.v_proj(hidden_states))
-        key = self._fill_from_cache(key, cache.get("self_k") if cache else None, layout)
-        value = self._fill_from_cache(value, cache.get("self_v") if cache else None, layout)
+        previous_block = self.config.attend_previous_block
+        # SH/MH cross-attention has the self-attention's shape and mask: one call over 2H heads, the cross
+        # heads placed beside the self heads as the rotary embedding is applied.
+        fused = self.has_ssm and self.context_mode != "mf" and not previous_block
+        cross = self._context_heads(hidden_states, layout, cache) if fused else (None, None, None)
+        query, key = (self._rotary(x, extra, layout) for x, extra in zip((query, key), cross))
+        value = value if cross[2] is None else torch.cat([value, cross[2]], dim=2)
+        names = (("self_k", "cross_k"), ("self_v", "cross_v")) if fused else (("self_k",), ("self_v",))
+        key, value = (self._fill_from_cache(x, cache, n, layout) for x, n in zip((key, value), names))
         previous = None
-        if self.config.attend_previous_block:  # read before the cache moves on
+        if previous_block:  # read before the cache moves on
             previous = (
                 _previous_blocks(self._blocks(key), cache.get("prev_k") if cache else None),
                 _previous_blocks(self._blocks(value), cache.get("prev_v") if cache else None),
             )
         if cache is not None:
-            self._store_block(cache, "self_k", key, layout, "prev_k" if previous else None)
-            self._store_block(cache, "self_v", value, layout, "prev_v" if previous else None)
+            self._store_blocks(cache, key, names[0], layout, "prev_k" if previous else None)
+            self._store_blocks(cache, value, names[1], layout, "prev_v" if previous else None)
 
-        if self.has_ssm and self.context_mode != "mf" and previous is None:
-            # SH/MH cross-attention has the self-attention's shape and mask: one call over 2H heads.
-            cross = self._context_heads(hidden_states, layout, cache)
-            fused = (torch.cat(pair, dim=2) for pair in zip((query, key, value), cross))
-            attended = _attend_in_blocks(*fused, self.block_size)
+        if fused:
+            attended = _attend_in_blocks(query, key, value, self.block_size)
         else:
             attended = self._self_attention(query, key, value, previous, layout)
             if self.has_ssm and self.context_mode == "mf":
                 attended = torch.cat([attended, self._mf_cross_attention(hidden_states, layout, cache)], dim=2)
             elif self.has_ssm:
-                cross = self._context_heads(hidden_states, layout, cache)
-                attended = torch.cat([attended, _attend_in_blocks(*cross, self.block_size)], dim=2)
+                cross_q, cross_k, cross_v = self._context_heads(hidden_states, layout, cache)
+                cross_k = self._through_cache(cross_k, cache, ("cross_k",), layout)
+                cross_v = self._through_cache(cross_v, cache, ("cross_v",), layout)
+                attended = torch.cat([attended, _attend_in_blocks(cross_q, cross_k, cross_v, self.block_size)], dim=2)
         return self.o_proj(attended.reshape(batch, slots, -1))
+
+    def _rotary(self, x, extra, layout):
+        return rotary_heads(x, extra, layout.position, self.config.rope_theta, self.config.kernel_backend)
 
     def _self_attention(self, query, key, value, previous, layout):
         """[B, S, H, hd]; `previous`: the previous blocks' keys and values [B, M, W, H, hd], or None."""
@@ -406,21 +442,15 @@ class BlockStateAttention(nn.Module):
         return (hidden_states * layout.valid[..., None]).contiguous()
 
     def _context_heads(self, hidden_states, layout, cache):
-        """SH/MH cross-attention queries and context keys/values, [B, S, H, hd] each (block 0's cached slots filled)."""
+        """SH/MH cross-attention queries and context keys/values, [B, S, H, hd] each (block 0's cached slots
+        not filled yet)."""
         query = self._heads(self.cross_q_proj(hidden_states))
         u = self._ssm_input(hidden_states, layout)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             context = self.ssm.outputs(u, layout, cache, hidden_states.dtype)  # [B, S, F, D]
         if self.context_mode == "mh":
-            key, value = self.cross_k_proj(context), self.cross_v_proj(context)
-        else:
-            key, value = self._heads(self.cross_k_proj(context[:, :, 0])), self._heads(self.cross_v_proj(context[:, :, 0]))
-        key = self._fill_from_cache(key, cache.get("cross_k") if cache else None, layout)
-        value = self._fill_from_cache(value, cache.get("cross_v") if cache else None, layout)
-        if cache is not None:
-            self._store_block(cache, "cross_k", key, layout)
-            self._store_block(cache, "cross_v", value, layout)
-        return query, key, value
+            return query, self.cross_k_proj(context), self.cross_v_proj(context)
+        return query, self._heads(self.cross_k_proj(context[:, :, 0])), self._heads(self.cross_v_proj(context[:, :, 0]))
 
     def _mf_cross_attention(self, hidden_states, layout, cache):
         """MF: every query of block i attends to block i's S context states (no mask). [B, S, H, hd]."""

@@ -7,7 +7,8 @@ rejects bf16, fp16 needs power-of-two sizes and overflows.
 
 Dispatch points (kernel_backend "auto" | "triton" | "torch"): `s4d_kernel` (Triton Vandermonde sum),
 `s4d_causal_conv` (the Triton scan of the recurrence instead of the FFT recursion) and `s4d_decode_step`
-(fused Triton step). Triton on CUDA when applicable, the torch reference elsewhere.
+(fused Triton step); the attention's rotary embeddings (`modeling_block_state.rotary_heads`) dispatch
+through `_use_triton` too. Triton on CUDA when applicable, the torch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import torch
 from .configuration_block_state import KERNEL_BACKENDS
 
 try:
-    from .block_state_triton import s4d_kernel_triton, s4d_scan_triton, s4d_step_triton
+    from .block_state_triton import rotary_concat_triton, s4d_kernel_triton, s4d_scan_triton, s4d_step_triton
 except ImportError:  # triton is optional: the torch reference runs everywhere
-    s4d_kernel_triton = s4d_scan_triton = s4d_step_triton = None
+    rotary_concat_triton = s4d_kernel_triton = s4d_scan_triton = s4d_step_triton = None
 
 logger = logging.getLogger(__name__)
 
