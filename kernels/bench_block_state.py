@@ -10,8 +10,8 @@ Layers: D=1024, H=8 (head dim 128), W=512, N=16, bf16 weights and activations, S
 - window: the same with a sliding window of W keys, blockwise: each block of W queries attends to its own
   and the previous block under one band mask (SDPA with a mask: the memory-efficient kernel), or
   flash-attn's `window_size` when the flash_attn package is installed (the table says which ran).
-- bst: BlockStateAttention, kernel_backend "auto" (chunked S4D convolution with the Triton kernel
-  generation, one 2H-head is_causal SDPA call) and "torch" (the reference: exactly-causal FFT convolution).
+- bst: BlockStateAttention, kernel_backend "auto" (the Triton S4D scan and rotary pass, one 2H-head
+  is_causal SDPA call) and "torch" (the reference: exactly-causal FFT convolution).
 Checks the fast path against the reference on the first length, prints markdown tables and writes
 kernels/results/block_state.json.
 """

@@ -39,8 +39,8 @@ class BlockStateConfig(PreTrainedConfig):
         rope_theta (`float`, defaults to 10000.0), rms_norm_eps (`float`, defaults to 1e-6),
         initializer_range (`float`, defaults to 0.02), hidden_act (`str`, defaults to `"silu"`),
         tie_word_embeddings (`bool`, defaults to `True`), use_cache (`bool`, defaults to `True`).
-        kernel_backend (`str`, defaults to `"auto"`): S4D fast paths (Triton kernel generation and chunked
-            convolution, fused decode step): `"auto"` on CUDA, the torch reference elsewhere; `"triton"` forces
+        kernel_backend (`str`, defaults to `"auto"`): Triton fast paths (the S4D scan, the rotary pass, the
+            fused decode step, the S4D kernel generation): `"auto"` on CUDA, the torch reference elsewhere; `"triton"` forces
             them (on CPU under `TRITON_INTERPRET=1`); `"torch"` always runs the reference.
     """
 
