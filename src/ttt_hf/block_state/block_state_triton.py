@@ -226,6 +226,18 @@ def _segment_state(row, rn, lane, channels, BLOCK_N: tl.constexpr):
     return lane[:, None] + (index * BLOCK_N + rn[None, :]) * channels, imag
 
 
+@triton.jit
+def _load_pair(ptr, offsets, imag, mask):
+    """Real and imaginary parts of a complex tile stored as two planes `imag` elements apart (0 where masked)."""
+    return tl.load(ptr + offsets, mask=mask, other=0.0), tl.load(ptr + imag + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_pair(ptr, offsets, imag, real_part, imag_part, mask):
+    tl.store(ptr + offsets, real_part, mask=mask)
+    tl.store(ptr + imag + offsets, imag_part, mask=mask)
+
+
 @triton.jit(do_not_specialize=["lane_stride"])
 def _s4d_scan_fwd(
     u_ptr, zr_ptr, zi_ptr, wr_ptr, wi_ptr, skip_ptr, y_ptr, state_ptr, length, segment, features, channels,
@@ -250,12 +262,7 @@ def _s4d_scan_fwd(
     zr = tl.load(zr_ptr + params, mask=mask, other=0.0)
     zi = tl.load(zi_ptr + params, mask=mask, other=0.0)
     state, imag = _segment_state(row, rn, lane, channels, BLOCK_N)
-    if FROM_STATE:
-        hr = tl.load(state_ptr + state, mask=mask, other=0.0)
-        hi = tl.load(state_ptr + imag + state, mask=mask, other=0.0)
-    else:
-        hr = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-        hi = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+    hr, hi = _load_pair(state_ptr, state, imag, mask & FROM_STATE)  # zero without an entering state
     if OUTPUTS:
         wr = tl.load(wr_ptr + params, mask=mask, other=0.0)
         wi = tl.load(wi_ptr + params, mask=mask, other=0.0)
@@ -283,8 +290,7 @@ def _s4d_scan_fwd(
                 u = _step(current, rt, i)
                 hr, hi = zr * hr - zi * hi + u[:, None], zr * hi + zi * hr
     if not OUTPUTS:
-        tl.store(state_ptr + state, hr, mask=mask)
-        tl.store(state_ptr + imag + state, hi, mask=mask)
+        _store_pair(state_ptr, state, imag, hr, hi, mask)
 
 
 @triton.jit(do_not_specialize=["lane_stride"])
@@ -320,16 +326,8 @@ def _s4d_scan_bwd(
         zr = tl.load(zr_ptr + params, mask=mask, other=0.0)
         zi = tl.load(zi_ptr + params, mask=mask, other=0.0)
         state, imag = _segment_state(row, rn, lane, channels, BLOCK_N)
-        if FROM_STATE:
-            rr = tl.load(r_ptr + state, mask=mask, other=0.0)
-            ri = tl.load(r_ptr + imag + state, mask=mask, other=0.0)
-            qr = tl.load(q_ptr + state, mask=mask, other=0.0)
-            qi = tl.load(q_ptr + imag + state, mask=mask, other=0.0)
-        else:
-            rr = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-            ri = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-            qr = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
-            qi = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+        rr, ri = _load_pair(r_ptr, state, imag, mask & FROM_STATE)  # zero without an entering state
+        qr, qi = _load_pair(q_ptr, state, imag, mask & FROM_STATE)
         dy_tile = dy_ptr + row * length * channels + lane[:, None] + steps * channels
         first = md[:, None] & ((begin + rt) < end)[None, :]
         dy_next = tl.load(dy_tile - begin * channels, mask=first, other=0.0)
@@ -373,17 +371,13 @@ def _s4d_scan_bwd(
                     qr, qi = zr * qr - zi * qi + rr, zr * qi + zi * qr + ri
                     rr, ri = zr * rr - zi * ri + dy[:, None], zr * ri + zi * rr
         if OUTPUTS:
-            tl.store(g_ptr + state, g_r, mask=mask)
-            tl.store(g_ptr + imag + state, g_i, mask=mask)
-            tl.store(h_ptr + state, h_r, mask=mask)
-            tl.store(h_ptr + imag + state, h_i, mask=mask)
+            _store_pair(g_ptr, state, imag, g_r, g_i, mask)
+            _store_pair(h_ptr, state, imag, h_r, h_i, mask)
             index = row * tl.num_programs(2) + tl.program_id(2)
             tl.store(dskip_ptr + index * channels + lane, d_skip, mask=md)
         else:
-            tl.store(r_ptr + state, rr, mask=mask)
-            tl.store(r_ptr + imag + state, ri, mask=mask)
-            tl.store(q_ptr + state, qr, mask=mask)
-            tl.store(q_ptr + imag + state, qi, mask=mask)
+            _store_pair(r_ptr, state, imag, rr, ri, mask)
+            _store_pair(q_ptr, state, imag, qr, qi, mask)
 
 
 def _segments(length: int, programs: int, group: int, device: torch.device) -> tuple[int, int]:
@@ -391,8 +385,8 @@ def _segments(length: int, programs: int, group: int, device: torch.device) -> t
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     wanted = _SCAN_PROGRAMS_PER_SM * processors  # the interpreter counts as one SM
     count = max(1, min(triton.cdiv(wanted, programs), length // _SCAN_MIN_SEGMENT))
-    segment = triton.cdiv(triton.cdiv(length, count), group) * group
-    return triton.cdiv(length, segment), segment
+    segment = max(group, triton.cdiv(triton.cdiv(length, count), group) * group)
+    return max(1, triton.cdiv(length, segment)), segment
 
 
 def _chain(ends: torch.Tensor, transfer) -> torch.Tensor:
