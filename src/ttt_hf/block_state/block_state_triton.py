@@ -240,12 +240,12 @@ def _store_pair(ptr, offsets, imag, real_part, imag_part, mask):
 
 @triton.jit(do_not_specialize=["lane_stride"])
 def _s4d_scan_fwd(
-    u_ptr, zr_ptr, zi_ptr, wr_ptr, wi_ptr, skip_ptr, y_ptr, state_ptr, length, segment, features, channels,
+    u_ptr, z_ptr, w_ptr, skip_ptr, y_ptr, state_ptr, length, segment, features, channels,
     lane_stride, MODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr,
     FROM_STATE: tl.constexpr, OUTPUTS: tl.constexpr,
 ):
     """Program (row, channel block, segment of `segment` steps): u [B, L, D]; y [B, L, C] with channel
-    c = (filter, feature c % D); parameters [modes, C]; state [re/im, B, S, BLOCK_N, C].
+    c = (filter, feature c % D); z, w [re/im, modes, C]; state [re/im, B, S, BLOCK_N, C].
     OUTPUTS: y over the segment, from the state before it (FROM_STATE) or zero; else only the state at the
     segment's end from a zero state (exact for every segment but the last, whose end state is not used).
 
@@ -259,13 +259,11 @@ def _s4d_scan_fwd(
     lane = rc * lane_stride
     params = lane[:, None] + rn[None, :] * channels
     # Padded modes get z = W = 0: they contribute nothing.
-    zr = tl.load(zr_ptr + params, mask=mask, other=0.0)
-    zi = tl.load(zi_ptr + params, mask=mask, other=0.0)
+    zr, zi = _load_pair(z_ptr, params, MODES * channels, mask)
     state, imag = _segment_state(row, rn, lane, channels, BLOCK_N)
     hr, hi = _load_pair(state_ptr, state, imag, mask & FROM_STATE)  # zero without an entering state
     if OUTPUTS:
-        wr = tl.load(wr_ptr + params, mask=mask, other=0.0)
-        wi = tl.load(wi_ptr + params, mask=mask, other=0.0)
+        wr, wi = _load_pair(w_ptr, params, MODES * channels, mask)
         skip = tl.load(skip_ptr + lane, mask=mc, other=0.0)
     u_tile = u_ptr + row * length * features + ((rc % features) * lane_stride)[:, None] + rt[None, :] * features
     y_tile = y_ptr + row * length * channels + lane[:, None] + rt[None, :] * channels
@@ -295,7 +293,7 @@ def _s4d_scan_fwd(
 
 @triton.jit(do_not_specialize=["lane_stride"])
 def _s4d_scan_bwd(
-    u_ptr, dy_ptr, zr_ptr, zi_ptr, wr_ptr, wi_ptr, skip_ptr, du_ptr, g_ptr, h_ptr, dskip_ptr, r_ptr, q_ptr,
+    u_ptr, dy_ptr, z_ptr, w_ptr, skip_ptr, du_ptr, g_ptr, h_ptr, dskip_ptr, r_ptr, q_ptr,
     length, segment, features, lane_stride, FILTERS: tl.constexpr, MODES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, FROM_STATE: tl.constexpr,
     OUTPUTS: tl.constexpr,
@@ -304,7 +302,7 @@ def _s4d_scan_bwd(
     over filters, has one writer). Reverse sweep with r[t] = z r[t+1] + dy[t] (the adjoint of h) and
     q[t] = z q[t+1] + r[t+1] (its derivative in z); per channel and mode it sums G = sum_t u r and
     H = sum_t u q: dL/dW = G, dL/dz = W H (holomorphic derivatives). Segments and group steps run backwards
-    in time: reversed index j is t = L - 1 - j. Parameters [modes, C]; r, q (the adjoint state entering the
+    in time: reversed index j is t = L - 1 - j. z, w [re/im, modes, C]; r, q (the adjoint state entering the
     segment, or with OUTPUTS=False the one leaving it from zero), g, h: [re/im, B, S, BLOCK_N, C]; dskip:
     [B, S, C]."""
     row = tl.program_id(0).to(tl.int64)
@@ -323,8 +321,7 @@ def _s4d_scan_bwd(
         rc = f * features + rd
         lane = rc * lane_stride
         params = lane[:, None] + rn[None, :] * channels
-        zr = tl.load(zr_ptr + params, mask=mask, other=0.0)
-        zi = tl.load(zi_ptr + params, mask=mask, other=0.0)
+        zr, zi = _load_pair(z_ptr, params, MODES * channels, mask)
         state, imag = _segment_state(row, rn, lane, channels, BLOCK_N)
         rr, ri = _load_pair(r_ptr, state, imag, mask & FROM_STATE)  # zero without an entering state
         qr, qi = _load_pair(q_ptr, state, imag, mask & FROM_STATE)
@@ -332,8 +329,7 @@ def _s4d_scan_bwd(
         first = md[:, None] & ((begin + rt) < end)[None, :]
         dy_next = tl.load(dy_tile - begin * channels, mask=first, other=0.0)
         if OUTPUTS:
-            wr = tl.load(wr_ptr + params, mask=mask, other=0.0)
-            wi = tl.load(wi_ptr + params, mask=mask, other=0.0)
+            wr, wi = _load_pair(w_ptr, params, MODES * channels, mask)
             skip = tl.load(skip_ptr + lane, mask=md, other=0.0)
             g_r = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
             g_i = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
@@ -398,10 +394,6 @@ def _chain(ends: torch.Tensor, transfer) -> torch.Tensor:
     return entering
 
 
-def _state_buffer(*shape: int, device: torch.device) -> torch.Tensor:
-    return torch.zeros(*shape, device=device, dtype=torch.float32)
-
-
 def _complex(parts: torch.Tensor) -> torch.Tensor:
     """[re/im, B, S, BLOCK_N, C] -> complex [S, B, BLOCK_N, C]."""
     return torch.complex(parts[0], parts[1]).transpose(0, 1)
@@ -415,42 +407,42 @@ def _parts(state: torch.Tensor) -> torch.Tensor:
 
 class S4DScanFunction(torch.autograd.Function):
     """y [B, L, F, D] (out_dtype) from u [B, L, D] (any float dtype), z = exp(dt A) and W = C dB as real and
-    imaginary parts [n, C] (mode-major, C = F D channels) and skip [C] (fp32, contiguous).
+    imaginary planes [2, n, C] (mode-major, C = F D channels) and skip [C] (fp32, contiguous).
 
     A long sequence is swept in segments: a first pass of each kernel computes the state every segment
     reaches from zero, `_chain` turns them into the state entering each segment, and the second pass
     computes the outputs from there."""
 
     @staticmethod
-    def forward(ctx, u, zr, zi, wr, wi, skip, filters: int, out_dtype: torch.dtype):
+    def forward(ctx, u, z, w, skip, filters: int, out_dtype: torch.dtype):
         batch, length, features = u.shape
-        modes, channels = zr.shape
+        modes, channels = z.shape[1:]
         block_n = triton.next_power_of_2(modes)
         y = torch.empty(batch, length, filters, features, device=u.device, dtype=out_dtype)
         block_c, group, warps = _SCAN_LAUNCH["forward"]
         count, segment = _segments(length, batch * triton.cdiv(channels, block_c), group, u.device)
-        state = _state_buffer(2, batch, count, block_n, channels, device=u.device)
+        state = torch.zeros(2, batch, count, block_n, channels, device=u.device)
 
         def sweep(outputs: bool) -> None:
             _s4d_scan_fwd[(batch, triton.cdiv(channels, block_c), count)](
-                u, zr, zi, wr, wi, skip, y, state, length, segment, features, channels, 1,
+                u, z, w, skip, y, state, length, segment, features, channels, 1,
                 MODES=modes, BLOCK_N=block_n, BLOCK_C=block_c, GROUP=group, FROM_STATE=outputs and count > 1,
                 OUTPUTS=outputs, num_warps=warps,
             )
 
         if count > 1:
             sweep(outputs=False)
-            decay = _padded(torch.complex(zr, zi), block_n) ** segment
+            decay = _padded(torch.complex(z[0], z[1]), block_n) ** segment
             state = _parts(_chain(_complex(state), lambda h: decay * h))
         sweep(outputs=True)
-        ctx.save_for_backward(u, zr, zi, wr, wi, skip)
+        ctx.save_for_backward(u, z, w, skip)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        u, zr, zi, wr, wi, skip = ctx.saved_tensors
+        u, z, w, skip = ctx.saved_tensors
         batch, length, features = u.shape
-        modes, channels = zr.shape
+        modes, channels = z.shape[1:]
         filters = channels // features
         block_n = triton.next_power_of_2(modes)
         dy = dy.contiguous()
@@ -458,29 +450,32 @@ class S4DScanFunction(torch.autograd.Function):
         du = torch.empty_like(u, dtype=u.dtype if filters == 1 else torch.float32)
         block_c, group, warps = _SCAN_LAUNCH["backward"]
         count, segment = _segments(length, batch * triton.cdiv(features, block_c), group, u.device)
-        r, q, g, h = (_state_buffer(2, batch, count, block_n, channels, device=u.device) for _ in range(4))
-        d_skip = _state_buffer(batch, count, channels, device=u.device)
+        r, q, g, h = (torch.zeros(2, batch, count, block_n, channels, device=u.device) for _ in range(4))
+        d_skip = torch.zeros(batch, count, channels, device=u.device)
 
         def sweep(outputs: bool) -> None:
             _s4d_scan_bwd[(batch, triton.cdiv(features, block_c), count)](
-                u, dy, zr, zi, wr, wi, skip, du, g, h, d_skip, r, q, length, segment, features, 1,
+                u, dy, z, w, skip, du, g, h, d_skip, r, q, length, segment, features, 1,
                 FILTERS=filters, MODES=modes, BLOCK_N=block_n, BLOCK_C=block_c, GROUP=group,
                 FROM_STATE=outputs and count > 1, OUTPUTS=outputs, num_warps=warps,
             )
 
         if count > 1:
             sweep(outputs=False)
-            z = _padded(torch.complex(zr, zi), block_n)
-            decay, lag = z**segment, segment * z ** (segment - 1)
+            z_padded = _padded(torch.complex(z[0], z[1]), block_n)
+            decay, lag = z_padded**segment, segment * z_padded ** (segment - 1)
             # Across a segment without inputs: r <- z^L r, q <- z^L q + L z^(L-1) r.
             adjoint = _chain(torch.stack([_complex(r), _complex(q)], 1), lambda a: torch.stack(
                 [decay * a[0], decay * a[1] + lag * a[0]]))
             r, q = _parts(adjoint[:, 0]), _parts(adjoint[:, 1])
         sweep(outputs=True)
         g, h = (_complex(x).sum((0, 1))[:modes] for x in (g, h))  # [n, C]
-        d_z = torch.complex(wr, wi) * h
-        # A real loss of y = 2 Re(F(p)), F holomorphic: dL/dRe(p) = 2 Re(F'), dL/dIm(p) = -2 Im(F').
-        return du.to(u.dtype), 2 * d_z.real, -2 * d_z.imag, 2 * g.real, -2 * g.imag, d_skip.sum((0, 1)), None, None
+        d_z = torch.complex(w[0], w[1]) * h
+
+        def real_gradient(derivative):  # of a real loss of y = 2 Re(F(p)), F holomorphic: (2 Re F', -2 Im F')
+            return torch.stack([2 * derivative.real, -2 * derivative.imag])
+
+        return du.to(u.dtype), real_gradient(d_z), real_gradient(g), d_skip.sum((0, 1)), None, None
 
 
 def _padded(z: torch.Tensor, block_n: int) -> torch.Tensor:
@@ -495,12 +490,12 @@ def s4d_scan_triton(
     (any float dtype); dt_a, c_db complex64 [F, D, n]; skip [F, D]. Returns [B, L, F, D] in out_dtype."""
     filters, _, modes = dt_a.shape
 
-    def parts(x):  # complex [F, D, n] -> real and imaginary parts [n, F D]
+    def planes(x):  # complex [F, D, n] -> real and imaginary planes [2, n, F D]
         x = x.reshape(-1, modes).T
-        return x.real.contiguous(), x.imag.contiguous()
+        return torch.stack([x.real, x.imag])
 
     return S4DScanFunction.apply(
-        u.contiguous(), *parts(torch.exp(dt_a)), *parts(c_db), skip.float().reshape(-1).contiguous(), filters, out_dtype
+        u.contiguous(), planes(torch.exp(dt_a)), planes(c_db), skip.float().reshape(-1).contiguous(), filters, out_dtype
     )
 
 

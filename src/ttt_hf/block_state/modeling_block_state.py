@@ -362,16 +362,16 @@ class BlockStateAttention(nn.Module):
         """Keeps the slots of the block holding each row's next token (and, optionally, the block before) of
         each head group of x (see `_fill_from_cache`)."""
         for group, name in enumerate(names):
+            keep_previous = previous_name if group == 0 else None  # the previous block is the self heads'
             blocks = self._blocks(x[:, :, group * self.num_heads : (group + 1) * self.num_heads])
             zeros = torch.zeros_like(blocks[:, :1])
-            before = cache.get(previous_name) if previous_name else None
+            before = cache.get(keep_previous) if keep_previous else None
             before = zeros if before is None else before[:, None].to(x.dtype)
             extended = torch.cat([before, blocks, zeros], dim=1)  # [B, M+2, W, H, hd]
             index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, 1, *blocks.shape[2:])
             cache.tensors[name] = torch.gather(extended, 1, index + 1)[:, 0]
-            if previous_name:
-                cache.tensors[previous_name] = torch.gather(extended, 1, index)[:, 0]
-            previous_name = None
+            if keep_previous:
+                cache.tensors[keep_previous] = torch.gather(extended, 1, index)[:, 0]
 
     def _through_cache(self, x, cache, names, layout):
         x = self._fill_from_cache(x, cache, names, layout)
