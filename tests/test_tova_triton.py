@@ -22,6 +22,10 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
 )
+from transformers.integrations.flash_attention import flash_attention_forward
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_paged import sdpa_attention_paged_forward
 
 from tova_testing import CASES, assert_kept_positions, official_generation
 from ttt_hf import TOVACache
@@ -281,27 +285,33 @@ def test_generation_with_the_kernel_equals_the_torch_path(name, monkeypatch):
         assert torch.equal(torch_kept, triton_kept)
 
 
+def _user_flash_attention(module, query, key, value, attention_mask, **kwargs):
+    """A user's function registered under a flash-like name (it could add a bias from module attributes)."""
+
+
 @pytest.mark.parametrize(
-    "name, kwargs, training, fusable",
-    [("sdpa", {"dropout": 0.0, "scaling": 0.25}, False, True),
-     ("flash_attention_2", {"softcap": 5.0, "s_aux": torch.zeros(4)}, False, True),
-     ("flex_attention", {"softcap": 5.0}, False, True),
-     ("kernels-community/flash-attn3", {}, False, True),
-     ("eager", {}, False, False),
-     ("paged|sdpa", {}, False, False),
-     ("sdpa", {"softcap": 5.0}, False, False),
-     ("sdpa", {"s_aux": torch.zeros(4)}, False, False),
-     ("sdpa", {"dropout": 0.1}, False, False),
-     ("sdpa", {}, True, False),
-     ("sdpa", {"sliding_window": 4}, False, False),
-     ("flash_attention_2", {"cu_seq_lens_q": torch.zeros(2)}, False, False)],
+    "function, kwargs, training, fusable",
+    [(sdpa_attention_forward, {"dropout": 0.0, "scaling": 0.25}, False, True),
+     (flash_attention_forward, {"softcap": 5.0, "s_aux": torch.zeros(4)}, False, True),  # also hub flash kernels
+     (flex_attention_forward, {"softcap": 5.0}, False, True),
+     (None, {}, False, False),  # eager: each model's own function
+     (sdpa_attention_paged_forward, {}, False, False),
+     (_user_flash_attention, {}, False, False),
+     (sdpa_attention_forward, {"softcap": 5.0}, False, False),
+     (sdpa_attention_forward, {"s_aux": torch.zeros(4)}, False, False),
+     (sdpa_attention_forward, {"dropout": 0.1}, False, False),
+     (sdpa_attention_forward, {}, True, False),
+     (sdpa_attention_forward, {"sliding_window": 4}, False, False),
+     (flash_attention_forward, {"cu_seq_lens_q": torch.zeros(2)}, False, False)],
+    ids=["sdpa", "flash", "flex", "eager", "paged-sdpa", "user-function", "sdpa-softcap", "sdpa-sinks",
+         "dropout", "training", "sliding-kwarg", "packed"],
 )
-def test_which_attention_calls_fuse(name, kwargs, training, fusable):
+def test_which_attention_calls_fuse(function, kwargs, training, fusable):
     module = torch.nn.Module().train(training)
-    assert tova_attention._fusable_call(name, module, torch.zeros(1, 4, 1, 8), (), kwargs) is fusable
-    assert not tova_attention._fusable_call(name, module, torch.zeros(1, 4, 2, 8), (), kwargs)  # one query only
+    assert tova_attention._fusable_call(function, module, torch.zeros(1, 4, 1, 8), (), kwargs) is fusable
+    assert not tova_attention._fusable_call(function, module, torch.zeros(1, 4, 2, 8), (), kwargs)  # one query only
     module.sliding_window = 4
-    assert not tova_attention._fusable_call(name, module, torch.zeros(1, 4, 1, 8), (), kwargs)
+    assert not tova_attention._fusable_call(function, module, torch.zeros(1, 4, 1, 8), (), kwargs)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -453,7 +463,7 @@ def test_official_generations_with_the_kernel_on_cuda(case, no_tf32):
 def test_bf16_generation_auto_equals_torch_on_cuda(monkeypatch):
     # SDPA, then score-and-evict: the same attention as the torch path, so the tokens are equal even in bf16 (the
     # fused kernel's bf16 output differs from SDPA's by rounding; see the next test)
-    monkeypatch.setattr(tova_attention, "_returns_no_weights", lambda name: False)
+    monkeypatch.setattr(tova_attention, "_FUSABLE_KINDS", {})
     model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2)).to(torch.bfloat16)
     prompt = torch.randint(3, 128, (4, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(8))
     mask = torch.ones_like(prompt)

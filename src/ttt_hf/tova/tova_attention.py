@@ -3,7 +3,8 @@
 `transformers` attention modules call `past_key_values.update(...)` (no query) and then the attention
 function registered for the model's `attn_implementation`. On first use, TOVA wraps the registered
 functions ("eager", "sdpa", flash/flex kinds). When the TOVA cache just updated this module's layer:
-- a decode step at the budget of a kind that returns no attention weights (sdpa, flash, flex) can be fused:
+- a decode step at the budget of transformers' own sdpa, flash or flex attention (they return no attention
+  weights; hub flash kernels use the same function) can be fused:
   the cache's Triton kernel computes the attention output, scores and evicts in one pass over the keys and
   values (`TOVACache.fused_attention`), and the original function does not run;
 - otherwise the original function runs unchanged, then the last query's softmax over the cached keys is
@@ -18,6 +19,9 @@ import sys
 import threading
 
 import torch
+from transformers.integrations.flash_attention import flash_attention_forward
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 _pending = threading.local()
@@ -107,27 +111,29 @@ def _block_mask_last_row(block_mask, batch: int, q_len: int, kv_len: int) -> tor
     return row.expand(batch, kv_len)
 
 
-def _returns_no_weights(name: str) -> bool:
-    """Attention kinds whose output is all a caller gets (no probabilities to read; flex's second output is its
-    log-sum-exp, not weights), so a fused kernel may stand in for them. "eager" returns the
-    weights; the paged kinds belong to continuous batching's own cache."""
-    return not name.startswith("paged|") and (name == "sdpa" or "flash" in name or "flex" in name)
+# transformers' own implementations of the attention kinds whose output is all a caller gets (no probabilities to
+# read; flex's second output is its log-sum-exp, not weights), so the fused kernel may stand in for them. Hub
+# flash kernels register `flash_attention_forward` itself. Anything else (eager, the paged kinds of continuous
+# batching, a user's function under whatever name) keeps its own attention: its semantics are unknown.
+_FUSABLE_KINDS = {sdpa_attention_forward: "sdpa", flash_attention_forward: "flash", flex_attention_forward: "flex"}
 
 
-def _fusable_call(name: str, module, query: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether the call computes plain softmax attention of one query, which the fused kernel reproduces: no
-    dropout, sliding window, position bias or packed sequences. SDPA applies neither soft-capping nor sinks."""
-    if not _returns_no_weights(name) or args or query.shape[2] != 1 or module.training:
+def _fusable_call(function, module, query: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether the call of the attention `function` computes plain softmax attention of one query, which the fused
+    kernel reproduces: no dropout, sliding window, position bias or packed sequences. SDPA applies neither
+    soft-capping nor sinks."""
+    kind = _FUSABLE_KINDS.get(function)
+    if kind is None or args or query.shape[2] != 1 or module.training:
         return False
     if kwargs.get("dropout", 0.0) != 0 or getattr(module, "sliding_window", None) is not None:
         return False
     unsupported = ("sliding_window", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
     if any(kwargs.get(key) is not None for key in unsupported):
         return False
-    return name != "sdpa" or (kwargs.get("softcap") is None and kwargs.get("s_aux") is None)
+    return kind != "sdpa" or (kwargs.get("softcap") is None and kwargs.get("s_aux") is None)
 
 
-def _wrap(name: str, original):
+def _wrap(original):
     def tova_aware_attention(module, query, key, value, attention_mask, *args, **kwargs):
         # "eager" is not in the registry: each model file defines its own eager function.
         function = original or getattr(sys.modules[type(module).__module__], "eager_attention_forward")
@@ -137,7 +143,7 @@ def _wrap(name: str, original):
         mask = cache.attention_mask_for(module, query, attention_mask)
         scaling = kwargs.get("scaling", getattr(module, "scaling", None))
         softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
-        if _fusable_call(name, module, query, args, kwargs):
+        if _fusable_call(original, module, query, args, kwargs):
             output = cache.fused_attention(module, query, key, value, mask, scaling, softcap, sinks)
             if output is not None:
                 return output, None
@@ -156,4 +162,4 @@ def install_attention_hooks() -> None:
         original = ALL_ATTENTION_FUNCTIONS.get(name)
         if hasattr(original, "tova_original"):
             continue
-        ALL_ATTENTION_FUNCTIONS.register(name, _wrap(name, original))
+        ALL_ATTENTION_FUNCTIONS.register(name, _wrap(original))
