@@ -1,6 +1,6 @@
 """TOVA decode benchmark on the GPU: the TOVA kernels, and TOVACache in a ~1B Llama, eager and as CUDA graphs.
 
-    python kernels/bench_tova.py [--context 32768] [--batch 16] [--budgets 1024,2048,4096] [--skip-model]
+    python kernels/bench_tova.py [--context 32768] [--batch 16] [--budgets 1024,2048,4096] [--skip-model] [--max-batch]
 
 1. Op level, per layer and decode step (B=16, 32 query heads, 8 KV heads, head_dim 64, bf16, n = budget + 1
    slots): the fused attention + score + evict kernel (what a decode step of an sdpa model runs) vs the step's
@@ -19,6 +19,9 @@
    score-and-evict overhead is (TOVA step - that step) / TOVA step, both captured. Under capture transformers
    materialises the all-True causal mask; TOVACache drops it for unpadded caches, so TOVA's captured steps attend
    as the eager ones do (the fused kernel without a mask row; SDPA's GQA path for the baseline).
+3. With --max-batch: the largest batch that decodes with each cache at the context (the full DynamicCache; TOVA
+   at each budget), by bisection: the caches are filled with random keys and values of the length a prompt of the
+   context leaves them (instead of a prefill, which would run in micro-batches), then two eager decode steps run.
 Prints markdown tables and writes kernels/results/tova.json.
 """
 
@@ -259,6 +262,46 @@ def cache_bytes(cache) -> int:
                for layer in cache.layers)
 
 
+def fits(model, make_cache, batch: int, held: int) -> bool:
+    """Whether `batch` rows decode with the cache a long prompt leaves: `held` random keys and values per layer
+    (the full context for the full cache, the budget for TOVA), filled directly instead of prefilled, then two
+    eager decode steps (the step's activations, the fused kernel's buffers and a growing cache's copy included)."""
+    config = model.config
+    shape = (batch, config.num_key_value_heads, held, config.hidden_size // config.num_attention_heads)
+    cache = token = position = None
+    try:
+        cache = make_cache()
+        for layer_idx in range(config.num_hidden_layers):
+            keys = torch.randn(shape, device=model.device, dtype=model.dtype)
+            cache.update(keys, torch.randn_like(keys), layer_idx)
+            del keys
+        token = torch.randint(3, config.vocab_size, (batch, 1), device=model.device)
+        position = torch.full_like(token, held)
+        step = greedy_step(model, cache, token, position)
+        with torch.no_grad():
+            step()
+            step()
+        torch.cuda.synchronize()
+        return True
+    except RuntimeError as error:  # torch.OutOfMemoryError, or a library's failed allocation (cuBLAS)
+        if isinstance(error, torch.OutOfMemoryError) or "ALLOC" in str(error) or "out of memory" in str(error):
+            return False
+        raise
+    finally:
+        del cache, token, position
+        torch.cuda.empty_cache()
+
+
+def measured_max_batch(model, make_cache, held: int, estimate: int) -> int:
+    """The largest batch that `fits`, by bisection below twice the KV-bound estimate (whose KV bytes alone exceed
+    the device), to 1%."""
+    low, high = 0, 2 * estimate + 2
+    while high - low > max(1, low // 100):
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(model, make_cache, middle, held) else (low, middle)
+    return low
+
+
 def model_benchmark(args, budgets: list[int]) -> dict:
     model = llama_1b()
     config = model.config
@@ -279,6 +322,16 @@ def model_benchmark(args, budgets: list[int]) -> dict:
         except Exception as error:
             traceback.print_exc()
             results[name] = {"error": f"{type(error).__name__}: {error}"}
+    total = torch.cuda.get_device_properties(0).total_memory
+    for row in results.values():
+        if "kv_bytes_per_row" in row:  # KV-bound: 90% of the device minus the weights, over the KV bytes per row
+            row["max_batch"] = int((0.9 * total - weights) // row["kv_bytes_per_row"])
+    if args.max_batch:
+        for name, held in [("DynamicCache (full)", args.context)] + [(f"TOVACache {b}, Triton", b) for b in budgets]:
+            if "max_batch" in results[name]:
+                measured = measured_max_batch(model, runs[name][0], held, results[name]["max_batch"])
+                results[name]["max_batch_measured"] = measured
+                print(f"{name}: largest batch that decodes {measured}", flush=True)
     return {"params": weights // 2, "runs": results, "tables": model_tables(args, budgets, weights, results)}
 
 
@@ -295,21 +348,18 @@ def _ratio(numerator: dict, key_n: str, denominator: dict, key_d: str, percent: 
 
 
 def model_tables(args, budgets: list[int], weights: int, results: dict) -> list[str]:
-    total = torch.cuda.get_device_properties(0).total_memory
     lines = [
         f"## ~{weights / 2 / 1e9:.2f}B Llama (16 layers, 32 heads, 8 KV heads), bf16, batch {args.batch}, "
         f"{args.context}-token prompt; {torch.cuda.get_device_name()}; cuDNN SDPA {'on' if args.cudnn_sdpa else 'off'}",
         "| cache | tokens held | eager ms/token | eager tokens/s | CUDA graph ms/token | graph tokens/s | "
         "graph == eager tokens | generate ms/token | GPU busy share (eager) | peak GiB | KV MiB/row | "
-        "max batch at full context (KV-bound) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "max batch: KV-bound estimate | max batch: measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error'][:120]} |" + " |" * 10)
+            lines.append(f"| {name} | failed: {row['error'][:120]} |" + " |" * 11)
             continue
-        # Largest batch, KV-bound: 90% of the device minus the weights, over the measured KV bytes per row.
-        row["max_batch"] = int((0.9 * total - weights) // row["kv_bytes_per_row"])
         if "graph_ms_per_token" in row:
             graph_ms, graph_rate = f"{row['graph_ms_per_token']:.2f}", f"{row['graph_tokens_per_s']:,.0f}"
         else:
@@ -319,7 +369,7 @@ def model_tables(args, budgets: list[int], weights: int, results: dict) -> list[
             f"{graph_ms} | {graph_rate} | {row.get('graph_matches_eager', '-')} | "
             f"{_ms(row, 'generate_ms_per_token')} | {row['gpu_busy_ms'] / row['ms_per_token']:.0%} | "
             f"{row['peak_gib']:.1f} | {row['kv_bytes_per_row'] / 2**20:.0f} | "
-            f"{row['max_batch'] if 'no scoring' not in name else ''} |"
+            f"{row['max_batch'] if 'no scoring' not in name else ''} | {row.get('max_batch_measured', '')} |"
         )
     lines += [
         "",
@@ -356,6 +406,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (TOVA compresses after each)")
     parser.add_argument("--skip-model", action="store_true", help="op-level benchmark only")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="also measure the largest batch that decodes with each cache at the context (bisection)")
     parser.add_argument(
         "--cudnn-sdpa", action="store_true",
         help="keep SDPA's cuDNN backend: it builds a plan per new KV length (CPU-heavy), which penalises a growing cache",

@@ -1,7 +1,7 @@
 """Tuning sweep of the TTT-Linear chunk kernels' launch parameters (`ttt_triton.LAUNCH`) and of the backward's
 checkpoint group, on the GPU:
 
-    python kernels/tune_ttt.py [--length 8192] [--batch 4 --heads 32 --head-dims 64,128]
+    python kernels/tune_ttt.py [--length 8192] [--batch 4 --heads 32 --head-dims 64,128] [--out ttt_tune.json]
 
 For each head dim and kernel, times the op with every candidate launch of that kernel (the other kernels at
 their defaults): the forward without gradients for the state and output kernels, forward + backward for the
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--out", default="ttt_tune.json", help="result file name in kernels/results/")
     args = parser.parse_args()
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
@@ -105,7 +106,7 @@ def main() -> None:
         note = row.get("error") or (f"diff {row['max_rel_diff']:.1e}" if "max_rel_diff" in row else f"{row['extra_gib']:.2f} GiB")
         ms = "n/a" if row["ms"] is None else f"{row['ms']:.2f}"
         print(f"| {row['head_dim']} | {row['kernel']} | {row['launch']} | {ms} | {note} |")
-    save_results("ttt_tune.json", {"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows})
+    save_results(args.out, {"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

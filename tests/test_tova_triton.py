@@ -420,12 +420,17 @@ def test_benchmark_model_loop_runs_on_cpu(monkeypatch):
                         ("max_memory_allocated", 0), ("get_device_name", "cpu"),
                         ("get_device_properties", types.SimpleNamespace(total_memory=2**30))):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
-    args = argparse.Namespace(context=40, batch=2, steps=3, chunk=16, cudnn_sdpa=False)
+    real_fits = bench.fits  # a device of 5 rows: the real fill and decode steps below, "out of memory" above
+    monkeypatch.setattr(bench, "fits", lambda model, make_cache, batch, held:
+                        batch <= 5 and real_fits(model, make_cache, batch, held))
+    args = argparse.Namespace(context=40, batch=2, steps=3, chunk=16, cudnn_sdpa=False, max_batch=True)
     out = bench.model_benchmark(args, [8, 12])
     assert len(out["runs"]) == 8
     for name, row in out["runs"].items():
         assert "error" not in row and "graph_error" not in row, name
         assert row.get("graph_matches_eager", True) is True, name
+        assert row.get("max_batch_measured", 5) == 5, name
+    assert sum("max_batch_measured" in row for row in out["runs"].values()) == 3
     assert not any("failed" in line for line in out["tables"])
 
 
