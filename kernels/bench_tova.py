@@ -19,7 +19,7 @@
    score-and-evict overhead is (TOVA step - that step) / TOVA step, both captured. Under capture transformers
    materialises the all-True causal mask; TOVACache drops it for unpadded caches, so TOVA's captured steps attend
    as the eager ones do (the fused kernel without a mask row; SDPA's GQA path for the baseline).
-3. With --max-batch: the largest batch that decodes with each cache at the context (the full DynamicCache; TOVA
+3. With --max-batch (first, while the process holds nothing else): the largest batch that decodes with each cache at the context (the full DynamicCache; TOVA
    at each budget), by bisection: the caches are filled with random keys and values of the length a prompt of the
    context leaves them (instead of a prefill, which would run in micro-batches), then two eager decode steps run.
 Prints markdown tables and writes kernels/results/tova.json.
@@ -28,6 +28,7 @@ Prints markdown tables and writes kernels/results/tova.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 import traceback
 from collections.abc import Callable
@@ -285,10 +286,12 @@ def fits(model, make_cache, batch: int, held: int) -> bool:
         return True
     except RuntimeError as error:  # torch.OutOfMemoryError, or a library's failed allocation (cuBLAS)
         if isinstance(error, torch.OutOfMemoryError) or "ALLOC" in str(error) or "out of memory" in str(error):
+            print(f"  batch {batch}: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
             return False
         raise
     finally:
         del cache, token, position
+        gc.collect()  # a failed probe's traceback keeps its frames (and their tensors) in reference cycles
         torch.cuda.empty_cache()
 
 
@@ -302,7 +305,30 @@ def measured_max_batch(model, make_cache, held: int, estimate: int) -> int:
     return low
 
 
-def model_benchmark(args, budgets: list[int]) -> dict:
+def max_batch_benchmark(args, budgets: list[int]) -> dict[str, int]:
+    """The largest batch that decodes at the context with the full DynamicCache and with TOVA at each budget, in a
+    process that holds nothing else yet (the other runs' freed memory fragments the allocator)."""
+    model = llama_1b()
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = torch.cuda.get_device_properties(0).total_memory
+    row_bytes = 4 * config.num_hidden_layers * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    caches = {"DynamicCache (full)": (lambda: DynamicCache(config=config), args.context)}
+    for budget in budgets:
+        caches[f"TOVACache {budget}, Triton"] = (lambda b=budget: TOVACache(b, kernel_backend="auto"), budget)
+    measured = {}
+    for name, (make_cache, held) in caches.items():
+        estimate = int((0.9 * total - weights) // (row_bytes * held))  # bf16 keys and values of `held` tokens
+        measured[name] = measured_max_batch(model, make_cache, held, estimate)
+        print(f"{name}: largest batch that decodes {measured[name]} (KV-bound estimate {estimate})", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return measured
+
+
+def model_benchmark(args, budgets: list[int], measured_batches: dict[str, int] | None = None) -> dict:
+    measured_batches = measured_batches or {}
     model = llama_1b()
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -323,15 +349,11 @@ def model_benchmark(args, budgets: list[int]) -> dict:
             traceback.print_exc()
             results[name] = {"error": f"{type(error).__name__}: {error}"}
     total = torch.cuda.get_device_properties(0).total_memory
-    for row in results.values():
+    for name, row in results.items():
         if "kv_bytes_per_row" in row:  # KV-bound: 90% of the device minus the weights, over the KV bytes per row
             row["max_batch"] = int((0.9 * total - weights) // row["kv_bytes_per_row"])
-    if args.max_batch:
-        for name, held in [("DynamicCache (full)", args.context)] + [(f"TOVACache {b}, Triton", b) for b in budgets]:
-            if "max_batch" in results[name]:
-                measured = measured_max_batch(model, runs[name][0], held, results[name]["max_batch"])
-                results[name]["max_batch_measured"] = measured
-                print(f"{name}: largest batch that decodes {measured}", flush=True)
+        if name in measured_batches:
+            row["max_batch_measured"] = measured_batches[name]
     return {"params": weights // 2, "runs": results, "tables": model_tables(args, budgets, weights, results)}
 
 
@@ -419,13 +441,18 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
                      "context": args.context, "cudnn_sdpa": args.cudnn_sdpa,
                      "ops": op_benchmark(args.batch, budgets)}
+    if args.max_batch:
+        results["max_batch_measured"] = max_batch_benchmark(args, budgets)
     if not args.skip_model:
-        results.update(model_benchmark(args, budgets))
+        results.update(model_benchmark(args, budgets, results.get("max_batch_measured")))
     results["seconds"] = time.perf_counter() - started
     save_results("tova_cudnn_sdpa.json" if args.cudnn_sdpa else "tova.json", results)
     print("\n" + "\n".join(results["ops"]["table"]))
     if not args.skip_model:
         print("\n" + "\n".join(results["tables"]))
+    elif args.max_batch:
+        print("\n" + "\n".join(f"{name}: largest batch that decodes {batch}"
+                                 for name, batch in results["max_batch_measured"].items()))
     print(f"\n{results['seconds']:.0f} s")
 
 

@@ -1,5 +1,7 @@
 """TOVACache on tiny random decoders of every supported family, and against the official TOVA code."""
 
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
@@ -90,6 +92,19 @@ def test_physical_length_and_memory_stay_flat(family):
             sizes[cache.get_seq_length()] = cache.nbytes
     assert cache.get_seq_length() == 3 + 4 * budget
     assert sizes[budget + 1] == sizes[4 * budget + 3]
+
+
+def test_a_cache_is_freed_with_its_last_reference():
+    # An update that no attention call follows (a cache filled by hand, an error inside the forward) leaves the
+    # cache pending for the next attention call: only weakly, so deleting the cache frees its tensors.
+    cache = TOVACache(4)
+    cache.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), 0)
+    alive = weakref.ref(cache)
+    del cache
+    assert alive() is None
+    model = family_model("llama")
+    with torch.no_grad():  # and the pending call still finds its cache in a forward
+        assert model(ids(1, 5), past_key_values=TOVACache(4)).logits.shape[1] == 5
 
 
 def padded_batch():

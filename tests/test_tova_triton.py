@@ -423,8 +423,10 @@ def test_benchmark_model_loop_runs_on_cpu(monkeypatch):
     real_fits = bench.fits  # a device of 5 rows: the real fill and decode steps below, "out of memory" above
     monkeypatch.setattr(bench, "fits", lambda model, make_cache, batch, held:
                         batch <= 5 and real_fits(model, make_cache, batch, held))
-    args = argparse.Namespace(context=40, batch=2, steps=3, chunk=16, cudnn_sdpa=False, max_batch=True)
-    out = bench.model_benchmark(args, [8, 12])
+    args = argparse.Namespace(context=40, batch=2, steps=3, chunk=16, cudnn_sdpa=False)
+    measured = bench.max_batch_benchmark(args, [8, 12])
+    assert measured == {"DynamicCache (full)": 5, "TOVACache 8, Triton": 5, "TOVACache 12, Triton": 5}
+    out = bench.model_benchmark(args, [8, 12], measured)
     assert len(out["runs"]) == 8
     for name, row in out["runs"].items():
         assert "error" not in row and "graph_error" not in row, name

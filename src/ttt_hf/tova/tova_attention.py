@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 
 import torch
 from transformers.integrations.flash_attention import flash_attention_forward
@@ -28,8 +29,10 @@ _pending = threading.local()
 
 
 def set_pending(cache, layer_idx: int) -> None:
-    """Called by the cache's `update`: the next attention call of this layer belongs to `cache`."""
-    _pending.value = (cache, layer_idx)
+    """Called by the cache's `update`: the next attention call of this layer belongs to `cache`. A weak reference:
+    an update that no attention call follows (an exception in between, a cache filled by hand) must not keep the
+    cache and its tensors alive."""
+    _pending.value = (weakref.ref(cache), layer_idx)
 
 
 def _take_pending(module):
@@ -37,7 +40,7 @@ def _take_pending(module):
     if pending is None or pending[1] != getattr(module, "layer_idx", None):
         return None
     _pending.value = None
-    return pending[0]
+    return pending[0]()
 
 
 def last_query_scores(
