@@ -1,6 +1,6 @@
 """TTT-Linear op benchmark on the GPU: our Triton kernels vs our torch reference vs flash-linear-attention's
 `chunk_ttt_linear` vs SDPA (flash) causal attention at the same (B, H, T, D), forward and forward+backward;
-TTT-MLP (torch reference, its only path); the decode step.
+TTT-MLP (its forward kernel and the torch reference); the decode step.
 
     python kernels/bench_ttt.py [--lengths 2048,8192] [--batch 4 --heads 32 --head-dim 64]
 
@@ -46,7 +46,8 @@ def inputs(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torch.dty
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    # 0 where both are 0 (an accumulator after whole mini-batches), not NaN, which max() would not order
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
 def ms(fn, quick: bool = False) -> float:
@@ -62,18 +63,20 @@ def fwd_bwd(forward):
     return run
 
 
-def check(B: int, H: int, T: int, D: int, dtype: torch.dtype) -> float:
+def check(B: int, H: int, T: int, D: int, dtype: torch.dtype, mlp: bool = False) -> float:
     """Max relative error of the Triton path against the reference over the output, the final state and
-    accumulator, and the gradient of every input (for random cotangents of all of them)."""
-    args = inputs(B, H, T, D, dtype, requires_grad=True)
+    accumulator, and (TTT-Linear; TTT-MLP's kernel is forward only) the gradient of every input (for random
+    cotangents of all of them)."""
+    args = inputs(B, H, T, D, dtype, requires_grad=not mlp, mlp=mlp)
     leaves = [x for x in (*args[0], *args[2:9]) if x.requires_grad]
     results = {}
     for backend in ("torch", "triton"):
-        out, state, acc = ttt_chunk(*args, checkpoint_group=4 if backend == "torch" else 0, kernel_backend=backend)
+        with torch.set_grad_enabled(not mlp):
+            out, state, acc = ttt_chunk(*args, checkpoint_group=4 if backend == "torch" else 0, kernel_backend=backend)
         outputs = [out, *state, *acc]
         g = torch.Generator(device="cuda").manual_seed(1)
         cotangents = [torch.randn(x.shape, generator=g, device="cuda") for x in outputs]
-        grads = torch.autograd.grad(outputs, leaves, cotangents)
+        grads = torch.autograd.grad(outputs, leaves, cotangents) if leaves else ()
         results[backend] = [x.detach() for x in (*outputs, *grads)]
         del out, state, acc, outputs, grads
     return max(rel_err(a, b) for a, b in zip(results["triton"], results["torch"]))
@@ -97,12 +100,17 @@ def main() -> None:
 
     # Correctness on the benchmark shapes first (fp32 with TF32 off, and bf16): no timing for a wrong kernel.
     torch.backends.cuda.matmul.allow_tf32 = False
+    mlp_kernel = True
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         error = check(B, H, 2048, D, dtype)
         results["check"][str(dtype)] = error
         print(f"check {dtype}: max relative error (output, final state, every gradient) {error:.2e}")
         if error > tolerance:
             raise SystemExit(f"the Triton path is wrong for {dtype} (tolerance {tolerance:.0e}): no timings")
+        error = check(B, H, 2048, D, dtype, mlp=True)
+        results["check"][f"mlp {dtype}"] = error
+        print(f"check TTT-MLP {dtype}: max relative error (output, final state) {error:.2e}")
+        mlp_kernel &= error <= tolerance  # a wrong TTT-MLP kernel is reported, not timed
         torch.cuda.empty_cache()
     torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -110,7 +118,8 @@ def main() -> None:
     columns = {"triton_fwd": "ours Triton fwd", "torch_fwd": "torch ref fwd", "fla_fwd": "FLA fwd", "sdpa_fwd": "SDPA fwd",
                "triton_fwd_bwd": "ours Triton fwd+bwd", "torch_fwd_bwd": "torch ref fwd+bwd",
                "fla_fwd_bwd": "FLA fwd+bwd", "sdpa_fwd_bwd": "SDPA fwd+bwd",
-               "mlp_torch_fwd": "TTT-MLP torch ref fwd", "mlp_torch_fwd_bwd": "TTT-MLP torch ref fwd+bwd"}
+               "mlp_triton_fwd": "TTT-MLP Triton fwd", "mlp_torch_fwd": "TTT-MLP torch ref fwd",
+               "mlp_torch_fwd_bwd": "TTT-MLP torch ref fwd+bwd"}
     print("| T | " + " | ".join(columns.values()) + " |")
     print("|---|" + "---|" * len(columns))
     for T in map(int, args.lengths.split(",")):
@@ -126,9 +135,11 @@ def main() -> None:
         fwd_bwd(lambda: ttt_chunk(*g, kernel_backend="triton")[0])()
         row["triton_fwd_bwd_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
         row["torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_torch(*g)[0]), quick=True)
-        with torch.no_grad():  # TTT-MLP has no kernel: "auto" runs the reference (recomputing in the backward, for memory)
+        with torch.no_grad():  # TTT-MLP: a forward kernel; training runs the reference (recomputing, for memory)
             m = inputs(B, H, T, D, torch.bfloat16, mlp=True)
-            row["mlp_torch_fwd"] = ms(lambda: ttt_chunk(*m), quick=True)
+            if mlp_kernel:
+                row["mlp_triton_fwd"] = ms(lambda: ttt_chunk(*m, kernel_backend="triton"))
+            row["mlp_torch_fwd"] = ms(lambda: ttt_chunk_torch(*m), quick=True)
         m = inputs(B, H, T, D, torch.bfloat16, requires_grad=True, mlp=True)
         row["mlp_torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk(*m, checkpoint_group=16)[0]), quick=True)
         q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -178,7 +189,8 @@ def plot(results: dict, paths: list[Path]) -> None:
     lengths = sorted(results["ops"], key=int)
     series = {"ours Triton fwd": "triton_fwd", "torch ref fwd": "torch_fwd", "FLA fwd": "fla_fwd", "SDPA fwd": "sdpa_fwd",
               "ours Triton fwd+bwd": "triton_fwd_bwd", "torch ref fwd+bwd": "torch_fwd_bwd", "FLA fwd+bwd": "fla_fwd_bwd",
-              "SDPA fwd+bwd": "sdpa_fwd_bwd", "TTT-MLP torch fwd": "mlp_torch_fwd", "TTT-MLP torch fwd+bwd": "mlp_torch_fwd_bwd"}
+              "SDPA fwd+bwd": "sdpa_fwd_bwd", "TTT-MLP Triton fwd": "mlp_triton_fwd", "TTT-MLP torch fwd": "mlp_torch_fwd",
+              "TTT-MLP torch fwd+bwd": "mlp_torch_fwd_bwd"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, key in series.items():
         points = [(int(t), results["ops"][t][key]) for t in lengths if key in results["ops"][t]]

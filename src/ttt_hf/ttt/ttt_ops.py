@@ -23,8 +23,9 @@ from .configuration_ttt import KERNEL_BACKENDS
 
 try:
     from .ttt_triton import ttt_linear_chunk_triton
+    from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_forward_triton
 except ImportError:  # triton is optional: the torch reference runs everywhere
-    ttt_linear_chunk_triton = None
+    mlp_kernel_supported = ttt_linear_chunk_triton = ttt_mlp_chunk_forward_triton = None
 try:
     from .ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
 except ImportError:  # without triton (or without the decode kernels) the step runs in torch
@@ -64,17 +65,24 @@ def _kernel_requested(kernel_backend: str, kernel, q: torch.Tensor) -> bool:
     return q.is_cuda or kernel_backend == "triton"
 
 
-def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor) -> bool:
-    """Whether the chunk kernel runs this call. It exists for TTT-Linear (forward and backward) with
-    bf16/fp16 inputs and head_dim 16..128, fp32 inputs and head_dim 16..64; elsewhere the torch reference runs, also under
-    kernel_backend="triton" (logged once), so a result is never wrong, only slower."""
+def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether a chunk kernel runs this call. They exist for TTT-Linear (forward and backward) with bf16/fp16
+    inputs and head_dim 16..128, fp32 inputs and head_dim 16..64, and for TTT-MLP's forward without gradients
+    (fp32/bf16/fp16, head_dim 16..128), which only kernel_backend="triton" takes until it has run on a GPU;
+    elsewhere the torch reference runs, also under kernel_backend="triton" (logged once), so a result is never
+    wrong, only slower."""
     if not _kernel_requested(kernel_backend, ttt_linear_chunk_triton, q):
         return False
+    if len(state) == 4:
+        supported = not needs_grad and mlp_kernel_supported(state, q)
+        if kernel_backend == "triton" and not supported:
+            _log_fallback_once("TTT-MLP with gradients, fp64 inputs or head_dim outside 16..128")
+        return supported and kernel_backend == "triton"
     # fp32 tiles of head_dim 96/128 need ~400 KB of shared memory (H100: 227 KB): fp32 runs the kernel up to 64.
     max_head_dim = 64 if q.dtype == torch.float32 else 128
-    supported = len(state) == 2 and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= q.shape[-1] <= max_head_dim
+    supported = q.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= q.shape[-1] <= max_head_dim
     if kernel_backend == "triton" and not supported:
-        _log_fallback_once("TTT-MLP, fp64 inputs, head_dim outside 16..128 (16..64 in fp32)")
+        _log_fallback_once("fp64 inputs, head_dim outside 16..128 (16..64 in fp32)")
     return supported
 
 
@@ -340,17 +348,23 @@ def ttt_chunk(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`. The kernel's
     backward always recomputes: `checkpoint_group` mini-batches per group (0: `KERNEL_CHECKPOINT_GROUP`)."""
-    if not _use_kernel(kernel_backend, state, q):
+    needs_grad = _needs_grad(*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
+    if not _use_kernel(kernel_backend, state, q, needs_grad):
         return ttt_chunk_torch(
             state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group
         )
     layout = SlotLayout(start, length, tau.shape[0], q.shape[2])
     q_s, k_s, v_s = (layout.to_slots(x) for x in (q, k, v))
     lr_s = layout.to_slots(lr.float()[..., None])[..., 0]
-    out, state, acc = ttt_linear_chunk_triton(
-        state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS,
-        checkpoint_group=checkpoint_group or KERNEL_CHECKPOINT_GROUP,
-    )
+    if len(state) == 4:
+        out, state, acc = ttt_mlp_chunk_forward_triton(
+            state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS
+        )
+    else:
+        out, state, acc = ttt_linear_chunk_triton(
+            state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS,
+            checkpoint_group=checkpoint_group or KERNEL_CHECKPOINT_GROUP,
+        )
     return layout.from_slots(out), state, acc
 
 

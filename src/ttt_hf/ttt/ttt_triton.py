@@ -1,5 +1,5 @@
 """Triton kernels of TTT-Linear's chunked dual form (prefill and training, forward and backward); the decode
-step is in `ttt_triton_decode`.
+step is in `ttt_triton_decode`, TTT-MLP's chunk forward in `ttt_triton_mlp`.
 
 The forward is two kernels: a sequential one per (row, head) that keeps the inner state W [f, f], c [f] and
 its accumulator on chip in fp32 and does only what the next state needs (the key pass and the update), and a
@@ -145,9 +145,16 @@ def _accumulate(acc_w, acc_c, k, grad, lr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _commit(w, c, acc_w, acc_c, commit, tau_last):
+def _commit_one(x, acc, commit, tau_last):
     """`commit` is 1.0 when the mini-batch completes, 0.0 for a row's partial last one (it keeps accumulating)."""
-    return w - commit * tau_last * acc_w, c - commit * tau_last * acc_c, acc_w * (1.0 - commit), acc_c * (1.0 - commit)
+    return x - commit * tau_last * acc, acc * (1.0 - commit)
+
+
+@triton.jit
+def _commit(w, c, acc_w, acc_c, commit, tau_last):
+    w, acc_w = _commit_one(w, acc_w, commit, tau_last)
+    c, acc_c = _commit_one(c, acc_c, commit, tau_last)
+    return w, c, acc_w, acc_c
 
 
 @triton.jit

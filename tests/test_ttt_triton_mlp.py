@@ -1,0 +1,132 @@
+"""The TTT-MLP chunk forward kernel against the torch reference: on CPU under TRITON_INTERPRET=1 (set by conftest)
+at tiny sizes, on CUDA at real sizes (marked gpu)."""
+
+import pytest
+import torch
+from ttt_testing import random_ids, tiny_model
+
+from ttt_hf.ttt import ttt_ops
+from ttt_hf.ttt.ttt_ops import TTT_LN_EPS, SlotLayout, ttt_chunk
+
+pytest.importorskip("triton")
+from ttt_hf.ttt.ttt_triton_mlp import ttt_mlp_chunk_forward_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MB = 16
+
+
+def mlp_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g)).to(DEVICE)
+    q, k, v = (rand(batch, heads, seq_len, head_dim).to(dtype) for _ in range(3))
+    lr = (torch.rand(batch, heads, seq_len, generator=g) * 0.5 / head_dim**0.5).to(DEVICE)
+    tau = (1.0 / torch.arange(1, MB + 1) + 0.05 * torch.randn(MB, generator=g)).clamp_min(0).to(DEVICE)
+    ln_w, ln_b = 1 + rand(heads, 1, head_dim, scale=0.1), rand(heads, 1, head_dim, scale=0.1)
+    hidden = 4 * head_dim
+    shapes = [(head_dim, hidden), (1, hidden), (hidden, head_dim), (1, head_dim)]
+    state = [rand(batch, heads, *shape, scale=0.3 if shape[0] > 1 else 0.1) for shape in shapes]
+    acc = [rand(batch, heads, *shape, scale=0.01) for shape in shapes]
+    return state, acc, q, k, v, lr, tau, ln_w, ln_b
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def check_against_reference(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4):
+    """Output (real tokens), final state and accumulator of both backends, without gradients."""
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(batch, heads, seq_len, head_dim, dtype)
+    start, length = torch.tensor(start, device=DEVICE), torch.tensor(length, device=DEVICE)
+    real = (torch.arange(seq_len, device=DEVICE)[None, :] < length[:, None])[:, None, :, None]
+    results = {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            out, new_state, new_acc = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length,
+                                                kernel_backend=backend)
+            results[backend] = [out * real, *new_state, *new_acc]
+    names = ["out", "W1", "c1", "W2", "c2", "acc_W1", "acc_c1", "acc_W2", "acc_c2"]
+    errors = {n: rel_err(a, b) for n, a, b in zip(names, results["triton"], results["torch"])}
+    assert max(errors.values()) <= tol, errors
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])  # 24: padded head and hidden blocks (96 units in blocks of 32)
+def test_forward_matches_reference_with_offsets_and_partial_mini_batches(head_dim):
+    # Row 0 starts mid mini-batch and ends inside one (partial last mini-batch: no commit); row 1 is aligned.
+    check_against_reference(2, 2, 37, head_dim, start=[5, 16], length=[37, 30])
+
+
+def test_forward_matches_reference_for_aligned_full_rows():
+    check_against_reference(1, 3, 48, 16, start=[0], length=[48])
+
+
+def test_inputs_stay_untouched_and_broadcast_states_work():
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(2, 2, 32, 16)
+    state = [t[:1].expand_as(t) for t in state]  # as the model's initial parameters reach the op
+    before = [t.clone() for t in (*state, *acc)]
+    start, length = torch.zeros(2, dtype=torch.long, device=DEVICE), torch.full((2,), 32, device=DEVICE)
+    layout = SlotLayout(start, length, MB, 32)
+    slots = [layout.to_slots(x) for x in (q, k, v)]
+    lr_s = layout.to_slots(lr[..., None])[..., 0]
+    with torch.no_grad():
+        out, new_state, new_acc = ttt_mlp_chunk_forward_triton(state, acc, *slots, lr_s, tau, ln_w, ln_b, layout.span,
+                                                               TTT_LN_EPS)
+        reference = ttt_ops.ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
+    for tensor, saved in zip((*state, *acc), before):
+        assert torch.equal(tensor, saved)
+    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in (*new_state, *new_acc))
+    for got, want in zip([layout.from_slots(out), *new_state, *new_acc], [reference[0], *reference[1], *reference[2]]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # whole mini-batches: the accumulators end at 0
+
+
+def test_dispatch_rules():
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 1, 16, 16)
+    assert ttt_ops._use_kernel("triton", state, q, needs_grad=False)
+    assert not ttt_ops._use_kernel("triton", state, q, needs_grad=True)  # no backward: the reference
+    assert not ttt_ops._use_kernel("auto", state, q, needs_grad=False)  # "auto" takes it once it ran on a GPU
+    assert not ttt_ops._use_kernel("triton", state, q.double(), needs_grad=False)
+    assert not ttt_ops._use_kernel("triton", [state[0][..., :-1], *state[1:]], q, needs_grad=False)  # not 4f units
+    for x in (*state, q):
+        x.requires_grad_()
+    out, _, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long, device=DEVICE),
+                          torch.full((1,), 16, device=DEVICE), kernel_backend="triton")
+    assert out.grad_fn is not None
+
+
+def test_errors():
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 1, 16, 16)
+    slots = [x.view(1, 1, 1, MB, 16) for x in (q, k, v)]
+    span = torch.full((1,), 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="no backward"):
+        ttt_mlp_chunk_forward_triton([state[0].requires_grad_(), *state[1:]], acc, *slots, lr.view(1, 1, 1, MB), tau,
+                                     ln_w, ln_b, span, TTT_LN_EPS)
+    with pytest.raises(ValueError, match=r"\[W1, c1, W2, c2\] with 4f hidden units"):
+        with torch.no_grad():
+            ttt_mlp_chunk_forward_triton(state[:2], acc[:2], *slots, lr.view(1, 1, 1, MB), tau, ln_w, ln_b, span,
+                                         TTT_LN_EPS)
+
+
+def test_model_with_triton_backend_matches_torch_backend(monkeypatch):  # logits and greedy decoding
+    calls = []
+    kernel = ttt_ops.ttt_mlp_chunk_forward_triton
+    monkeypatch.setattr(ttt_ops, "ttt_mlp_chunk_forward_triton", lambda *args: calls.append(1) or kernel(*args))
+    ids = random_ids(2, 37, vocab=96, seed=3)
+    models = {b: tiny_model("mlp", hidden_size=64, mini_batch_size=MB, kernel_backend=b).to(DEVICE)
+              for b in ("torch", "triton")}
+    ids = ids.to(DEVICE)
+    with torch.no_grad():
+        full = {b: m(ids).logits for b, m in models.items()}
+        assert rel_err(full["triton"], full["torch"]) <= 1e-4
+        generated = {b: m.generate(ids[:, :20], max_new_tokens=12, do_sample=False) for b, m in models.items()}
+    assert torch.equal(generated["triton"], generated["torch"])
+    layers = models["triton"].config.num_hidden_layers
+    assert len(calls) == 2 * layers  # the full forward and generate's prefill
+    loss = models["triton"].train()(ids, labels=ids).loss  # training: the reference, differentiable
+    loss.backward()
+    assert all(p.grad is not None for n, p in models["triton"].named_parameters() if "W1" in n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_forward_at_real_sizes(head_dim, dtype, tol, no_tf32):
+    check_against_reference(2, 4, 2048 + 37, head_dim, start=[5, 0], length=[2048 + 37, 2048], dtype=dtype, tol=tol)
