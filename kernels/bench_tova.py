@@ -263,26 +263,29 @@ def cache_bytes(cache) -> int:
                for layer in cache.layers)
 
 
-def fits(model, make_cache, batch: int, held: int) -> bool:
-    """Whether `batch` rows decode with the cache a long prompt leaves: `held` random keys and values per layer
-    (the full context for the full cache, the budget for TOVA), filled directly instead of prefilled, then two
-    eager decode steps (the step's activations, the fused kernel's buffers and a growing cache's copy included)."""
+def fill_and_decode(model, make_cache, batch: int, held: int) -> None:
+    """Decodes two eager steps of `batch` rows with the cache a long prompt leaves: `held` random keys and values
+    per layer (the full context for the full cache, the budget for TOVA), filled directly instead of prefilled
+    (the step's activations, the fused kernel's buffers and a growing cache's copy all count)."""
     config = model.config
     shape = (batch, config.num_key_value_heads, held, config.hidden_size // config.num_attention_heads)
-    cache = token = position = None
+    cache = make_cache()
+    for layer_idx in range(config.num_hidden_layers):
+        keys = torch.randn(shape, device=model.device, dtype=model.dtype)
+        cache.update(keys, torch.randn_like(keys), layer_idx)
+        del keys
+    token = torch.randint(3, config.vocab_size, (batch, 1), device=model.device)
+    step = greedy_step(model, cache, token, torch.full_like(token, held))
+    with torch.no_grad():
+        step()
+        step()
+    torch.cuda.synchronize()
+
+
+def fits(model, make_cache, batch: int, held: int) -> bool:
+    """Whether `fill_and_decode` runs; its tensors are gone when this returns (the next probe needs the memory)."""
     try:
-        cache = make_cache()
-        for layer_idx in range(config.num_hidden_layers):
-            keys = torch.randn(shape, device=model.device, dtype=model.dtype)
-            cache.update(keys, torch.randn_like(keys), layer_idx)
-            del keys
-        token = torch.randint(3, config.vocab_size, (batch, 1), device=model.device)
-        position = torch.full_like(token, held)
-        step = greedy_step(model, cache, token, position)
-        with torch.no_grad():
-            step()
-            step()
-        torch.cuda.synchronize()
+        fill_and_decode(model, make_cache, batch, held)
         return True
     except RuntimeError as error:  # torch.OutOfMemoryError, or a library's failed allocation (cuBLAS)
         if isinstance(error, torch.OutOfMemoryError) or "ALLOC" in str(error) or "out of memory" in str(error):
@@ -290,7 +293,6 @@ def fits(model, make_cache, batch: int, held: int) -> bool:
             return False
         raise
     finally:
-        del cache, token, position
         gc.collect()  # a failed probe's traceback keeps its frames (and their tensors) in reference cycles
         torch.cuda.empty_cache()
 

@@ -46,8 +46,10 @@ def inputs(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torch.dty
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    # 0 where both are 0 (an accumulator after whole mini-batches), not NaN, which max() would not order
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    """0 where both are 0 (an accumulator after whole mini-batches), inf for NaN: max() over several errors
+    would silently drop a NaN, and a NaN passes no tolerance check either."""
+    error = (a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)
+    return torch.nan_to_num(error, nan=float("inf")).item()
 
 
 def ms(fn, quick: bool = False) -> float:

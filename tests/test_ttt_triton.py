@@ -3,7 +3,7 @@ conftest) at tiny sizes, on CUDA at real sizes (marked gpu)."""
 
 import pytest
 import torch
-from ttt_testing import random_ids, tiny_model
+from ttt_testing import random_ids, rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops, ttt_triton
 from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
@@ -24,10 +24,6 @@ def linear_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, device=D
     state = [rand(batch, heads, head_dim, head_dim, scale=0.3).to(device), rand(batch, heads, 1, head_dim, scale=0.1).to(device)]
     acc = [rand(batch, heads, head_dim, head_dim, scale=0.01).to(device), rand(batch, heads, 1, head_dim, scale=0.01).to(device)]
     return state, acc, q, k, v, lr, tau, ln_w, ln_b
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4, checkpoint_group=0,
@@ -178,19 +174,21 @@ def test_chunk_backward_saves_a_state_per_group_not_per_mini_batch():
 
 def test_dispatch_rules(monkeypatch):
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 16, 16, device="cpu")
-    assert not ttt_ops._use_kernel("auto", state, q, False)  # CPU: the reference
-    assert not ttt_ops._use_kernel("torch", state, q, False)
-    assert ttt_ops._use_kernel("triton", state, q, False)
-    assert not ttt_ops._use_kernel("triton", state + state, q, False)  # not TTT-MLP's state shapes: reference
-    assert not ttt_ops._use_kernel("triton", state, q.double(), False)
-    assert ttt_ops._use_kernel("triton", state, q.requires_grad_(), True)  # the chunk kernel has a backward
+    assert not ttt_ops._use_kernel("auto", state, q, MB, False)  # CPU: the reference
+    assert not ttt_ops._use_kernel("torch", state, q, MB, False)
+    assert ttt_ops._use_kernel("triton", state, q, MB, False)
+    assert not ttt_ops._use_kernel("triton", state + state, q, MB, False)  # not TTT-MLP's state shapes: reference
+    assert not ttt_ops._use_kernel("triton", state, q.double(), MB, False)
+    assert ttt_ops._use_kernel("triton", state, q.requires_grad_(), MB, True)  # the chunk kernel has a backward
+    for mini_batch in (4, 8, 12, 128):  # tiles of powers of two, products of at least 16 rows: the reference
+        assert not ttt_ops._use_kernel("triton", state, q, mini_batch, False)
     step_args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long),
                  torch.ones(1, dtype=torch.bool))
     out, _, _ = ttt_step(state, acc, *step_args, kernel_backend="triton")  # the step kernel has none: reference
     assert out.grad_fn is not None
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ttt_ops._use_kernel("triton", state, q.detach(), False)
+        ttt_ops._use_kernel("triton", state, q.detach(), MB, False)
     monkeypatch.setattr(ttt_ops, "ttt_linear_chunk_triton", None)
     with pytest.raises(ImportError, match="needs the triton package"):
         ttt_ops.check_kernel_backend("triton")

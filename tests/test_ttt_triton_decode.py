@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from ttt_testing import random_ids, tiny_model
+from ttt_testing import random_ids, rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops
 from ttt_hf.ttt.ttt_ops import causal_conv1d, causal_conv1d_banks, ttt_chunk_torch, ttt_step_torch
@@ -36,10 +36,6 @@ def step_inputs(layer_type, batch, heads, head_dim, tokens=1, dtype=torch.float3
     tau = (1.0 / torch.arange(1, mini_batch + 1) + 0.05 * torch.randn(mini_batch, generator=g)).clamp_min(0).to(DEVICE)
     ln_w, ln_b = 1 + rand(heads, 1, head_dim, scale=0.1), rand(heads, 1, head_dim, scale=0.1)
     return state, acc, q, k, v, lr, tau, ln_w, ln_b
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()  # 0/0: zeroed acc
 
 
 def check_step(layer_type, batch, heads, head_dim, position, active, dtype=torch.float32, tol=1e-4, mini_batch=MB):
@@ -193,7 +189,8 @@ def test_conv_step_dispatch_and_errors(monkeypatch):
 
 
 def test_mlp_model_decodes_the_same_with_both_backends(no_tf32):
-    """A TTT-MLP model with kernel_backend="triton" decodes through the kernel (its prefill runs in torch): a
+    """A TTT-MLP model with kernel_backend="triton" decodes through the kernel (its prefill through the chunk
+    forward kernel): a
     left-padded prompt then steps crossing commits give the torch backend's logits; beam search (which
     reorders the cache between in-place steps) picks the same tokens."""
     model = tiny_model("mlp", hidden_size=32, num_attention_heads=2, num_hidden_layers=1, mini_batch_size=MB)  # f = 16

@@ -3,7 +3,7 @@ at tiny sizes, on CUDA at real sizes (marked gpu)."""
 
 import pytest
 import torch
-from ttt_testing import random_ids, tiny_model
+from ttt_testing import random_ids, rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops
 from ttt_hf.ttt.ttt_ops import TTT_LN_EPS, SlotLayout, ttt_chunk
@@ -15,12 +15,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MB = 16
 
 
-def mlp_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, seed=0):
+def mlp_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, seed=0, mini_batch=MB):
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g)).to(DEVICE)
     q, k, v = (rand(batch, heads, seq_len, head_dim).to(dtype) for _ in range(3))
     lr = (torch.rand(batch, heads, seq_len, generator=g) * 0.5 / head_dim**0.5).to(DEVICE)
-    tau = (1.0 / torch.arange(1, MB + 1) + 0.05 * torch.randn(MB, generator=g)).clamp_min(0).to(DEVICE)
+    tau = (1.0 / torch.arange(1, mini_batch + 1) + 0.05 * torch.randn(mini_batch, generator=g)).clamp_min(0).to(DEVICE)
     ln_w, ln_b = 1 + rand(heads, 1, head_dim, scale=0.1), rand(heads, 1, head_dim, scale=0.1)
     hidden = 4 * head_dim
     shapes = [(head_dim, hidden), (1, hidden), (hidden, head_dim), (1, head_dim)]
@@ -29,13 +29,10 @@ def mlp_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, seed=0):
     return state, acc, q, k, v, lr, tau, ln_w, ln_b
 
 
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def check_against_reference(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4):
+def check_against_reference(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4,
+                            mini_batch=MB):
     """Output (real tokens), final state and accumulator of both backends, without gradients."""
-    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(batch, heads, seq_len, head_dim, dtype)
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(batch, heads, seq_len, head_dim, dtype, mini_batch=mini_batch)
     start, length = torch.tensor(start, device=DEVICE), torch.tensor(length, device=DEVICE)
     real = (torch.arange(seq_len, device=DEVICE)[None, :] < length[:, None])[:, None, :, None]
     results = {}
@@ -49,10 +46,15 @@ def check_against_reference(batch, heads, seq_len, head_dim, start, length, dtyp
     assert max(errors.values()) <= tol, errors
 
 
-@pytest.mark.parametrize("head_dim", [16, 24])  # 24: padded head and hidden blocks (96 units in blocks of 32)
+# 24: a padded head dim (to 32); 20: also a partial last block of hidden units (80 units in blocks of 32)
+@pytest.mark.parametrize("head_dim", [16, 20, 24])
 def test_forward_matches_reference_with_offsets_and_partial_mini_batches(head_dim):
     # Row 0 starts mid mini-batch and ends inside one (partial last mini-batch: no commit); row 1 is aligned.
     check_against_reference(2, 2, 37, head_dim, start=[5, 16], length=[37, 30])
+
+
+def test_forward_matches_reference_with_mini_batches_of_32():
+    check_against_reference(2, 1, 70, 16, start=[3, 0], length=[70, 64], mini_batch=32)
 
 
 def test_forward_matches_reference_for_aligned_full_rows():
@@ -80,11 +82,11 @@ def test_inputs_stay_untouched_and_broadcast_states_work():
 
 def test_dispatch_rules():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 1, 16, 16)
-    assert ttt_ops._use_kernel("triton", state, q, needs_grad=False)
-    assert not ttt_ops._use_kernel("triton", state, q, needs_grad=True)  # no backward: the reference
-    assert not ttt_ops._use_kernel("auto", state, q, needs_grad=False)  # "auto" takes it once it ran on a GPU
-    assert not ttt_ops._use_kernel("triton", state, q.double(), needs_grad=False)
-    assert not ttt_ops._use_kernel("triton", [state[0][..., :-1], *state[1:]], q, needs_grad=False)  # not 4f units
+    assert ttt_ops._use_kernel("triton", state, q, MB, needs_grad=False)
+    assert not ttt_ops._use_kernel("triton", state, q, MB, needs_grad=True)  # no backward: the reference
+    assert not ttt_ops._use_kernel("auto", state, q, MB, needs_grad=False)  # "auto" takes it once it ran on a GPU
+    assert not ttt_ops._use_kernel("triton", state, q.double(), MB, needs_grad=False)
+    assert not ttt_ops._use_kernel("triton", [state[0][..., :-1], *state[1:]], q, MB, needs_grad=False)  # not 4f units
     for x in (*state, q):
         x.requires_grad_()
     out, _, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long, device=DEVICE),

@@ -23,13 +23,14 @@ from .configuration_ttt import KERNEL_BACKENDS
 
 try:
     from .ttt_triton import ttt_linear_chunk_triton
-    from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_forward_triton
 except ImportError:  # triton is optional: the torch reference runs everywhere
-    mlp_kernel_supported = ttt_linear_chunk_triton = ttt_mlp_chunk_forward_triton = None
+    ttt_linear_chunk_triton = None
 try:
     from .ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
-except ImportError:  # without triton (or without the decode kernels) the step runs in torch
+    from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_forward_triton
+except ImportError:  # without triton (or without these kernels) the steps and TTT-MLP chunks run in torch
     causal_conv_step_triton = decode_kernel_supported = ttt_step_triton = None
+    mlp_kernel_supported = ttt_mlp_chunk_forward_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +66,22 @@ def _kernel_requested(kernel_backend: str, kernel, q: torch.Tensor) -> bool:
     return q.is_cuda or kernel_backend == "triton"
 
 
-def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor, needs_grad: bool) -> bool:
-    """Whether a chunk kernel runs this call. They exist for TTT-Linear (forward and backward) with bf16/fp16
-    inputs and head_dim 16..128, fp32 inputs and head_dim 16..64, and for TTT-MLP's forward without gradients
-    (fp32/bf16/fp16, head_dim 16..128), which only kernel_backend="triton" takes until it has run on a GPU;
-    elsewhere the torch reference runs, also under kernel_backend="triton" (logged once), so a result is never
-    wrong, only slower."""
+def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor, mini_batch: int,
+                needs_grad: bool) -> bool:
+    """Whether a chunk kernel runs this call. They exist for mini-batches of 16, 32 or 64 tokens (their tiles'
+    dims are powers of two, and their products need at least 16 rows on the GPU): for TTT-Linear (forward and
+    backward) with bf16/fp16 inputs and head_dim 16..128, fp32 inputs and head_dim 16..64, and for TTT-MLP's
+    forward without gradients (fp32/bf16/fp16, head_dim 16..128), which only kernel_backend="triton" takes until
+    it has run on a GPU; elsewhere the torch reference runs, also under kernel_backend="triton" (logged once),
+    so a result is never wrong, only slower."""
     if not _kernel_requested(kernel_backend, ttt_linear_chunk_triton, q):
         return False
+    if mini_batch not in (16, 32, 64):
+        if kernel_backend == "triton":
+            _log_fallback_once(f"mini_batch_size {mini_batch}: the chunk kernels take 16, 32 or 64")
+        return False
     if len(state) == 4:
-        supported = not needs_grad and mlp_kernel_supported(state, q)
+        supported = mlp_kernel_supported is not None and not needs_grad and mlp_kernel_supported(state, q)
         if kernel_backend == "triton" and not supported:
             _log_fallback_once("TTT-MLP with gradients, fp64 inputs or head_dim outside 16..128")
         return supported and kernel_backend == "triton"
@@ -349,7 +356,7 @@ def ttt_chunk(
     """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`. The kernel's
     backward always recomputes: `checkpoint_group` mini-batches per group (0: `KERNEL_CHECKPOINT_GROUP`)."""
     needs_grad = _needs_grad(*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
-    if not _use_kernel(kernel_backend, state, q, needs_grad):
+    if not _use_kernel(kernel_backend, state, q, tau.shape[0], needs_grad):
         return ttt_chunk_torch(
             state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group
         )
