@@ -314,13 +314,13 @@ def max_batch_benchmark(args, budgets: list[int]) -> dict[str, int]:
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     total = torch.cuda.get_device_properties(0).total_memory
-    row_bytes = 4 * config.num_hidden_layers * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    token_bytes = 4 * config.num_hidden_layers * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
     caches = {"DynamicCache (full)": (lambda: DynamicCache(config=config), args.context)}
     for budget in budgets:
         caches[f"TOVACache {budget}, Triton"] = (lambda b=budget: TOVACache(b, kernel_backend="auto"), budget)
     measured = {}
     for name, (make_cache, held) in caches.items():
-        estimate = int((0.9 * total - weights) // (row_bytes * held))  # bf16 keys and values of `held` tokens
+        estimate = int((0.9 * total - weights) // (token_bytes * held))  # bf16 keys and values of `held` tokens
         measured[name] = measured_max_batch(model, make_cache, held, estimate)
         print(f"{name}: largest batch that decodes {measured[name]} (KV-bound estimate {estimate})", flush=True)
     del model
