@@ -1,7 +1,8 @@
 """Tuning sweep of the TTT-Linear chunk kernels' launch parameters (`ttt_triton.LAUNCH`) and of the backward's
-checkpoint group, on the GPU:
+checkpoint group, and of the TTT-MLP forward kernel's state tiles and warps (`ttt_triton_mlp`), on the GPU:
 
     python kernels/tune_ttt.py [--length 8192] [--batch 4 --heads 32 --head-dims 64,128] [--out ttt_tune.json]
+                               [--mlp-only]
 
 For each head dim and kernel, times the op with every candidate launch of that kernel (the other kernels at
 their defaults): the forward without gradients for the state and output kernels, forward + backward for the
@@ -16,7 +17,7 @@ import argparse
 import torch
 from triton.testing import do_bench
 
-from ttt_hf.ttt import ttt_triton
+from ttt_hf.ttt import ttt_triton, ttt_triton_mlp
 from ttt_hf.ttt.ttt_ops import ttt_chunk
 
 from bench_common import save_results
@@ -30,6 +31,7 @@ CANDIDATES = {
     "bwd_inputs": [{"num_warps": w} for w in (4, 8, 16)],
 }
 GROUPS = (4, 64)
+MLP_CANDIDATES = [(512, 8), (2048, 8), (1024, 4), (2048, 16)]  # TTT-MLP forward: (TILE_ELEMENTS, NUM_WARPS)
 
 
 def kernel_breakdown(args: tuple) -> list[tuple[str, float]]:
@@ -63,6 +65,32 @@ def run_variant(kernel: str, launch: dict, head_dim: int, forward_only: bool, ar
         ttt_triton.LAUNCH[kernel] = default
 
 
+def mlp_rows(args, head_dim: int) -> list[dict]:
+    """TTT-MLP's chunk forward (no gradients) with each (state tile elements, warps), checked against the
+    default's output."""
+    m = inputs(args.batch, args.heads, args.length, head_dim, torch.bfloat16, mlp=True)
+    op = lambda: ttt_chunk(*m, kernel_backend="triton")[0]  # noqa: E731
+    default = (ttt_triton_mlp.TILE_ELEMENTS, ttt_triton_mlp.NUM_WARPS)
+    rows, reference = [], None
+    try:
+        for tile, warps in [default, *MLP_CANDIDATES]:
+            ttt_triton_mlp.TILE_ELEMENTS, ttt_triton_mlp.NUM_WARPS = tile, warps
+            row = dict(head_dim=head_dim, kernel="mlp_forward", launch={"tile_elements": tile, "num_warps": warps})
+            try:
+                with torch.no_grad():
+                    out = op()
+                    row["ms"] = do_bench(op, warmup=10, rep=50)
+            except Exception as error:  # noqa: BLE001 (a launch that does not compile)
+                rows.append({**row, "ms": None, "error": type(error).__name__})
+                continue
+            reference = out if reference is None else reference
+            rows.append({**row, "max_rel_diff": rel_err(out, reference)})
+            print(rows[-1], flush=True)
+    finally:
+        ttt_triton_mlp.TILE_ELEMENTS, ttt_triton_mlp.NUM_WARPS = default
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192)
@@ -70,9 +98,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--out", default="ttt_tune.json", help="result file name in kernels/results/")
+    parser.add_argument("--mlp-only", action="store_true", help="only the TTT-MLP forward kernel's launches")
     args = parser.parse_args()
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
+        rows += mlp_rows(args, head_dim)
+        if args.mlp_only:
+            continue
         a = inputs(args.batch, args.heads, args.length, head_dim, torch.bfloat16, requires_grad=True)
         print(f"\nD={head_dim}: GPU us per kernel, one forward + backward at the default launches")
         for name, us in kernel_breakdown(a):
