@@ -14,12 +14,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MB = 16
 
 
-def linear_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, device=DEVICE, seed=0):
+def linear_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, device=DEVICE, seed=0, mini_batch=MB):
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g)
     q, k, v = (rand(batch, heads, seq_len, head_dim).to(device, dtype) for _ in range(3))
     lr = (torch.rand(batch, heads, seq_len, generator=g) * 0.5 / head_dim ** 0.5).to(device)
-    tau = (1.0 / torch.arange(1, MB + 1) + 0.05 * torch.randn(MB, generator=g)).clamp_min(0).to(device)
+    tau = (1.0 / torch.arange(1, mini_batch + 1) + 0.05 * torch.randn(mini_batch, generator=g)).clamp_min(0).to(device)
     ln_w, ln_b = (1 + rand(heads, 1, head_dim, scale=0.1)).to(device), rand(heads, 1, head_dim, scale=0.1).to(device)
     state = [rand(batch, heads, head_dim, head_dim, scale=0.3).to(device), rand(batch, heads, 1, head_dim, scale=0.1).to(device)]
     acc = [rand(batch, heads, head_dim, head_dim, scale=0.01).to(device), rand(batch, heads, 1, head_dim, scale=0.01).to(device)]
@@ -27,10 +27,11 @@ def linear_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, device=D
 
 
 def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4, checkpoint_group=0,
-                backward=True):
+                backward=True, mini_batch=MB):
     """Output, final state and accumulator, and the gradient of every input (for random cotangents of all
     four results) against the torch reference."""
-    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(batch, heads, seq_len, head_dim, dtype)
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(batch, heads, seq_len, head_dim, dtype,
+                                                             mini_batch=mini_batch)
     inputs = [q, k, v, lr, tau, ln_w, ln_b, *state, *acc]
     for x in inputs:
         x.requires_grad_(backward)
@@ -58,6 +59,10 @@ def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_min
     # row 0 starts mid mini-batch and ends mid one (keeps its accumulator); row 1 is right-padded; head_dim 24
     # is padded to 32 inside the kernel; groups of 2 leave a last group of 1 (3 mini-batches).
     check_chunk(2, 2, 40, head_dim, start=[5, 32], length=[40, 27], checkpoint_group=checkpoint_group)
+
+
+def test_chunk_kernel_and_gradients_with_mini_batches_of_32():
+    check_chunk(2, 1, 70, 16, start=[3, 0], length=[70, 64], mini_batch=32)
 
 
 def test_aligned_full_rows_take_the_slots_as_views():
@@ -182,6 +187,7 @@ def test_dispatch_rules(monkeypatch):
     assert ttt_ops._use_kernel("triton", state, q.requires_grad_(), MB, True)  # the chunk kernel has a backward
     for mini_batch in (4, 8, 12, 128):  # tiles of powers of two, products of at least 16 rows: the reference
         assert not ttt_ops._use_kernel("triton", state, q, mini_batch, False)
+    assert ttt_ops._use_kernel("triton", state, q, 32, False) and ttt_ops._use_kernel("triton", state, q, 64, False)
     step_args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long),
                  torch.ones(1, dtype=torch.bool))
     out, _, _ = ttt_step(state, acc, *step_args, kernel_backend="triton")  # the step kernel has none: reference

@@ -83,6 +83,7 @@ def test_inputs_stay_untouched_and_broadcast_states_work():
 def test_dispatch_rules():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 1, 16, 16)
     assert ttt_ops._use_kernel("triton", state, q, MB, needs_grad=False)
+    assert ttt_ops._use_kernel("triton", state, q, 32, needs_grad=False)  # the mini-batch size of the test above
     assert not ttt_ops._use_kernel("triton", state, q, MB, needs_grad=True)  # no backward: the reference
     assert not ttt_ops._use_kernel("auto", state, q, MB, needs_grad=False)  # "auto" takes it once it ran on a GPU
     assert not ttt_ops._use_kernel("triton", state, q.double(), MB, needs_grad=False)
