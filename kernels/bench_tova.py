@@ -307,20 +307,28 @@ def measured_max_batch(model, make_cache, held: int, estimate: int) -> int:
     return low
 
 
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bound_batch(weights: int, row_bytes: float) -> int:
+    """The largest batch by KV bytes alone: 90% of the device minus the weights, over the KV bytes per row."""
+    return int((0.9 * torch.cuda.get_device_properties(0).total_memory - weights) // row_bytes)
+
+
 def max_batch_benchmark(args, budgets: list[int]) -> dict[str, int]:
     """The largest batch that decodes at the context with the full DynamicCache and with TOVA at each budget, in a
     process that holds nothing else yet (the other runs' freed memory fragments the allocator)."""
     model = llama_1b()
     config = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    total = torch.cuda.get_device_properties(0).total_memory
+    weights = weight_bytes(model)
     token_bytes = 4 * config.num_hidden_layers * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
     caches = {"DynamicCache (full)": (lambda: DynamicCache(config=config), args.context)}
     for budget in budgets:
         caches[f"TOVACache {budget}, Triton"] = (lambda b=budget: TOVACache(b, kernel_backend="auto"), budget)
     measured = {}
     for name, (make_cache, held) in caches.items():
-        estimate = int((0.9 * total - weights) // (token_bytes * held))  # bf16 keys and values of `held` tokens
+        estimate = kv_bound_batch(weights, token_bytes * held)  # bf16 keys and values of `held` tokens
         measured[name] = measured_max_batch(model, make_cache, held, estimate)
         print(f"{name}: largest batch that decodes {measured[name]} (KV-bound estimate {estimate})", flush=True)
     del model
@@ -333,7 +341,7 @@ def model_benchmark(args, budgets: list[int], measured_batches: dict[str, int] |
     measured_batches = measured_batches or {}
     model = llama_1b()
     config = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     room = args.context + 2 * args.steps + 2 * CHECK_STEPS + 64  # every step a run takes, with a margin
     runs = {
         "DynamicCache (full)": (lambda: DynamicCache(config=config), args.context, False),
@@ -350,10 +358,9 @@ def model_benchmark(args, budgets: list[int], measured_batches: dict[str, int] |
         except Exception as error:
             traceback.print_exc()
             results[name] = {"error": f"{type(error).__name__}: {error}"}
-    total = torch.cuda.get_device_properties(0).total_memory
     for name, row in results.items():
-        if "kv_bytes_per_row" in row:  # KV-bound: 90% of the device minus the weights, over the KV bytes per row
-            row["max_batch"] = int((0.9 * total - weights) // row["kv_bytes_per_row"])
+        if "kv_bytes_per_row" in row:
+            row["max_batch"] = kv_bound_batch(weights, row["kv_bytes_per_row"])
         if name in measured_batches:
             row["max_batch_measured"] = measured_batches[name]
     return {"params": weights // 2, "runs": results, "tables": model_tables(args, budgets, weights, results)}

@@ -43,13 +43,17 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _hidden_block(first, units, cols, col_mask, F: tl.constexpr, N: tl.constexpr):
+def _hidden_block(w1_ptr, c1_ptr, w2_ptr, first, units, cols, col_mask, F: tl.constexpr, N: tl.constexpr):
     """Hidden units n = [first, first + BLOCK) and their mask; offsets and masks of their W1 [F_PAD, BLOCK] and
-    W2 [BLOCK, F_PAD] tiles in the head's tensors."""
+    W2 [BLOCK, F_PAD] tiles in the head's tensors; and W1, c1, W2 of those units."""
     n = first + units
     n_mask = n < N
-    return (n, n_mask, cols[:, None] * N + n[None, :], col_mask[:, None] & n_mask[None, :], n[:, None] * F + cols[None, :],
-            n_mask[:, None] & col_mask[None, :])
+    offsets1, mask1 = cols[:, None] * N + n[None, :], col_mask[:, None] & n_mask[None, :]
+    offsets2, mask2 = n[:, None] * F + cols[None, :], n_mask[:, None] & col_mask[None, :]
+    w1 = tl.load(w1_ptr + offsets1, mask=mask1, other=0.0)
+    c1 = tl.load(c1_ptr + n, mask=n_mask, other=0.0)
+    w2 = tl.load(w2_ptr + offsets2, mask=mask2, other=0.0)
+    return n, n_mask, offsets1, mask1, offsets2, mask2, w1, c1, w2
 
 
 @triton.jit
@@ -85,10 +89,8 @@ def _ttt_mlp_chunk_forward_kernel(
 
         z2 = tl.zeros([MB, F_PAD], tl.float32) + c2[None, :]
         for first in range(0, N, BLOCK):
-            n, n_mask, offsets1, mask1, offsets2, mask2 = _hidden_block(first, units, cols, col_mask, F, N)
-            w1 = tl.load(w1_ptr + offsets1, mask=mask1, other=0.0)
-            c1 = tl.load(c1_ptr + n, mask=n_mask, other=0.0)
-            w2 = tl.load(w2_ptr + offsets2, mask=mask2, other=0.0)
+            n, n_mask, offsets1, mask1, offsets2, mask2, w1, c1, w2 = _hidden_block(
+                w1_ptr, c1_ptr, w2_ptr, first, units, cols, col_mask, F, N)
             z2 += _dot(_gelu_tanh(_dot(k, w1, PRECISION) + c1[None, :])[0], w2, PRECISION)
         g2 = _layer_norm_l2_grad(z2, v - k, ln_w, ln_b, col_mask, F, eps)[0]
         weighted2 = lr[:, None] * g2
@@ -98,10 +100,8 @@ def _ttt_mlp_chunk_forward_kernel(
         z_q = c2[None, :] - tau[:, None] * acc_c2[None, :]
         hidden_scores = tl.zeros([MB, MB], tl.float32)  # x_q x2^T over all hidden units
         for first in range(0, N, BLOCK):
-            n, n_mask, offsets1, mask1, offsets2, mask2 = _hidden_block(first, units, cols, col_mask, F, N)
-            w1 = tl.load(w1_ptr + offsets1, mask=mask1, other=0.0)
-            c1 = tl.load(c1_ptr + n, mask=n_mask, other=0.0)
-            w2 = tl.load(w2_ptr + offsets2, mask=mask2, other=0.0)
+            n, n_mask, offsets1, mask1, offsets2, mask2, w1, c1, w2 = _hidden_block(
+                w1_ptr, c1_ptr, w2_ptr, first, units, cols, col_mask, F, N)
             acc_w1 = tl.load(acc_w1_ptr + offsets1, mask=mask1, other=0.0)
             acc_c1 = tl.load(acc_c1_ptr + n, mask=n_mask, other=0.0)
             acc_w2 = tl.load(acc_w2_ptr + offsets2, mask=mask2, other=0.0)
