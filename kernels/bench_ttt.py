@@ -1,6 +1,6 @@
 """TTT-Linear op benchmark on the GPU: our Triton kernels vs our torch reference vs flash-linear-attention's
 `chunk_ttt_linear` vs SDPA (flash) causal attention at the same (B, H, T, D), forward and forward+backward;
-TTT-MLP (its forward kernel and the torch reference); the decode step.
+TTT-MLP (our Triton kernels and the torch reference); the decode step.
 
     python kernels/bench_ttt.py [--lengths 2048,8192] [--batch 4 --heads 32 --head-dim 64]
 
@@ -65,16 +65,22 @@ def fwd_bwd(forward):
     return run
 
 
+def extra_gib(run) -> float:
+    """Peak memory of one call of `run` above what was allocated before it, in GiB."""
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def check(B: int, H: int, T: int, D: int, dtype: torch.dtype, mlp: bool = False) -> float:
     """Max relative error of the Triton path against the reference over the output, the final state and
-    accumulator, and (TTT-Linear; TTT-MLP's kernel is forward only) the gradient of every input (for random
-    cotangents of all of them)."""
-    args = inputs(B, H, T, D, dtype, requires_grad=not mlp, mlp=mlp)
+    accumulator, and the gradient of every input (for random cotangents of all of them)."""
+    args = inputs(B, H, T, D, dtype, requires_grad=True, mlp=mlp)
     leaves = [x for x in (*args[0], *args[2:9]) if x.requires_grad]
     results = {}
     for backend in ("torch", "triton"):
-        with torch.set_grad_enabled(not mlp):
-            out, state, acc = ttt_chunk(*args, checkpoint_group=4 if backend == "torch" else 0, kernel_backend=backend)
+        out, state, acc = ttt_chunk(*args, checkpoint_group=4 if backend == "torch" else 0, kernel_backend=backend)
         outputs = [out, *state, *acc]
         g = torch.Generator(device="cuda").manual_seed(1)
         cotangents = [torch.randn(x.shape, generator=g, device="cuda") for x in outputs]
@@ -111,7 +117,7 @@ def main() -> None:
             raise SystemExit(f"the Triton path is wrong for {dtype} (tolerance {tolerance:.0e}): no timings")
         error = check(B, H, 2048, D, dtype, mlp=True)
         results["check"][f"mlp {dtype}"] = error
-        print(f"check TTT-MLP {dtype}: max relative error (output, final state) {error:.2e}")
+        print(f"check TTT-MLP {dtype}: max relative error (output, final state, every gradient) {error:.2e}")
         mlp_kernel &= error <= tolerance  # a wrong TTT-MLP kernel is reported, not timed
         torch.cuda.empty_cache()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -121,7 +127,7 @@ def main() -> None:
                "triton_fwd_bwd": "ours Triton fwd+bwd", "torch_fwd_bwd": "torch ref fwd+bwd",
                "fla_fwd_bwd": "FLA fwd+bwd", "sdpa_fwd_bwd": "SDPA fwd+bwd",
                "mlp_triton_fwd": "TTT-MLP Triton fwd", "mlp_torch_fwd": "TTT-MLP torch ref fwd",
-               "mlp_torch_fwd_bwd": "TTT-MLP torch ref fwd+bwd"}
+               "mlp_triton_fwd_bwd": "TTT-MLP Triton fwd+bwd", "mlp_torch_fwd_bwd": "TTT-MLP torch ref fwd+bwd"}
     print("| T | " + " | ".join(columns.values()) + " |")
     print("|---|" + "---|" * len(columns))
     for T in map(int, args.lengths.split(",")):
@@ -132,18 +138,20 @@ def main() -> None:
             row["torch_fwd"] = ms(lambda: ttt_chunk_torch(*a), quick=True)
         g = inputs(B, H, T, D, torch.bfloat16, requires_grad=True)
         row["triton_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk(*g, kernel_backend="triton")[0]))
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd(lambda: ttt_chunk(*g, kernel_backend="triton")[0])()
-        row["triton_fwd_bwd_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row["triton_fwd_bwd_extra_gib"] = extra_gib(fwd_bwd(lambda: ttt_chunk(*g, kernel_backend="triton")[0]))
         row["torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_torch(*g)[0]), quick=True)
-        with torch.no_grad():  # TTT-MLP: a forward kernel; training runs the reference (recomputing, for memory)
+        with torch.no_grad():
             m = inputs(B, H, T, D, torch.bfloat16, mlp=True)
             if mlp_kernel:
                 row["mlp_triton_fwd"] = ms(lambda: ttt_chunk(*m, kernel_backend="triton"))
             row["mlp_torch_fwd"] = ms(lambda: ttt_chunk_torch(*m), quick=True)
         m = inputs(B, H, T, D, torch.bfloat16, requires_grad=True, mlp=True)
-        row["mlp_torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk(*m, checkpoint_group=16)[0]), quick=True)
+        if mlp_kernel:
+            mlp_triton = fwd_bwd(lambda: ttt_chunk(*m, kernel_backend="triton")[0])
+            row["mlp_triton_fwd_bwd"] = ms(mlp_triton)
+            row["mlp_triton_fwd_bwd_extra_gib"] = extra_gib(mlp_triton)
+        # The reference recomputes groups of 16 mini-batches, as the model's training with it does.
+        row["mlp_torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_torch(*m, checkpoint_group=16)[0]), quick=True)
         q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         with torch.no_grad():
             row["sdpa_fwd"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
@@ -160,7 +168,8 @@ def main() -> None:
         results["ops"][T] = row
         cell = lambda key: f"{row[key]:.2f}" if key in row else "n/a"  # noqa: E731
         print(f"| {T} | " + " | ".join(cell(key) for key in columns) + " |")
-        print(f"(ours Triton fwd+bwd at T={T}: {row['triton_fwd_bwd_extra_gib']:.2f} GiB above the inputs)")
+        print(f"(ours Triton fwd+bwd at T={T}: {row['triton_fwd_bwd_extra_gib']:.2f} GiB above the inputs; TTT-MLP "
+              f"{row.get('mlp_triton_fwd_bwd_extra_gib', float('nan')):.2f} GiB)")
         torch.cuda.empty_cache()
 
     print(f"\n## TTT-Linear decode step, one layer, D={D} (microseconds per step)")
@@ -192,7 +201,7 @@ def plot(results: dict, paths: list[Path]) -> None:
     series = {"ours Triton fwd": "triton_fwd", "torch ref fwd": "torch_fwd", "FLA fwd": "fla_fwd", "SDPA fwd": "sdpa_fwd",
               "ours Triton fwd+bwd": "triton_fwd_bwd", "torch ref fwd+bwd": "torch_fwd_bwd", "FLA fwd+bwd": "fla_fwd_bwd",
               "SDPA fwd+bwd": "sdpa_fwd_bwd", "TTT-MLP Triton fwd": "mlp_triton_fwd", "TTT-MLP torch fwd": "mlp_torch_fwd",
-              "TTT-MLP torch fwd+bwd": "mlp_torch_fwd_bwd"}
+              "TTT-MLP Triton fwd+bwd": "mlp_triton_fwd_bwd", "TTT-MLP torch fwd+bwd": "mlp_torch_fwd_bwd"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, key in series.items():
         points = [(int(t), results["ops"][t][key]) for t in lengths if key in results["ops"][t]]

@@ -1,5 +1,5 @@
 """Tuning sweep of the TTT-Linear chunk kernels' launch parameters (`ttt_triton.LAUNCH`) and of the backward's
-checkpoint group, and of the TTT-MLP forward kernel's state tiles and warps (`ttt_triton_mlp`), on the GPU:
+checkpoint group, and of the TTT-MLP kernels' state tiles and warps (`ttt_triton_mlp.LAUNCH`), on the GPU:
 
     python kernels/tune_ttt.py [--length 8192] [--batch 4 --heads 32 --head-dims 64,128] [--out ttt_tune.json]
                                [--mlp-only]
@@ -31,7 +31,8 @@ CANDIDATES = {
     "bwd_inputs": [{"num_warps": w} for w in (4, 8, 16)],
 }
 GROUPS = (4, 64)
-MLP_CANDIDATES = [(512, 8), (2048, 8), (1024, 4), (2048, 16)]  # TTT-MLP forward: (TILE_ELEMENTS, NUM_WARPS)
+# TTT-MLP: (tile elements, warps) per kernel
+MLP_CANDIDATES = {"forward": [(1024, 8), (2048, 4), (4096, 8)], "backward": [(512, 8), (2048, 8), (1024, 4), (1024, 16)]}
 
 
 def kernel_breakdown(args: tuple) -> list[tuple[str, float]]:
@@ -66,28 +67,36 @@ def run_variant(kernel: str, launch: dict, head_dim: int, forward_only: bool, ar
 
 
 def mlp_rows(args, head_dim: int) -> list[dict]:
-    """TTT-MLP's chunk forward (no gradients) with each (state tile elements, warps), checked against the
-    default's output."""
-    m = inputs(args.batch, args.heads, args.length, head_dim, torch.bfloat16, mlp=True)
+    """TTT-MLP's chunk kernels with each (state tile elements, warps): the forward timed without gradients, the
+    backward as forward + backward; every variant checked against its kernel's default."""
+    m = inputs(args.batch, args.heads, args.length, head_dim, torch.bfloat16, requires_grad=True, mlp=True)
     op = lambda: ttt_chunk(*m, kernel_backend="triton")[0]  # noqa: E731
-    default = (ttt_triton_mlp.TILE_ELEMENTS, ttt_triton_mlp.NUM_WARPS)
-    rows, reference = [], None
-    try:
-        for tile, warps in [default, *MLP_CANDIDATES]:
-            ttt_triton_mlp.TILE_ELEMENTS, ttt_triton_mlp.NUM_WARPS = tile, warps
-            row = dict(head_dim=head_dim, kernel="mlp_forward", launch={"tile_elements": tile, "num_warps": warps})
-            try:
-                with torch.no_grad():
-                    out = op()
-                    row["ms"] = do_bench(op, warmup=10, rep=50)
-            except Exception as error:  # noqa: BLE001 (a launch that does not compile)
-                rows.append({**row, "ms": None, "error": type(error).__name__})
-                continue
-            reference = out if reference is None else reference
-            rows.append({**row, "max_rel_diff": rel_err(out, reference)})
-            print(rows[-1], flush=True)
-    finally:
-        ttt_triton_mlp.TILE_ELEMENTS, ttt_triton_mlp.NUM_WARPS = default
+    rows = []
+    for kernel, candidates in MLP_CANDIDATES.items():
+        default = ttt_triton_mlp.LAUNCH[kernel]
+        reference = None
+        try:
+            for tile, warps in [(default["tile_elements"], default["num_warps"]), *candidates]:
+                launch = {"tile_elements": tile, "num_warps": warps}
+                ttt_triton_mlp.LAUNCH[kernel] = launch
+                row = dict(head_dim=head_dim, kernel=f"mlp_{kernel}", launch=launch)
+                try:
+                    if kernel == "forward":
+                        with torch.no_grad():
+                            result = [op()]
+                            row["ms"] = do_bench(op, warmup=10, rep=50)
+                    else:
+                        out = op()
+                        result = [out.detach(), *torch.autograd.grad(out.square().sum(), m[2:5])]
+                        row["ms"] = do_bench(fwd_bwd(op), warmup=3, rep=20)
+                except Exception as error:  # noqa: BLE001 (a launch that does not compile)
+                    rows.append({**row, "ms": None, "error": type(error).__name__})
+                    continue
+                reference = result if reference is None else reference
+                rows.append({**row, "max_rel_diff": max(rel_err(a, b) for a, b in zip(result, reference))})
+                print(rows[-1], flush=True)
+        finally:
+            ttt_triton_mlp.LAUNCH[kernel] = default
     return rows
 
 
@@ -98,7 +107,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--out", default="ttt_tune.json", help="result file name in kernels/results/")
-    parser.add_argument("--mlp-only", action="store_true", help="only the TTT-MLP forward kernel's launches")
+    parser.add_argument("--mlp-only", action="store_true", help="only the TTT-MLP kernels' launches")
     args = parser.parse_args()
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):

@@ -179,22 +179,22 @@ def test_chunk_backward_saves_a_state_per_group_not_per_mini_batch():
 
 def test_dispatch_rules(monkeypatch):
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 16, 16, device="cpu")
-    assert not ttt_ops._use_kernel("auto", state, q, MB, False)  # CPU: the reference
-    assert not ttt_ops._use_kernel("torch", state, q, MB, False)
-    assert ttt_ops._use_kernel("triton", state, q, MB, False)
-    assert not ttt_ops._use_kernel("triton", state + state, q, MB, False)  # not TTT-MLP's state shapes: reference
-    assert not ttt_ops._use_kernel("triton", state, q.double(), MB, False)
-    assert ttt_ops._use_kernel("triton", state, q.requires_grad_(), MB, True)  # the chunk kernel has a backward
+    assert not ttt_ops._use_kernel("auto", state, q, MB)  # CPU: the reference
+    assert not ttt_ops._use_kernel("torch", state, q, MB)
+    assert ttt_ops._use_kernel("triton", state, q, MB)
+    assert not ttt_ops._use_kernel("triton", state + state, q, MB)  # not TTT-MLP's state shapes: reference
+    assert not ttt_ops._use_kernel("triton", state, q.double(), MB)
+    assert ttt_ops._use_kernel("triton", state, q.requires_grad_(), MB)  # the chunk kernel has a backward
     for mini_batch in (4, 8, 12, 128):  # tiles of powers of two, products of at least 16 rows: the reference
-        assert not ttt_ops._use_kernel("triton", state, q, mini_batch, False)
-    assert ttt_ops._use_kernel("triton", state, q, 32, False) and ttt_ops._use_kernel("triton", state, q, 64, False)
+        assert not ttt_ops._use_kernel("triton", state, q, mini_batch)
+    assert ttt_ops._use_kernel("triton", state, q, 32) and ttt_ops._use_kernel("triton", state, q, 64)
     step_args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long),
                  torch.ones(1, dtype=torch.bool))
     out, _, _ = ttt_step(state, acc, *step_args, kernel_backend="triton")  # the step kernel has none: reference
     assert out.grad_fn is not None
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ttt_ops._use_kernel("triton", state, q.detach(), MB, False)
+        ttt_ops._use_kernel("triton", state, q.detach(), MB)
     monkeypatch.setattr(ttt_ops, "ttt_linear_chunk_triton", None)
     with pytest.raises(ImportError, match="needs the triton package"):
         ttt_ops.check_kernel_backend("triton")

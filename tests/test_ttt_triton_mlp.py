@@ -1,4 +1,4 @@
-"""The TTT-MLP chunk forward kernel against the torch reference: on CPU under TRITON_INTERPRET=1 (set by conftest)
+"""The TTT-MLP chunk kernels (forward and backward) against the torch reference: on CPU under TRITON_INTERPRET=1 (set by conftest)
 at tiny sizes, on CUDA at real sizes (marked gpu)."""
 
 import pytest
@@ -9,7 +9,7 @@ from ttt_hf.ttt import ttt_ops
 from ttt_hf.ttt.ttt_ops import TTT_LN_EPS, SlotLayout, ttt_chunk
 
 pytest.importorskip("triton")
-from ttt_hf.ttt.ttt_triton_mlp import ttt_mlp_chunk_forward_triton  # noqa: E402
+from ttt_hf.ttt.ttt_triton_mlp import ttt_mlp_chunk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MB = 16
@@ -30,35 +30,56 @@ def mlp_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, seed=0, min
 
 
 def check_against_reference(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4,
-                            mini_batch=MB):
-    """Output (real tokens), final state and accumulator of both backends, without gradients."""
+                            mini_batch=MB, backward=True, checkpoint_group=0):
+    """Output (real tokens), final state and accumulator of both backends and, with `backward`, the gradient of
+    every input for random cotangents of all nine results."""
     state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(batch, heads, seq_len, head_dim, dtype, mini_batch=mini_batch)
+    inputs = [q, k, v, lr, tau, ln_w, ln_b, *state, *acc]
+    for x in inputs:
+        x.requires_grad_(backward)
     start, length = torch.tensor(start, device=DEVICE), torch.tensor(length, device=DEVICE)
     real = (torch.arange(seq_len, device=DEVICE)[None, :] < length[:, None])[:, None, :, None]
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    cotangents = None
     results = {}
-    with torch.no_grad():
-        for backend in ("torch", "triton"):
+    for backend in ("torch", "triton"):
+        with torch.set_grad_enabled(backward):
             out, new_state, new_acc = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length,
-                                                kernel_backend=backend)
-            results[backend] = [out * real, *new_state, *new_acc]
+                                                checkpoint_group=checkpoint_group, kernel_backend=backend)
+        outputs = [out * real, *new_state, *new_acc]
+        if cotangents is None:
+            cotangents = [torch.randn(x.shape, generator=g, device=DEVICE) for x in outputs]
+        grads = torch.autograd.grad(outputs, inputs, cotangents) if backward else ()
+        results[backend] = [x.detach() for x in outputs] + list(grads)
     names = ["out", "W1", "c1", "W2", "c2", "acc_W1", "acc_c1", "acc_W2", "acc_c2"]
+    names += ["d_" + n for n in ["q", "k", "v", "lr", "tau", "ln_w", "ln_b", *names[1:]]]
     errors = {n: rel_err(a, b) for n, a, b in zip(names, results["triton"], results["torch"])}
     assert max(errors.values()) <= tol, errors
 
 
 # 24: a padded head dim (to 32); 20: also a partial last block of hidden units (80 units in blocks of 32)
 @pytest.mark.parametrize("head_dim", [16, 20, 24])
-def test_forward_matches_reference_with_offsets_and_partial_mini_batches(head_dim):
+def test_kernels_match_reference_with_offsets_and_partial_mini_batches(head_dim):
     # Row 0 starts mid mini-batch and ends inside one (partial last mini-batch: no commit); row 1 is aligned.
     check_against_reference(2, 2, 37, head_dim, start=[5, 16], length=[37, 30])
 
 
-def test_forward_matches_reference_with_mini_batches_of_32():
+@pytest.mark.parametrize("checkpoint_group", [1, 2])
+def test_gradients_across_checkpoint_groups(checkpoint_group):
+    # 4 mini-batches: groups of 1 and of 2; row 1 ends inside the third, so the fourth is inert for it.
+    check_against_reference(2, 1, 64, 16, start=[0, 0], length=[64, 40], checkpoint_group=checkpoint_group)
+
+
+def test_kernels_match_reference_with_mini_batches_of_32():
     check_against_reference(2, 1, 70, 16, start=[3, 0], length=[70, 64], mini_batch=32)
 
 
-def test_forward_matches_reference_for_aligned_full_rows():
+def test_kernels_match_reference_for_aligned_full_rows():
     check_against_reference(1, 3, 48, 16, start=[0], length=[48])
+
+
+def test_forward_without_gradients_matches_reference():
+    check_against_reference(2, 2, 37, 16, start=[5, 16], length=[37, 30], backward=False)
 
 
 def test_inputs_stay_untouched_and_broadcast_states_work():
@@ -70,8 +91,8 @@ def test_inputs_stay_untouched_and_broadcast_states_work():
     slots = [layout.to_slots(x) for x in (q, k, v)]
     lr_s = layout.to_slots(lr[..., None])[..., 0]
     with torch.no_grad():
-        out, new_state, new_acc = ttt_mlp_chunk_forward_triton(state, acc, *slots, lr_s, tau, ln_w, ln_b, layout.span,
-                                                               TTT_LN_EPS)
+        out, new_state, new_acc = ttt_mlp_chunk_triton(state, acc, *slots, lr_s, tau, ln_w, ln_b, layout.span,
+                                                       TTT_LN_EPS)
         reference = ttt_ops.ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
     for tensor, saved in zip((*state, *acc), before):
         assert torch.equal(tensor, saved)
@@ -82,36 +103,28 @@ def test_inputs_stay_untouched_and_broadcast_states_work():
 
 def test_dispatch_rules():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 1, 16, 16)
-    assert ttt_ops._use_kernel("triton", state, q, MB, needs_grad=False)
-    assert ttt_ops._use_kernel("triton", state, q, 32, needs_grad=False)  # the mini-batch size of the test above
-    assert not ttt_ops._use_kernel("triton", state, q, MB, needs_grad=True)  # no backward: the reference
-    assert not ttt_ops._use_kernel("auto", state, q, MB, needs_grad=False)  # "auto" takes it once it ran on a GPU
-    assert not ttt_ops._use_kernel("triton", state, q.double(), MB, needs_grad=False)
-    assert not ttt_ops._use_kernel("triton", [state[0][..., :-1], *state[1:]], q, MB, needs_grad=False)  # not 4f units
-    for x in (*state, q):
-        x.requires_grad_()
-    out, _, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long, device=DEVICE),
-                          torch.full((1,), 16, device=DEVICE), kernel_backend="triton")
-    assert out.grad_fn is not None
+    assert ttt_ops._use_kernel("triton", state, q, MB)
+    assert ttt_ops._use_kernel("triton", state, q, 32)  # the mini-batch size of the test above
+    assert ttt_ops._use_kernel("auto", state, q, MB) == (DEVICE == "cuda")
+    assert not ttt_ops._use_kernel("triton", state, q.double(), MB)
+    assert not ttt_ops._use_kernel("triton", [state[0][..., :-1], *state[1:]], q, MB)  # not 4f units
 
 
 def test_errors():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 1, 16, 16)
     slots = [x.view(1, 1, 1, MB, 16) for x in (q, k, v)]
     span = torch.full((1,), 16, device=DEVICE)
-    with pytest.raises(RuntimeError, match="no backward"):
-        ttt_mlp_chunk_forward_triton([state[0].requires_grad_(), *state[1:]], acc, *slots, lr.view(1, 1, 1, MB), tau,
-                                     ln_w, ln_b, span, TTT_LN_EPS)
     with pytest.raises(ValueError, match=r"\[W1, c1, W2, c2\] with 4f hidden units"):
-        with torch.no_grad():
-            ttt_mlp_chunk_forward_triton(state[:2], acc[:2], *slots, lr.view(1, 1, 1, MB), tau, ln_w, ln_b, span,
-                                         TTT_LN_EPS)
+        ttt_mlp_chunk_triton(state[:2], acc[:2], *slots, lr.view(1, 1, 1, MB), tau, ln_w, ln_b, span, TTT_LN_EPS)
+    with pytest.raises(ValueError, match="checkpoint_group must be >= 1"):
+        ttt_mlp_chunk_triton(state, acc, *slots, lr.view(1, 1, 1, MB), tau, ln_w, ln_b, span, TTT_LN_EPS,
+                             checkpoint_group=0)
 
 
-def test_model_with_triton_backend_matches_torch_backend(monkeypatch):  # logits and greedy decoding
+def test_model_with_triton_backend_matches_torch_backend(monkeypatch):  # logits, greedy decoding, gradients
     calls = []
-    kernel = ttt_ops.ttt_mlp_chunk_forward_triton
-    monkeypatch.setattr(ttt_ops, "ttt_mlp_chunk_forward_triton", lambda *args: calls.append(1) or kernel(*args))
+    kernel = ttt_ops.ttt_mlp_chunk_triton
+    monkeypatch.setattr(ttt_ops, "ttt_mlp_chunk_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     ids = random_ids(2, 37, vocab=96, seed=3)
     models = {b: tiny_model("mlp", hidden_size=64, mini_batch_size=MB, kernel_backend=b).to(DEVICE)
               for b in ("torch", "triton")}
@@ -123,13 +136,18 @@ def test_model_with_triton_backend_matches_torch_backend(monkeypatch):  # logits
     assert torch.equal(generated["triton"], generated["torch"])
     layers = models["triton"].config.num_hidden_layers
     assert len(calls) == 2 * layers  # the full forward and generate's prefill
-    loss = models["triton"].train()(ids, labels=ids).loss  # training: the reference, differentiable
-    loss.backward()
-    assert all(p.grad is not None for n, p in models["triton"].named_parameters() if "W1" in n)
+    grads = {}
+    for backend, model in models.items():
+        model.train()(ids, labels=ids).loss.backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == 3 * layers  # training too
+    assert grads["triton"].keys() == grads["torch"].keys()
+    errors = {n: rel_err(grads["triton"][n], grads["torch"][n]) for n in grads["torch"]}
+    assert max(errors.values()) <= 1e-4, errors
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_forward_at_real_sizes(head_dim, dtype, tol, no_tf32):
+def test_kernels_at_real_sizes(head_dim, dtype, tol, no_tf32):
     check_against_reference(2, 4, 2048 + 37, head_dim, start=[5, 0], length=[2048 + 37, 2048], dtype=dtype, tol=tol)

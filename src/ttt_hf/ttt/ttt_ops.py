@@ -27,10 +27,10 @@ except ImportError:  # triton is optional: the torch reference runs everywhere
     ttt_linear_chunk_triton = None
 try:
     from .ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
-    from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_forward_triton
+    from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_triton
 except ImportError:  # without triton (or without these kernels) the steps and TTT-MLP chunks run in torch
     causal_conv_step_triton = decode_kernel_supported = ttt_step_triton = None
-    mlp_kernel_supported = ttt_mlp_chunk_forward_triton = None
+    mlp_kernel_supported = ttt_mlp_chunk_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,12 @@ def _kernel_requested(kernel_backend: str, kernel, q: torch.Tensor) -> bool:
     return q.is_cuda or kernel_backend == "triton"
 
 
-def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor, mini_batch: int,
-                needs_grad: bool) -> bool:
+def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor, mini_batch: int) -> bool:
     """Whether a chunk kernel runs this call. They exist for mini-batches of 16, 32 or 64 tokens (their tiles'
-    dims are powers of two, and their products need at least 16 rows on the GPU): for TTT-Linear (forward and
-    backward) with bf16/fp16 inputs and head_dim 16..128, fp32 inputs and head_dim 16..64, and for TTT-MLP's
-    forward without gradients (fp32/bf16/fp16, head_dim 16..128), which only kernel_backend="triton" takes until
-    it has run on a GPU; elsewhere the torch reference runs, also under kernel_backend="triton" (logged once),
-    so a result is never wrong, only slower."""
+    dims are powers of two, and their products need at least 16 rows on the GPU): for TTT-Linear with bf16/fp16
+    inputs and head_dim 16..128, fp32 inputs and head_dim 16..64, and for TTT-MLP with fp32/bf16/fp16 inputs and
+    head_dim 16..128 (both forward and backward); elsewhere the torch reference runs, also under
+    kernel_backend="triton" (logged once), so a result is never wrong, only slower."""
     if not _kernel_requested(kernel_backend, ttt_linear_chunk_triton, q):
         return False
     if mini_batch not in (16, 32, 64):
@@ -81,10 +79,10 @@ def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor,
             _log_fallback_once(f"mini_batch_size {mini_batch}: the chunk kernels take 16, 32 or 64")
         return False
     if len(state) == 4:
-        supported = mlp_kernel_supported is not None and not needs_grad and mlp_kernel_supported(state, q)
+        supported = mlp_kernel_supported is not None and mlp_kernel_supported(state, q)
         if kernel_backend == "triton" and not supported:
-            _log_fallback_once("TTT-MLP with gradients, fp64 inputs or head_dim outside 16..128")
-        return supported and kernel_backend == "triton"
+            _log_fallback_once("TTT-MLP with fp64 inputs or head_dim outside 16..128")
+        return supported
     # fp32 tiles of head_dim 96/128 need ~400 KB of shared memory (H100: 227 KB): fp32 runs the kernel up to 64.
     max_head_dim = 64 if q.dtype == torch.float32 else 128
     supported = q.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= q.shape[-1] <= max_head_dim
@@ -355,23 +353,18 @@ def ttt_chunk(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`. The kernel's
     backward always recomputes: `checkpoint_group` mini-batches per group (0: `KERNEL_CHECKPOINT_GROUP`)."""
-    needs_grad = _needs_grad(*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
-    if not _use_kernel(kernel_backend, state, q, tau.shape[0], needs_grad):
+    if not _use_kernel(kernel_backend, state, q, tau.shape[0]):
         return ttt_chunk_torch(
             state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group
         )
     layout = SlotLayout(start, length, tau.shape[0], q.shape[2])
     q_s, k_s, v_s = (layout.to_slots(x) for x in (q, k, v))
     lr_s = layout.to_slots(lr.float()[..., None])[..., 0]
-    if len(state) == 4:
-        out, state, acc = ttt_mlp_chunk_forward_triton(
-            state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS
-        )
-    else:
-        out, state, acc = ttt_linear_chunk_triton(
-            state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS,
-            checkpoint_group=checkpoint_group or KERNEL_CHECKPOINT_GROUP,
-        )
+    chunk_kernel = ttt_mlp_chunk_triton if len(state) == 4 else ttt_linear_chunk_triton
+    out, state, acc = chunk_kernel(
+        state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS,
+        checkpoint_group=checkpoint_group or KERNEL_CHECKPOINT_GROUP,
+    )
     return layout.from_slots(out), state, acc
 
 

@@ -1,10 +1,9 @@
-"""Triton kernel of TTT-MLP's chunked dual form, forward only (prefill and inference; training runs the torch
-reference, which autograd differentiates).
+"""Triton kernels of TTT-MLP's chunked dual form (prefill and training, forward and backward).
 
 One program per (row, head) runs the mini-batches in order. The inner state W1 [f, N], c1 [N], W2 [N, f], c2 [f]
 (N = 4f hidden units) and its accumulator are 8f^2 fp32 values per head, more than a program's registers, so they
-live in the output state tensors (copies of the inputs, L2-resident) and every mini-batch streams them through
-registers in blocks of BLOCK hidden units, twice:
+live in a state record per head (`_pack`: the four tensors, then the accumulator's, flat; L2-resident) and every
+mini-batch streams them through registers in blocks of BLOCK hidden units, twice:
 1. the key pass: z1 = k W1 + c1, x2 = gelu(z1), z2 = x2 W2 + c2 summed over the blocks, then g2, the LN-L2
    gradient at z2 (target v - k);
 2. per block again: g1 = (g2 W2^T) * gelu'(z1), the query's first layer (dual form) and its activation, their
@@ -14,8 +13,11 @@ Per mini-batch, with E = tril(tau_i lr_j) and (A, a) the accumulator at its star
     h = q W1 - tau (q A1) - (E * (q k^T + 1)) g1 + c1 - tau a1,  x_q = gelu(h)
     z_q = x_q W2 - tau (x_q A2) - (E * (x_q x2^T + 1)) g2 + c2 - tau a2,  out = q + LN(z_q)
     A1' = A1 + k^T (lr g1), A2' = A2 + x2^T (lr g2) (and the biases), on commit W -= tau_{b-1} A', A' = 0.
+The backward (`_ttt_mlp_chunk_backward_kernel`) runs each checkpoint group in reverse from the start records the
+forward kernel rewrites for it, with the state adjoints in a record of their own.
 The torch reference `ttt_ops.ttt_chunk_torch` is the numerical definition; `ttt_ops.ttt_chunk` dispatches here.
-Shapes as in `ttt_triton`: B rows, H heads, f head dim (padded to F_PAD), b = MB mini-batch, M mini-batches.
+Shapes as in `ttt_triton`: B rows, H heads, f head dim (padded to F_PAD), b = MB mini-batch, M mini-batches, G
+mini-batches per checkpoint group, R floats per state record.
 """
 
 from __future__ import annotations
@@ -27,45 +29,96 @@ import triton.language as tl
 from .ttt_triton import (
     _commit_one,
     _dot,
+    _key_grad_backward,
     _layer_norm,
     _layer_norm_l2_grad,
+    _layer_norm_stats,
     _load_mini_batch,
+    _load_tokens,
     _mini_batch_constants,
     _precision,
+    _project,
 )
 from .ttt_triton_decode import _gelu_tanh, _gelu_tanh_grad
 
-# Elements of one [F_PAD, BLOCK] state tile (BLOCK >= 16 for the dots) and warps, from ptxas' report (sm_90, triton
-# 3.6): at head dim 64 255 registers and 40 bytes of spills per thread (bf16 inputs; none in fp32), at 128 520 bytes
-# (16 hidden units per block; 4 warps or 16 spill more, larger blocks too).
-TILE_ELEMENTS = 1024
-NUM_WARPS = 8
+# Per kernel, the elements of one [F_PAD, BLOCK] state tile (BLOCK >= 16 for the dots) and the warps, from
+# kernels/tune_ttt.py on the H200 (results/ttt_tune_mlp.json: the forward takes 18.8 ms with 2048, 27.3 with 1024
+# at head dim 64; equal at 128) and ptxas' report (sm_90, triton 3.6, bf16, spills per thread): the forward 40 B
+# at head dim 64, 450 at 128; the backward 1.4 KB with 1024 and 8 warps, 2.4 KB with 2048, 2.2 KB with 16 warps.
+LAUNCH = {"forward": {"tile_elements": 2048, "num_warps": 8}, "backward": {"tile_elements": 1024, "num_warps": 8}}
 
 
 @triton.jit
-def _hidden_block(w1_ptr, c1_ptr, w2_ptr, first, units, cols, col_mask, F: tl.constexpr, N: tl.constexpr):
-    """Hidden units n = [first, first + BLOCK) and their mask; offsets and masks of their W1 [F_PAD, BLOCK] and
-    W2 [BLOCK, F_PAD] tiles in the head's tensors; and W1, c1, W2 of those units."""
+def _gelu_tanh_grad2(x, tanh):
+    """Second derivative of gelu_tanh (the key pass's g1 holds gelu'(z1), whose reverse mode needs it)."""
+    slope = 0.79788456 + 0.1070322243 * x * x
+    return (1.0 - tanh * tanh) * (slope + x * (0.1070322243 * x - tanh * slope * slope))
+
+
+@triton.jit
+def _block(first, units, cols, col_mask, F: tl.constexpr, N: tl.constexpr):
+    """Hidden units n = [first, first + BLOCK), their mask, and the offsets and masks of their W1 [F_PAD, BLOCK] and
+    W2 [BLOCK, F_PAD] tiles in a state record (W1 at 0, c1 at F N, W2 at F N + N, c2 at 2 F N + N)."""
     n = first + units
     n_mask = n < N
     offsets1, mask1 = cols[:, None] * N + n[None, :], col_mask[:, None] & n_mask[None, :]
-    offsets2, mask2 = n[:, None] * F + cols[None, :], n_mask[:, None] & col_mask[None, :]
-    w1 = tl.load(w1_ptr + offsets1, mask=mask1, other=0.0)
-    c1 = tl.load(c1_ptr + n, mask=n_mask, other=0.0)
-    w2 = tl.load(w2_ptr + offsets2, mask=mask2, other=0.0)
-    return n, n_mask, offsets1, mask1, offsets2, mask2, w1, c1, w2
+    offsets2, mask2 = F * N + N + n[:, None] * F + cols[None, :], n_mask[:, None] & col_mask[None, :]
+    return n, n_mask, offsets1, mask1, offsets2, mask2
+
+
+@triton.jit
+def _load_block(ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F: tl.constexpr, N: tl.constexpr):
+    """W1, c1, W2 of a block of hidden units from the record at ptr (or the same of its accumulator at ptr + half)."""
+    w1 = tl.load(ptr + offsets1, mask=mask1, other=0.0)
+    c1 = tl.load(ptr + F * N + n, mask=n_mask, other=0.0)
+    w2 = tl.load(ptr + offsets2, mask=mask2, other=0.0)
+    return w1, c1, w2
+
+
+@triton.jit
+def _store_block(ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F: tl.constexpr, N: tl.constexpr):
+    tl.store(ptr + offsets1, w1, mask=mask1)
+    tl.store(ptr + F * N + n, c1, mask=n_mask)
+    tl.store(ptr + offsets2, w2, mask=mask2)
+
+
+@triton.jit
+def _key_output(k, s_ptr, c2, units, cols, col_mask, F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr,
+                BLOCK: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr):
+    """z2 = gelu(k W1 + c1) W2 + c2 of the keys at the state record s_ptr, summed over the blocks."""
+    z2 = tl.zeros([MB, F_PAD], tl.float32) + c2[None, :]
+    for first in range(0, N, BLOCK):
+        n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
+        w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+        z2 += _dot(_gelu_tanh(_dot(k, w1, PRECISION) + c1[None, :])[0], w2, PRECISION)
+    return z2
+
+
+@triton.jit
+def _query_block(q, k, g2, key_scores, tau, w1, c1, w2, acc_w1, acc_c1, PRECISION: tl.constexpr):
+    """A block's key activations and gradient g1 (through gelu'(z1) = `gelu_grad`), and the query's first layer h
+    (dual form) with its activation x_q and tanh."""
+    z1 = _dot(k, w1, PRECISION) + c1[None, :]
+    x2, tanh = _gelu_tanh(z1)
+    back = _dot(g2, tl.trans(w2), PRECISION)  # g2 W2^T
+    gelu_grad = _gelu_tanh_grad(z1, tanh)
+    g1 = back * gelu_grad
+    h = (_dot(q, w1, PRECISION) - tau[:, None] * (_dot(q, acc_w1, PRECISION) + acc_c1[None, :])
+         - _dot(key_scores, g1, PRECISION) + c1[None, :])
+    x_q, tanh_h = _gelu_tanh(h)
+    return z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h
 
 
 @triton.jit
 def _ttt_mlp_chunk_forward_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
-    w1_ptr, c1_ptr, w2_ptr, c2_ptr, acc_w1_ptr, acc_c1_ptr, acc_w2_ptr, acc_c2_ptr, out_ptr,
-    H, M, eps,
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, state_ptr, out_ptr, starts_ptr,
+    H, M, FIRST, COUNT, SLOTS, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, STARTS: tl.constexpr,
 ):
-    """Program (row, head): mini-batches 0..M-1 of the slot layout [B, H, M, MB, F]; the state tensors [B, H, ...]
-    hold the start state and end with the final one; out [B, H, M, MB, F] fp32."""
+    """Program (row, head): mini-batches FIRST..FIRST+COUNT-1 of the slot layout [B, H, M, MB, F]; the state records
+    [B*H, R] hold the start state and end with the state after them; out [B, H, M, MB, F] fp32. With STARTS
+    (the backward's recomputation) each mini-batch's start record goes to starts [B*H, SLOTS, R]."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
@@ -75,23 +128,22 @@ def _ttt_mlp_chunk_forward_kernel(
     ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
     tau_last = tl.load(tau_ptr + MB - 1)
     span = tl.load(span_ptr + row)
-    # This head's state: W1 [F, N], W2 [N, F] and the biases (int64: B*H*8F^2 may pass 2^31).
-    matrix, bias1, bias2 = bh.to(tl.int64) * F * N, bh.to(tl.int64) * N, bh.to(tl.int64) * F
-    w1_ptr, acc_w1_ptr, w2_ptr, acc_w2_ptr = w1_ptr + matrix, acc_w1_ptr + matrix, w2_ptr + matrix, acc_w2_ptr + matrix
-    c1_ptr, acc_c1_ptr, c2_ptr, acc_c2_ptr = c1_ptr + bias1, acc_c1_ptr + bias1, c2_ptr + bias2, acc_c2_ptr + bias2
+    C2: tl.constexpr = 2 * F * N + N
+    HALF: tl.constexpr = 2 * F * N + N + F  # the accumulator's offset in a record
+    s_ptr = state_ptr + bh.to(tl.int64) * (2 * HALF)  # int64: B*H*R may pass 2^31
 
-    for m in range(0, M):
+    for m in range(FIRST, FIRST + COUNT):
         offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols,
                                                 col_mask, F)
         commit = ((m + 1) * MB <= span).to(tl.float32)
-        c2 = tl.load(c2_ptr + cols, mask=col_mask, other=0.0)
-        acc_c2 = tl.load(acc_c2_ptr + cols, mask=col_mask, other=0.0)
+        start_ptr = starts_ptr + (bh.to(tl.int64) * SLOTS + m - FIRST) * (2 * HALF)
+        c2 = tl.load(s_ptr + C2 + cols, mask=col_mask, other=0.0)
+        acc_c2 = tl.load(s_ptr + HALF + C2 + cols, mask=col_mask, other=0.0)
+        if STARTS:
+            tl.store(start_ptr + C2 + cols, c2, mask=col_mask)
+            tl.store(start_ptr + HALF + C2 + cols, acc_c2, mask=col_mask)
 
-        z2 = tl.zeros([MB, F_PAD], tl.float32) + c2[None, :]
-        for first in range(0, N, BLOCK):
-            n, n_mask, offsets1, mask1, offsets2, mask2, w1, c1, w2 = _hidden_block(
-                w1_ptr, c1_ptr, w2_ptr, first, units, cols, col_mask, F, N)
-            z2 += _dot(_gelu_tanh(_dot(k, w1, PRECISION) + c1[None, :])[0], w2, PRECISION)
+        z2 = _key_output(k, s_ptr, c2, units, cols, col_mask, F, F_PAD, N, BLOCK, MB, PRECISION)
         g2 = _layer_norm_l2_grad(z2, v - k, ln_w, ln_b, col_mask, F, eps)[0]
         weighted2 = lr[:, None] * g2
         eta = tl.where(causal, tau[:, None] * lr[None, :], 0.0)
@@ -100,17 +152,15 @@ def _ttt_mlp_chunk_forward_kernel(
         z_q = c2[None, :] - tau[:, None] * acc_c2[None, :]
         hidden_scores = tl.zeros([MB, MB], tl.float32)  # x_q x2^T over all hidden units
         for first in range(0, N, BLOCK):
-            n, n_mask, offsets1, mask1, offsets2, mask2, w1, c1, w2 = _hidden_block(
-                w1_ptr, c1_ptr, w2_ptr, first, units, cols, col_mask, F, N)
-            acc_w1 = tl.load(acc_w1_ptr + offsets1, mask=mask1, other=0.0)
-            acc_c1 = tl.load(acc_c1_ptr + n, mask=n_mask, other=0.0)
-            acc_w2 = tl.load(acc_w2_ptr + offsets2, mask=mask2, other=0.0)
-            z1 = _dot(k, w1, PRECISION) + c1[None, :]
-            x2, tanh = _gelu_tanh(z1)
-            g1 = _dot(g2, tl.trans(w2), PRECISION) * _gelu_tanh_grad(z1, tanh)
-            h = (_dot(q, w1, PRECISION) - tau[:, None] * (_dot(q, acc_w1, PRECISION) + acc_c1[None, :])
-                 - _dot(key_scores, g1, PRECISION) + c1[None, :])
-            x_q = _gelu_tanh(h)[0]
+            n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
+            w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            acc_w1, acc_c1, acc_w2 = _load_block(s_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            if STARTS:
+                _store_block(start_ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+                _store_block(start_ptr + HALF, acc_w1, acc_c1, acc_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F,
+                             N)
+            z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(q, k, g2, key_scores, tau, w1, c1, w2,
+                                                                             acc_w1, acc_c1, PRECISION)
             z_q += _dot(x_q, w2, PRECISION) - tau[:, None] * _dot(x_q, acc_w2, PRECISION)
             hidden_scores += _dot(x_q, tl.trans(x2), PRECISION)
 
@@ -118,25 +168,203 @@ def _ttt_mlp_chunk_forward_kernel(
             w1, acc_w1 = _commit_one(w1, acc_w1 + _dot(tl.trans(k), weighted1, PRECISION), commit, tau_last)
             c1, acc_c1 = _commit_one(c1, acc_c1 + tl.sum(weighted1, axis=0), commit, tau_last)
             w2, acc_w2 = _commit_one(w2, acc_w2 + _dot(tl.trans(x2), weighted2, PRECISION), commit, tau_last)
-            tl.store(w1_ptr + offsets1, w1, mask=mask1)
-            tl.store(acc_w1_ptr + offsets1, acc_w1, mask=mask1)
-            tl.store(c1_ptr + n, c1, mask=n_mask)
-            tl.store(acc_c1_ptr + n, acc_c1, mask=n_mask)
-            tl.store(w2_ptr + offsets2, w2, mask=mask2)
-            tl.store(acc_w2_ptr + offsets2, acc_w2, mask=mask2)
+            _store_block(s_ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            _store_block(s_ptr + HALF, acc_w1, acc_c1, acc_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
 
         z_q -= _dot(eta * (hidden_scores + 1.0), g2, PRECISION)
         out = q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps)
         tl.store(out_ptr + offsets, out, mask=col_mask[None, :])
         c2, acc_c2 = _commit_one(c2, acc_c2 + tl.sum(weighted2, axis=0), commit, tau_last)
-        tl.store(c2_ptr + cols, c2, mask=col_mask)
-        tl.store(acc_c2_ptr + cols, acc_c2, mask=col_mask)
+        tl.store(s_ptr + C2 + cols, c2, mask=col_mask)
+        tl.store(s_ptr + HALF + C2 + cols, acc_c2, mask=col_mask)
         tl.debug_barrier()  # the next mini-batch's threads read what this one's wrote
 
 
+@triton.jit
+def _ttt_mlp_chunk_backward_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, starts_ptr, d_state_ptr, d_out_ptr,
+    scratch_ptr, d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr,
+    H, M, FIRST, COUNT, SLOTS, eps,
+    F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program (row, head): the reverse mode of mini-batches FIRST+COUNT-1 down to FIRST from their start records
+    starts [B*H, SLOTS, R] (`_ttt_mlp_chunk_forward_kernel` with STARTS). The adjoint record d_state [B*H, R] holds
+    the adjoints of the state after the mini-batches on entry and before them on exit; writes dL/dq, dk, dv
+    [B, H, M, MB, F] and dL/dlr of their tokens, adds to d_tau [B*H, MB] and d_ln_w, d_ln_b [B*H, F].
+    scratch [B*H, 2, MB, N] hands each block's partial dL/dx2 and dL/dz1 from the third sweep to the fourth.
+    Per mini-batch four sweeps over the blocks: the keys' z2 (-> g2); the query's z_q (-> dL/dz_q); everything
+    that needs dL/dz_q (the query's layers, the accumulation and the commit, g1's reverse mode); then, with the
+    LN-L2 gradient's reverse mode done, the key pass's first layer."""
+    bh = tl.program_id(0)
+    row, head = bh // H, bh % H
+    tokens = tl.arange(0, MB)
+    cols = tl.arange(0, F_PAD)
+    col_mask = cols < F
+    units = tl.arange(0, BLOCK)
+    ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
+    tau_last = tl.load(tau_ptr + MB - 1)
+    span = tl.load(span_ptr + row)
+    C2: tl.constexpr = 2 * F * N + N
+    HALF: tl.constexpr = 2 * F * N + N + F
+    d_ptr = d_state_ptr + bh.to(tl.int64) * (2 * HALF)
+    dx2_ptr = scratch_ptr + bh.to(tl.int64) * (2 * MB * N) + tokens[:, None] * N
+    dz1_ptr = dx2_ptr + MB * N
+    d_tau = tl.zeros([MB], tl.float32)
+    d_ln_w = tl.zeros([F_PAD], tl.float32)
+    d_ln_b = tl.zeros([F_PAD], tl.float32)
+
+    for i_back in range(COUNT):
+        m = FIRST + COUNT - 1 - i_back
+        s_ptr = starts_ptr + (bh.to(tl.int64) * SLOTS + m - FIRST) * (2 * HALF)
+        offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols,
+                                                col_mask, F)
+        d_out = _load_tokens(d_out_ptr, offsets, col_mask)
+        commit = ((m + 1) * MB <= span).to(tl.float32)
+        c2 = tl.load(s_ptr + C2 + cols, mask=col_mask, other=0.0)
+        acc_c2 = tl.load(s_ptr + HALF + C2 + cols, mask=col_mask, other=0.0)
+
+        # Sweep 1: the keys' output and its LN-L2 gradient g2.
+        z2 = _key_output(k, s_ptr, c2, units, cols, col_mask, F, F_PAD, N, BLOCK, MB, PRECISION)
+        g2, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z2, v - k, ln_w, ln_b, col_mask, F, eps)
+        weighted2 = lr[:, None] * g2
+        eta = tl.where(causal, tau[:, None] * lr[None, :], 0.0)
+        qk = _dot(q, tl.trans(k), PRECISION)
+        key_scores = eta * (qk + 1.0)
+
+        # Sweep 2: the query's z_q, then out = q + LN(z_q) back to dL/dz_q.
+        z_q = c2[None, :] - tau[:, None] * acc_c2[None, :]
+        hidden_scores = tl.zeros([MB, MB], tl.float32)
+        for first in range(0, N, BLOCK):
+            n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
+            w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            acc_w1, acc_c1, acc_w2 = _load_block(s_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(q, k, g2, key_scores, tau, w1, c1, w2,
+                                                                             acc_w1, acc_c1, PRECISION)
+            z_q += _dot(x_q, w2, PRECISION) - tau[:, None] * _dot(x_q, acc_w2, PRECISION)
+            hidden_scores += _dot(x_q, tl.trans(x2), PRECISION)
+        hidden_mix = eta * (hidden_scores + 1.0)
+        z_q -= _dot(hidden_mix, g2, PRECISION)
+        z_hat_q, rstd_q = _layer_norm_stats(z_q, col_mask, F, eps)
+        d_z_q = _project(d_out * ln_w[None, :], z_hat_q, col_mask, F) * rstd_q[:, None]
+        d_ln_w += tl.sum(d_out * z_hat_q, axis=0)
+        d_ln_b += tl.sum(d_out, axis=0)
+        tau_d_z_q = tau[:, None] * d_z_q
+        d_hidden_mix = tl.where(causal, -_dot(d_z_q, tl.trans(g2), PRECISION), 0.0)
+        d_eta = d_hidden_mix * (hidden_scores + 1.0)
+        d_hidden_scores = d_hidden_mix * eta
+
+        # Commit: W' = W - commit tau_last A_end, A' = (1 - commit) A_end, A_end = A + (this mini-batch's update).
+        d_c2 = tl.load(d_ptr + C2 + cols, mask=col_mask, other=0.0)
+        d_acc_c2_end = (1.0 - commit) * tl.load(d_ptr + HALF + C2 + cols, mask=col_mask, other=0.0) - commit * (
+            tau_last * d_c2)
+        d_tau_last = tl.sum(d_c2 * (acc_c2 + tl.sum(weighted2, axis=0)), axis=0)
+
+        # Sweep 3: per block, the reverse mode of the query's two layers, of the accumulation and commit, and of
+        # g1 = (g2 W2^T) * gelu'(z1) as far as it does not need dL/dz2.
+        d_q = d_out
+        d_k = tl.zeros([MB, F_PAD], tl.float32)
+        d_g2 = tl.zeros([MB, F_PAD], tl.float32)
+        d_weighted2 = tl.zeros([MB, F_PAD], tl.float32) + d_acc_c2_end[None, :]
+        d_key_mix = tl.zeros([MB, MB], tl.float32)
+        d_tau_h = tl.zeros([MB], tl.float32)  # tau's share through the accumulators in h and z_q
+        d_lr = tl.zeros([MB], tl.float32)
+        for first in range(0, N, BLOCK):
+            n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
+            w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            acc_w1, acc_c1, acc_w2 = _load_block(s_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(q, k, g2, key_scores, tau, w1, c1, w2,
+                                                                             acc_w1, acc_c1, PRECISION)
+            d_w1, d_c1, d_w2 = _load_block(d_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            d_acc_w1, d_acc_c1, d_acc_w2 = _load_block(d_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            weighted1 = lr[:, None] * g1
+            d_tau_last += (
+                tl.sum(tl.sum(d_w1 * (acc_w1 + _dot(tl.trans(k), weighted1, PRECISION)), axis=1), axis=0)
+                + tl.sum(d_c1 * (acc_c1 + tl.sum(weighted1, axis=0)), axis=0)
+                + tl.sum(tl.sum(d_w2 * (acc_w2 + _dot(tl.trans(x2), weighted2, PRECISION)), axis=1), axis=0)
+            )
+            d_acc_w1 = (1.0 - commit) * d_acc_w1 - commit * tau_last * d_w1
+            d_acc_c1 = (1.0 - commit) * d_acc_c1 - commit * tau_last * d_c1
+            d_acc_w2 = (1.0 - commit) * d_acc_w2 - commit * tau_last * d_w2
+
+            # z_q = x_q W2 - tau (x_q A2) - (eta * (x_q x2^T + 1)) g2 + ...;  A2_end = A2 + x2^T (lr g2).
+            d_z_q_acc_w2 = _dot(d_z_q, tl.trans(acc_w2), PRECISION)
+            d_tau_h += tl.sum(x_q * d_z_q_acc_w2, axis=1)
+            d_x_q = (_dot(d_z_q, tl.trans(w2), PRECISION) - tau[:, None] * d_z_q_acc_w2
+                     + _dot(d_hidden_scores, x2, PRECISION))
+            d_x2 = _dot(tl.trans(d_hidden_scores), x_q, PRECISION) + _dot(weighted2, tl.trans(d_acc_w2), PRECISION)
+            d_weighted2 += _dot(x2, d_acc_w2, PRECISION)
+            # h = q W1 - tau (q A1) - (eta * (q k^T + 1)) g1 + c1 - tau a1;  A1_end = A1 + k^T (lr g1).
+            d_h = d_x_q * _gelu_tanh_grad(h, tanh_h)
+            tau_d_h = tau[:, None] * d_h
+            d_q += _dot(d_h, tl.trans(w1), PRECISION) - _dot(tau_d_h, tl.trans(acc_w1), PRECISION)
+            d_tau_h += tl.sum(d_h * (_dot(q, acc_w1, PRECISION) + acc_c1[None, :]), axis=1)
+            d_key_mix -= _dot(d_h, tl.trans(g1), PRECISION)
+            d_weighted1 = _dot(k, d_acc_w1, PRECISION) + d_acc_c1[None, :]
+            d_g1 = lr[:, None] * d_weighted1 - _dot(tl.trans(key_scores), d_h, PRECISION)
+            d_lr += tl.sum(g1 * d_weighted1, axis=1)
+            d_k += _dot(weighted1, tl.trans(d_acc_w1), PRECISION)
+            # g1 = (g2 W2^T) * gelu'(z1)
+            d_back = d_g1 * gelu_grad
+            d_g2 += _dot(d_back, w2, PRECISION)
+
+            d_w1 += _dot(tl.trans(q), d_h, PRECISION)
+            d_c1 += tl.sum(d_h, axis=0)
+            d_w2 += _dot(tl.trans(x_q), d_z_q, PRECISION) + _dot(tl.trans(d_back), g2, PRECISION)
+            _store_block(d_ptr, d_w1, d_c1, d_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            _store_block(d_ptr + HALF, d_acc_w1 - _dot(tl.trans(q), tau_d_h, PRECISION),
+                         d_acc_c1 - tl.sum(tau_d_h, axis=0), d_acc_w2 - _dot(tl.trans(x_q), tau_d_z_q, PRECISION),
+                         n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            tl.store(dx2_ptr + n[None, :], d_x2, mask=n_mask[None, :])
+            tl.store(dz1_ptr + n[None, :], d_g1 * back * _gelu_tanh_grad2(z1, tanh), mask=n_mask[None, :])
+
+        # The mixing matrices' and the biases' reverse modes, then the LN-L2 gradient's.
+        d_g2 += lr[:, None] * d_weighted2 - _dot(tl.trans(hidden_mix), d_z_q, PRECISION)
+        d_lr += tl.sum(g2 * d_weighted2, axis=1)
+        d_tau -= tl.sum(d_z_q * acc_c2[None, :], axis=1) + d_tau_h
+        d_key_mix = tl.where(causal, d_key_mix, 0.0)
+        d_eta += d_key_mix * (qk + 1.0)
+        d_qk = d_key_mix * eta
+        d_q += _dot(d_qk, k, PRECISION)
+        d_k += _dot(tl.trans(d_qk), q, PRECISION)
+        d_tau += tl.sum(d_eta * lr[None, :], axis=1) + tl.where(tokens == MB - 1, -commit * d_tau_last, 0.0)
+        d_lr += tl.sum(d_eta * tau[:, None], axis=0)
+        d_z2, d_grad_hat = _key_grad_backward(d_g2, z_hat, rstd, grad_hat, ln_w, col_mask, F)
+        target = _load_tokens(v_ptr, offsets, col_mask) - k  # reloaded: v is not kept through the sweeps
+        d_ln_w += tl.sum(d_grad_hat * (2.0 * ln_w[None, :] * z_hat + ln_b[None, :] - target), axis=0)
+        d_ln_b += tl.sum(d_grad_hat * ln_w[None, :], axis=0)
+        d_k += d_grad_hat * ln_w[None, :]
+        tl.store(d_ptr + C2 + cols, d_c2 + tl.sum(d_z_q + d_z2, axis=0), mask=col_mask)
+        tl.store(d_ptr + HALF + C2 + cols, d_acc_c2_end - tl.sum(tau_d_z_q, axis=0), mask=col_mask)
+        tl.debug_barrier()  # sweep 4 reads the scratch and adjoints other threads wrote
+
+        # Sweep 4: z2 = x2 W2 + c2, x2 = gelu(z1), z1 = k W1 + c1.
+        for first in range(0, N, BLOCK):
+            n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
+            w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            z1 = _dot(k, w1, PRECISION) + c1[None, :]
+            x2, tanh = _gelu_tanh(z1)
+            d_x2 = tl.load(dx2_ptr + n[None, :], mask=n_mask[None, :], other=0.0) + _dot(d_z2, tl.trans(w2), PRECISION)
+            d_z1 = tl.load(dz1_ptr + n[None, :], mask=n_mask[None, :], other=0.0) + d_x2 * _gelu_tanh_grad(z1, tanh)
+            d_w1, d_c1, d_w2 = _load_block(d_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            _store_block(d_ptr, d_w1 + _dot(tl.trans(k), d_z1, PRECISION), d_c1 + tl.sum(d_z1, axis=0),
+                         d_w2 + _dot(tl.trans(x2), d_z2, PRECISION), n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            d_k += _dot(d_z1, tl.trans(w1), PRECISION)
+        tl.store(d_q_ptr + offsets, d_q, mask=col_mask[None, :])
+        tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
+        tl.store(d_v_ptr + offsets, -d_grad_hat * ln_w[None, :], mask=col_mask[None, :])
+        tl.store(d_lr_ptr + (bh * M + m) * MB + tokens, d_lr)
+        tl.debug_barrier()  # the next (earlier) mini-batch reads the adjoints and scratch this one wrote
+
+    tl.store(d_tau_ptr + bh * MB + tokens, tl.load(d_tau_ptr + bh * MB + tokens) + d_tau)
+    ln_offsets = bh * F + cols
+    tl.store(d_ln_w_ptr + ln_offsets, tl.load(d_ln_w_ptr + ln_offsets, mask=col_mask) + d_ln_w, mask=col_mask)
+    tl.store(d_ln_b_ptr + ln_offsets, tl.load(d_ln_b_ptr + ln_offsets, mask=col_mask) + d_ln_b, mask=col_mask)
+
+
 def mlp_kernel_supported(state: list[torch.Tensor], q: torch.Tensor) -> bool:
-    """Whether `ttt_mlp_chunk_forward_triton` handles this state [W1, c1, W2, c2] (hidden 4f) and q [.., f]:
-    fp32, bf16 or fp16 inputs with head_dim 16..128."""
+    """Whether `ttt_mlp_chunk_triton` handles this state [W1, c1, W2, c2] (hidden 4f) and q [.., f]: fp32, bf16
+    or fp16 inputs with head_dim 16..128."""
     head_dim = q.shape[-1]
     shapes = [tuple(t.shape[-2:]) for t in state]
     return (
@@ -147,7 +375,88 @@ def mlp_kernel_supported(state: list[torch.Tensor], q: torch.Tensor) -> bool:
     )
 
 
-def ttt_mlp_chunk_forward_triton(
+def _pack(tensors: list[torch.Tensor], batch: int, heads: int) -> torch.Tensor:
+    """State and accumulator [W1, c1, W2, c2, A1, a1, A2, a2] -> one fp32 record per (row, head) [B*H, R] (a new
+    tensor; broadcast views are fine)."""
+    return torch.cat([t.expand(batch, heads, *t.shape[2:]).reshape(batch * heads, -1).float() for t in tensors], 1)
+
+
+def _unpack(record: torch.Tensor, like: list[torch.Tensor], batch: int, heads: int) -> list[torch.Tensor]:
+    """The inverse of `_pack`: contiguous fp32 tensors [B, H, ...] shaped like `like`."""
+    parts = record.split([t.shape[-2] * t.shape[-1] for t in like], dim=1)
+    return [p.reshape(batch, heads, *t.shape[-2:]).contiguous() for p, t in zip(parts, like)]
+
+
+def _meta(q: torch.Tensor, kernel: str) -> dict:
+    head_dim, f_pad = q.shape[-1], triton.next_power_of_2(q.shape[-1])
+    block = min(max(LAUNCH[kernel]["tile_elements"] // f_pad, 16), 4 * f_pad)
+    return dict(F=head_dim, F_PAD=f_pad, N=4 * head_dim, BLOCK=block, MB=q.shape[-2], PRECISION=_precision(q),
+                num_warps=LAUNCH[kernel]["num_warps"])
+
+
+def _forward(inputs: tuple, record: torch.Tensor, out: torch.Tensor, eps: float, first: int, count: int,
+             starts: torch.Tensor | None = None) -> None:
+    """Runs mini-batches [first, first + count) on `record` in place, writing their outputs (and with `starts`
+    their start records)."""
+    q = inputs[0]
+    batch, heads, num_mini_batches = q.shape[:3]
+    _ttt_mlp_chunk_forward_kernel[(batch * heads,)](
+        *inputs, record, out, record if starts is None else starts, heads, num_mini_batches, first, count,
+        1 if starts is None else starts.shape[1], eps, STARTS=starts is not None, **_meta(q, "forward"),
+    )
+
+
+class TTTMLPChunk(torch.autograd.Function):
+    """The chunk kernels with their backward. Memory: the forward keeps the state record every `group`
+    mini-batches (R = 16 f^2 + 10 f floats per row and head each); the backward rewrites one group's start
+    records at a time (G R floats per row and head)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, span, record, eps, group):
+        inputs = (q, k, v, lr, tau, ln_weight, ln_bias, span)
+        num_mini_batches = q.shape[2]
+        record = record.clone()
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        checkpoints = record.new_empty(triton.cdiv(num_mini_batches, group), *record.shape)
+        for index, first in enumerate(range(0, num_mini_batches, group)):
+            checkpoints[index].copy_(record)
+            _forward(inputs, record, out, eps, first, min(group, num_mini_batches - first))
+        ctx.save_for_backward(*inputs, checkpoints)
+        ctx.eps, ctx.group = eps, group
+        return out, record
+
+    @staticmethod
+    def backward(ctx, d_out, d_record):
+        *inputs, checkpoints = ctx.saved_tensors
+        q, k, v, lr, tau, ln_weight, ln_bias, span = inputs
+        batch, heads, num_mini_batches, mini_batch, head_dim = q.shape
+        group, rows = ctx.group, batch * heads
+        # The kernel updates the adjoint record in place: a copy (or zeros for an unused final state).
+        d_record = torch.zeros_like(checkpoints[0]) if d_record is None else d_record.float().contiguous().clone()
+        d_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if d_out is None else d_out.float().contiguous()
+        d_q, d_k, d_v = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+        d_lr = torch.empty_like(lr)
+        d_tau = tau.new_zeros(rows, mini_batch)
+        d_ln_w, d_ln_b = ln_weight.new_zeros(2, rows, head_dim)
+        record = torch.empty_like(checkpoints[0])
+        starts = record.new_empty(rows, min(group, num_mini_batches), record.shape[1])
+        scratch = record.new_empty(rows, 2, mini_batch, 4 * head_dim)
+        recomputed_out = torch.empty_like(d_q)  # the recomputation's outputs: unused
+        for index in reversed(range(checkpoints.shape[0])):
+            first = index * group
+            count = min(group, num_mini_batches - first)
+            record.copy_(checkpoints[index])
+            _forward(inputs, record, recomputed_out, ctx.eps, first, count, starts)
+            _ttt_mlp_chunk_backward_kernel[(rows,)](
+                *inputs, starts, d_record, d_out, scratch, d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, heads,
+                num_mini_batches, first, count, starts.shape[1], ctx.eps, **_meta(q, "backward"),
+            )
+        d_ln = [d.view(batch, heads, 1, head_dim).sum(0) for d in (d_ln_w, d_ln_b)]
+        return (d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), d_lr, d_tau.sum(0), *d_ln, None, d_record,
+                None, None)
+
+
+def ttt_mlp_chunk_triton(
     state: list[torch.Tensor],
     acc: list[torch.Tensor],
     q: torch.Tensor,
@@ -159,30 +468,32 @@ def ttt_mlp_chunk_forward_triton(
     ln_bias: torch.Tensor,
     span: torch.Tensor,
     eps: float,
+    checkpoint_group: int = 16,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """TTT-MLP over mini-batch slots, without gradients. q, k, v: [B, H, M, b, f] (fp32 or half precision); lr:
-    [B, H, M, b]; state [W1, c1, W2, c2] and acc: fp32-castable [B, H, ...] (broadcast views are fine); span: [B]
-    slots up to each row's last token (its mini-batch m commits when (m + 1) * b <= span); the slots after it must
-    be inert (zero inputs and learning rates, as `SlotLayout` makes them).
-    Returns the output [B, H, M, b, f] fp32, the new state and accumulator (new tensors; the inputs are not
-    modified)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)):
-        raise RuntimeError("ttt_mlp_chunk_forward_triton has no backward: call it without gradients (torch.no_grad)")
+    """TTT-MLP over mini-batch slots. q, k, v: [B, H, M, b, f] (fp32 or half precision); lr: [B, H, M, b]; state
+    [W1, c1, W2, c2] and acc: fp32-castable [B, H, ...] (broadcast views are fine); span: [B] slots up to each
+    row's last token (its mini-batch m commits when (m + 1) * b <= span); the slots after it must be inert (zero
+    inputs and learning rates, as `SlotLayout` makes them): outputs and learning-rate gradients there are undefined.
+    Returns the output [B, H, M, b, f] fp32, the new state and accumulator (new contiguous tensors; the inputs are
+    not modified). Differentiable in every tensor but span; the backward recomputes groups of `checkpoint_group`
+    mini-batches."""
+    if checkpoint_group < 1:
+        raise ValueError(f"checkpoint_group must be >= 1, got {checkpoint_group}")
     if not mlp_kernel_supported(state, q):
         raise ValueError(
             "state must be TTT-MLP's [W1, c1, W2, c2] with 4f hidden units, q fp32/bf16/fp16 with head_dim 16..128; "
             f"got state {[tuple(t.shape) for t in state]}, q {tuple(q.shape)} {q.dtype}"
         )
-    batch, heads, num_mini_batches, mini_batch, head_dim = q.shape
-    tensors = [t.expand(batch, heads, *t.shape[2:]).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-               for t in (*state, *acc)]
-    f_pad = triton.next_power_of_2(head_dim)
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    _ttt_mlp_chunk_forward_kernel[(batch * heads,)](
+    batch, heads = q.shape[:2]
+    inputs = (
         q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
         ln_weight.float().contiguous(), ln_bias.float().contiguous(), span.to(torch.int32).contiguous(),
-        *tensors, out, heads, num_mini_batches, eps,
-        F=head_dim, F_PAD=f_pad, N=4 * head_dim, BLOCK=min(max(TILE_ELEMENTS // f_pad, 16), 4 * f_pad),
-        MB=mini_batch, PRECISION=_precision(q), num_warps=NUM_WARPS,
     )
-    return out, tensors[:4], tensors[4:]
+    record = _pack([*state, *acc], batch, heads)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, record)):
+        out, record = TTTMLPChunk.apply(*inputs, record, eps, checkpoint_group)
+    else:
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        _forward(inputs, record, out, eps, 0, q.shape[2])
+    new = _unpack(record, [*state, *acc], batch, heads)
+    return out, new[:4], new[4:]
