@@ -141,7 +141,7 @@ def main() -> None:
         del a
         torch.cuda.empty_cache()
 
-    print(f"\n## TTT-Linear kernel launches, B={args.batch}, H={args.heads}, T={args.length}, bf16 (ms)\n")
+    print(f"\n## TTT kernel launches, B={args.batch}, H={args.heads}, T={args.length}, bf16 (ms)\n")
     print("| head dim | kernel | launch | ms | note |\n|---|---|---|---|---|")
     for row in rows:
         note = row.get("error") or (f"diff {row['max_rel_diff']:.1e}" if "max_rel_diff" in row else f"{row['extra_gib']:.2f} GiB")

@@ -1,5 +1,5 @@
 """Triton kernels of TTT-Linear's chunked dual form (prefill and training, forward and backward); the decode
-step is in `ttt_triton_decode`, TTT-MLP's chunk forward in `ttt_triton_mlp`.
+step is in `ttt_triton_decode`, TTT-MLP's chunk kernels in `ttt_triton_mlp`.
 
 The forward is two kernels: a sequential one per (row, head) that keeps the inner state W [f, f], c [f] and
 its accumulator on chip in fp32 and does only what the next state needs (the key pass and the update), and a

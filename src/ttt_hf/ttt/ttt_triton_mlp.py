@@ -42,10 +42,11 @@ from .ttt_triton import (
 from .ttt_triton_decode import _gelu_tanh, _gelu_tanh_grad
 
 # Per kernel, the elements of one [F_PAD, BLOCK] state tile (BLOCK >= 16 for the dots) and the warps, from
-# kernels/tune_ttt.py on the H200 (results/ttt_tune_mlp.json: the forward takes 18.8 ms with 2048, 27.3 with 1024
-# at head dim 64; equal at 128) and ptxas' report (sm_90, triton 3.6, bf16, spills per thread): the forward 40 B
-# at head dim 64, 450 at 128; the backward 1.4 KB with 1024 and 8 warps, 2.4 KB with 2048, 2.2 KB with 16 warps.
-LAUNCH = {"forward": {"tile_elements": 2048, "num_warps": 8}, "backward": {"tile_elements": 1024, "num_warps": 8}}
+# kernels/tune_ttt.py on the H200 (results/ttt_tune_mlp.json, head dim 64, T=8192): the forward 16.5 ms with
+# (2048, 8), 24.9 with (1024, 8), 18.8 with (2048, 4); forward + backward 240 ms with (2048, 8) for the backward,
+# 278 with (1024, 8), 256 with (1024, 4), 742 with (1024, 16). ptxas (sm_90, triton 3.6, bf16) reports spills
+# for both (the backward 1.4-2.4 KB per thread): the timings, not the spills, chose.
+LAUNCH = {"forward": {"tile_elements": 2048, "num_warps": 8}, "backward": {"tile_elements": 2048, "num_warps": 8}}
 
 
 @triton.jit
