@@ -1,9 +1,9 @@
 """Model-level TTT benchmark on the GPU: training throughput and decode latency, side by side with a Llama
 of the same width and depth (SDPA attention, DynamicCache).
 
-    python kernels/bench_ttt_model.py [--train-len 8192] [--decode-contexts 2048,8192,32768]
+    python kernels/bench_ttt_model.py [--train-len 8192] [--decode-contexts 2048,8192,32768] [--train-only]
 
-Prints markdown tables and writes kernels/results/ttt_model.json.
+Prints markdown tables and writes kernels/results/ttt_model.json (with --train-only: ttt_model_train.json).
 """
 
 from __future__ import annotations
@@ -76,12 +76,13 @@ def main() -> None:
     parser.add_argument("--decode-contexts", default="2048,8192,32768")
     parser.add_argument("--llama-decode-context", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--train-only", action="store_true", help="only the training table")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "train": {}, "decode": {}}
     dtype = torch.bfloat16
 
-    print(f"## Training, TTT-Linear (Mamba backbone) vs Llama, bf16, batch {args.train_batch} x {args.train_len}")
+    print(f"## Training, TTT (Mamba backbone) vs Llama, bf16, batch {args.train_batch} x {args.train_len}")
     print("(TTT trains through the Triton chunk kernels, forward and backward, recomputing inside groups of 16")
     print(" mini-batches; the torch reference took 40.7 s a step on the H100, 202 tokens/s)")
     print("| model | tokens/s | step ms | peak GiB |\n|---|---|---|---|")
@@ -91,6 +92,7 @@ def main() -> None:
         "Llama 125M (SDPA)": (lambda: llama_like(configs["125m"], dtype), 5),
         "TTT-Linear 1.3B (Triton)": (lambda: ttt_model("ttt-1.3b-linear-mamba", "triton", dtype, scan_checkpoint_group_size=16), 1),
         "Llama 1.3B (SDPA)": (lambda: llama_like(configs["1.3b"], dtype), 2),
+        "TTT-MLP 125M (Triton)": (lambda: ttt_model("ttt-125m-mlp-mamba", "triton", dtype, scan_checkpoint_group_size=16), 2),
     }
     for name, (make, repeats) in candidates.items():
         model = make()
@@ -99,6 +101,9 @@ def main() -> None:
         print(f"| {name} | {row['tokens_per_s']:,.0f} | {row['step_ms']:.1f} | {row['peak_gib']:.1f} |")
         del model
         torch.cuda.empty_cache()
+    if args.train_only:
+        save_results("ttt_model_train.json", results)
+        return
 
     print(f"\n## Greedy decode, 125M TTT-Linear, bf16, batch {args.decode_batch}, after 2048 tokens")
     print("| backend | ms/token | tokens/s | peak GiB |\n|---|---|---|---|")
