@@ -125,6 +125,18 @@ def test_chunk_gradients_when_only_the_output_is_used():
         ttt_linear_chunk_triton(state, acc, q, k, v, lr, tau, ln_w, ln_b, span, 1e-6, checkpoint_group=0)
 
 
+def test_double_backward_is_refused():
+    # The kernels' backward is not differentiable: a second-order gradient raises instead of missing terms.
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 32, 16)
+    for x in (q, *state):
+        x.requires_grad_()
+    start, length = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE)
+    out, new_state, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length, kernel_backend="triton")
+    (d_w,) = torch.autograd.grad(out.square().sum() + new_state[0].square().sum(), [state[0]], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        d_w.square().sum().backward()
+
+
 def test_step_kernel_matches_reference_across_a_commit():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(3, 2, 1, 16)
     position = torch.tensor([MB - 1, 3, MB - 1], device=DEVICE)  # rows 0 and 2 end a mini-batch

@@ -9,10 +9,17 @@ from ttt_hf.ttt import ttt_ops
 from ttt_hf.ttt.ttt_ops import TTT_LN_EPS, SlotLayout, ttt_chunk
 
 pytest.importorskip("triton")
-from ttt_hf.ttt.ttt_triton_mlp import ttt_mlp_chunk_triton  # noqa: E402
+from ttt_hf.ttt import ttt_triton_mlp  # noqa: E402
+from ttt_hf.ttt.ttt_triton_mlp import TTTMLPChunk, ttt_mlp_chunk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MB = 16
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Blocks of 16 hidden units in both kernels: 4 blocks at head dim 16, so sums over blocks are exercised."""
+    monkeypatch.setattr(ttt_triton_mlp, "LAUNCH", {k: {**v, "tile_elements": 256} for k, v in ttt_triton_mlp.LAUNCH.items()})
 
 
 def mlp_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, seed=0, mini_batch=MB):
@@ -57,7 +64,7 @@ def check_against_reference(batch, heads, seq_len, head_dim, start, length, dtyp
     assert max(errors.values()) <= tol, errors
 
 
-# 24: a padded head dim (to 32); 20: also a partial last block of hidden units (80 units in blocks of 32)
+# 24: a padded head dim (to 32); 16: one block of hidden units, 20 and 24: a full and a partial one (blocks of 64)
 @pytest.mark.parametrize("head_dim", [16, 20, 24])
 def test_kernels_match_reference_with_offsets_and_partial_mini_batches(head_dim):
     # Row 0 starts mid mini-batch and ends inside one (partial last mini-batch: no commit); row 1 is aligned.
@@ -65,16 +72,49 @@ def test_kernels_match_reference_with_offsets_and_partial_mini_batches(head_dim)
 
 
 @pytest.mark.parametrize("checkpoint_group", [1, 2])
-def test_gradients_across_checkpoint_groups(checkpoint_group):
+def test_gradients_across_checkpoint_groups(checkpoint_group, small_tiles):
     # 4 mini-batches: groups of 1 and of 2; row 1 ends inside the third, so the fourth is inert for it.
     check_against_reference(2, 1, 64, 16, start=[0, 0], length=[64, 40], checkpoint_group=checkpoint_group)
 
 
-def test_kernels_match_reference_with_mini_batches_of_32():
+def test_gradients_with_a_shorter_last_checkpoint_group(small_tiles):
+    # 3 mini-batches in groups of 2 over 4 (row, head) programs: the last group's start records are indexed by the
+    # group size, not by its own length.
+    check_against_reference(2, 2, 48, 16, start=[0, 5], length=[48, 35], checkpoint_group=2)
+
+
+def test_autograd_function_leaves_its_inputs_and_cotangents_untouched():
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 2, 32, 16)
+    layout = SlotLayout(torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE), MB, 32)
+    inputs = (*(layout.to_slots(x) for x in (q, k, v)), layout.to_slots(lr[..., None])[..., 0], tau, ln_w, ln_b,
+              layout.span.to(torch.int32))
+    record = ttt_triton_mlp._pack([*state, *acc], 1, 2).requires_grad_()
+    before = record.detach().clone()
+    out, new_record = TTTMLPChunk.apply(*inputs, record, TTT_LN_EPS, 1)
+    assert torch.equal(record.detach(), before)
+    cotangents = [torch.randn_like(out), torch.randn_like(new_record)]
+    saved = [c.clone() for c in cotangents]
+    torch.autograd.grad([out, new_record], [record], cotangents)
+    assert all(torch.equal(c, s) for c, s in zip(cotangents, saved))
+
+
+def test_double_backward_is_refused():
+    # The kernel's backward is not differentiable: a second-order gradient raises instead of missing terms.
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 1, 32, 16)
+    for x in (q, *state):
+        x.requires_grad_()
+    start, length = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE)
+    out, new_state, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length, kernel_backend="triton")
+    (d_w2,) = torch.autograd.grad(out.square().sum() + new_state[2].square().sum(), [state[2]], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        d_w2.square().sum().backward()
+
+
+def test_kernels_match_reference_with_mini_batches_of_32(small_tiles):
     check_against_reference(2, 1, 70, 16, start=[3, 0], length=[70, 64], mini_batch=32)
 
 
-def test_kernels_match_reference_for_aligned_full_rows():
+def test_kernels_match_reference_for_aligned_full_rows(small_tiles):
     check_against_reference(1, 3, 48, 16, start=[0], length=[48])
 
 

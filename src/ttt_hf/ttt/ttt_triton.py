@@ -690,15 +690,12 @@ class TTTLinearChunk(torch.autograd.Function):
         return out, *new
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, d_out, d_w, d_c, d_acc_w, d_acc_c):
         q, k, v, lr, tau, ln_weight, ln_bias, span, *checkpoints = ctx.saved_tensors
-        batch, heads = q.shape[:2]
-        # Unused outputs have no gradient; the kernels update the (W, c) adjoints in place, so they are copies.
-        d_state = [
-            torch.zeros_like(ckpt[:, 0]).view(batch, heads, *ckpt.shape[2:]) if d is None else d.float().contiguous().clone()
-            for d, ckpt in zip((d_w, d_c, d_acc_w, d_acc_c), checkpoints)
-        ]
-        d_out = torch.zeros_like(q, dtype=torch.float32) if d_out is None else d_out.float().contiguous()
+        # The kernels update the (W, c) adjoints in place: copies (unused outputs arrive as zeros).
+        d_state = [d.float().contiguous().clone() for d in (d_w, d_c, d_acc_w, d_acc_c)]
+        d_out = d_out.float().contiguous()
         d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, d_init = _chunk_backward(
             q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, min(ctx.group, q.shape[2]), ctx.eps, d_out, d_state
         )

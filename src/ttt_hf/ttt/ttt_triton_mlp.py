@@ -111,6 +111,38 @@ def _query_block(q, k, g2, key_scores, tau, w1, c1, w2, acc_w1, acc_c1, PRECISIO
 
 
 @triton.jit
+def _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_ptr, start_ptr, units, cols, col_mask,
+                 F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
+                 PRECISION: tl.constexpr, OUTPUT: tl.constexpr, UPDATE: tl.constexpr, STARTS: tl.constexpr):
+    """The second sweep over the blocks of the record at s_ptr. OUTPUT: returns the query's second-layer terms
+    x_q W2 - tau (x_q A2) [MB, F_PAD] and the scores x_q x2^T [MB, MB] summed over the blocks (else zeros).
+    UPDATE: writes the accumulator update and the commit back (STARTS: the start record to start_ptr first)."""
+    HALF: tl.constexpr = 2 * F * N + N + F
+    z_q = tl.zeros([MB, F_PAD], tl.float32)
+    hidden_scores = tl.zeros([MB, MB], tl.float32)
+    for first in range(0, N, BLOCK):
+        n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
+        w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+        acc_w1, acc_c1, acc_w2 = _load_block(s_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+        if STARTS:
+            _store_block(start_ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            _store_block(start_ptr + HALF, acc_w1, acc_c1, acc_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+        z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(q, k, g2, key_scores, tau, w1, c1, w2,
+                                                                         acc_w1, acc_c1, PRECISION)
+        if OUTPUT:
+            z_q += _dot(x_q, w2, PRECISION) - tau[:, None] * _dot(x_q, acc_w2, PRECISION)
+            hidden_scores += _dot(x_q, tl.trans(x2), PRECISION)
+        if UPDATE:
+            weighted1 = lr[:, None] * g1
+            w1, acc_w1 = _commit_one(w1, acc_w1 + _dot(tl.trans(k), weighted1, PRECISION), commit, tau_last)
+            c1, acc_c1 = _commit_one(c1, acc_c1 + tl.sum(weighted1, axis=0), commit, tau_last)
+            w2, acc_w2 = _commit_one(w2, acc_w2 + _dot(tl.trans(x2), weighted2, PRECISION), commit, tau_last)
+            _store_block(s_ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            _store_block(s_ptr + HALF, acc_w1, acc_c1, acc_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+    return z_q, hidden_scores
+
+
+@triton.jit
 def _ttt_mlp_chunk_forward_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, state_ptr, out_ptr, starts_ptr,
     H, M, FIRST, COUNT, SLOTS, eps,
@@ -119,7 +151,8 @@ def _ttt_mlp_chunk_forward_kernel(
 ):
     """Program (row, head): mini-batches FIRST..FIRST+COUNT-1 of the slot layout [B, H, M, MB, F]; the state records
     [B*H, R] hold the start state and end with the state after them; out [B, H, M, MB, F] fp32. With STARTS
-    (the backward's recomputation) each mini-batch's start record goes to starts [B*H, SLOTS, R]."""
+    (the backward's recomputation) each mini-batch's start record goes to starts [B*H, SLOTS, R] instead of its
+    outputs to out (the query's path is not computed)."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     tokens = tl.arange(0, MB)
@@ -150,31 +183,12 @@ def _ttt_mlp_chunk_forward_kernel(
         eta = tl.where(causal, tau[:, None] * lr[None, :], 0.0)
         key_scores = eta * (_dot(q, tl.trans(k), PRECISION) + 1.0)
 
-        z_q = c2[None, :] - tau[:, None] * acc_c2[None, :]
-        hidden_scores = tl.zeros([MB, MB], tl.float32)  # x_q x2^T over all hidden units
-        for first in range(0, N, BLOCK):
-            n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
-            w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-            acc_w1, acc_c1, acc_w2 = _load_block(s_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-            if STARTS:
-                _store_block(start_ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-                _store_block(start_ptr + HALF, acc_w1, acc_c1, acc_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F,
-                             N)
-            z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(q, k, g2, key_scores, tau, w1, c1, w2,
-                                                                             acc_w1, acc_c1, PRECISION)
-            z_q += _dot(x_q, w2, PRECISION) - tau[:, None] * _dot(x_q, acc_w2, PRECISION)
-            hidden_scores += _dot(x_q, tl.trans(x2), PRECISION)
-
-            weighted1 = lr[:, None] * g1
-            w1, acc_w1 = _commit_one(w1, acc_w1 + _dot(tl.trans(k), weighted1, PRECISION), commit, tau_last)
-            c1, acc_c1 = _commit_one(c1, acc_c1 + tl.sum(weighted1, axis=0), commit, tau_last)
-            w2, acc_w2 = _commit_one(w2, acc_w2 + _dot(tl.trans(x2), weighted2, PRECISION), commit, tau_last)
-            _store_block(s_ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-            _store_block(s_ptr + HALF, acc_w1, acc_c1, acc_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-
-        z_q -= _dot(eta * (hidden_scores + 1.0), g2, PRECISION)
-        out = q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps)
-        tl.store(out_ptr + offsets, out, mask=col_mask[None, :])
+        z_q, hidden_scores = _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_ptr,
+                                          start_ptr, units, cols, col_mask, F, F_PAD, N, BLOCK, MB, PRECISION,
+                                          OUTPUT=not STARTS, UPDATE=True, STARTS=STARTS)
+        if not STARTS:
+            z_q += c2[None, :] - tau[:, None] * acc_c2[None, :] - _dot(eta * (hidden_scores + 1.0), g2, PRECISION)
+            tl.store(out_ptr + offsets, q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps), mask=col_mask[None, :])
         c2, acc_c2 = _commit_one(c2, acc_c2 + tl.sum(weighted2, axis=0), commit, tau_last)
         tl.store(s_ptr + C2 + cols, c2, mask=col_mask)
         tl.store(s_ptr + HALF + C2 + cols, acc_c2, mask=col_mask)
@@ -234,16 +248,10 @@ def _ttt_mlp_chunk_backward_kernel(
         key_scores = eta * (qk + 1.0)
 
         # Sweep 2: the query's z_q, then out = q + LN(z_q) back to dL/dz_q.
-        z_q = c2[None, :] - tau[:, None] * acc_c2[None, :]
-        hidden_scores = tl.zeros([MB, MB], tl.float32)
-        for first in range(0, N, BLOCK):
-            n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
-            w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-            acc_w1, acc_c1, acc_w2 = _load_block(s_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-            z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(q, k, g2, key_scores, tau, w1, c1, w2,
-                                                                             acc_w1, acc_c1, PRECISION)
-            z_q += _dot(x_q, w2, PRECISION) - tau[:, None] * _dot(x_q, acc_w2, PRECISION)
-            hidden_scores += _dot(x_q, tl.trans(x2), PRECISION)
+        z_q, hidden_scores = _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_ptr, s_ptr,
+                                          units, cols, col_mask, F, F_PAD, N, BLOCK, MB, PRECISION, OUTPUT=True,
+                                          UPDATE=False, STARTS=False)
+        z_q += c2[None, :] - tau[:, None] * acc_c2[None, :]
         hidden_mix = eta * (hidden_scores + 1.0)
         z_q -= _dot(hidden_mix, g2, PRECISION)
         z_hat_q, rstd_q = _layer_norm_stats(z_q, col_mask, F, eps)
@@ -395,15 +403,16 @@ def _meta(q: torch.Tensor, kernel: str) -> dict:
                 num_warps=LAUNCH[kernel]["num_warps"])
 
 
-def _forward(inputs: tuple, record: torch.Tensor, out: torch.Tensor, eps: float, first: int, count: int,
+def _forward(inputs: tuple, record: torch.Tensor, eps: float, first: int, count: int, out: torch.Tensor | None = None,
              starts: torch.Tensor | None = None) -> None:
-    """Runs mini-batches [first, first + count) on `record` in place, writing their outputs (and with `starts`
-    their start records)."""
+    """Runs mini-batches [first, first + count) on `record` in place, writing their outputs to `out` or (the
+    backward's recomputation) their start records to `starts`."""
     q = inputs[0]
     batch, heads, num_mini_batches = q.shape[:3]
     _ttt_mlp_chunk_forward_kernel[(batch * heads,)](
-        *inputs, record, out, record if starts is None else starts, heads, num_mini_batches, first, count,
-        1 if starts is None else starts.shape[1], eps, STARTS=starts is not None, **_meta(q, "forward"),
+        *inputs, record, record if out is None else out, record if starts is None else starts, heads,
+        num_mini_batches, first, count, 1 if starts is None else starts.shape[1], eps, STARTS=starts is not None,
+        **_meta(q, "forward"),
     )
 
 
@@ -421,20 +430,20 @@ class TTTMLPChunk(torch.autograd.Function):
         checkpoints = record.new_empty(triton.cdiv(num_mini_batches, group), *record.shape)
         for index, first in enumerate(range(0, num_mini_batches, group)):
             checkpoints[index].copy_(record)
-            _forward(inputs, record, out, eps, first, min(group, num_mini_batches - first))
+            _forward(inputs, record, eps, first, min(group, num_mini_batches - first), out=out)
         ctx.save_for_backward(*inputs, checkpoints)
         ctx.eps, ctx.group = eps, group
         return out, record
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's backward is not itself differentiable
     def backward(ctx, d_out, d_record):
         *inputs, checkpoints = ctx.saved_tensors
         q, k, v, lr, tau, ln_weight, ln_bias, span = inputs
         batch, heads, num_mini_batches, mini_batch, head_dim = q.shape
         group, rows = ctx.group, batch * heads
-        # The kernel updates the adjoint record in place: a copy (or zeros for an unused final state).
-        d_record = torch.zeros_like(checkpoints[0]) if d_record is None else d_record.float().contiguous().clone()
-        d_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if d_out is None else d_out.float().contiguous()
+        d_record = d_record.float().contiguous().clone()  # the kernel updates the adjoint record in place
+        d_out = d_out.float().contiguous()
         d_q, d_k, d_v = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
         d_lr = torch.empty_like(lr)
         d_tau = tau.new_zeros(rows, mini_batch)
@@ -442,12 +451,11 @@ class TTTMLPChunk(torch.autograd.Function):
         record = torch.empty_like(checkpoints[0])
         starts = record.new_empty(rows, min(group, num_mini_batches), record.shape[1])
         scratch = record.new_empty(rows, 2, mini_batch, 4 * head_dim)
-        recomputed_out = torch.empty_like(d_q)  # the recomputation's outputs: unused
         for index in reversed(range(checkpoints.shape[0])):
             first = index * group
             count = min(group, num_mini_batches - first)
             record.copy_(checkpoints[index])
-            _forward(inputs, record, recomputed_out, ctx.eps, first, count, starts)
+            _forward(inputs, record, ctx.eps, first, count, starts=starts)
             _ttt_mlp_chunk_backward_kernel[(rows,)](
                 *inputs, starts, d_record, d_out, scratch, d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, heads,
                 num_mini_batches, first, count, starts.shape[1], ctx.eps, **_meta(q, "backward"),
@@ -495,6 +503,6 @@ def ttt_mlp_chunk_triton(
         out, record = TTTMLPChunk.apply(*inputs, record, eps, checkpoint_group)
     else:
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        _forward(inputs, record, out, eps, 0, q.shape[2])
+        _forward(inputs, record, eps, 0, q.shape[2], out=out)
     new = _unpack(record, [*state, *acc], batch, heads)
     return out, new[:4], new[4:]
