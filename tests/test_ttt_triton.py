@@ -3,7 +3,7 @@ conftest) at tiny sizes, on CUDA at real sizes (marked gpu)."""
 
 import pytest
 import torch
-from ttt_testing import random_ids, rel_err, tiny_model
+from ttt_testing import check_double_backward_is_refused, random_ids, rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops, ttt_triton
 from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
@@ -126,15 +126,7 @@ def test_chunk_gradients_when_only_the_output_is_used():
 
 
 def test_double_backward_is_refused():
-    # The kernels' backward is not differentiable: a second-order gradient raises instead of missing terms.
-    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(1, 1, 32, 16)
-    for x in (q, *state):
-        x.requires_grad_()
-    start, length = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE)
-    out, new_state, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length, kernel_backend="triton")
-    (d_w,) = torch.autograd.grad(out.square().sum() + new_state[0].square().sum(), [state[0]], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        d_w.square().sum().backward()
+    check_double_backward_is_refused(*linear_inputs(1, 1, 32, 16))
 
 
 def test_step_kernel_matches_reference_across_a_commit():

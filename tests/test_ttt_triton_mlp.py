@@ -3,7 +3,7 @@ at tiny sizes, on CUDA at real sizes (marked gpu)."""
 
 import pytest
 import torch
-from ttt_testing import random_ids, rel_err, tiny_model
+from ttt_testing import check_double_backward_is_refused, random_ids, rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops
 from ttt_hf.ttt.ttt_ops import TTT_LN_EPS, SlotLayout, ttt_chunk
@@ -99,15 +99,7 @@ def test_autograd_function_leaves_its_inputs_and_cotangents_untouched():
 
 
 def test_double_backward_is_refused():
-    # The kernel's backward is not differentiable: a second-order gradient raises instead of missing terms.
-    state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 1, 32, 16)
-    for x in (q, *state):
-        x.requires_grad_()
-    start, length = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE)
-    out, new_state, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length, kernel_backend="triton")
-    (d_w2,) = torch.autograd.grad(out.square().sum() + new_state[2].square().sum(), [state[2]], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        d_w2.square().sum().backward()
+    check_double_backward_is_refused(*mlp_inputs(1, 1, 32, 16))
 
 
 def test_kernels_match_reference_with_mini_batches_of_32(small_tiles):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from model_testing import random_ids  # noqa: F401  (re-exported for the tests)
 
 from ttt_hf import TTTConfig, TTTForCausalLM
+from ttt_hf.ttt.ttt_ops import ttt_chunk
 
 BACKBONES = {
     "mamba": dict(pre_conv=True, share_qk=True, use_gate=True),
@@ -44,3 +46,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     error = (a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)
     return torch.nan_to_num(error, nan=float("inf")).item()
 
+
+def check_double_backward_is_refused(state, acc, q, k, v, lr, tau, ln_w, ln_b) -> None:
+    """A second-order gradient through the Triton chunk kernels raises (their backward is once_differentiable)
+    instead of missing every term through them. Inputs: one row of whole mini-batches."""
+    for x in (q, *state):
+        x.requires_grad_()
+    start, length = torch.zeros(1, dtype=torch.long, device=q.device), torch.full((1,), q.shape[2], device=q.device)
+    out, new_state, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length, kernel_backend="triton")
+    (d_w,) = torch.autograd.grad(out.square().sum() + new_state[-2].square().sum(), [state[-2]], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        d_w.square().sum().backward()

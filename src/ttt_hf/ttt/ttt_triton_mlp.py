@@ -111,6 +111,20 @@ def _query_block(q, k, g2, key_scores, tau, w1, c1, w2, acc_w1, acc_c1, PRECISIO
 
 
 @triton.jit
+def _program_constants(ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F: tl.constexpr, F_PAD: tl.constexpr,
+                       BLOCK: tl.constexpr, MB: tl.constexpr):
+    """Program (row, head) = bh's index vectors, its head's LayerNorm parameters, tau (and its last entry), the
+    causal mask of the dual form and its row's span."""
+    bh = tl.program_id(0)
+    tokens = tl.arange(0, MB)
+    cols = tl.arange(0, F_PAD)
+    col_mask = cols < F
+    ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, bh % H, tokens, cols, col_mask, F)
+    return (bh, tokens, cols, col_mask, tl.arange(0, BLOCK), ln_w, ln_b, tau, causal, tl.load(tau_ptr + MB - 1),
+            tl.load(span_ptr + bh // H))
+
+
+@triton.jit
 def _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_ptr, start_ptr, units, cols, col_mask,
                  F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
                  PRECISION: tl.constexpr, OUTPUT: tl.constexpr, UPDATE: tl.constexpr, STARTS: tl.constexpr):
@@ -153,15 +167,8 @@ def _ttt_mlp_chunk_forward_kernel(
     [B*H, R] hold the start state and end with the state after them; out [B, H, M, MB, F] fp32. With STARTS
     (the backward's recomputation) each mini-batch's start record goes to starts [B*H, SLOTS, R] instead of its
     outputs to out (the query's path is not computed)."""
-    bh = tl.program_id(0)
-    row, head = bh // H, bh % H
-    tokens = tl.arange(0, MB)
-    cols = tl.arange(0, F_PAD)
-    col_mask = cols < F
-    units = tl.arange(0, BLOCK)
-    ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
-    tau_last = tl.load(tau_ptr + MB - 1)
-    span = tl.load(span_ptr + row)
+    bh, tokens, cols, col_mask, units, ln_w, ln_b, tau, causal, tau_last, span = _program_constants(
+        ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F, F_PAD, BLOCK, MB)
     C2: tl.constexpr = 2 * F * N + N
     HALF: tl.constexpr = 2 * F * N + N + F  # the accumulator's offset in a record
     s_ptr = state_ptr + bh.to(tl.int64) * (2 * HALF)  # int64: B*H*R may pass 2^31
@@ -211,15 +218,8 @@ def _ttt_mlp_chunk_backward_kernel(
     Per mini-batch four sweeps over the blocks: the keys' z2 (-> g2); the query's z_q (-> dL/dz_q); everything
     that needs dL/dz_q (the query's layers, the accumulation and the commit, g1's reverse mode); then, with the
     LN-L2 gradient's reverse mode done, the key pass's first layer."""
-    bh = tl.program_id(0)
-    row, head = bh // H, bh % H
-    tokens = tl.arange(0, MB)
-    cols = tl.arange(0, F_PAD)
-    col_mask = cols < F
-    units = tl.arange(0, BLOCK)
-    ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
-    tau_last = tl.load(tau_ptr + MB - 1)
-    span = tl.load(span_ptr + row)
+    bh, tokens, cols, col_mask, units, ln_w, ln_b, tau, causal, tau_last, span = _program_constants(
+        ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F, F_PAD, BLOCK, MB)
     C2: tl.constexpr = 2 * F * N + N
     HALF: tl.constexpr = 2 * F * N + N + F
     d_ptr = d_state_ptr + bh.to(tl.int64) * (2 * HALF)
