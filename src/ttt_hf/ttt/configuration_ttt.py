@@ -38,7 +38,9 @@ class TTTConfig(PreTrainedConfig):
         use_gate (`bool`, defaults to `False`): Mamba backbone: gelu-gated output.
         conv_kernel (`int`, defaults to 4): width of the causal convolutions.
         scan_checkpoint_group_size (`int`, defaults to 0): when training, recompute the inner loop in the
-            backward pass in groups of this many mini-batches (0: keep every activation).
+            backward pass in groups of this many mini-batches, keeping the inner state at each group's start
+            (0: the torch reference keeps every activation; the Triton kernels, which always recompute, take
+            groups of 16).
         kernel_backend (`str`, defaults to `"auto"`): `"auto"` (Triton on CUDA when available, else PyTorch),
             `"triton"` or `"torch"`.
     """

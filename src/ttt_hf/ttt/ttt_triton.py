@@ -679,8 +679,9 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
 
 class TTTLinearChunk(torch.autograd.Function):
     """The chunk kernels with their backward. Memory: the forward keeps the state every `group` mini-batches
-    (4 (f^2 + f) floats per row and head each); the backward recomputes one segment of whole groups at a time
-    (start states and state adjoints of about `SEGMENT_BYTES`, or of one group where that is more)."""
+    (2 (f^2 + f) floats per row and head each: W, c and their accumulators); the backward recomputes one
+    segment of whole groups at a time (start states and state adjoints of about `SEGMENT_BYTES`, or of one
+    group where that is more)."""
 
     @staticmethod
     def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):
