@@ -1,4 +1,4 @@
-"""TTT-Linear op benchmark on the GPU: our Triton kernels vs our torch reference vs flash-linear-attention's
+"""TTT op benchmark on the GPU (TTT-Linear, and TTT-MLP's columns): our Triton kernels vs our torch reference vs flash-linear-attention's
 `chunk_ttt_linear` vs SDPA (flash) causal attention at the same (B, H, T, D), forward and forward+backward;
 TTT-MLP (our Triton kernels and the torch reference); the decode step.
 
@@ -122,7 +122,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    print(f"\n## TTT-Linear op, B={B}, H={H}, D={D}, bf16 inputs (ms)")
+    print(f"\n## TTT op (TTT-Linear; TTT-MLP columns), B={B}, H={H}, D={D}, bf16 inputs (ms)")
     columns = {"triton_fwd": "ours Triton fwd", "torch_fwd": "torch ref fwd", "fla_fwd": "FLA fwd", "sdpa_fwd": "SDPA fwd",
                "triton_fwd_bwd": "ours Triton fwd+bwd", "torch_fwd_bwd": "torch ref fwd+bwd",
                "fla_fwd_bwd": "FLA fwd+bwd", "sdpa_fwd_bwd": "SDPA fwd+bwd",
@@ -208,7 +208,7 @@ def plot(results: dict, paths: list[Path]) -> None:
         if points:
             ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if "bwd" in key else "-")
     ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms",
-           title=f"TTT-Linear op, B,H,D = {results['shape']}, bf16, {results['device']}")
+           title=f"TTT ops, B,H,D = {results['shape']}, bf16, {results['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     for path in paths:

@@ -7,7 +7,7 @@ checkpoint group, and of the TTT-MLP kernels' state tiles and warps (`ttt_triton
 For each head dim and kernel, times the op with every candidate launch of that kernel (the other kernels at
 their defaults): the forward without gradients for the state and output kernels, forward + backward for the
 backward's kernels and for the checkpoint groups. Every variant is first checked against the default launch.
-Prints a markdown table and writes kernels/results/ttt_tune.json.
+Prints a markdown table and writes kernels/results/<--out> (default ttt_tune.json).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ CANDIDATES = {
 }
 GROUPS = (4, 64)
 # TTT-MLP: (tile elements, warps) per kernel
-MLP_CANDIDATES = {"forward": [(1024, 8), (2048, 4), (4096, 8)], "backward": [(512, 8), (2048, 8), (1024, 4), (1024, 16)]}
+MLP_CANDIDATES = {"forward": [(1024, 8), (2048, 4), (4096, 8)], "backward": [(512, 8), (1024, 8), (1024, 4), (1024, 16)]}
 
 
 def kernel_breakdown(args: tuple) -> list[tuple[str, float]]:

@@ -188,13 +188,13 @@ def test_dispatch_rules(monkeypatch):
     assert ttt_ops._use_kernel("triton", state, q, MB)
     assert not ttt_ops._use_kernel("triton", state + state, q, MB)  # not TTT-MLP's state shapes: reference
     assert not ttt_ops._use_kernel("triton", state, q.double(), MB)
-    assert ttt_ops._use_kernel("triton", state, q.requires_grad_(), MB)  # the chunk kernel has a backward
     for mini_batch in (4, 8, 12, 128):  # tiles of powers of two, products of at least 16 rows: the reference
         assert not ttt_ops._use_kernel("triton", state, q, mini_batch)
     assert ttt_ops._use_kernel("triton", state, q, 32) and ttt_ops._use_kernel("triton", state, q, 64)
+    q.requires_grad_()
     step_args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long),
                  torch.ones(1, dtype=torch.bool))
-    out, _, _ = ttt_step(state, acc, *step_args, kernel_backend="triton")  # the step kernel has none: reference
+    out, _, _ = ttt_step(state, acc, *step_args, kernel_backend="triton")  # the step kernel has no backward: reference
     assert out.grad_fn is not None
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -35,8 +35,9 @@ except ImportError:  # without triton (or without these kernels) the steps and T
 logger = logging.getLogger(__name__)
 
 TTT_LN_EPS = 1e-6
-# The kernel's backward recomputes groups of this many mini-batches unless the config asks for another size:
-# the saved states then cost 1/16 of the activations' memory at f=64.
+# The kernels' backward recomputes groups of this many mini-batches unless the config asks for another size:
+# TTT-Linear's saved states then cost 1/16 of the activations' memory at f=64; TTT-MLP's (16 f^2 + 10 f floats
+# per head and group) about 1.1 GB at B=4, H=32, f=64, T=8192.
 KERNEL_CHECKPOINT_GROUP = 16
 
 
@@ -81,7 +82,9 @@ def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor,
     if len(state) == 4:
         supported = mlp_kernel_supported is not None and mlp_kernel_supported(state, q)
         if kernel_backend == "triton" and not supported:
-            _log_fallback_once("TTT-MLP with fp64 inputs or head_dim outside 16..128")
+            shapes = [tuple(t.shape[-2:]) for t in state]
+            _log_fallback_once(f"TTT-MLP needs fp32/bf16/fp16 inputs, head_dim 16..128 and 4 * head_dim hidden units; "
+                               f"got {q.dtype}, head_dim {q.shape[-1]}, state shapes {shapes}")
         return supported
     # fp32 tiles of head_dim 96/128 need ~400 KB of shared memory (H100: 227 KB): fp32 runs the kernel up to 64.
     max_head_dim = 64 if q.dtype == torch.float32 else 128

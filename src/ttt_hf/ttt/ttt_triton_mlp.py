@@ -1,7 +1,7 @@
 """Triton kernels of TTT-MLP's chunked dual form (prefill and training, forward and backward).
 
 One program per (row, head) runs the mini-batches in order. The inner state W1 [f, N], c1 [N], W2 [N, f], c2 [f]
-(N = 4f hidden units) and its accumulator are 8f^2 fp32 values per head, more than a program's registers, so they
+(N = 4f hidden units) and its accumulator are 16f^2 + 10f fp32 values per head, more than a program's registers, so they
 live in a state record per head (`_pack`: the four tensors, then the accumulator's, flat; L2-resident) and every
 mini-batch streams them through registers in blocks of BLOCK hidden units, twice:
 1. the key pass: z1 = k W1 + c1, x2 = gelu(z1), z2 = x2 W2 + c2 summed over the blocks, then g2, the LN-L2
@@ -45,7 +45,8 @@ from .ttt_triton_decode import _gelu_tanh, _gelu_tanh_grad
 # kernels/tune_ttt.py on the H200 (results/ttt_tune_mlp.json, head dim 64, T=8192): the forward 16.5 ms with
 # (2048, 8), 24.9 with (1024, 8), 18.8 with (2048, 4); forward + backward 240 ms with (2048, 8) for the backward,
 # 278 with (1024, 8), 256 with (1024, 4), 742 with (1024, 16). ptxas (sm_90, triton 3.6, bf16) reports spills
-# for both (the backward 1.4-2.4 KB per thread): the timings, not the spills, chose.
+# for both (at head dim 64 the forward 40 B per thread, the backward 2.4 KB; 1.4 KB with 1024-element tiles): the
+# timings, not the spills, chose.
 LAUNCH = {"forward": {"tile_elements": 2048, "num_warps": 8}, "backward": {"tile_elements": 2048, "num_warps": 8}}
 
 
