@@ -543,6 +543,17 @@ def _state_views(state: list[torch.Tensor], acc: list[torch.Tensor]) -> list[tor
     return [t.float().contiguous() for t in (*state, *acc)]
 
 
+def _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_group: int) -> tuple:
+    """The chunk kernels' token and parameter tensors as they read them (contiguous; lr, tau and the LayerNorm
+    parameters in fp32, span int32), after checking the checkpoint group."""
+    if checkpoint_group < 1:
+        raise ValueError(f"checkpoint_group must be >= 1, got {checkpoint_group}")
+    return (
+        q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
+        ln_weight.float().contiguous(), ln_bias.float().contiguous(), span.to(torch.int32).contiguous(),
+    )
+
+
 def _precision(x: torch.Tensor) -> str:
     # fp32 inputs get exact fp32 products; half-precision inputs are already rounded, TF32 loses nothing more.
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -695,7 +706,8 @@ class TTTLinearChunk(torch.autograd.Function):
     def backward(ctx, d_out, d_w, d_c, d_acc_w, d_acc_c):
         q, k, v, lr, tau, ln_weight, ln_bias, span, *checkpoints = ctx.saved_tensors
         # The kernels update the (W, c) adjoints in place: copies (unused outputs arrive as zeros).
-        d_state = [d.float().contiguous().clone() for d in (d_w, d_c, d_acc_w, d_acc_c)]
+        d_state = [d.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                   for d in (d_w, d_c, d_acc_w, d_acc_c)]
         d_out = d_out.float().contiguous()
         d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, d_init = _chunk_backward(
             q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, min(ctx.group, q.shape[2]), ctx.eps, d_out, d_state
@@ -724,11 +736,8 @@ def ttt_linear_chunk_triton(
     rate gradients there are undefined.
     Returns the output [B, H, M, b, f] fp32, the new state [W, c] and accumulator. Differentiable in every
     tensor but span; the backward recomputes groups of `checkpoint_group` mini-batches."""
-    if checkpoint_group < 1:
-        raise ValueError(f"checkpoint_group must be >= 1, got {checkpoint_group}")
     args = (
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
-        ln_weight.float().contiguous(), ln_bias.float().contiguous(), span.to(torch.int32).contiguous(),
+        *_chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_group),
         *_state_views(state, acc), eps,
     )
     if torch.is_grad_enabled() and any(t.requires_grad for t in args if isinstance(t, torch.Tensor)):

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .ttt_triton import (
+    _chunk_kernel_inputs,
     _commit_one,
     _dot,
     _key_grad_backward,
@@ -443,7 +444,7 @@ class TTTMLPChunk(torch.autograd.Function):
         q, k, v, lr, tau, ln_weight, ln_bias, span = inputs
         batch, heads, num_mini_batches, mini_batch, head_dim = q.shape
         group, rows = ctx.group, batch * heads
-        d_record = d_record.float().contiguous().clone()  # the kernel updates the adjoint record in place
+        d_record = d_record.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # updated in place
         d_out = d_out.float().contiguous()
         d_q, d_k, d_v = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
         d_lr = torch.empty_like(lr)
@@ -487,18 +488,13 @@ def ttt_mlp_chunk_triton(
     Returns the output [B, H, M, b, f] fp32, the new state and accumulator (new contiguous tensors; the inputs are
     not modified). Differentiable in every tensor but span; the backward recomputes groups of `checkpoint_group`
     mini-batches."""
-    if checkpoint_group < 1:
-        raise ValueError(f"checkpoint_group must be >= 1, got {checkpoint_group}")
     if not mlp_kernel_supported(state, q):
         raise ValueError(
             "state must be TTT-MLP's [W1, c1, W2, c2] with 4f hidden units, q fp32/bf16/fp16 with head_dim 16..128; "
             f"got state {[tuple(t.shape) for t in state]}, q {tuple(q.shape)} {q.dtype}"
         )
+    inputs = _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_group)
     batch, heads = q.shape[:2]
-    inputs = (
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
-        ln_weight.float().contiguous(), ln_bias.float().contiguous(), span.to(torch.int32).contiguous(),
-    )
     record = _pack([*state, *acc], batch, heads)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, record)):
         out, record = TTTMLPChunk.apply(*inputs, record, eps, checkpoint_group)
