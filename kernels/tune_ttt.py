@@ -2,7 +2,7 @@
 checkpoint group, and of the TTT-MLP kernels' state tiles and warps (`ttt_triton_mlp.LAUNCH`), on the GPU:
 
     python kernels/tune_ttt.py [--length 8192] [--batch 4 --heads 32 --head-dims 64,128] [--out ttt_tune.json]
-                               [--mlp-only]
+                               [--mlp-only | --linear-only]
 
 For each head dim and kernel, times the op with every candidate launch of that kernel (the other kernels at
 their defaults): the forward without gradients for the state and output kernels, forward + backward for the
@@ -26,9 +26,8 @@ from bench_ttt import fwd_bwd, inputs, rel_err
 CANDIDATES = {
     "state": [{"num_warps": w} for w in (1, 2, 8)] + [{"num_warps": 4, "num_stages": 1}],
     "output": [{"num_warps": w} for w in (2, 8)],
-    "bwd_local": [{"num_warps": w} for w in (4, 8)],
+    "bwd_local": [{"num_warps": w} for w in (2, 4, 8)],
     "bwd_state": [{"num_warps": w} for w in (4, 8, 16)],
-    "bwd_inputs": [{"num_warps": w} for w in (4, 8, 16)],
 }
 GROUPS = (4, 64)
 # TTT-MLP: (tile elements, warps) per kernel
@@ -107,11 +106,14 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--out", default="ttt_tune.json", help="result file name in kernels/results/")
-    parser.add_argument("--mlp-only", action="store_true", help="only the TTT-MLP kernels' launches")
+    kernels = parser.add_mutually_exclusive_group()
+    kernels.add_argument("--mlp-only", action="store_true", help="only the TTT-MLP kernels' launches")
+    kernels.add_argument("--linear-only", action="store_true", help="only the TTT-Linear kernels' launches")
     args = parser.parse_args()
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
-        rows += mlp_rows(args, head_dim)
+        if not args.linear_only:
+            rows += mlp_rows(args, head_dim)
         if args.mlp_only:
             continue
         a = inputs(args.batch, args.heads, args.length, head_dim, torch.bfloat16, requires_grad=True)
@@ -134,7 +136,7 @@ def main() -> None:
         for group in GROUPS:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            ms, _ = run_variant("bwd_inputs", ttt_triton.LAUNCH["bwd_inputs"][head_dim > 64], head_dim, False, a, group)
+            ms, _ = run_variant("bwd_state", ttt_triton.LAUNCH["bwd_state"][head_dim > 64], head_dim, False, a, group)
             rows.append(dict(head_dim=head_dim, kernel=f"checkpoint_group={group} (whole op)", launch={}, ms=ms,
                              extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30))
             print(rows[-1], flush=True)

@@ -61,6 +61,11 @@ def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_min
     check_chunk(2, 2, 40, head_dim, start=[5, 32], length=[40, 27], checkpoint_group=checkpoint_group)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk_kernel_and_gradients_with_half_precision_inputs(dtype):  # the kernels' bf16 products
+    check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], dtype=dtype, tol=2e-2, checkpoint_group=2)
+
+
 def test_chunk_kernel_and_gradients_with_mini_batches_of_32():
     check_chunk(2, 1, 70, 16, start=[3, 0], length=[70, 64], mini_batch=32)
 
@@ -84,7 +89,7 @@ def test_forward_in_segments_hands_the_state_on(monkeypatch):
 @pytest.mark.parametrize("start, length, segment_bytes", [
     ([0, 0], [48, 32], None),  # the shorter row's span mini-batch is inert: the edge launch runs it
     ([3, 16], [40, 0], None),  # an empty row starting mid mini-batch
-    ([5, 0], [100, 60], 4 * 4 * (16 * 16 + 16) * 12),  # segments of two groups, a partial mini-batch inside one
+    ([5, 0], [100, 60], 4 * 4 * (16 * 16 + 16) * 8),  # segments of two groups, a partial mini-batch inside one
 ])
 def test_chunk_gradients_across_edge_mini_batches_and_segments(monkeypatch, start, length, segment_bytes):
     if segment_bytes:

@@ -32,7 +32,12 @@ import triton.language as tl
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
-    return tl.dot(a, b, input_precision=PRECISION)
+    """a @ b with fp32 accumulation: "bf16" rounds both operands to bf16, else tl.dot's input precision."""
+    if PRECISION == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -308,70 +313,21 @@ def _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causa
 
 
 @triton.jit
-def _chunk_mini_batch_backward(
-    q, k, v, z, lr, d_out, d_z_q, w, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens, col_mask,
-    d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b,
-    F: tl.constexpr, MB: tl.constexpr, eps, PRECISION: tl.constexpr, EDGE: tl.constexpr,
-):
-    """Reverse mode of one mini-batch (the forward of `_ttt_linear_chunk_state_kernel` and
-    `_ttt_linear_chunk_output_kernel`) from its start state W, the keys' pre-activations z = k W + c and
-    dL/dz_q (the output LayerNorm's backward, done by `_ttt_linear_chunk_bwd_local_kernel` with its parameter
-    gradients). d_w .. d_acc_c are the adjoints of the state after the mini-batch; d_tau, d_ln_w, d_ln_b
-    accumulate. Returns d_q, d_k, d_v, d_lr of its tokens and, with EDGE, the adjoint of the accumulator before
-    it. Without EDGE the mini-batch starts with no accumulator and commits (acc_w, acc_c, d_acc_w, d_acc_c and
-    commit are unused), so the commit's adjoint -tau_last d_w needs no tile of its own."""
-    grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
-    eta = tl.where(causal, tau[:, None] * lr[None, :], 0.0)
-    scores = _dot(q, tl.trans(k), PRECISION)
-    weighted = lr[:, None] * grad
-    tau_d_z_q = tau[:, None] * d_z_q
-
-    # Commit: W' = W - commit tau_last A_end, A_end = A + k^T (lr g) (W and c pass their adjoints through).
-    # Accumulation's reverse: d_weighted = k dA_end + da_end, d_k = (lr g) dA_end^T.
-    k_d_w = _dot(k, d_w, PRECISION)
-    d_tau_last = tl.sum(tl.sum(k_d_w * weighted, axis=1), axis=0) + tl.sum(d_c * tl.sum(weighted, axis=0), axis=0)
-    if EDGE:
-        d_tau_last = -commit * (d_tau_last + tl.sum(tl.sum(d_w * acc_w, axis=1), axis=0) + tl.sum(d_c * acc_c, axis=0))
-        d_acc_w_end = (1.0 - commit) * d_acc_w - commit * tau_last * d_w
-        d_acc_c_end = (1.0 - commit) * d_acc_c - commit * tau_last * d_c
-        d_weighted = _dot(k, d_acc_w_end, PRECISION) + d_acc_c_end[None, :]
-        d_k = _dot(weighted, tl.trans(d_acc_w_end), PRECISION)
-        d_acc_w = d_acc_w_end - _dot(tl.trans(q), tau_d_z_q, PRECISION)
-        d_acc_c = d_acc_c_end - tl.sum(tau_d_z_q, axis=0)
-    else:
-        d_tau_last = -d_tau_last
-        d_weighted = -tau_last * (k_d_w + d_c[None, :])
-        d_k = -tau_last * _dot(weighted, tl.trans(d_w), PRECISION)
-    d_tau += tl.where(tokens == MB - 1, d_tau_last, 0.0)
-    d_grad = lr[:, None] * d_weighted
-    d_lr = tl.sum(d_weighted * grad, axis=1)
-
-    # z_q = q W - tau (q A) - (eta * (q k^T + 1)) g + c - tau a;  out = q + LN(z_q).
-    d_q = d_out + _dot(d_z_q, tl.trans(w), PRECISION)
-    if EDGE:
-        d_q -= _dot(tau_d_z_q, tl.trans(acc_w), PRECISION)
-        d_tau -= tl.sum(d_z_q * (_dot(q, acc_w, PRECISION) + acc_c[None, :]), axis=1)
-    d_grad -= _dot(tl.trans(eta * (scores + 1.0)), d_z_q, PRECISION)
-    d_mix = tl.where(causal, -_dot(d_z_q, tl.trans(grad), PRECISION), 0.0)
-    d_eta = d_mix * (scores + 1.0)
-    d_scores = d_mix * eta
-    d_q += _dot(d_scores, k, PRECISION)
-    d_k += _dot(tl.trans(d_scores), q, PRECISION)
-    d_tau += tl.sum(d_eta * lr[None, :], axis=1)
-    d_lr += tl.sum(d_eta * tau[:, None], axis=0)
-
-    # Key gradient, then z = k W + c.
+def _key_path_backward(d_grad, z_hat, rstd, grad_hat, target, w, ln_w, ln_b, col_mask, F: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Reverse mode of the key gradient g(z = k W + c, target = v - k) for the cotangent d_grad: dL/dz and the
+    shares of d_k, d_v, d_ln_w, d_ln_b. Linear in d_grad, so the local pass and the chain each take their part."""
     d_z, d_grad_hat = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
-    d_ln_w += tl.sum(d_grad_hat * (2.0 * ln_w[None, :] * z_hat + ln_b[None, :] - (v - k)), axis=0)
-    d_ln_b += tl.sum(d_grad_hat * ln_w[None, :], axis=0)
-    d_v = -d_grad_hat * ln_w[None, :]
-    d_k += _dot(d_z, tl.trans(w), PRECISION) + d_grad_hat * ln_w[None, :]
-    return d_q, d_k, d_v, d_lr, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b
+    d_target = -d_grad_hat * ln_w[None, :]  # grad_hat = (ln_w z_hat + ln_b - target) ln_w
+    d_k = _dot(d_z, tl.trans(w), PRECISION) - d_target
+    d_ln_w = tl.sum(d_grad_hat * (2.0 * ln_w[None, :] * z_hat + ln_b[None, :] - target), axis=0)
+    return d_z, d_k, d_target, d_ln_w, -tl.sum(d_target, axis=0)
 
 
 @triton.jit
 def _sum_slot(i, bh, COUNT, EDGE: tl.constexpr):
-    """Row of program (i, bh)'s partial sums in [COUNT + 2, B*H, ...]: the bulk's i, then the edge launch's."""
+    """Row of program (i, bh)'s partial sums in [COUNT + 3, B*H, ...]: the bulk's i, then the edge launch's (the
+    last row is the sequential pass's)."""
     if EDGE:
         slot = (COUNT + i) * tl.num_programs(1) + bh
     else:
@@ -382,17 +338,22 @@ def _sum_slot(i, bh, COUNT, EDGE: tl.constexpr):
 @triton.jit
 def _ttt_linear_chunk_bwd_local_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, start_c_ptr, acc_w_ptr,
-    acc_c_ptr, d_out_ptr, local_w_ptr, local_c_ptr, d_z_q_ptr, d_ln_w_ptr, d_ln_b_ptr, H, M, FIRST, COUNT, eps,
+    acc_c_ptr, d_out_ptr, local_w_ptr, local_c_ptr, d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr,
+    d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr, H, M, FIRST, COUNT, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
-    """First parallel pass of the backward, one program per (mini-batch, row and head) (see
-    `_program_mini_batch`): the part of the adjoint of the mini-batch's start (W, c) that does not depend on later
-    mini-batches, from its output gradient: q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q), with J the key
-    gradient's reverse mode [B*H, COUNT, ...]. Hands dL/dz_q [B, H, M, MB, F] and the output LayerNorm's
-    parameter gradients (partial sums, as `_ttt_linear_chunk_bwd_inputs_kernel` writes them) on to that kernel."""
+    """The parallel pass of the backward, one program per (mini-batch, row and head) (see `_program_mini_batch`):
+    everything that depends on the mini-batch's own output gradient only. With dL/dz_q from the output
+    LayerNorm, it writes d_q (final), its shares of d_k, d_v, d_lr [B, H, M, MB, ...] fp32 and of the adjoint of
+    the start (W, c), q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q) with J the key gradient's reverse mode
+    [B*H, COUNT, ...], its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 3, B*H, ...] (zeros where it does not
+    run) and, for the layout's first mini-batch, its share of the initial accumulator's adjoint."""
     bh = tl.program_id(1)
     row, head = bh // H, bh % H
     tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
+    d_tau = tl.zeros([MB], dtype=tl.float32)
+    d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
+    d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
 
     m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, span_ptr, MB, EDGE)
     if run:
@@ -407,28 +368,61 @@ def _ttt_linear_chunk_bwd_local_kernel(
         grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
         d_z_q, z_hat_q, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
                                                        col_mask, F, eps, PRECISION, EDGE)
+        d_ln_w += tl.sum(d_out * z_hat_q, axis=0)
+        d_ln_b += tl.sum(d_out, axis=0)
+
+        # z_q = q W - tau (q A) - (eta * (q k^T + 1)) g + c - tau a;  out = q + LN(z_q).
+        d_q = d_out + _dot(d_z_q, tl.trans(w), PRECISION)
+        tau_d_z_q = tau[:, None] * d_z_q
+        if EDGE:
+            d_q -= _dot(tau_d_z_q, tl.trans(acc_w), PRECISION)
+            d_tau -= tl.sum(d_z_q * (_dot(q, acc_w, PRECISION) + acc_c[None, :]), axis=1)
         d_grad = -_dot(tl.trans(eta * (scores + 1.0)), d_z_q, PRECISION)
-        d_z, _ = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
+        d_mix = tl.where(causal, -_dot(d_z_q, tl.trans(grad), PRECISION), 0.0)
+        d_eta = d_mix * (scores + 1.0)
+        d_scores = d_mix * eta
+        d_q += _dot(d_scores, k, PRECISION)
+        d_tau += tl.sum(d_eta * lr[None, :], axis=1)
+        d_z, d_k, d_v, d_ln_w_key, d_ln_b_key = _key_path_backward(d_grad, z_hat, rstd, grad_hat, v - k, w, ln_w, ln_b,
+                                                                   col_mask, F, PRECISION)
+        d_ln_w += d_ln_w_key
+        d_ln_b += d_ln_b_key
+        d_k += _dot(tl.trans(d_scores), q, PRECISION)
+
         tl.store(local_w_ptr + start * F * F + square,
                  _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
         tl.store(local_c_ptr + start * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
-        tl.store(d_z_q_ptr + offsets, d_z_q, mask=col_mask[None, :])
-        slot = _sum_slot(tl.program_id(0), bh, COUNT, EDGE)
-        tl.store(d_ln_w_ptr + slot * F + cols, tl.sum(d_out * z_hat_q, axis=0), mask=col_mask)
-        tl.store(d_ln_b_ptr + slot * F + cols, tl.sum(d_out, axis=0), mask=col_mask)
+        tl.store(d_q_ptr + offsets, d_q.to(d_q_ptr.dtype.element_ty), mask=col_mask[None, :])
+        tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
+        tl.store(d_v_ptr + offsets, d_v, mask=col_mask[None, :])
+        tl.store(d_lr_ptr + first_token + tokens, tl.sum(d_eta * tau[:, None], axis=0))
+        if EDGE:  # noqa: SIM102 (a constexpr: the runtime test is compiled into the edge launch only)
+            if m == 0:
+                tl.store(d_acc_w_init_ptr + bh * F * F + square, -_dot(tl.trans(q), tau_d_z_q, PRECISION),
+                         mask=square_mask)
+                tl.store(d_acc_c_init_ptr + bh * F + cols, -tl.sum(tau_d_z_q, axis=0), mask=col_mask)
+    slot = _sum_slot(tl.program_id(0), bh, COUNT, EDGE)
+    tl.store(d_tau_ptr + slot * MB + tokens, d_tau)
+    tl.store(d_ln_w_ptr + slot * F + cols, d_ln_w, mask=col_mask)
+    tl.store(d_ln_b_ptr + slot * F + cols, d_ln_b, mask=col_mask)
 
 
 @triton.jit
 def _ttt_linear_chunk_bwd_state_kernel(
-    k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, local_w_ptr, local_c_ptr,
-    d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr, after_w_ptr, after_c_ptr, H, M, FIRST, COUNT, eps,
+    k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, acc_w_ptr, acc_c_ptr,
+    local_w_ptr, local_c_ptr, d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr, d_k_local_ptr, d_v_local_ptr,
+    d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
+    H, M, FIRST, COUNT, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The sequential pass of the backward, one program per (row, head), mini-batches FIRST + COUNT - 1 down to
-    FIRST: only the chain of the state adjoints, dW_before = dW_after + local + k^T J(lr (k dA_end + da_end)),
-    with dA_end = -tau_last dW_after at a commit and the final accumulator's adjoint after a row's last commit
-    (the inert mini-batches after it pass it on unchanged). Writes each mini-batch's dW_after, dc_after
-    [B*H, COUNT, ...]; d_w, d_c hold the adjoints after the segment on entry and before it on exit."""
+    FIRST: the chain of the state adjoints, dW_before = dW_after + local + k^T J(lr (k dA_end + da_end)), with
+    dA_end = -tau_last dW_after at a commit and the final accumulator's adjoint past a row's last commit (the
+    inert mini-batches after it pass it on unchanged), and on the side what the chain adds to each mini-batch's
+    gradients: through the accumulation (d_k, d_lr), the key gradient (d_k, d_v, d_ln_w, d_ln_b) and the commit
+    (d_tau at the last position). It completes d_k, d_v (in their dtype) and d_lr (in place) from the local
+    pass's shares, and the initial accumulator's adjoint. d_w, d_c hold the adjoints after the segment on entry
+    and before it on exit."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
@@ -439,101 +433,78 @@ def _ttt_linear_chunk_bwd_state_kernel(
     span = tl.load(span_ptr + row)
     d_w = _load_square(d_w_ptr, bh, square, square_mask, F)
     d_c = _load_row(d_c_ptr, bh, cols, col_mask, F)
+    d_tau_last = tl.sum(tl.zeros([MB], dtype=tl.float32), axis=0)
+    d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
+    d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
 
     # The previous mini-batch's inputs load while this one computes (the loop is latency-bound).
     last = (bh * M + FIRST + COUNT - 1) * MB
     upcoming = _token_offsets(last, tokens, cols, F)
     k, v, z = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask), _load_tokens(
         z_ptr, upcoming, col_mask)
-    lr = tl.load(lr_ptr + last + tokens)
+    d_k_local, d_v_local = _load_tokens(d_k_local_ptr, upcoming, col_mask), _load_tokens(d_v_local_ptr, upcoming,
+                                                                                          col_mask)
+    lr, d_lr = tl.load(lr_ptr + last + tokens), tl.load(d_lr_ptr + last + tokens)
+    w = _load_square(start_w_ptr, bh * COUNT + COUNT - 1, square, square_mask, F).to(tl.float32)
     local_w = _load_square(local_w_ptr, bh * COUNT + COUNT - 1, square, square_mask, F)
     local_c = _load_row(local_c_ptr, bh * COUNT + COUNT - 1, cols, col_mask, F)
     for i_back in range(COUNT):
         i = COUNT - 1 - i_back
         m = FIRST + i
+        offsets = upcoming
         earlier = tl.maximum(i - 1, 0)
-        upcoming = _token_offsets((bh * M + FIRST + earlier) * MB, tokens, cols, F)
+        previous = (bh * M + FIRST + earlier) * MB
+        upcoming = _token_offsets(previous, tokens, cols, F)
         k_next, v_next = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask)
         z_next = _load_tokens(z_ptr, upcoming, col_mask)
-        lr_next = tl.load(lr_ptr + (bh * M + FIRST + earlier) * MB + tokens)
+        d_k_local_next = _load_tokens(d_k_local_ptr, upcoming, col_mask)
+        d_v_local_next = _load_tokens(d_v_local_ptr, upcoming, col_mask)
+        lr_next, d_lr_next = tl.load(lr_ptr + previous + tokens), tl.load(d_lr_ptr + previous + tokens)
+        w_next = _load_square(start_w_ptr, bh * COUNT + earlier, square, square_mask, F).to(tl.float32)
         local_w_next = _load_square(local_w_ptr, bh * COUNT + earlier, square, square_mask, F)
         local_c_next = _load_row(local_c_ptr, bh * COUNT + earlier, cols, col_mask, F)
 
-        tl.store(after_w_ptr + (bh * COUNT + i) * F * F + square, d_w, mask=square_mask)
-        tl.store(after_c_ptr + (bh * COUNT + i) * F + cols, d_c, mask=col_mask)
-        # The final accumulator's adjoint is read (from cache) only past the last commit: one [F, F] tile less.
-        commit = ((m + 1) * MB <= span).to(tl.float32)
-        keeps = (cols * 0 + (m + 1) * MB) > span
-        d_acc_w_end = tl.load(d_acc_w_ptr + bh * F * F + square, mask=square_mask & keeps[None, :], other=0.0) - (
-            commit * tau_last * d_w)
-        d_acc_c_end = tl.load(d_acc_c_ptr + bh * F + cols, mask=col_mask & keeps, other=0.0) - commit * tau_last * d_c
-        _, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
-        d_grad = lr[:, None] * (_dot(k, d_acc_w_end, PRECISION) + d_acc_c_end[None, :])
-        d_z, _ = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
+        grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
+        weighted = lr[:, None] * grad
+        # Accumulation A_end = A + k^T (lr g): d_weighted = k dA_end + da_end, d_k = (lr g) dA_end^T.
+        if (m + 1) * MB <= span:  # a commit, W' = W - tau_last A_end: dA_end = -tau_last dW'
+            k_d_w = _dot(k, d_w, PRECISION)
+            d_weighted = -tau_last * (k_d_w + d_c[None, :])
+            d_k = -tau_last * _dot(weighted, tl.trans(d_w), PRECISION)
+            d_tau_last -= tl.sum(tl.sum(k_d_w * weighted, axis=1), axis=0) + tl.sum(d_c * tl.sum(weighted, axis=0),
+                                                                                    axis=0)
+            d_acc_w_end, d_acc_c_end = -tau_last * d_w, -tau_last * d_c
+        else:  # the accumulator reaches the end (the final accumulator's adjoint, from cache)
+            d_acc_w_end = _load_square(d_acc_w_ptr, bh, square, square_mask, F)
+            d_acc_c_end = _load_row(d_acc_c_ptr, bh, cols, col_mask, F)
+            d_weighted = _dot(k, d_acc_w_end, PRECISION) + d_acc_c_end[None, :]
+            d_k = _dot(weighted, tl.trans(d_acc_w_end), PRECISION)
+        if m == 0:  # the layout's first mini-batch starts from the cache's accumulator
+            commit = ((m + 1) * MB <= span).to(tl.float32)
+            acc_w = _load_square(acc_w_ptr, bh, square, square_mask, F)
+            acc_c = _load_row(acc_c_ptr, bh, cols, col_mask, F)
+            d_tau_last -= commit * (tl.sum(tl.sum(d_w * acc_w, axis=1), axis=0) + tl.sum(d_c * acc_c, axis=0))
+            d_init_w = d_acc_w_init_ptr + bh * F * F + square
+            d_init_c = d_acc_c_init_ptr + bh * F + cols
+            tl.store(d_init_w, tl.load(d_init_w, mask=square_mask, other=0.0) + d_acc_w_end, mask=square_mask)
+            tl.store(d_init_c, tl.load(d_init_c, mask=col_mask, other=0.0) + d_acc_c_end, mask=col_mask)
+        d_z, d_k_key, d_v, d_ln_w_key, d_ln_b_key = _key_path_backward(
+            lr[:, None] * d_weighted, z_hat, rstd, grad_hat, v - k, w, ln_w, ln_b, col_mask, F, PRECISION
+        )
+        d_ln_w += d_ln_w_key
+        d_ln_b += d_ln_b_key
+        tl.store(d_k_ptr + offsets, (d_k_local + d_k + d_k_key).to(d_k_ptr.dtype.element_ty), mask=col_mask[None, :])
+        tl.store(d_v_ptr + offsets, (d_v_local + d_v).to(d_v_ptr.dtype.element_ty), mask=col_mask[None, :])
+        tl.store(d_lr_ptr + (bh * M + m) * MB + tokens, d_lr + tl.sum(d_weighted * grad, axis=1))
         d_w += local_w + _dot(tl.trans(k), d_z, PRECISION)
         d_c += local_c + tl.sum(d_z, axis=0)
-        k, v, z, lr, local_w, local_c = k_next, v_next, z_next, lr_next, local_w_next, local_c_next
+        k, v, z, lr, d_lr, w, local_w, local_c = k_next, v_next, z_next, lr_next, d_lr_next, w_next, local_w_next, local_c_next
+        d_k_local, d_v_local = d_k_local_next, d_v_local_next
 
     tl.store(d_w_ptr + bh * F * F + square, d_w, mask=square_mask)
     tl.store(d_c_ptr + bh * F + cols, d_c, mask=col_mask)
-
-
-@triton.jit
-def _ttt_linear_chunk_bwd_inputs_kernel(
-    q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
-    start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, after_w_ptr, after_c_ptr, d_acc_w_ptr, d_acc_c_ptr, d_out_ptr,
-    d_z_q_ptr, d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
-    H, M, FIRST, COUNT, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
-):
-    """Second parallel pass, one program per (mini-batch, row and head) (see `_program_mini_batch`): the whole
-    reverse mode of the mini-batch from its start state, the adjoints of the state after it and dL/dz_q. Writes
-    the gradients of its tokens, its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 2, B*H, ...] (added to the
-    local pass's; zeros where it does not run) and, for the layout's first mini-batch, the adjoint of the
-    initial accumulator."""
-    i, bh = tl.program_id(0), tl.program_id(1)
-    row, head = bh // H, bh % H
-    tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
-    d_tau = tl.zeros([MB], dtype=tl.float32)
-    d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
-    d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
-    slot = _sum_slot(i, bh, COUNT, EDGE)
-
-    m, run = _program_mini_batch(i, row, FIRST, COUNT, span_ptr, MB, EDGE)
-    if run:
-        d_ln_w = tl.load(d_ln_w_ptr + slot * F + cols, mask=col_mask, other=0.0)
-        d_ln_b = tl.load(d_ln_b_ptr + slot * F + cols, mask=col_mask, other=0.0)
-        start = bh * COUNT + m - FIRST
-        w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
-                                               square_mask, cols, col_mask, F, EDGE)
-        ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
-        tau_last = tl.load(tau_ptr + MB - 1)
-        first_token = (bh * M + m) * MB
-        offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
-        z = _load_tokens(z_ptr, offsets, col_mask)
-        d_out = _load_tokens(d_out_ptr, offsets, col_mask)
-        d_z_q = _load_tokens(d_z_q_ptr, offsets, col_mask)
-        d_w = _load_square(after_w_ptr, start, square, square_mask, F)
-        d_c = _load_row(after_c_ptr, start, cols, col_mask, F)
-        if EDGE:
-            commit = ((m + 1) * MB <= tl.load(span_ptr + row)).to(tl.float32)
-            d_acc_w = _load_square(d_acc_w_ptr, bh, square, square_mask, F)
-            d_acc_c = _load_row(d_acc_c_ptr, bh, cols, col_mask, F)
-        else:
-            commit, d_acc_w, d_acc_c = 1.0, d_w, d_c  # stand-ins: the lean code never reads them
-        d_q, d_k, d_v, d_lr, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b = _chunk_mini_batch_backward(
-            q, k, v, z, lr, d_out, d_z_q, w, acc_w, acc_c, commit, tau, tau_last, ln_w, ln_b, causal, tokens,
-            col_mask, d_w, d_c, d_acc_w, d_acc_c, d_tau, d_ln_w, d_ln_b, F, MB, eps, PRECISION, EDGE,
-        )
-        tl.store(d_q_ptr + offsets, d_q, mask=col_mask[None, :])
-        tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
-        tl.store(d_v_ptr + offsets, d_v, mask=col_mask[None, :])
-        tl.store(d_lr_ptr + first_token + tokens, d_lr)
-        if EDGE:  # noqa: SIM102 (a constexpr: the runtime test is compiled into the edge launch only)
-            if m == 0:
-                tl.store(d_acc_w_init_ptr + bh * F * F + square, d_acc_w, mask=square_mask)
-                tl.store(d_acc_c_init_ptr + bh * F + cols, d_acc_c, mask=col_mask)
-    tl.store(d_tau_ptr + slot * MB + tokens, d_tau)
+    slot = (COUNT + 2) * tl.num_programs(0) + bh
+    tl.store(d_tau_ptr + slot * MB + tokens, tl.where(tokens == MB - 1, d_tau_last, 0.0))
     tl.store(d_ln_w_ptr + slot * F + cols, d_ln_w, mask=col_mask)
     tl.store(d_ln_b_ptr + slot * F + cols, d_ln_b, mask=col_mask)
 
@@ -555,8 +526,13 @@ def _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_
 
 
 def _precision(x: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products; half-precision inputs are already rounded, TF32 loses nothing more.
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    # fp32 inputs get exact fp32 products. Half-precision inputs get bf16 products on the GPU (the fp32
+    # intermediates they multiply round to bf16): on the H200 the TTT-Linear kernels ran 10-26% faster than with
+    # TF32 products, at the same error against the fp32 reference (kernels/README.md). Triton's interpreter
+    # multiplies bf16 tiles as integers, so on CPU they take TF32 products (fp32 there).
+    if x.dtype == torch.float32:
+        return "ieee"
+    return "bf16" if x.is_cuda else "tf32"
 
 
 # Launch parameters of each kernel for head dims up to 64 and above, from kernels/tune_ttt.py on the H200
@@ -569,7 +545,6 @@ LAUNCH = {
     "output": ({"num_warps": 2}, {"num_warps": 4}),
     "bwd_local": ({"num_warps": 4}, {"num_warps": 8}),
     "bwd_state": ({"num_warps": 8}, {"num_warps": 16}),
-    "bwd_inputs": ({"num_warps": 8}, {"num_warps": 16}),
 }
 
 
@@ -640,24 +615,28 @@ def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_
 def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, group, eps, d_out, d_state):
     """Launches the backward kernels, segments of whole checkpoint groups from the last. Per segment: the start
     states and pre-activations are recomputed from the segment's checkpoint (the forward's sequential kernel),
-    a parallel pass computes each mini-batch's local share of its state adjoint, a sequential pass chains the
-    adjoints through the segment carrying only (dW, dc), and a parallel pass computes every input gradient.
+    a parallel pass computes each mini-batch's local share of its gradients and of its state adjoint, and a
+    sequential pass chains the adjoints through the segment and completes the gradients.
     d_state (the final state's adjoints) comes back as the initial state's (dW, dc) and accumulator adjoints."""
     batch, heads, num_mb, mini_batch, head_dim = q.shape
     rows, square = batch * heads, head_dim * head_dim
     start_dtype = _start_dtype(q)
-    segment = _segment(num_mb, rows, (square + head_dim) * (start_dtype.itemsize + 8), multiple=group)
+    segment = _segment(num_mb, rows, (square + head_dim) * (start_dtype.itemsize + 4), multiple=group)
     start_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=start_dtype)
     start_c = q.new_empty(rows, segment, head_dim, dtype=start_dtype)
-    local_w, after_w = q.new_empty(2, rows, segment, head_dim, head_dim, dtype=torch.float32)
-    local_c, after_c = q.new_empty(2, rows, segment, head_dim, dtype=torch.float32)
-    pre_activations, d_z_q = torch.empty(2, *q.shape, dtype=torch.float32, device=q.device)
+    local_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=torch.float32)
+    local_c = q.new_empty(rows, segment, head_dim, dtype=torch.float32)
+    pre_activations = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     recomputed_end = [torch.empty_like(ckpt[:, 0]) for ckpt in checkpoints]  # the state kernel's end state: unused
-    d_q, d_k, d_v = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+    d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # The local pass's shares of d_k and d_v, in fp32 (the sequential pass reads and completes them in place
+    # where the inputs are fp32 themselves).
+    d_k_local, d_v_local = (d if d.dtype == torch.float32 else torch.empty(d.shape, dtype=torch.float32,
+                                                                             device=d.device) for d in (d_k, d_v))
     d_lr = torch.empty_like(lr)
     d_acc_init = [torch.zeros_like(d) for d in d_state[2:]]
-    d_tau = tau.new_empty(segment + 2, rows, mini_batch)  # partial sums of the bulk and the edge programs
-    d_ln = ln_weight.new_empty(2, segment + 2, rows, head_dim)
+    d_tau = tau.new_empty(segment + 3, rows, mini_batch)  # partial sums: bulk, edge and sequential programs
+    d_ln = ln_weight.new_empty(2, segment + 3, rows, head_dim)
     sums = [tau.new_zeros(mini_batch), ln_weight.new_zeros(2, heads, head_dim)]
     meta = _meta(q)
     for first in reversed(range(0, num_mb, segment)):
@@ -670,20 +649,16 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
         )
         _parallel_pass(
             _ttt_linear_chunk_bwd_local_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
-            span, start_w, start_c, *state[2:], d_out, local_w, local_c, d_z_q, *d_ln, heads, num_mb, first, count,
-            eps, **meta, **_launch("bwd_local", head_dim),
+            span, start_w, start_c, *state[2:], d_out, local_w, local_c, d_q, d_k_local, d_v_local, d_lr, d_tau,
+            *d_ln, *d_acc_init, heads, num_mb, first, count, eps, **meta, **_launch("bwd_local", head_dim),
         )
         _ttt_linear_chunk_bwd_state_kernel[(rows,)](
-            k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, local_w, local_c, *d_state, after_w, after_c,
-            heads, num_mb, first, count, eps, **meta, **_launch("bwd_state", head_dim),
+            k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, start_w, *state[2:], local_w, local_c, *d_state,
+            d_k_local, d_v_local, d_k, d_v, d_lr, d_tau, *d_ln, *d_acc_init, heads, num_mb, first, count, eps,
+            **meta, **_launch("bwd_state", head_dim),
         )
-        _parallel_pass(
-            _ttt_linear_chunk_bwd_inputs_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
-            span, start_w, start_c, *state[2:], after_w, after_c, *d_state[2:], d_out, d_z_q, d_q, d_k, d_v, d_lr, d_tau,
-            *d_ln, *d_acc_init, heads, num_mb, first, count, eps, **meta, **_launch("bwd_inputs", head_dim),
-        )
-        sums[0] += d_tau[: count + 2].sum((0, 1))
-        sums[1] += d_ln[:, : count + 2].reshape(2, count + 2, batch, heads, head_dim).sum((1, 2))
+        sums[0] += d_tau[: count + 3].sum((0, 1))
+        sums[1] += d_ln[:, : count + 3].reshape(2, count + 3, batch, heads, head_dim).sum((1, 2))
     d_ln_w, d_ln_b = (d.view_as(ln_weight) for d in sums[1])
     return d_q, d_k, d_v, d_lr, sums[0], d_ln_w, d_ln_b, [*d_state[:2], *d_acc_init]
 
@@ -712,8 +687,7 @@ class TTTLinearChunk(torch.autograd.Function):
         d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, d_init = _chunk_backward(
             q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, min(ctx.group, q.shape[2]), ctx.eps, d_out, d_state
         )
-        return (d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), d_lr, d_tau, d_ln_w, d_ln_b, None, *d_init,
-                None, None)
+        return d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, None, *d_init, None, None
 
 
 def ttt_linear_chunk_triton(
