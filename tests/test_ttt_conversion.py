@@ -1,5 +1,6 @@
 """Parity with the official ttt-lm-pytorch implementation, through the checkpoint converter."""
 
+import copy
 import json
 import shutil
 import subprocess
@@ -50,25 +51,27 @@ def test_prefill_then_decode_matches_official(converted):
     assert (torch.stack(steps, 1) - data["decode_logits"]).abs().max().item() <= 2e-6
 
 
-def test_triton_backend_matches_official(converted, monkeypatch):
+def test_triton_backend_matches_official(converted, monkeypatch, no_tf32):
     # The chunk kernels (prefill) and the step kernels (decode) on the converted model: on CPU under the Triton
     # interpreter (set by conftest), on CUDA as compiled kernels.
     pytest.importorskip("triton")
     from ttt_hf.ttt import ttt_ops
 
     _, model, data = converted
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = copy.deepcopy(model).to(device)  # the module's other tests keep the CPU model
     calls = []
     for name in ("ttt_linear_chunk_triton", "ttt_mlp_chunk_triton", "ttt_step_triton"):
         kernel = getattr(ttt_ops, name)
         monkeypatch.setattr(ttt_ops, name, lambda *a, kernel=kernel, **kw: calls.append(1) or kernel(*a, **kw))
     monkeypatch.setattr(model.config, "kernel_backend", "triton")
-    ids, prefill, num_steps = data["input_ids"], int(data["prefill_len"]), 4  # the interpreter is slow: 4 steps
+    ids, prefill, num_steps = data["input_ids"].to(device), int(data["prefill_len"]), 4  # the interpreter is slow
     with torch.no_grad():
-        logits = model(ids, use_cache=False).logits
+        logits = model(ids, use_cache=False).logits.cpu()
         out = model(ids[:, :prefill], use_cache=True)
         cache, steps = out.past_key_values, []
         for j in range(prefill, prefill + num_steps):
-            steps.append(model(ids[:, j : j + 1], past_key_values=cache).logits[:, 0])
+            steps.append(model(ids[:, j : j + 1], past_key_values=cache).logits[:, 0].cpu())
     assert (logits - data["logits"]).abs().max().item() <= 2e-5
     assert (torch.stack(steps, 1) - data["decode_logits"][:, :num_steps]).abs().max().item() <= 2e-5
     assert len(calls) == model.config.num_hidden_layers * (2 + num_steps)

@@ -5,8 +5,9 @@ The forward is two kernels: a sequential one per (row, head) that keeps the inne
 its accumulator on chip in fp32 and does only what the next state needs (the key pass and the update), and a
 parallel one per (mini-batch, row, head) that computes the outputs from the start states and key gradients the
 first one wrote, so the serial chain of mini-batches carries two small products instead of six. The backward
-splits the same way (see `_chunk_backward`): the only serial chain is that of the state adjoints (dW, dc),
-two small products per mini-batch, between two parallel passes. The torch reference
+splits the same way (see `_chunk_backward`): a parallel pass does all that depends on a mini-batch's own
+output gradient, then a sequential one chains the state adjoints (dW, dc; two small products per mini-batch
+on the chain) and completes each mini-batch's gradients on the side. The torch reference
 `ttt_ops.ttt_chunk_torch` is the numerical definition; `ttt_ops.ttt_chunk` dispatches here.
 
 Shapes: B rows, H heads, f head dim (padded to a power of two F_PAD inside the kernels), b mini-batch, M
@@ -16,7 +17,7 @@ Per mini-batch, from its start state (W, c) and accumulator (A, a), the chunk fo
     z = k W + c,  g = LN-L2 gradient at z (target v - k),  E = tril(tau_i lr_j),  P = q k^T
     z_q = q W - tau (q A) - (E * (P + 1)) g + c - tau a,  out = q + LN(z_q)
     A' = A + k^T (lr g),  a' = a + sum_j lr_j g_j,  and on commit W -= tau_{b-1} A', c -= tau_{b-1} a', A' = a' = 0.
-The backward runs that in reverse (see `_chunk_mini_batch_backward`); it needs each mini-batch's start
+The backward runs that in reverse (`_ttt_linear_chunk_bwd_local_kernel`, `_ttt_linear_chunk_bwd_state_kernel`); it needs each mini-batch's start
 state, which the forward stores every G mini-batches and the backward recomputes from there. The key
 gradient's reverse mode is linear in its cotangent, so dW_before = dW_after + (a part that depends on the
 mini-batch's own output gradient only) + k^T J(lr (k dA_end + da_end)): the first part is computed in parallel,
@@ -536,10 +537,11 @@ def _precision(x: torch.Tensor) -> str:
 
 
 # Launch parameters of each kernel for head dims up to 64 and above, from kernels/tune_ttt.py on the H200
-# (results/ttt_tune.md) and ptxas' resource report (bf16, sm_90, triton 3.6; spills per thread): at head dim
-# 128 the state kernel spills 1.2 KB with 4 warps, 128 B with 8; the backward's sequential pass none with 8
-# warps at 64, 560 B with 8 at 128; its inputs pass (lean code) none with 8 warps at 64 (216 registers: one
-# block per multiprocessor), 416 B with 8 at 128, and 4 warps spill at 64.
+# (results/ttt_tune.md: at 64, 4 warps for the parallel backward pass (2: +3.1 ms, 8: +2.1 ms for the whole op)
+# and 8 for the sequential one (4: +2.6 ms, 16: +2.9 ms)) and ptxas' resource report (bf16 products, sm_90,
+# triton 3.6; spills per thread): at head dim 64 the state kernel 216 registers, the parallel backward pass 228
+# (two blocks per multiprocessor), none spilling, the sequential backward pass 296 B; at 128 the sequential
+# backward pass spills 1.4 KB with 16 warps (2.0 KB with 8), the parallel one (bulk) none with 8 warps (576 B with 4).
 LAUNCH = {
     "state": ({"num_warps": 4}, {"num_warps": 8}),
     "output": ({"num_warps": 2}, {"num_warps": 4}),
