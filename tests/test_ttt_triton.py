@@ -62,7 +62,9 @@ def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_min
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_chunk_kernel_and_gradients_with_half_precision_inputs(dtype):  # the kernels' bf16 products
+def test_chunk_kernel_and_gradients_with_half_precision_inputs(dtype):
+    # Half-precision loads and stores (d_q, d_k, d_v in the inputs' dtype); the interpreter takes fp32 products
+    # where the GPU takes bf16 ones (those run in test_kernels_at_real_sizes).
     check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], dtype=dtype, tol=2e-2, checkpoint_group=2)
 
 
@@ -81,20 +83,36 @@ def test_aligned_full_rows_take_the_slots_as_views():
 
 def test_forward_in_segments_hands_the_state_on(monkeypatch):
     # Room for the start states of two mini-batches of all 4 (row, head) pairs: 3 mini-batches run as 2 + 1 in
-    # the forward and (one checkpoint group of 2 per segment: the backward also holds two adjoints) in the backward.
+    # the forward and (one checkpoint group of 2 per segment: the backward also holds a local adjoint) in the backward.
     monkeypatch.setattr(ttt_triton, "SEGMENT_BYTES", 2 * 4 * (16 * 16 + 16) * 4)
     check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], checkpoint_group=2)
 
 
-@pytest.mark.parametrize("start, length, segment_bytes", [
-    ([0, 0], [48, 32], None),  # the shorter row's span mini-batch is inert: the edge launch runs it
-    ([3, 16], [40, 0], None),  # an empty row starting mid mini-batch
-    ([5, 0], [100, 60], 4 * 4 * (16 * 16 + 16) * 8),  # segments of two groups, a partial mini-batch inside one
+class LaunchCounter:
+    """Stands in for a Triton kernel and records the grid of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("start, length, segment_bytes, backward_segments", [
+    ([0, 0], [48, 32], None, 1),  # the shorter row's span mini-batch is inert: the edge launch runs it
+    ([3, 16], [40, 0], None, 1),  # an empty row starting mid mini-batch
+    ([3, 0], [5, 40], None, 1),  # a row's only mini-batch is partial and holds tokens: the edge launch runs it once
+    ([5, 0], [100, 60], 4 * 4 * (16 * 16 + 16) * 8, 2),  # 7 mini-batches in segments of two groups of 2: 4 + 3
 ])
-def test_chunk_gradients_across_edge_mini_batches_and_segments(monkeypatch, start, length, segment_bytes):
+def test_chunk_gradients_across_edge_mini_batches_and_segments(monkeypatch, start, length, segment_bytes,
+                                                               backward_segments):
     if segment_bytes:
         monkeypatch.setattr(ttt_triton, "SEGMENT_BYTES", segment_bytes)
+    chain = LaunchCounter(ttt_triton._ttt_linear_chunk_bwd_state_kernel)
+    monkeypatch.setattr(ttt_triton, "_ttt_linear_chunk_bwd_state_kernel", chain)
     check_chunk(2, 2, max(length), 16, start=start, length=length, checkpoint_group=2)
+    assert len(chain.grids) == backward_segments
 
 
 def test_padded_slots_are_zero_with_both_backends():

@@ -17,11 +17,11 @@ Per mini-batch, from its start state (W, c) and accumulator (A, a), the chunk fo
     z = k W + c,  g = LN-L2 gradient at z (target v - k),  E = tril(tau_i lr_j),  P = q k^T
     z_q = q W - tau (q A) - (E * (P + 1)) g + c - tau a,  out = q + LN(z_q)
     A' = A + k^T (lr g),  a' = a + sum_j lr_j g_j,  and on commit W -= tau_{b-1} A', c -= tau_{b-1} a', A' = a' = 0.
-The backward runs that in reverse (`_ttt_linear_chunk_bwd_local_kernel`, `_ttt_linear_chunk_bwd_state_kernel`); it needs each mini-batch's start
-state, which the forward stores every G mini-batches and the backward recomputes from there. The key
-gradient's reverse mode is linear in its cotangent, so dW_before = dW_after + (a part that depends on the
-mini-batch's own output gradient only) + k^T J(lr (k dA_end + da_end)): the first part is computed in parallel,
-the chain in the sequential pass.
+The backward runs that in reverse (`_ttt_linear_chunk_bwd_local_kernel`, then `_ttt_linear_chunk_bwd_state_kernel`);
+it needs each mini-batch's start state, which the forward stores every G mini-batches and the backward
+recomputes from there. The key gradient's reverse mode is linear in its cotangent, so dW_before = dW_after +
+(a part that depends on the mini-batch's own output gradient only) + k^T J(lr (k dA_end + da_end)): the first
+part is computed in parallel, the chain in the sequential pass.
 """
 
 from __future__ import annotations
@@ -434,7 +434,7 @@ def _ttt_linear_chunk_bwd_state_kernel(
     span = tl.load(span_ptr + row)
     d_w = _load_square(d_w_ptr, bh, square, square_mask, F)
     d_c = _load_row(d_c_ptr, bh, cols, col_mask, F)
-    d_tau_last = tl.sum(tl.zeros([MB], dtype=tl.float32), axis=0)
+    d_tau_last = tl.zeros([], dtype=tl.float32)
     d_ln_w = tl.zeros([F_PAD], dtype=tl.float32)
     d_ln_b = tl.zeros([F_PAD], dtype=tl.float32)
 
@@ -499,8 +499,8 @@ def _ttt_linear_chunk_bwd_state_kernel(
         tl.store(d_lr_ptr + (bh * M + m) * MB + tokens, d_lr + tl.sum(d_weighted * grad, axis=1))
         d_w += local_w + _dot(tl.trans(k), d_z, PRECISION)
         d_c += local_c + tl.sum(d_z, axis=0)
-        k, v, z, lr, d_lr, w, local_w, local_c = k_next, v_next, z_next, lr_next, d_lr_next, w_next, local_w_next, local_c_next
-        d_k_local, d_v_local = d_k_local_next, d_v_local_next
+        k, v, z, lr, d_lr, w = k_next, v_next, z_next, lr_next, d_lr_next, w_next
+        local_w, local_c, d_k_local, d_v_local = local_w_next, local_c_next, d_k_local_next, d_v_local_next
 
     tl.store(d_w_ptr + bh * F * F + square, d_w, mask=square_mask)
     tl.store(d_c_ptr + bh * F + cols, d_c, mask=col_mask)
@@ -554,9 +554,9 @@ def _launch(kernel: str, head_dim: int) -> dict:
     return LAUNCH[kernel][head_dim > 64]
 
 
-# What the kernels hand from a sequential to a parallel pass (start states; in the backward also the local
-# and the propagated state adjoints) is held for at most this many bytes at a time: longer inputs run in
-# segments of mini-batches.
+# What the kernels hand between passes per mini-batch (the start states, from the sequential pass to the
+# parallel ones; in the backward also the local state adjoints, from the parallel pass to the sequential one)
+# is held for at most this many bytes at a time: longer inputs run in segments of mini-batches.
 SEGMENT_BYTES = 1 << 29
 
 
