@@ -366,7 +366,8 @@ def _ttt_linear_chunk_bwd_local_kernel(
         offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
         z = _load_tokens(z_ptr, offsets, col_mask)
         d_out = _load_tokens(d_out_ptr, offsets, col_mask)
-        grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
+        target = v - k
+        grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, target, ln_w, ln_b, col_mask, F, eps)
         d_z_q, z_hat_q, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
                                                        col_mask, F, eps, PRECISION, EDGE)
         d_ln_w += tl.sum(d_out * z_hat_q, axis=0)
@@ -384,8 +385,8 @@ def _ttt_linear_chunk_bwd_local_kernel(
         d_scores = d_mix * eta
         d_q += _dot(d_scores, k, PRECISION)
         d_tau += tl.sum(d_eta * lr[None, :], axis=1)
-        d_z, d_k, d_v, d_ln_w_key, d_ln_b_key = _key_path_backward(d_grad, z_hat, rstd, grad_hat, v - k, w, ln_w, ln_b,
-                                                                   col_mask, F, PRECISION)
+        d_z, d_k, d_v, d_ln_w_key, d_ln_b_key = _key_path_backward(d_grad, z_hat, rstd, grad_hat, target, w, ln_w,
+                                                                   ln_b, col_mask, F, PRECISION)
         d_ln_w += d_ln_w_key
         d_ln_b += d_ln_b_key
         d_k += _dot(tl.trans(d_scores), q, PRECISION)
@@ -465,7 +466,8 @@ def _ttt_linear_chunk_bwd_state_kernel(
         local_w_next = _load_square(local_w_ptr, bh * COUNT + earlier, square, square_mask, F)
         local_c_next = _load_row(local_c_ptr, bh * COUNT + earlier, cols, col_mask, F)
 
-        grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
+        target = v - k
+        grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, target, ln_w, ln_b, col_mask, F, eps)
         weighted = lr[:, None] * grad
         # Accumulation A_end = A + k^T (lr g): d_weighted = k dA_end + da_end, d_k = (lr g) dA_end^T.
         if (m + 1) * MB <= span:  # a commit, W' = W - tau_last A_end: dA_end = -tau_last dW'
@@ -490,7 +492,7 @@ def _ttt_linear_chunk_bwd_state_kernel(
             tl.store(d_init_w, tl.load(d_init_w, mask=square_mask, other=0.0) + d_acc_w_end, mask=square_mask)
             tl.store(d_init_c, tl.load(d_init_c, mask=col_mask, other=0.0) + d_acc_c_end, mask=col_mask)
         d_z, d_k_key, d_v, d_ln_w_key, d_ln_b_key = _key_path_backward(
-            lr[:, None] * d_weighted, z_hat, rstd, grad_hat, v - k, w, ln_w, ln_b, col_mask, F, PRECISION
+            lr[:, None] * d_weighted, z_hat, rstd, grad_hat, target, w, ln_w, ln_b, col_mask, F, PRECISION
         )
         d_ln_w += d_ln_w_key
         d_ln_b += d_ln_b_key
@@ -526,14 +528,14 @@ def _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_
     )
 
 
-def _precision(x: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products. Half-precision inputs get bf16 products on the GPU (the fp32
-    # intermediates they multiply round to bf16): on the H200 the TTT-Linear kernels ran 10-26% faster than with
-    # TF32 products, at the same error against the fp32 reference (kernels/README.md). Triton's interpreter
-    # multiplies bf16 tiles as integers, so on CPU they take TF32 products (fp32 there).
+def _precision(x: torch.Tensor, half: str = "bf16") -> str:
+    # fp32 inputs get exact fp32 products. Half-precision inputs get `half` products on the GPU: bf16 (the fp32
+    # intermediates they multiply round to bf16) ran the TTT-Linear kernels 10-26% faster than TF32 on the H200,
+    # at the same error against the fp32 reference (kernels/README.md). Triton's interpreter multiplies bf16
+    # tiles as integers, so on CPU they take TF32 products (fp32 there).
     if x.dtype == torch.float32:
         return "ieee"
-    return "bf16" if x.is_cuda else "tf32"
+    return half if x.is_cuda else "tf32"
 
 
 # Launch parameters of each kernel for head dims up to 64 and above, from kernels/tune_ttt.py on the H200
@@ -633,8 +635,8 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # The local pass's shares of d_k and d_v, in fp32 (the sequential pass reads and completes them in place
     # where the inputs are fp32 themselves).
-    d_k_local, d_v_local = (d if d.dtype == torch.float32 else torch.empty(d.shape, dtype=torch.float32,
-                                                                             device=d.device) for d in (d_k, d_v))
+    d_k_local, d_v_local = (d if d.dtype == torch.float32 else torch.empty_like(d, dtype=torch.float32)
+                            for d in (d_k, d_v))
     d_lr = torch.empty_like(lr)
     d_acc_init = [torch.zeros_like(d) for d in d_state[2:]]
     d_tau = tau.new_empty(segment + 3, rows, mini_batch)  # partial sums: bulk, edge and sequential programs

@@ -37,6 +37,7 @@ from .ttt_triton import (
     _load_mini_batch,
     _load_tokens,
     _mini_batch_constants,
+    _precision,
     _project,
 )
 from .ttt_triton_decode import _gelu_tanh, _gelu_tanh_grad
@@ -402,9 +403,8 @@ def _meta(q: torch.Tensor, kernel: str) -> dict:
     block = min(max(LAUNCH[kernel]["tile_elements"] // f_pad, 16), 4 * f_pad)
     # TF32 products for half-precision inputs: the launches were tuned and checked with them (TTT-Linear's bf16
     # products were not measured here).
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(F=head_dim, F_PAD=f_pad, N=4 * head_dim, BLOCK=block, MB=q.shape[-2], PRECISION=precision,
-                num_warps=LAUNCH[kernel]["num_warps"])
+    return dict(F=head_dim, F_PAD=f_pad, N=4 * head_dim, BLOCK=block, MB=q.shape[-2],
+                PRECISION=_precision(q, half="tf32"), num_warps=LAUNCH[kernel]["num_warps"])
 
 
 def _forward(inputs: tuple, record: torch.Tensor, eps: float, first: int, count: int, out: torch.Tensor | None = None,
