@@ -61,11 +61,13 @@ def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_min
     check_chunk(2, 2, 40, head_dim, start=[5, 32], length=[40, 27], checkpoint_group=checkpoint_group)
 
 
+@pytest.mark.parametrize("checkpoint_group", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_chunk_kernel_and_gradients_with_half_precision_inputs(dtype):
-    # Half-precision loads and stores (d_q, d_k, d_v in the inputs' dtype); the interpreter takes fp32 products
-    # where the GPU takes bf16 ones (those run in test_kernels_at_real_sizes).
-    check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], dtype=dtype, tol=2e-2, checkpoint_group=2)
+def test_chunk_kernel_and_gradients_with_half_precision_inputs(dtype, checkpoint_group):
+    # Half-precision loads and stores (d_q, d_k, d_v in the inputs' dtype; bf16 hand-offs between the passes, in
+    # place in d_k, d_v for bf16 inputs); the interpreter takes fp32 products where the GPU takes bf16 ones
+    # (those run in test_kernels_at_real_sizes).
+    check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], dtype=dtype, tol=2e-2, checkpoint_group=checkpoint_group)
 
 
 def test_chunk_kernel_and_gradients_with_mini_batches_of_32():
@@ -113,6 +115,18 @@ def test_chunk_gradients_across_edge_mini_batches_and_segments(monkeypatch, star
     monkeypatch.setattr(ttt_triton, "_ttt_linear_chunk_bwd_state_kernel", chain)
     check_chunk(2, 2, max(length), 16, start=start, length=length, checkpoint_group=2)
     assert len(chain.grids) == backward_segments
+
+
+def test_keeping_every_start_state_skips_the_recomputation(monkeypatch):
+    # checkpoint_group=1: one sequential forward pass in all (the forward's, over all 7 mini-batches at once);
+    # the backward's segments bound its local adjoints only: room for 3 mini-batches of all 4 (row, head) pairs.
+    monkeypatch.setattr(ttt_triton, "SEGMENT_BYTES", 3 * 4 * (16 * 16 + 16) * 4)
+    state_pass = LaunchCounter(ttt_triton._ttt_linear_chunk_state_kernel)
+    chain = LaunchCounter(ttt_triton._ttt_linear_chunk_bwd_state_kernel)
+    monkeypatch.setattr(ttt_triton, "_ttt_linear_chunk_state_kernel", state_pass)
+    monkeypatch.setattr(ttt_triton, "_ttt_linear_chunk_bwd_state_kernel", chain)
+    check_chunk(2, 2, 100, 16, start=[5, 0], length=[100, 60], checkpoint_group=1)
+    assert len(state_pass.grids) == 1 and len(chain.grids) == 3
 
 
 def test_padded_slots_are_zero_with_both_backends():
@@ -250,8 +264,9 @@ def test_model_with_triton_backend_matches_torch_backend():  # logits, greedy de
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_kernels_at_real_sizes(head_dim, dtype, tol, no_tf32):
-    check_chunk(4, 8, 2048 + 5, head_dim, start=[0, 7, 16, 3], length=[2053, 2000, 1500, 2053], dtype=dtype, tol=tol,
-                checkpoint_group=5)
+    for checkpoint_group in (5, 1):  # recomputed from checkpoints, and kept
+        check_chunk(4, 8, 2048 + 5, head_dim, start=[0, 7, 16, 3], length=[2053, 2000, 1500, 2053], dtype=dtype,
+                    tol=tol, checkpoint_group=checkpoint_group)
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(16, 12, 1, head_dim, dtype)
     position = torch.arange(16, device=DEVICE) * 5
     active = torch.ones(16, dtype=torch.bool, device=DEVICE)

@@ -355,7 +355,8 @@ def ttt_chunk(
     kernel_backend: str = "auto",
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`. The kernel's
-    backward always recomputes: `checkpoint_group` mini-batches per group (0: `KERNEL_CHECKPOINT_GROUP`)."""
+    backward recomputes `checkpoint_group` mini-batches per group (0: `KERNEL_CHECKPOINT_GROUP`; 1: TTT-Linear's
+    kernels keep every start state instead)."""
     if not _use_kernel(kernel_backend, state, q, tau.shape[0]):
         return ttt_chunk_torch(
             state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group

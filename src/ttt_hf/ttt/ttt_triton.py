@@ -19,7 +19,7 @@ Per mini-batch, from its start state (W, c) and accumulator (A, a), the chunk fo
     A' = A + k^T (lr g),  a' = a + sum_j lr_j g_j,  and on commit W -= tau_{b-1} A', c -= tau_{b-1} a', A' = a' = 0.
 The backward runs that in reverse (`_ttt_linear_chunk_bwd_local_kernel`, then `_ttt_linear_chunk_bwd_state_kernel`);
 it needs each mini-batch's start state, which the forward stores every G mini-batches and the backward
-recomputes from there. The key gradient's reverse mode is linear in its cotangent, so dW_before = dW_after +
+recomputes from there (with G = 1 the forward keeps them all). The key gradient's reverse mode is linear in its cotangent, so dW_before = dW_after +
 (a part that depends on the mini-batch's own output gradient only) + k^T J(lr (k dA_end + da_end)): the first
 part is computed in parallel, the chain in the sequential pass.
 """
@@ -168,17 +168,17 @@ def _ttt_linear_chunk_state_kernel(
     k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
     w_ptr, c_ptr, acc_w_ptr, acc_c_ptr,
     w_out_ptr, c_out_ptr, acc_w_out_ptr, acc_c_out_ptr,
-    start_w_ptr, start_c_ptr, keys_out_ptr,
+    start_w_ptr, start_c_ptr, grad_out_ptr, z_out_ptr,
     ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr,
     H, M, FIRST, COUNT, GROUP, NUM_GROUPS, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
-    KEYS_OUT_Z: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STORE_Z: tl.constexpr,
 ):
     """The sequential half of the forward, one program per (row, head): mini-batches FIRST..FIRST+COUNT-1 of the
     slot layout [B, H, M, MB, F] in order, doing only what the next state needs (the key pass and the update).
-    It writes each mini-batch's start state (W, c) [B*H, COUNT, ...] in start_w's dtype and the key gradients g
-    [B, H, M, MB, F] fp32 for `_ttt_linear_chunk_output_kernel` (KEYS_OUT_Z, in the backward's recomputation:
-    their pre-activations z = k W + c instead); with SAVE, the full state at the start of every GROUP-th
+    It writes each mini-batch's start state (W, c) [B*H, COUNT, ...] in start_w's dtype and, as asked, the key
+    gradients g [B, H, M, MB, F] fp32 for `_ttt_linear_chunk_output_kernel` (STORE_GRAD) and their pre-
+    activations z = k W + c for the backward (STORE_Z); with SAVE, the full state at the start of every GROUP-th
     mini-batch goes to the checkpoints [B*H, NUM_GROUPS, ...] of the backward."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
@@ -213,10 +213,10 @@ def _ttt_linear_chunk_state_kernel(
         tl.store(start_c_ptr + start * F + cols, c.to(start_c_ptr.dtype.element_ty), mask=col_mask)
         z = _dot(k, w, PRECISION) + c[None, :]  # every gradient of a mini-batch is taken at its start state
         grad, _, _, _ = _layer_norm_l2_grad(z, v - k, ln_w, ln_b, col_mask, F, eps)
-        if KEYS_OUT_Z:
-            tl.store(keys_out_ptr + offsets, z, mask=col_mask[None, :])
-        else:
-            tl.store(keys_out_ptr + offsets, grad, mask=col_mask[None, :])
+        if STORE_GRAD:
+            tl.store(grad_out_ptr + offsets, grad, mask=col_mask[None, :])
+        if STORE_Z:
+            tl.store(z_out_ptr + offsets, z, mask=col_mask[None, :])
         acc_w, acc_c = _accumulate(acc_w, acc_c, k, grad, lr, PRECISION)
         w, c, acc_w, acc_c = _commit(w, c, acc_w, acc_c, ((m + 1) * MB <= span).to(tl.float32), tau_last)
         k, v, lr = k_next, v_next, lr_next
@@ -340,15 +340,16 @@ def _sum_slot(i, bh, COUNT, EDGE: tl.constexpr):
 def _ttt_linear_chunk_bwd_local_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, start_c_ptr, acc_w_ptr,
     acc_c_ptr, d_out_ptr, local_w_ptr, local_c_ptr, d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr,
-    d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr, H, M, FIRST, COUNT, eps,
+    d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr, H, M, FIRST, COUNT, START_M, START_FIRST, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
 ):
     """The parallel pass of the backward, one program per (mini-batch, row and head) (see `_program_mini_batch`):
     everything that depends on the mini-batch's own output gradient only. With dL/dz_q from the output
-    LayerNorm, it writes d_q (final), its shares of d_k, d_v, d_lr [B, H, M, MB, ...] fp32 and of the adjoint of
-    the start (W, c), q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q) with J the key gradient's reverse mode
-    [B*H, COUNT, ...], its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 3, B*H, ...] (zeros where it does not
-    run) and, for the layout's first mini-batch, its share of the initial accumulator's adjoint."""
+    LayerNorm, it writes d_q (final), its shares of d_k, d_v (in their buffers' dtype), d_lr [B, H, M, MB, ...] and
+    of the adjoint of the start (W, c), q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q) with J the key gradient's
+    reverse mode [B*H, COUNT, ...], its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 3, B*H, ...] (zeros where it does not
+    run) and, for the layout's first mini-batch, its share of the initial accumulator's adjoint. It reads the
+    start states as the sequential pass does (START_M, START_FIRST)."""
     bh = tl.program_id(1)
     row, head = bh // H, bh % H
     tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
@@ -358,7 +359,7 @@ def _ttt_linear_chunk_bwd_local_kernel(
 
     m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, span_ptr, MB, EDGE)
     if run:
-        start = bh * COUNT + m - FIRST
+        start = bh * START_M + m - START_FIRST
         w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
                                                square_mask, cols, col_mask, F, EDGE)
         ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
@@ -391,12 +392,14 @@ def _ttt_linear_chunk_bwd_local_kernel(
         d_ln_b += d_ln_b_key
         d_k += _dot(tl.trans(d_scores), q, PRECISION)
 
-        tl.store(local_w_ptr + start * F * F + square,
-                 _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
-        tl.store(local_c_ptr + start * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
+        local = bh * COUNT + m - FIRST
+        local_w = _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION)
+        tl.store(local_w_ptr + local * F * F + square, local_w.to(local_w_ptr.dtype.element_ty), mask=square_mask)
+        tl.store(local_c_ptr + local * F + cols, tl.sum(d_z_q + d_z, axis=0).to(local_c_ptr.dtype.element_ty),
+                 mask=col_mask)
         tl.store(d_q_ptr + offsets, d_q.to(d_q_ptr.dtype.element_ty), mask=col_mask[None, :])
-        tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
-        tl.store(d_v_ptr + offsets, d_v, mask=col_mask[None, :])
+        tl.store(d_k_ptr + offsets, d_k.to(d_k_ptr.dtype.element_ty), mask=col_mask[None, :])
+        tl.store(d_v_ptr + offsets, d_v.to(d_v_ptr.dtype.element_ty), mask=col_mask[None, :])
         tl.store(d_lr_ptr + first_token + tokens, tl.sum(d_eta * tau[:, None], axis=0))
         if EDGE:  # noqa: SIM102 (a constexpr: the runtime test is compiled into the edge launch only)
             if m == 0:
@@ -414,7 +417,7 @@ def _ttt_linear_chunk_bwd_state_kernel(
     k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, acc_w_ptr, acc_c_ptr,
     local_w_ptr, local_c_ptr, d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr, d_k_local_ptr, d_v_local_ptr,
     d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
-    H, M, FIRST, COUNT, eps,
+    H, M, FIRST, COUNT, START_M, START_FIRST, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The sequential pass of the backward, one program per (row, head), mini-batches FIRST + COUNT - 1 down to
@@ -424,7 +427,8 @@ def _ttt_linear_chunk_bwd_state_kernel(
     gradients: through the accumulation (d_k, d_lr), the key gradient (d_k, d_v, d_ln_w, d_ln_b) and the commit
     (d_tau at the last position). It completes d_k, d_v (in their dtype) and d_lr (in place) from the local
     pass's shares, and the initial accumulator's adjoint. d_w, d_c hold the adjoints after the segment on entry
-    and before it on exit."""
+    and before it on exit. Mini-batch m's start state is row bh * START_M + m - START_FIRST of start_w (the
+    segment's recomputed ones, or all that the forward kept), its local adjoint row bh * COUNT + m - FIRST."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
@@ -447,9 +451,10 @@ def _ttt_linear_chunk_bwd_state_kernel(
     d_k_local, d_v_local = _load_tokens(d_k_local_ptr, upcoming, col_mask), _load_tokens(d_v_local_ptr, upcoming,
                                                                                           col_mask)
     lr, d_lr = tl.load(lr_ptr + last + tokens), tl.load(d_lr_ptr + last + tokens)
-    w = _load_square(start_w_ptr, bh * COUNT + COUNT - 1, square, square_mask, F).to(tl.float32)
-    local_w = _load_square(local_w_ptr, bh * COUNT + COUNT - 1, square, square_mask, F)
-    local_c = _load_row(local_c_ptr, bh * COUNT + COUNT - 1, cols, col_mask, F)
+    start = bh * START_M + FIRST - START_FIRST  # the segment's first mini-batch in the start states
+    w = _load_square(start_w_ptr, start + COUNT - 1, square, square_mask, F).to(tl.float32)
+    local_w = _load_square(local_w_ptr, bh * COUNT + COUNT - 1, square, square_mask, F).to(tl.float32)
+    local_c = _load_row(local_c_ptr, bh * COUNT + COUNT - 1, cols, col_mask, F).to(tl.float32)
     for i_back in range(COUNT):
         i = COUNT - 1 - i_back
         m = FIRST + i
@@ -462,9 +467,9 @@ def _ttt_linear_chunk_bwd_state_kernel(
         d_k_local_next = _load_tokens(d_k_local_ptr, upcoming, col_mask)
         d_v_local_next = _load_tokens(d_v_local_ptr, upcoming, col_mask)
         lr_next, d_lr_next = tl.load(lr_ptr + previous + tokens), tl.load(d_lr_ptr + previous + tokens)
-        w_next = _load_square(start_w_ptr, bh * COUNT + earlier, square, square_mask, F).to(tl.float32)
-        local_w_next = _load_square(local_w_ptr, bh * COUNT + earlier, square, square_mask, F)
-        local_c_next = _load_row(local_c_ptr, bh * COUNT + earlier, cols, col_mask, F)
+        w_next = _load_square(start_w_ptr, start + earlier, square, square_mask, F).to(tl.float32)
+        local_w_next = _load_square(local_w_ptr, bh * COUNT + earlier, square, square_mask, F).to(tl.float32)
+        local_c_next = _load_row(local_c_ptr, bh * COUNT + earlier, cols, col_mask, F).to(tl.float32)
 
         target = v - k
         grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, target, ln_w, ln_b, col_mask, F, eps)
@@ -562,8 +567,10 @@ def _launch(kernel: str, head_dim: int) -> dict:
 SEGMENT_BYTES = 1 << 29
 
 
-def _start_dtype(x: torch.Tensor) -> torch.dtype:
-    # Half-precision inputs meet the start states in half-precision products anyway: bf16 halves their traffic.
+def _handoff_dtype(x: torch.Tensor) -> torch.dtype:
+    # What one pass hands the next per mini-batch (start states, local state adjoints, the shares of d_k and d_v)
+    # is, for half-precision inputs, bf16: the start states meet half-precision products anyway and the others
+    # are a few roundings beside the sums of many mini-batches they join; it halves their traffic.
     return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
 
 
@@ -586,57 +593,66 @@ def _parallel_pass(kernel, count: int, rows: int, *args, **meta) -> None:
 
 
 def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):
-    """Launches the forward kernels; `group > 0` also returns the checkpoints the backward needs."""
+    """Launches the forward kernels. For the backward, `group > 1` also returns the state every `group`
+    mini-batches; `group == 1` every mini-batch's start state and pre-activations with the initial accumulator."""
     batch, heads, num_mb, mini_batch, head_dim = q.shape
     rows = batch * heads
+    keep, save = group == 1, group > 1
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     grad = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    pre_activations = torch.empty_like(grad) if keep else grad
     state = [w, c, acc_w, acc_c]
     new = [torch.empty_like(t) for t in state]
-    num_groups = triton.cdiv(num_mb, group) if group > 0 else 1
-    checkpoints = [t.new_empty(rows, num_groups, *t.shape[2:]) for t in state] if group > 0 else new
-    start_dtype = _start_dtype(q)
-    segment = _segment(num_mb, rows, (head_dim * head_dim + head_dim) * start_dtype.itemsize)
-    start_w = torch.empty(rows, segment, head_dim, head_dim, dtype=start_dtype, device=q.device)
-    start_c = torch.empty(rows, segment, head_dim, dtype=start_dtype, device=q.device)
+    num_groups = triton.cdiv(num_mb, group) if save else 1
+    checkpoints = [t.new_empty(rows, num_groups, *t.shape[2:]) for t in state] if save else new
+    handoff = _handoff_dtype(q)
+    segment = num_mb if keep else _segment(num_mb, rows, (head_dim * head_dim + head_dim) * handoff.itemsize)
+    start_w = torch.empty(rows, segment, head_dim, head_dim, dtype=handoff, device=q.device)
+    start_c = torch.empty(rows, segment, head_dim, dtype=handoff, device=q.device)
     meta = _meta(q)
     for first in range(0, num_mb, segment):
         count = min(segment, num_mb - first)
         if first:  # this segment continues from the last one's final state
             state, new = new, [torch.empty_like(t) for t in new]
         _ttt_linear_chunk_state_kernel[(rows,)](
-            k, v, lr, tau, ln_weight, ln_bias, span, *state, *new, start_w, start_c, grad, *checkpoints,
-            heads, num_mb, first, count, max(group, 1), num_groups, eps, SAVE=group > 0, KEYS_OUT_Z=False, **meta,
-            **_launch("state", head_dim),
+            k, v, lr, tau, ln_weight, ln_bias, span, *state, *new, start_w, start_c, grad, pre_activations,
+            *checkpoints, heads, num_mb, first, count, max(group, 1), num_groups, eps, SAVE=save, STORE_GRAD=True,
+            STORE_Z=keep, **meta, **_launch("state", head_dim),
         )
         _parallel_pass(
             _ttt_linear_chunk_output_kernel, count, rows, q, k, lr, tau, ln_weight, ln_bias, start_w, start_c, grad,
             acc_w, acc_c, span, out, heads, num_mb, first, count, eps, **meta, **_launch("output", head_dim),
         )
-    return out, new, checkpoints
+    saved = [start_w, start_c, pre_activations, acc_w, acc_c] if keep else checkpoints
+    return out, new, saved
 
 
-def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, group, eps, d_out, d_state):
-    """Launches the backward kernels, segments of whole checkpoint groups from the last. Per segment: the start
-    states and pre-activations are recomputed from the segment's checkpoint (the forward's sequential kernel),
-    a parallel pass computes each mini-batch's local share of its gradients and of its state adjoint, and a
-    sequential pass chains the adjoints through the segment and completes the gradients.
+def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, saved, group, eps, d_out, d_state):
+    """Launches the backward kernels over segments of mini-batches from the last (whole checkpoint groups).
+    Per segment: with checkpoints (`group > 1`), the start states and pre-activations are recomputed from the
+    segment's checkpoint (the forward's sequential kernel; `group == 1` kept them all), a parallel pass computes
+    each mini-batch's local share of its gradients and of its state adjoint, and a sequential pass chains the
+    adjoints through the segment and completes the gradients.
     d_state (the final state's adjoints) comes back as the initial state's (dW, dc) and accumulator adjoints."""
     batch, heads, num_mb, mini_batch, head_dim = q.shape
     rows, square = batch * heads, head_dim * head_dim
-    start_dtype = _start_dtype(q)
-    segment = _segment(num_mb, rows, (square + head_dim) * (start_dtype.itemsize + 4), multiple=group)
-    start_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=start_dtype)
-    start_c = q.new_empty(rows, segment, head_dim, dtype=start_dtype)
-    local_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=torch.float32)
-    local_c = q.new_empty(rows, segment, head_dim, dtype=torch.float32)
-    pre_activations = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    recomputed_end = [torch.empty_like(ckpt[:, 0]) for ckpt in checkpoints]  # the state kernel's end state: unused
+    keep = group == 1
+    handoff = _handoff_dtype(q)
+    if keep:  # segments bound the local adjoints only
+        start_w, start_c, pre_activations, *acc_init = saved
+        segment = _segment(num_mb, rows, (square + head_dim) * handoff.itemsize)
+    else:
+        segment = _segment(num_mb, rows, (square + head_dim) * 2 * handoff.itemsize, multiple=group)
+        start_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=handoff)
+        start_c = q.new_empty(rows, segment, head_dim, dtype=handoff)
+        pre_activations = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        recomputed_end = [torch.empty_like(ckpt[:, 0]) for ckpt in saved]  # the state kernel's end state: unused
+    local_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=handoff)
+    local_c = q.new_empty(rows, segment, head_dim, dtype=handoff)
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # The local pass's shares of d_k and d_v, in fp32 (the sequential pass reads and completes them in place
-    # where the inputs are fp32 themselves).
-    d_k_local, d_v_local = (d if d.dtype == torch.float32 else torch.empty_like(d, dtype=torch.float32)
-                            for d in (d_k, d_v))
+    # The local pass's shares of d_k and d_v (the sequential pass reads and completes them in place where the
+    # inputs have the hand-off dtype themselves).
+    d_k_local, d_v_local = (d if d.dtype == handoff else torch.empty_like(d, dtype=handoff) for d in (d_k, d_v))
     d_lr = torch.empty_like(lr)
     d_acc_init = [torch.zeros_like(d) for d in d_state[2:]]
     d_tau = tau.new_empty(segment + 3, rows, mini_batch)  # partial sums: bulk, edge and sequential programs
@@ -645,21 +661,27 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
     meta = _meta(q)
     for first in reversed(range(0, num_mb, segment)):
         count = min(segment, num_mb - first)
-        state = [ckpt[:, first // group].contiguous() for ckpt in checkpoints]
-        _ttt_linear_chunk_state_kernel[(rows,)](
-            k, v, lr, tau, ln_weight, ln_bias, span, *state, *recomputed_end, start_w, start_c, pre_activations,
-            *checkpoints, heads, num_mb, first, count, group, checkpoints[0].shape[1], eps, SAVE=False,
-            KEYS_OUT_Z=True, **meta, **_launch("state", head_dim),
-        )
+        if keep:
+            start_m, start_first = num_mb, 0
+        else:
+            state = [ckpt[:, first // group].contiguous() for ckpt in saved]
+            acc_init = state[2:]  # read at the layout's first mini-batch only, where it is the initial one
+            _ttt_linear_chunk_state_kernel[(rows,)](
+                k, v, lr, tau, ln_weight, ln_bias, span, *state, *recomputed_end, start_w, start_c, pre_activations,
+                pre_activations, *saved, heads, num_mb, first, count, group, saved[0].shape[1], eps, SAVE=False,
+                STORE_GRAD=False, STORE_Z=True, **meta, **_launch("state", head_dim),
+            )
+            start_m, start_first = count, first
         _parallel_pass(
             _ttt_linear_chunk_bwd_local_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
-            span, start_w, start_c, *state[2:], d_out, local_w, local_c, d_q, d_k_local, d_v_local, d_lr, d_tau,
-            *d_ln, *d_acc_init, heads, num_mb, first, count, eps, **meta, **_launch("bwd_local", head_dim),
+            span, start_w, start_c, *acc_init, d_out, local_w, local_c, d_q, d_k_local, d_v_local, d_lr, d_tau,
+            *d_ln, *d_acc_init, heads, num_mb, first, count, start_m, start_first, eps, **meta,
+            **_launch("bwd_local", head_dim),
         )
         _ttt_linear_chunk_bwd_state_kernel[(rows,)](
-            k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, start_w, *state[2:], local_w, local_c, *d_state,
-            d_k_local, d_v_local, d_k, d_v, d_lr, d_tau, *d_ln, *d_acc_init, heads, num_mb, first, count, eps,
-            **meta, **_launch("bwd_state", head_dim),
+            k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, start_w, *acc_init, local_w, local_c, *d_state,
+            d_k_local, d_v_local, d_k, d_v, d_lr, d_tau, *d_ln, *d_acc_init, heads, num_mb, first, count, start_m,
+            start_first, eps, **meta, **_launch("bwd_state", head_dim),
         )
         sums[0] += d_tau[: count + 3].sum((0, 1))
         sums[1] += d_ln[:, : count + 3].reshape(2, count + 3, batch, heads, head_dim).sum((1, 2))
@@ -668,28 +690,30 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, gro
 
 
 class TTTLinearChunk(torch.autograd.Function):
-    """The chunk kernels with their backward. Memory: the forward keeps the state every `group` mini-batches
-    (2 (f^2 + f) floats per row and head each: W, c and their accumulators); the backward recomputes one
-    segment of whole groups at a time (start states and state adjoints of about `SEGMENT_BYTES`, or of one
-    group where that is more)."""
+    """The chunk kernels with their backward. Memory: for `group > 1` the forward keeps the state every `group`
+    mini-batches (2 (f^2 + f) fp32 per row and head each: W, c and their accumulators) and the backward
+    recomputes one segment of whole groups at a time (start states and state adjoints of about `SEGMENT_BYTES`,
+    or of one group where that is more); `group == 1` keeps every mini-batch's start state (f^2 + f in the
+    hand-off dtype) and pre-activations (b f fp32) instead, which saves the backward one sequential pass."""
 
     @staticmethod
     def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):
-        out, new, checkpoints = _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group)
-        ctx.save_for_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, *checkpoints)
+        group = min(group, q.shape[2])
+        out, new, saved = _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group)
+        ctx.save_for_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, *saved)
         ctx.eps, ctx.group = eps, group
         return out, *new
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, d_out, d_w, d_c, d_acc_w, d_acc_c):
-        q, k, v, lr, tau, ln_weight, ln_bias, span, *checkpoints = ctx.saved_tensors
+        q, k, v, lr, tau, ln_weight, ln_bias, span, *saved = ctx.saved_tensors
         # The kernels update the (W, c) adjoints in place: copies (unused outputs arrive as zeros).
         d_state = [d.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
                    for d in (d_w, d_c, d_acc_w, d_acc_c)]
         d_out = d_out.float().contiguous()
         d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, d_init = _chunk_backward(
-            q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoints, min(ctx.group, q.shape[2]), ctx.eps, d_out, d_state
+            q, k, v, lr, tau, ln_weight, ln_bias, span, saved, ctx.group, ctx.eps, d_out, d_state
         )
         return d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, None, *d_init, None, None
 
@@ -713,7 +737,8 @@ def ttt_linear_chunk_triton(
     after it must be inert (zero inputs and learning rates, as `SlotLayout` makes them): outputs and learning-
     rate gradients there are undefined.
     Returns the output [B, H, M, b, f] fp32, the new state [W, c] and accumulator. Differentiable in every
-    tensor but span; the backward recomputes groups of `checkpoint_group` mini-batches."""
+    tensor but span; the backward recomputes groups of `checkpoint_group` mini-batches, or with 1 reads every
+    mini-batch's start state, which the forward keeps (see `TTTLinearChunk`)."""
     args = (
         *_chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_group),
         *_state_views(state, acc), eps,
