@@ -124,7 +124,8 @@ def main() -> None:
 
     print(f"\n## TTT op (TTT-Linear; TTT-MLP columns), B={B}, H={H}, D={D}, bf16 inputs (ms)")
     columns = {"triton_fwd": "ours Triton fwd", "torch_fwd": "torch ref fwd", "fla_fwd": "FLA fwd", "sdpa_fwd": "SDPA fwd",
-               "triton_fwd_bwd": "ours Triton fwd+bwd", "torch_fwd_bwd": "torch ref fwd+bwd",
+               "triton_fwd_bwd": "ours Triton fwd+bwd", "triton_kept_fwd_bwd": "ours Triton fwd+bwd, kept states",
+               "torch_fwd_bwd": "torch ref fwd+bwd",
                "fla_fwd_bwd": "FLA fwd+bwd", "sdpa_fwd_bwd": "SDPA fwd+bwd",
                "mlp_triton_fwd": "TTT-MLP Triton fwd", "mlp_torch_fwd": "TTT-MLP torch ref fwd",
                "mlp_triton_fwd_bwd": "TTT-MLP Triton fwd+bwd", "mlp_torch_fwd_bwd": "TTT-MLP torch ref fwd+bwd"}
@@ -137,8 +138,11 @@ def main() -> None:
             row["triton_fwd"] = ms(lambda: ttt_chunk(*a, kernel_backend="triton"))
             row["torch_fwd"] = ms(lambda: ttt_chunk_torch(*a), quick=True)
         g = inputs(B, H, T, D, torch.bfloat16, requires_grad=True)
-        row["triton_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk(*g, kernel_backend="triton")[0]))
-        row["triton_fwd_bwd_extra_gib"] = extra_gib(fwd_bwd(lambda: ttt_chunk(*g, kernel_backend="triton")[0]))
+        # The default recomputes groups of 16 mini-batches; checkpoint_group=1 keeps every start state instead.
+        for key, group in (("triton_fwd_bwd", 0), ("triton_kept_fwd_bwd", 1)):
+            run = fwd_bwd(lambda group=group: ttt_chunk(*g, checkpoint_group=group, kernel_backend="triton")[0])
+            row[key] = ms(run)
+            row[f"{key}_extra_gib"] = extra_gib(run)
         row["torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_torch(*g)[0]), quick=True)
         with torch.no_grad():
             m = inputs(B, H, T, D, torch.bfloat16, mlp=True)
@@ -168,7 +172,8 @@ def main() -> None:
         results["ops"][T] = row
         cell = lambda key: f"{row[key]:.2f}" if key in row else "n/a"  # noqa: E731
         print(f"| {T} | " + " | ".join(cell(key) for key in columns) + " |")
-        print(f"(ours Triton fwd+bwd at T={T}: {row['triton_fwd_bwd_extra_gib']:.2f} GiB above the inputs; TTT-MLP "
+        print(f"(ours Triton fwd+bwd at T={T}: {row['triton_fwd_bwd_extra_gib']:.2f} GiB above the inputs, kept states "
+              f"{row['triton_kept_fwd_bwd_extra_gib']:.2f} GiB; TTT-MLP "
               f"{row.get('mlp_triton_fwd_bwd_extra_gib', float('nan')):.2f} GiB)")
         torch.cuda.empty_cache()
 
@@ -199,7 +204,8 @@ def plot(results: dict, paths: list[Path]) -> None:
         return
     lengths = sorted(results["ops"], key=int)
     series = {"ours Triton fwd": "triton_fwd", "torch ref fwd": "torch_fwd", "FLA fwd": "fla_fwd", "SDPA fwd": "sdpa_fwd",
-              "ours Triton fwd+bwd": "triton_fwd_bwd", "torch ref fwd+bwd": "torch_fwd_bwd", "FLA fwd+bwd": "fla_fwd_bwd",
+              "ours Triton fwd+bwd": "triton_fwd_bwd", "ours Triton fwd+bwd, kept states": "triton_kept_fwd_bwd",
+              "torch ref fwd+bwd": "torch_fwd_bwd", "FLA fwd+bwd": "fla_fwd_bwd",
               "SDPA fwd+bwd": "sdpa_fwd_bwd", "TTT-MLP Triton fwd": "mlp_triton_fwd", "TTT-MLP torch fwd": "mlp_torch_fwd",
               "TTT-MLP Triton fwd+bwd": "mlp_triton_fwd_bwd", "TTT-MLP torch fwd+bwd": "mlp_torch_fwd_bwd"}
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -84,13 +84,16 @@ def main() -> None:
 
     print(f"## Training, TTT (Mamba backbone) vs Llama, bf16, batch {args.train_batch} x {args.train_len}")
     print("(TTT trains through the Triton chunk kernels, forward and backward, recomputing inside groups of 16")
-    print(" mini-batches; TTT-Linear 125M's torch reference took 40.7 s a step on the H100, 202 tokens/s)")
+    print(" mini-batches, or with 'kept states' (scan_checkpoint_group_size=1) keeping every start state; TTT-Linear")
+    print(" 125M's torch reference took 40.7 s a step on the H100, 202 tokens/s)")
     print("| model | tokens/s | step ms | peak GiB |\n|---|---|---|---|")
     configs = {size: TTTConfig.from_json_file(ROOT / "configs" / f"ttt-{size}-linear-mamba.json") for size in ("125m", "1.3b")}
     candidates = {
         "TTT-Linear 125M (Triton)": (lambda: ttt_model("ttt-125m-linear-mamba", "triton", dtype, scan_checkpoint_group_size=16), 2),
+        "TTT-Linear 125M (Triton, kept states)": (lambda: ttt_model("ttt-125m-linear-mamba", "triton", dtype, scan_checkpoint_group_size=1), 2),
         "Llama 125M (SDPA)": (lambda: llama_like(configs["125m"], dtype), 5),
         "TTT-Linear 1.3B (Triton)": (lambda: ttt_model("ttt-1.3b-linear-mamba", "triton", dtype, scan_checkpoint_group_size=16), 1),
+        "TTT-Linear 1.3B (Triton, kept states)": (lambda: ttt_model("ttt-1.3b-linear-mamba", "triton", dtype, scan_checkpoint_group_size=1), 1),
         "Llama 1.3B (SDPA)": (lambda: llama_like(configs["1.3b"], dtype), 2),
         "TTT-MLP 125M (Triton)": (lambda: ttt_model("ttt-125m-mlp-mamba", "triton", dtype, scan_checkpoint_group_size=16), 2),
     }
