@@ -208,14 +208,15 @@ def plot(results: dict, paths: list[Path]) -> None:
               "torch ref fwd+bwd": "torch_fwd_bwd", "FLA fwd+bwd": "fla_fwd_bwd",
               "SDPA fwd+bwd": "sdpa_fwd_bwd", "TTT-MLP Triton fwd": "mlp_triton_fwd", "TTT-MLP torch fwd": "mlp_torch_fwd",
               "TTT-MLP Triton fwd+bwd": "mlp_triton_fwd_bwd", "TTT-MLP torch fwd+bwd": "mlp_torch_fwd_bwd"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, key in series.items():
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = plt.cm.tab20.colors  # more series than the default cycle's 10 colours
+    for (label, key), color in zip(series.items(), colors):
         points = [(int(t), results["ops"][t][key]) for t in lengths if key in results["ops"][t]]
         if points:
-            ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if "bwd" in key else "-")
+            ax.plot(*zip(*points), marker="o", label=label, color=color, linestyle="--" if "bwd" in key else "-")
     ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms",
            title=f"TTT ops, B,H,D = {results['shape']}, bf16, {results['device']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     for path in paths:
         fig.savefig(path, dpi=120)
