@@ -64,9 +64,9 @@ def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_min
 @pytest.mark.parametrize("checkpoint_group", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunk_kernel_and_gradients_with_half_precision_inputs(dtype, checkpoint_group):
-    # Half-precision loads and stores (d_q, d_k, d_v in the inputs' dtype; bf16 hand-offs between the passes, in
-    # place in d_k, d_v for bf16 inputs); the interpreter takes fp32 products where the GPU takes bf16 ones
-    # (those run in test_kernels_at_real_sizes).
+    # Half-precision loads and stores (d_q, d_k, d_v in the inputs' dtype, the shares of d_k, d_v in place; bf16
+    # start states); the interpreter takes fp32 products where the GPU takes bf16 ones (those run in
+    # test_kernels_at_real_sizes).
     check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], dtype=dtype, tol=2e-2, checkpoint_group=checkpoint_group)
 
 

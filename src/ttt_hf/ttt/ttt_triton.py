@@ -19,9 +19,9 @@ Per mini-batch, from its start state (W, c) and accumulator (A, a), the chunk fo
     A' = A + k^T (lr g),  a' = a + sum_j lr_j g_j,  and on commit W -= tau_{b-1} A', c -= tau_{b-1} a', A' = a' = 0.
 The backward runs that in reverse (`_ttt_linear_chunk_bwd_local_kernel`, then `_ttt_linear_chunk_bwd_state_kernel`);
 it needs each mini-batch's start state, which the forward stores every G mini-batches and the backward
-recomputes from there (with G = 1 the forward keeps them all). The key gradient's reverse mode is linear in its cotangent, so dW_before = dW_after +
-(a part that depends on the mini-batch's own output gradient only) + k^T J(lr (k dA_end + da_end)): the first
-part is computed in parallel, the chain in the sequential pass.
+recomputes from there (with G = 1 the forward keeps them all). The key gradient's reverse mode is linear in
+its cotangent, so dW_before = dW_after + (a part that depends on the mini-batch's own output gradient only) +
+k^T J(lr (k dA_end + da_end)): the first part is computed in parallel, the chain in the sequential pass.
 """
 
 from __future__ import annotations
@@ -345,10 +345,10 @@ def _ttt_linear_chunk_bwd_local_kernel(
 ):
     """The parallel pass of the backward, one program per (mini-batch, row and head) (see `_program_mini_batch`):
     everything that depends on the mini-batch's own output gradient only. With dL/dz_q from the output
-    LayerNorm, it writes d_q (final), its shares of d_k, d_v (in their buffers' dtype), d_lr [B, H, M, MB, ...] and
+    LayerNorm, it writes d_q (final), its shares of d_k, d_v (in their dtype), d_lr [B, H, M, MB, ...] and, fp32,
     of the adjoint of the start (W, c), q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q) with J the key gradient's
-    reverse mode [B*H, COUNT, ...], its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 3, B*H, ...] (zeros where it does not
-    run) and, for the layout's first mini-batch, its share of the initial accumulator's adjoint. It reads the
+    reverse mode [B*H, COUNT, ...], its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 3, B*H, ...] (zeros where
+    it does not run) and, for the layout's first mini-batch, its share of the initial accumulator's adjoint. It reads the
     start states as the sequential pass does (START_M, START_FIRST)."""
     bh = tl.program_id(1)
     row, head = bh // H, bh % H
@@ -393,10 +393,9 @@ def _ttt_linear_chunk_bwd_local_kernel(
         d_k += _dot(tl.trans(d_scores), q, PRECISION)
 
         local = bh * COUNT + m - FIRST
-        local_w = _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION)
-        tl.store(local_w_ptr + local * F * F + square, local_w.to(local_w_ptr.dtype.element_ty), mask=square_mask)
-        tl.store(local_c_ptr + local * F + cols, tl.sum(d_z_q + d_z, axis=0).to(local_c_ptr.dtype.element_ty),
-                 mask=col_mask)
+        tl.store(local_w_ptr + local * F * F + square,
+                 _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
+        tl.store(local_c_ptr + local * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
         tl.store(d_q_ptr + offsets, d_q.to(d_q_ptr.dtype.element_ty), mask=col_mask[None, :])
         tl.store(d_k_ptr + offsets, d_k.to(d_k_ptr.dtype.element_ty), mask=col_mask[None, :])
         tl.store(d_v_ptr + offsets, d_v.to(d_v_ptr.dtype.element_ty), mask=col_mask[None, :])
@@ -415,7 +414,7 @@ def _ttt_linear_chunk_bwd_local_kernel(
 @triton.jit
 def _ttt_linear_chunk_bwd_state_kernel(
     k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, acc_w_ptr, acc_c_ptr,
-    local_w_ptr, local_c_ptr, d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr, d_k_local_ptr, d_v_local_ptr,
+    local_w_ptr, local_c_ptr, d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr,
     d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
     H, M, FIRST, COUNT, START_M, START_FIRST, eps,
     F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
@@ -425,8 +424,7 @@ def _ttt_linear_chunk_bwd_state_kernel(
     dA_end = -tau_last dW_after at a commit and the final accumulator's adjoint past a row's last commit (the
     inert mini-batches after it pass it on unchanged), and on the side what the chain adds to each mini-batch's
     gradients: through the accumulation (d_k, d_lr), the key gradient (d_k, d_v, d_ln_w, d_ln_b) and the commit
-    (d_tau at the last position). It completes d_k, d_v (in their dtype) and d_lr (in place) from the local
-    pass's shares, and the initial accumulator's adjoint. d_w, d_c hold the adjoints after the segment on entry
+    (d_tau at the last position). It completes d_k, d_v and d_lr in place from the local pass's shares, and the initial accumulator's adjoint. d_w, d_c hold the adjoints after the segment on entry
     and before it on exit. Mini-batch m's start state is row bh * START_M + m - START_FIRST of start_w (the
     segment's recomputed ones, or all that the forward kept), its local adjoint row bh * COUNT + m - FIRST."""
     bh = tl.program_id(0)
@@ -448,13 +446,12 @@ def _ttt_linear_chunk_bwd_state_kernel(
     upcoming = _token_offsets(last, tokens, cols, F)
     k, v, z = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask), _load_tokens(
         z_ptr, upcoming, col_mask)
-    d_k_local, d_v_local = _load_tokens(d_k_local_ptr, upcoming, col_mask), _load_tokens(d_v_local_ptr, upcoming,
-                                                                                          col_mask)
+    d_k_local, d_v_local = _load_tokens(d_k_ptr, upcoming, col_mask), _load_tokens(d_v_ptr, upcoming, col_mask)
     lr, d_lr = tl.load(lr_ptr + last + tokens), tl.load(d_lr_ptr + last + tokens)
     start = bh * START_M + FIRST - START_FIRST  # the segment's first mini-batch in the start states
     w = _load_square(start_w_ptr, start + COUNT - 1, square, square_mask, F).to(tl.float32)
-    local_w = _load_square(local_w_ptr, bh * COUNT + COUNT - 1, square, square_mask, F).to(tl.float32)
-    local_c = _load_row(local_c_ptr, bh * COUNT + COUNT - 1, cols, col_mask, F).to(tl.float32)
+    local_w = _load_square(local_w_ptr, bh * COUNT + COUNT - 1, square, square_mask, F)
+    local_c = _load_row(local_c_ptr, bh * COUNT + COUNT - 1, cols, col_mask, F)
     for i_back in range(COUNT):
         i = COUNT - 1 - i_back
         m = FIRST + i
@@ -464,12 +461,12 @@ def _ttt_linear_chunk_bwd_state_kernel(
         upcoming = _token_offsets(previous, tokens, cols, F)
         k_next, v_next = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask)
         z_next = _load_tokens(z_ptr, upcoming, col_mask)
-        d_k_local_next = _load_tokens(d_k_local_ptr, upcoming, col_mask)
-        d_v_local_next = _load_tokens(d_v_local_ptr, upcoming, col_mask)
+        d_k_local_next = _load_tokens(d_k_ptr, upcoming, col_mask)
+        d_v_local_next = _load_tokens(d_v_ptr, upcoming, col_mask)
         lr_next, d_lr_next = tl.load(lr_ptr + previous + tokens), tl.load(d_lr_ptr + previous + tokens)
         w_next = _load_square(start_w_ptr, start + earlier, square, square_mask, F).to(tl.float32)
-        local_w_next = _load_square(local_w_ptr, bh * COUNT + earlier, square, square_mask, F).to(tl.float32)
-        local_c_next = _load_row(local_c_ptr, bh * COUNT + earlier, cols, col_mask, F).to(tl.float32)
+        local_w_next = _load_square(local_w_ptr, bh * COUNT + earlier, square, square_mask, F)
+        local_c_next = _load_row(local_c_ptr, bh * COUNT + earlier, cols, col_mask, F)
 
         target = v - k
         grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, target, ln_w, ln_b, col_mask, F, eps)
@@ -563,14 +560,13 @@ def _launch(kernel: str, head_dim: int) -> dict:
 
 # What the kernels hand between passes per mini-batch (the start states, from the sequential pass to the
 # parallel ones; in the backward also the local state adjoints, from the parallel pass to the sequential one)
-# is held for at most this many bytes at a time: longer inputs run in segments of mini-batches.
+# is held for at most this many bytes at a time: longer inputs run in segments of mini-batches (except the
+# forward's start states with checkpoint group 1, which the backward keeps whole).
 SEGMENT_BYTES = 1 << 29
 
 
-def _handoff_dtype(x: torch.Tensor) -> torch.dtype:
-    # What one pass hands the next per mini-batch (start states, local state adjoints, the shares of d_k and d_v)
-    # is, for half-precision inputs, bf16: the start states meet half-precision products anyway and the others
-    # are a few roundings beside the sums of many mini-batches they join; it halves their traffic.
+def _start_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half-precision inputs meet the start states in half-precision products anyway: bf16 halves their traffic.
     return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
 
 
@@ -605,10 +601,10 @@ def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_
     new = [torch.empty_like(t) for t in state]
     num_groups = triton.cdiv(num_mb, group) if save else 1
     checkpoints = [t.new_empty(rows, num_groups, *t.shape[2:]) for t in state] if save else new
-    handoff = _handoff_dtype(q)
-    segment = num_mb if keep else _segment(num_mb, rows, (head_dim * head_dim + head_dim) * handoff.itemsize)
-    start_w = torch.empty(rows, segment, head_dim, head_dim, dtype=handoff, device=q.device)
-    start_c = torch.empty(rows, segment, head_dim, dtype=handoff, device=q.device)
+    start_dtype = _start_dtype(q)
+    segment = num_mb if keep else _segment(num_mb, rows, (head_dim * head_dim + head_dim) * start_dtype.itemsize)
+    start_w = torch.empty(rows, segment, head_dim, head_dim, dtype=start_dtype, device=q.device)
+    start_c = torch.empty(rows, segment, head_dim, dtype=start_dtype, device=q.device)
     meta = _meta(q)
     for first in range(0, num_mb, segment):
         count = min(segment, num_mb - first)
@@ -637,22 +633,20 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, saved, group, ep
     batch, heads, num_mb, mini_batch, head_dim = q.shape
     rows, square = batch * heads, head_dim * head_dim
     keep = group == 1
-    handoff = _handoff_dtype(q)
+    start_dtype = _start_dtype(q)
     if keep:  # segments bound the local adjoints only
         start_w, start_c, pre_activations, *acc_init = saved
-        segment = _segment(num_mb, rows, (square + head_dim) * handoff.itemsize)
+        segment = _segment(num_mb, rows, (square + head_dim) * 4)
     else:
-        segment = _segment(num_mb, rows, (square + head_dim) * 2 * handoff.itemsize, multiple=group)
-        start_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=handoff)
-        start_c = q.new_empty(rows, segment, head_dim, dtype=handoff)
+        segment = _segment(num_mb, rows, (square + head_dim) * (start_dtype.itemsize + 4), multiple=group)
+        start_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=start_dtype)
+        start_c = q.new_empty(rows, segment, head_dim, dtype=start_dtype)
         pre_activations = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         recomputed_end = [torch.empty_like(ckpt[:, 0]) for ckpt in saved]  # the state kernel's end state: unused
-    local_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=handoff)
-    local_c = q.new_empty(rows, segment, head_dim, dtype=handoff)
+    local_w = q.new_empty(rows, segment, head_dim, head_dim, dtype=torch.float32)
+    local_c = q.new_empty(rows, segment, head_dim, dtype=torch.float32)
+    # The local pass writes its shares of d_k and d_v here; the sequential pass completes them in place.
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # The local pass's shares of d_k and d_v (the sequential pass reads and completes them in place where the
-    # inputs have the hand-off dtype themselves).
-    d_k_local, d_v_local = (d if d.dtype == handoff else torch.empty_like(d, dtype=handoff) for d in (d_k, d_v))
     d_lr = torch.empty_like(lr)
     d_acc_init = [torch.zeros_like(d) for d in d_state[2:]]
     d_tau = tau.new_empty(segment + 3, rows, mini_batch)  # partial sums: bulk, edge and sequential programs
@@ -674,13 +668,13 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, saved, group, ep
             start_m, start_first = count, first
         _parallel_pass(
             _ttt_linear_chunk_bwd_local_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
-            span, start_w, start_c, *acc_init, d_out, local_w, local_c, d_q, d_k_local, d_v_local, d_lr, d_tau,
+            span, start_w, start_c, *acc_init, d_out, local_w, local_c, d_q, d_k, d_v, d_lr, d_tau,
             *d_ln, *d_acc_init, heads, num_mb, first, count, start_m, start_first, eps, **meta,
             **_launch("bwd_local", head_dim),
         )
         _ttt_linear_chunk_bwd_state_kernel[(rows,)](
             k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, start_w, *acc_init, local_w, local_c, *d_state,
-            d_k_local, d_v_local, d_k, d_v, d_lr, d_tau, *d_ln, *d_acc_init, heads, num_mb, first, count, start_m,
+            d_k, d_v, d_lr, d_tau, *d_ln, *d_acc_init, heads, num_mb, first, count, start_m,
             start_first, eps, **meta, **_launch("bwd_state", head_dim),
         )
         sums[0] += d_tau[: count + 3].sum((0, 1))
@@ -693,8 +687,8 @@ class TTTLinearChunk(torch.autograd.Function):
     """The chunk kernels with their backward. Memory: for `group > 1` the forward keeps the state every `group`
     mini-batches (2 (f^2 + f) fp32 per row and head each: W, c and their accumulators) and the backward
     recomputes one segment of whole groups at a time (start states and state adjoints of about `SEGMENT_BYTES`,
-    or of one group where that is more); `group == 1` keeps every mini-batch's start state (f^2 + f in the
-    hand-off dtype) and pre-activations (b f fp32) instead, which saves the backward one sequential pass."""
+    or of one group where that is more); `group == 1` keeps every mini-batch's start state (f^2 + f, bf16 for
+    half-precision inputs) and pre-activations (b f fp32) instead, which saves the backward one sequential pass."""
 
     @staticmethod
     def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_c, eps, group):
