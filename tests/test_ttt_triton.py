@@ -27,9 +27,9 @@ def linear_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, device=D
 
 
 def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4, checkpoint_group=0,
-                backward=True, mini_batch=MB):
+                backward=True, mini_batch=MB, tols=None):
     """Output, final state and accumulator, and the gradient of every input (for random cotangents of all
-    four results) against the torch reference."""
+    four results) against the torch reference, within `tol` (`tols`: per result name, for some)."""
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(batch, heads, seq_len, head_dim, dtype,
                                                              mini_batch=mini_batch)
     inputs = [q, k, v, lr, tau, ln_w, ln_b, *state, *acc]
@@ -51,7 +51,8 @@ def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.floa
     names = ["out", "W", "c", "acc_W", "acc_c", "d_q", "d_k", "d_v", "d_lr", "d_tau", "d_ln_w", "d_ln_b", "d_W", "d_c",
              "d_acc_W", "d_acc_c"]
     errors = {n: rel_err(a, b) for n, a, b in zip(names, results["triton"], results["torch"])}
-    assert max(errors.values()) <= tol, errors
+    tols = {n: (tols or {}).get(n, tol) for n in names}
+    assert all(errors[n] <= tols[n] for n in names), {n: f"{e:.2e} (tol {tols[n]:.0e})" for n, e in errors.items()}
 
 
 @pytest.mark.parametrize("head_dim, checkpoint_group", [(16, 2), (24, 1)])
@@ -65,9 +66,17 @@ def test_chunk_kernel_and_gradients_match_reference_with_offsets_and_partial_min
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunk_kernel_and_gradients_with_half_precision_inputs(dtype, checkpoint_group):
     # Half-precision loads and stores (d_q, d_k, d_v in the inputs' dtype, the shares of d_k, d_v in place; bf16
-    # start states); the interpreter takes fp32 products where the GPU takes bf16 ones (those run in
-    # test_kernels_at_real_sizes).
-    check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], dtype=dtype, tol=2e-2, checkpoint_group=checkpoint_group)
+    # start states; bf16 products for fp16 inputs too). Measured here: d_k 7.8e-3 (bf16), everything else <=
+    # 4.6e-3, the states kept in fp32 <= 1.5e-7: bounds that a doubled error breaks for most results.
+    check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], dtype=dtype, tol=6e-3, checkpoint_group=checkpoint_group,
+                tols={"d_k": 1.2e-2, "W": 1e-6, "c": 1e-6, "acc_W": 1e-6, "acc_c": 1e-6})
+
+
+@pytest.mark.parametrize("checkpoint_group", [1, 16])
+def test_chunk_kernel_and_gradients_within_one_mini_batch(checkpoint_group):
+    # One mini-batch per row: row 0 ends inside it (its accumulator comes out), row 1 starts inside it and ends
+    # at its end (commits).
+    check_chunk(2, 2, 11, 16, start=[0, 5], length=[11, 11], checkpoint_group=checkpoint_group)
 
 
 def test_chunk_kernel_and_gradients_with_mini_batches_of_32():
@@ -262,7 +271,7 @@ def test_model_with_triton_backend_matches_torch_backend():  # logits, greedy de
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
 def test_kernels_at_real_sizes(head_dim, dtype, tol, no_tf32):
     for checkpoint_group in (5, 1):  # recomputed from checkpoints, and kept
         check_chunk(4, 8, 2048 + 5, head_dim, start=[0, 7, 16, 3], length=[2053, 2000, 1500, 2053], dtype=dtype,
