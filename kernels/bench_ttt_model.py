@@ -1,7 +1,8 @@
 """Model-level TTT benchmark on the GPU: training throughput and decode latency, side by side with a Llama
 of the same width and depth (SDPA attention, DynamicCache).
 
-    python kernels/bench_ttt_model.py [--train-len 8192] [--decode-contexts 2048,8192,32768] [--train-only]
+    python kernels/bench_ttt_model.py [--train-len 8192] [--train-batches 1,2,4,8] [--decode-contexts 2048,8192,32768]
+        [--train-only]
 
 Prints markdown tables and writes kernels/results/ttt_model.json (with --train-only: ttt_model_train.json).
 """
@@ -71,7 +72,8 @@ def decode_latency(model, cache, batch: int, context: int, steps: int, prefill_c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-len", type=int, default=8192)
-    parser.add_argument("--train-batch", type=int, default=1)
+    parser.add_argument("--train-batches", default="1",
+                        help="the training table's batch sizes (each model skips those above its largest)")
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--decode-contexts", default="2048,8192,32768")
     parser.add_argument("--llama-decode-context", type=int, default=8192)
@@ -82,26 +84,33 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "train": {}, "decode": {}}
     dtype = torch.bfloat16
 
-    print(f"## Training, TTT (Mamba backbone) vs Llama, bf16, batch {args.train_batch} x {args.train_len}")
+    batches = list(map(int, args.train_batches.split(",")))
+    print(f"## Training, TTT (Mamba backbone) vs Llama, bf16, batch x {args.train_len} tokens")
     print("(TTT trains through the Triton chunk kernels, forward and backward, recomputing inside groups of 16")
     print(" mini-batches, or with 'kept states' (scan_checkpoint_group_size=1) keeping every start state; TTT-Linear")
     print(" 125M's torch reference took 40.7 s a step on the H100, 202 tokens/s)")
-    print("| model | tokens/s | step ms | peak GiB |\n|---|---|---|---|")
+    print("| model | batch | tokens/s | step ms | peak GiB |\n|---|---|---|---|---|")
     configs = {size: TTTConfig.from_json_file(ROOT / "configs" / f"ttt-{size}-linear-mamba.json") for size in ("125m", "1.3b")}
+
+    def ttt(name: str, group: int):
+        return lambda: ttt_model(name, "triton", dtype, scan_checkpoint_group_size=group)
+
+    # name: (constructor, timed steps, largest batch measured: activations grow with it, 7-27 GiB a row)
     candidates = {
-        "TTT-Linear 125M (Triton)": (lambda: ttt_model("ttt-125m-linear-mamba", "triton", dtype, scan_checkpoint_group_size=16), 2),
-        "TTT-Linear 125M (Triton, kept states)": (lambda: ttt_model("ttt-125m-linear-mamba", "triton", dtype, scan_checkpoint_group_size=1), 2),
-        "Llama 125M (SDPA)": (lambda: llama_like(configs["125m"], dtype), 5),
-        "TTT-Linear 1.3B (Triton)": (lambda: ttt_model("ttt-1.3b-linear-mamba", "triton", dtype, scan_checkpoint_group_size=16), 1),
-        "TTT-Linear 1.3B (Triton, kept states)": (lambda: ttt_model("ttt-1.3b-linear-mamba", "triton", dtype, scan_checkpoint_group_size=1), 1),
-        "Llama 1.3B (SDPA)": (lambda: llama_like(configs["1.3b"], dtype), 2),
-        "TTT-MLP 125M (Triton)": (lambda: ttt_model("ttt-125m-mlp-mamba", "triton", dtype, scan_checkpoint_group_size=16), 2),
+        "TTT-Linear 125M (Triton)": (ttt("ttt-125m-linear-mamba", 16), 2, 8),
+        "TTT-Linear 125M (Triton, kept states)": (ttt("ttt-125m-linear-mamba", 1), 2, 8),
+        "Llama 125M (SDPA)": (lambda: llama_like(configs["125m"], dtype), 5, 8),
+        "TTT-Linear 1.3B (Triton)": (ttt("ttt-1.3b-linear-mamba", 16), 1, 2),
+        "TTT-Linear 1.3B (Triton, kept states)": (ttt("ttt-1.3b-linear-mamba", 1), 1, 2),
+        "Llama 1.3B (SDPA)": (lambda: llama_like(configs["1.3b"], dtype), 2, 2),
+        "TTT-MLP 125M (Triton)": (ttt("ttt-125m-mlp-mamba", 16), 1, 8),
     }
-    for name, (make, repeats) in candidates.items():
+    for name, (make, repeats, max_batch) in candidates.items():
         model = make()
-        row = training_throughput(model, args.train_batch, args.train_len, repeats)
-        results["train"][name] = row
-        print(f"| {name} | {row['tokens_per_s']:,.0f} | {row['step_ms']:.1f} | {row['peak_gib']:.1f} |")
+        for batch in (b for b in batches if b <= max_batch):
+            row = training_throughput(model, batch, args.train_len, repeats)
+            results["train"][f"{name} @ batch {batch}"] = row
+            print(f"| {name} | {batch} | {row['tokens_per_s']:,.0f} | {row['step_ms']:.1f} | {row['peak_gib']:.1f} |")
         del model
         torch.cuda.empty_cache()
     if args.train_only:

@@ -1,6 +1,6 @@
-"""Where one training step's GPU time goes: TTT-Linear 125M (kept start states) against its Llama, batch 1.
+"""Where one training step's GPU time goes: TTT-Linear 125M (kept start states) against its Llama.
 
-    python kernels/profile_ttt_model.py [--train-len 8192] [--top 28]
+    python kernels/profile_ttt_model.py [--train-len 8192] [--batch 1] [--top 28]
 
 Prints each model's kernels and ops by GPU time (torch profiler, one step after two warm-up steps).
 """
@@ -17,8 +17,8 @@ from bench_common import ROOT, ttt_model
 from bench_ttt_model import llama_like
 
 
-def profile_step(model, name: str, length: int, top: int) -> None:
-    ids = torch.randint(3, model.config.vocab_size, (1, length), device="cuda")
+def profile_step(model, name: str, batch: int, length: int, top: int) -> None:
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), device="cuda")
     model.train()
 
     def step():
@@ -35,7 +35,7 @@ def profile_step(model, name: str, length: int, top: int) -> None:
     events = sorted((e for e in profiler.key_averages() if e.self_device_time_total > 0),
                     key=lambda e: -e.self_device_time_total)
     # Autograd nodes and aten ops are listed beside the kernels they launch: the column does not sum to a total.
-    print(f"## {name}: GPU ms per entry (self time), launches")
+    print(f"## {name}, batch {batch} x {length}: GPU ms per entry (self time), launches")
     for event in events[:top]:
         print(f"{event.self_device_time_total / 1e3:8.2f} {event.count:6d}  {event.key[:110]}")
 
@@ -43,14 +43,15 @@ def profile_step(model, name: str, length: int, top: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-len", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=28)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     ttt = ttt_model("ttt-125m-linear-mamba", "triton", torch.bfloat16, scan_checkpoint_group_size=1)
-    profile_step(ttt, "TTT-Linear 125M, kept states", args.train_len, args.top)
+    profile_step(ttt, "TTT-Linear 125M, kept states", args.batch, args.train_len, args.top)
     del ttt
     config = TTTConfig.from_json_file(ROOT / "configs" / "ttt-125m-linear-mamba.json")
-    profile_step(llama_like(config, torch.bfloat16), "Llama 125M (SDPA)", args.train_len, args.top)
+    profile_step(llama_like(config, torch.bfloat16), "Llama 125M (SDPA)", args.batch, args.train_len, args.top)
 
 
 if __name__ == "__main__":
