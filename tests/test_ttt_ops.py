@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt_hf.ttt.ttt_ops import ln_forward, ttt_chunk_torch, ttt_step_torch
+from ttt_hf.ttt.ttt_ops import SlotLayout, ln_forward, ttt_chunk_torch, ttt_step_torch
 
 B, H, F_DIM, MB = 2, 3, 8, 4
 
@@ -53,18 +53,30 @@ def naive_ttt(q, k, v, lr, tau, ln_w, ln_b, params, start=0):
     return outs
 
 
+@pytest.mark.parametrize("seq_len", [1, 2 * MB, 2 * MB + 3])
+def test_aligned_slot_layout_reads_nothing_from_the_device(seq_len):
+    # Meta tensors hold no values: reading one back (a host sync on CUDA) raises.
+    start, length = torch.zeros(B, dtype=torch.long), torch.full((B,), seq_len)
+    aligned = SlotLayout(start.to("meta"), length.to("meta"), MB, seq_len, aligned=True)
+    read = SlotLayout(start, length, MB, seq_len)
+    assert (aligned.num_mini_batches, aligned.dense) == (read.num_mini_batches, read.dense)
+    with pytest.raises(NotImplementedError, match="meta"):
+        SlotLayout(start.to("meta"), length.to("meta"), MB, seq_len)
+
+
 def _batched(params):
     return [p.unsqueeze(0).expand(B, *p.shape).clone() for p in params]
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
 @pytest.mark.parametrize("seq_len", [1, 3, MB, 2 * MB + 3])
-def test_chunk_matches_token_by_token_definition(layer_type, seq_len):
+@pytest.mark.parametrize("aligned", [False, True])
+def test_chunk_matches_token_by_token_definition(layer_type, seq_len, aligned):
     q, k, v, lr, tau, ln_w, ln_b, params = _inputs(layer_type, seq_len)
     state = _batched(params)
     acc = [torch.zeros_like(s) for s in state]
     zeros, full = torch.zeros(B, dtype=torch.long), torch.full((B,), seq_len)
-    out, _, _ = ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, zeros, full)
+    out, _, _ = ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, zeros, full, aligned=aligned)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, naive_ttt(q, k, v, lr, tau, ln_w, ln_b, params), rtol=0, atol=1e-8)
 

@@ -31,12 +31,15 @@ class TTTBatchLayout:
     """Where the tokens of one forward call sit. Rows are packed to the left (right padding only).
 
     start: [B] absolute position of each row's first token; length: [B] real tokens per row;
-    position: [B, T] absolute position of every slot (meaningful for the first `length[r]` slots).
+    position: [B, T] absolute position of every slot (meaningful for the first `length[r]` slots);
+    aligned: known on the host that every row starts at position 0 and is full (training, a first prefill
+    without padding), so the TTT layers need not read start and length back from the device.
     """
 
     start: torch.Tensor
     length: torch.Tensor
     position: torch.Tensor
+    aligned: bool = False
 
 
 class TTTRMSNorm(nn.Module):
@@ -215,7 +218,7 @@ class TTTLayer(nn.Module):
             checkpoint_group = self.config.scan_checkpoint_group_size if self.training else 0
             out, state, acc = ttt_chunk(
                 state, acc, xq, xk, xv, lr, tau, ln_weight, ln_bias, layout.start, layout.length,
-                checkpoint_group=checkpoint_group, kernel_backend=backend,
+                checkpoint_group=checkpoint_group, aligned=layout.aligned, kernel_backend=backend,
             )
         if cache is not None:
             cache.ttt_state, cache.ttt_acc = state, acc
@@ -371,10 +374,11 @@ class TTTModel(TTTPreTrainedModel):
         batch, seq_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
         mask = self._token_mask(attention_mask, batch, seq_len, device)
+        fresh = past_key_values is None or past_key_values.positions is None
         start = (
-            past_key_values.row_positions(batch, device)
-            if past_key_values is not None
-            else torch.zeros(batch, dtype=torch.long, device=device)
+            torch.zeros(batch, dtype=torch.long, device=device)
+            if fresh
+            else past_key_values.row_positions(batch, device)
         )
         # Padding can sit anywhere: move each row's real tokens to the front, run, then put them back.
         order = None
@@ -386,7 +390,8 @@ class TTTModel(TTTPreTrainedModel):
                 order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, T]
                 inputs_embeds = torch.gather(inputs_embeds, 1, order[..., None].expand_as(inputs_embeds))
         layout = TTTBatchLayout(
-            start=start, length=length, position=start[:, None] + torch.arange(seq_len, device=device)[None, :]
+            start=start, length=length, position=start[:, None] + torch.arange(seq_len, device=device)[None, :],
+            aligned=fresh and order is None,
         )
 
         hidden_states = inputs_embeds

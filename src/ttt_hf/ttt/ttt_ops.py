@@ -199,13 +199,21 @@ class SlotLayout:
     """Right-padded rows shifted by their offset inside a mini-batch, so that every row's mini-batches line
     up: row r's token t goes to slot (start[r] % b) + t of M * b slots. Slots before a row's first token and
     after its last are inert (zero inputs, zero learning rate); `span` [B] is the slot after each row's last
-    token, so mini-batch m of row r completes (commits) when (m + 1) * b <= span[r]."""
+    token, so mini-batch m of row r completes (commits) when (m + 1) * b <= span[r].
 
-    def __init__(self, start: torch.Tensor, length: torch.Tensor, mini_batch_size: int, seq_len: int) -> None:
+    `aligned`: the caller knows that every row starts a mini-batch and holds `seq_len` tokens, so the layout is
+    not read back from the device (a host sync per layer and forward otherwise)."""
+
+    def __init__(
+        self, start: torch.Tensor, length: torch.Tensor, mini_batch_size: int, seq_len: int, aligned: bool = False
+    ) -> None:
         self.mini_batch_size, self.seq_len = mini_batch_size, seq_len
         self.offset = start % mini_batch_size
         self.span = self.offset + length
-        longest, shortest, ragged = torch.stack([self.span.max(), self.span.min(), self.offset.max()]).tolist()
+        if aligned:
+            longest, shortest, ragged = seq_len, seq_len, 0
+        else:
+            longest, shortest, ragged = torch.stack([self.span.max(), self.span.min(), self.offset.max()]).tolist()
         self.num_mini_batches = max(1, -(-longest // mini_batch_size))
         # Every row starts a mini-batch and fills whole ones (training, aligned prefill): the slots are the
         # tokens themselves, a view instead of two gathers and a mask per tensor.
@@ -251,6 +259,7 @@ def ttt_chunk_torch(
     start: torch.Tensor,
     length: torch.Tensor,
     checkpoint_group: int = 0,
+    aligned: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """TTT over a chunk of tokens continuing from (state, acc), dual form, PyTorch reference.
 
@@ -258,9 +267,10 @@ def ttt_chunk_torch(
     ln_weight, ln_bias: [H, 1, f]. Rows are right-padded: row r holds `length[r]` real tokens whose first
     has absolute position `start[r]` (which may fall anywhere inside a mini-batch).
     Returns the output [B, H, T, f] (fp32; zero at padded slots), the new state and accumulator.
-    `checkpoint_group > 0` recomputes groups of that many mini-batches in the backward pass.
+    `checkpoint_group > 0` recomputes groups of that many mini-batches in the backward pass. `aligned`: every
+    row starts a mini-batch and is full (`start % b == 0`, `length == T`), known to the caller (see `SlotLayout`).
     """
-    layout = SlotLayout(start, length, tau.shape[0], q.shape[2])
+    layout = SlotLayout(start, length, tau.shape[0], q.shape[2], aligned)
     q_s, k_s, v_s = (layout.to_slots(at_least_fp32(x)) for x in (q, k, v))
     lr_s = layout.to_slots(at_least_fp32(lr)[..., None])[..., 0]
     num_mb = layout.num_mini_batches
@@ -352,6 +362,7 @@ def ttt_chunk(
     start: torch.Tensor,
     length: torch.Tensor,
     checkpoint_group: int = 0,
+    aligned: bool = False,
     kernel_backend: str = "auto",
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`. The kernel's
@@ -359,9 +370,10 @@ def ttt_chunk(
     kernels keep every start state instead)."""
     if not _use_kernel(kernel_backend, state, q, tau.shape[0]):
         return ttt_chunk_torch(
-            state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group
+            state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group,
+            aligned=aligned,
         )
-    layout = SlotLayout(start, length, tau.shape[0], q.shape[2])
+    layout = SlotLayout(start, length, tau.shape[0], q.shape[2], aligned)
     q_s, k_s, v_s = (layout.to_slots(x) for x in (q, k, v))
     lr_s = layout.to_slots(lr.float()[..., None])[..., 0]
     chunk_kernel = ttt_mlp_chunk_triton if len(state) == 4 else ttt_linear_chunk_triton
