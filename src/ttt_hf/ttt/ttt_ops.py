@@ -26,10 +26,11 @@ try:
 except ImportError:  # triton is optional: the torch reference runs everywhere
     ttt_linear_chunk_triton = None
 try:
+    from .ttt_triton_conv import causal_conv_chunk_triton
     from .ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
     from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_triton
-except ImportError:  # without triton (or without these kernels) the steps and TTT-MLP chunks run in torch
-    causal_conv_step_triton = decode_kernel_supported = ttt_step_triton = None
+except ImportError:  # without triton (or without these kernels) the steps, convolutions and TTT-MLP chunks run in torch
+    causal_conv_chunk_triton = causal_conv_step_triton = decode_kernel_supported = ttt_step_triton = None
     mlp_kernel_supported = ttt_mlp_chunk_triton = None
 
 logger = logging.getLogger(__name__)
@@ -420,12 +421,19 @@ def causal_conv1d(
     (zeros at the start of a sequence); length: [B] real tokens per row.
     Returns y [B, T, C] and the new state: the last K-1 real inputs of each row.
     """
-    width = weight.shape[-1]
     padded = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
     y = F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
-    index = length[:, None] + torch.arange(width - 1, device=x.device)[None, :]
-    new_state = torch.gather(padded, 1, index[..., None].expand(-1, -1, x.shape[-1]))
-    return y, new_state
+    return y, next_conv_state(x, state, length)
+
+
+def next_conv_state(x: torch.Tensor, state: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """The last K-1 real inputs of each row of [state, x] (x [B, T, C], state [B, K-1, C], length [B]), in x's
+    dtype, without concatenating x."""
+    window = state.shape[1]
+    index = (length[:, None] + torch.arange(window, device=x.device)[None, :])[..., None]  # into [state, x]
+    from_state = torch.gather(state.to(x.dtype), 1, index.clamp(max=max(window - 1, 0)).expand(-1, -1, x.shape[-1]))
+    from_x = torch.gather(x, 1, (index - window).clamp(0, x.shape[1] - 1).expand(-1, -1, x.shape[-1]))
+    return torch.where(index < window, from_state, from_x)
 
 
 def causal_conv1d_banks(
@@ -437,18 +445,30 @@ def causal_conv1d_banks(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Dispatch point of `causal_conv1d` for one or more filter banks (weight, bias) over the same input and
     state (the shared q/k projection has two): returns each bank's output and the new state. A decoding step
-    (one token, no gradient) runs one Triton launch for all banks that moves the state in place; anything else
-    runs the reference per bank."""
-    use_kernel = (
-        _kernel_requested(kernel_backend, causal_conv_step_triton, x)
-        and not _needs_grad(x, state, *[p for bank in filters for p in bank])
-        and x.shape[1] == 1
-        and len(filters) <= 2
-        and state.shape[1] > 0  # a width-1 convolution has no window to move
-        and state.dtype == x.dtype
+    (one token, no gradient) runs one Triton launch for all banks that moves the state in place; whole sequences
+    (and steps with gradients) run one launch forward and one backward for up to two banks of one width; anything
+    else runs the reference per bank."""
+    parameters = [p for bank in filters for p in bank if p is not None]
+    kernel_fits = (
+        len(filters) <= 2
+        and len({tuple(w.shape) for w, _ in filters}) == 1
+        and len({b is None for _, b in filters}) == 1
         and state.device == x.device
     )
-    if use_kernel:
+    if (
+        kernel_fits
+        and _kernel_requested(kernel_backend, causal_conv_step_triton, x)
+        and not _needs_grad(x, state, *parameters)
+        and x.shape[1] == 1
+        and state.shape[1] > 0  # a width-1 convolution has no window to move
+        and state.dtype == x.dtype
+    ):
         return causal_conv_step_triton(x, filters, state, length)
+    if (
+        kernel_fits
+        and _kernel_requested(kernel_backend, causal_conv_chunk_triton, x)
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    ):
+        return causal_conv_chunk_triton(x, filters, state), next_conv_state(x, state, length)
     outputs = [causal_conv1d(x, weight, bias, state, length) for weight, bias in filters]
     return [y for y, _ in outputs], outputs[0][1]
