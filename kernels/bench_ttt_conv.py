@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
-    print(f"## Causal depthwise convolution, width {WIDTH}, bf16, {args.tokens} tokens x {args.channels} channels (ms)")
+    print(f"## Causal depthwise convolution, width {WIDTH}, bf16, {args.tokens} tokens x {args.channels} channels "
+          "(ms)")
     print("| batch | banks | Triton fwd | torch fwd | Triton fwd+bwd | torch fwd+bwd | Triton fwd GB/s |")
     print("|---|---|---|---|---|---|---|")
     for batch in map(int, args.batches.split(",")):

@@ -175,6 +175,20 @@ def test_fp64_model_matches_fp32():
     assert (double(ids).logits - full_logits(model, ids).double()).abs().max().item() < 1e-5
 
 
+def test_rope_gradient_is_the_inverse_rotation():
+    # The written-out backward against autograd through the rotation itself, fp64, random positions and inputs.
+    from ttt_hf.ttt.modeling_ttt import InterleavedRope, _rotate_pairs, rope_angles
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_angles(torch.randint(0, 16, (2, 7), generator=g), 8, 10000.0, torch.float64)
+    assert torch.autograd.gradcheck(lambda x: InterleavedRope.apply(x, cos, sin), (x,))
+    d_out = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    (mine,) = torch.autograd.grad(InterleavedRope.apply(x, cos, sin), x, d_out)
+    (want,) = torch.autograd.grad(_rotate_pairs(x, cos, sin), x, d_out)
+    assert torch.allclose(mine, want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [

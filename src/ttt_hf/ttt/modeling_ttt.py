@@ -101,14 +101,35 @@ def _conv_state(state: torch.Tensor | None, x: torch.Tensor, conv: nn.Conv1d) ->
     return x.new_zeros(x.shape[0], conv.kernel_size[0] - 1, x.shape[-1])
 
 
-def apply_interleaved_rope(x: torch.Tensor, position: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE with interleaved pairs (dims 2i, 2i+1), as the official JAX code. x: [B, H, T, f]; position: [B, T]."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=x.device).float() / head_dim))
-    angle = position.float()[:, None, :, None] * inv_freq  # [B, 1, T, f/2]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+def rope_angles(
+    position: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, f/2] in `dtype` of RoPE's angles at `position` [B, T]."""
+    dims = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position.device).float()
+    inv_freq = 1.0 / (theta ** (dims / head_dim))
+    angle = position.float()[:, None, :, None] * inv_freq
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     return torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1).flatten(-2)
+
+
+class InterleavedRope(torch.autograd.Function):
+    """RoPE with interleaved pairs (dims 2i, 2i+1), as the official JAX code: x [B, H, T, f] rotated by the
+    angles of `rope_angles`. Its gradient is the inverse rotation, written out: autograd through the strided
+    slices would add a zero-filled buffer per slice and twice the products."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate_pairs(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate_pairs(grad, cos, -sin), None, None
 
 
 class TTTLayer(nn.Module):
@@ -187,8 +208,9 @@ class TTTLayer(nn.Module):
 
         # RoPE encodes the position inside the mini-batch only.
         rope_position = layout.position % self.mini_batch_size
-        xq = apply_interleaved_rope(self._split_heads(xq), rope_position, self.config.rope_theta)
-        xk = apply_interleaved_rope(self._split_heads(xk), rope_position, self.config.rope_theta)
+        cos, sin = rope_angles(rope_position, self.head_dim, self.config.rope_theta, xq.dtype)
+        xq = InterleavedRope.apply(self._split_heads(xq), cos, sin)
+        xk = InterleavedRope.apply(self._split_heads(xk), cos, sin)
         xv = self._split_heads(xv)
 
         # Per-token inner learning rate [B, H, T] and per-position factor tau [b], in fp32.

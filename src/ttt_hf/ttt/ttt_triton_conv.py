@@ -169,7 +169,8 @@ def causal_conv_chunk_triton(
     bias or none), state [B, K-1, C] (taken in x's dtype). Returns the outputs [B, T, C] in x's dtype."""
     if not _on_triton_device(x):
         raise RuntimeError(
-            "causal_conv_chunk_triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing triton"
+            "causal_conv_chunk_triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+            "triton"
         )
     batch, _, channels = x.shape
     width = filters[0][0].shape[-1]
