@@ -84,9 +84,9 @@ def test_chunk_conv_errors():
         causal_conv_chunk_triton(x, [filters[0], (filters[1][0], None)], state)
 
 
-def test_model_trains_the_same_with_both_convolution_paths(monkeypatch, no_tf32):
-    """A Mamba-backbone model (a pre-conv and the shared q/k pair per layer) gives the same loss and gradients
-    with the convolutions in Triton as in torch (its TTT chunks in torch both times)."""
+def test_model_trains_the_same_with_both_convolution_and_norm_paths(monkeypatch, no_tf32):
+    """A Mamba-backbone model (a pre-conv, the shared q/k pair and three RMSNorms per layer) gives the same loss
+    and gradients with the convolutions and norms in Triton as in torch (its TTT chunks in torch both times)."""
     model = tiny_model("linear", kernel_backend="triton").to(DEVICE)
     monkeypatch.setattr(ttt_ops, "_use_kernel", lambda *args: False)
     ids = torch.randint(3, model.config.vocab_size, (2, 21), device=DEVICE)

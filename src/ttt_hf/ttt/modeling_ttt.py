@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .cache_ttt import TTTCache, TTTLayerCache
 from .configuration_ttt import TTTConfig
-from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, ttt_chunk, ttt_step
+from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, rms_norm, ttt_chunk, ttt_step
 
 logger = logging.get_logger(__name__)
 
@@ -43,17 +43,16 @@ class TTTBatchLayout:
 
 
 class TTTRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    """Llama's RMSNorm (`ttt_ops.rms_norm_torch`), through the config's kernel backend."""
+
+    def __init__(self, config: TTTConfig) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
+        self.config = config
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.variance_epsilon = config.rms_norm_eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, self.config.kernel_backend)
 
 
 class TTTMLP(nn.Module):
@@ -79,7 +78,7 @@ class TTTPreConv(nn.Module):
 
     def __init__(self, config: TTTConfig) -> None:
         super().__init__()
-        self.norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = TTTRMSNorm(config)
         self.conv = _depthwise_conv(config)
         self.config = config
 
@@ -259,9 +258,9 @@ class TTTDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.pre_conv = TTTPreConv(config) if config.pre_conv else None
-        self.seq_norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.seq_norm = TTTRMSNorm(config)
         self.ttt = TTTLayer(config, layer_idx)
-        self.ffn_norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = TTTRMSNorm(config)
         self.mlp = TTTMLP(config)
 
     def forward(
@@ -334,7 +333,7 @@ class TTTModel(TTTPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([TTTDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = TTTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = TTTRMSNorm(config)
         self.gradient_checkpointing = False
         self.post_init()
 

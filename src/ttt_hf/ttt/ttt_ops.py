@@ -29,9 +29,10 @@ try:
     from .ttt_triton_conv import causal_conv_chunk_triton
     from .ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
     from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_triton
-except ImportError:  # without triton (or without these kernels) the steps, convolutions and TTT-MLP chunks run in torch
+    from .ttt_triton_norm import rms_norm_triton
+except ImportError:  # without triton (or without these kernels) the steps, convolutions, norms and TTT-MLP run in torch
     causal_conv_chunk_triton = causal_conv_step_triton = decode_kernel_supported = ttt_step_triton = None
-    mlp_kernel_supported = ttt_mlp_chunk_triton = None
+    mlp_kernel_supported = ttt_mlp_chunk_triton = rms_norm_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -472,3 +473,25 @@ def causal_conv1d_banks(
         return causal_conv_chunk_triton(x, filters, state), next_conv_state(x, state, length)
     outputs = [causal_conv1d(x, weight, bias, state, length) for weight, bias in filters]
     return [y for y, _ in outputs], outputs[0][1]
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm over the last dim: normalized in fp32, rounded to x's dtype, then scaled by the weight."""
+    normalized = x.to(torch.float32)
+    normalized = normalized * torch.rsqrt(normalized.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normalized.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel_backend: str = "auto") -> torch.Tensor:
+    """Dispatch point of `rms_norm_torch`: one Triton pass forward and one backward for fp32/bf16/fp16
+    activations and weights; the reference elsewhere (fp64, CPU)."""
+    half_or_single = (torch.float32, torch.bfloat16, torch.float16)
+    if (
+        _kernel_requested(kernel_backend, rms_norm_triton, x)
+        and x.dtype in half_or_single
+        and weight.dtype in half_or_single
+        and weight.device == x.device
+        and x.shape[-1] <= 65536
+    ):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
