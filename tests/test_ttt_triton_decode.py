@@ -10,7 +10,8 @@ from ttt_testing import random_ids, rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops
 from ttt_hf.ttt.ttt_ops import causal_conv1d, causal_conv1d_banks, ttt_chunk_torch, ttt_step_torch
-from ttt_hf.ttt.ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
+from ttt_hf.ttt.ttt_triton_conv import causal_conv_step_triton
+from ttt_hf.ttt.ttt_triton_decode import decode_kernel_supported, ttt_step_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MB = 4  # a mini-batch of 4 makes short sequences cross several commits

@@ -32,6 +32,8 @@ class TTTBatchLayout:
 
     start: [B] absolute position of each row's first token; length: [B] real tokens per row;
     position: [B, T] absolute position of every slot (meaningful for the first `length[r]` slots);
+    rope: cos and sin [B, 1, T, f/2] (fp32) of RoPE's angles at each slot's position inside its mini-batch,
+    shared by every layer;
     aligned: known on the host that every row starts at position 0 and is full (training, a first prefill
     without padding), so the TTT layers need not read start and length back from the device.
     """
@@ -39,6 +41,7 @@ class TTTBatchLayout:
     start: torch.Tensor
     length: torch.Tensor
     position: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
     aligned: bool = False
 
 
@@ -87,7 +90,7 @@ class TTTPreConv(nn.Module):
         state = cache.pre_conv_state if cache is not None else None
         (y,), state = causal_conv1d_banks(
             x, [(self.conv.weight, self.conv.bias)], _conv_state(state, x, self.conv), layout.length,
-            self.config.kernel_backend,
+            self.config.kernel_backend, keep_state=cache is not None,
         )
         if cache is not None:
             cache.pre_conv_state = state
@@ -197,7 +200,7 @@ class TTTLayer(nn.Module):
             state = _conv_state(cache.qk_conv_state if cache is not None else None, shared, self.conv_q)
             (xq, xk), state = causal_conv1d_banks(
                 shared, [(self.conv_q.weight, self.conv_q.bias), (self.conv_k.weight, self.conv_k.bias)], state,
-                layout.length, self.config.kernel_backend,
+                layout.length, self.config.kernel_backend, keep_state=cache is not None,
             )
             if cache is not None:
                 cache.qk_conv_state = state
@@ -205,9 +208,7 @@ class TTTLayer(nn.Module):
             xq, xk = self.q_proj(hidden_states), self.k_proj(hidden_states)
         xv = self.v_proj(hidden_states)
 
-        # RoPE encodes the position inside the mini-batch only.
-        rope_position = layout.position % self.mini_batch_size
-        cos, sin = rope_angles(rope_position, self.head_dim, self.config.rope_theta, xq.dtype)
+        cos, sin = (t.to(xq.dtype) for t in layout.rope)
         xq = InterleavedRope.apply(self._split_heads(xq), cos, sin)
         xk = InterleavedRope.apply(self._split_heads(xk), cos, sin)
         xv = self._split_heads(xv)
@@ -410,9 +411,12 @@ class TTTModel(TTTPreTrainedModel):
             if not bool(mask.all()):
                 order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, T]
                 inputs_embeds = torch.gather(inputs_embeds, 1, order[..., None].expand_as(inputs_embeds))
+        position = start[:, None] + torch.arange(seq_len, device=device)[None, :]
+        # RoPE encodes the position inside the mini-batch only.
+        rope = rope_angles(position % self.config.mini_batch_size, self.config.head_dim, self.config.rope_theta,
+                           torch.float32)
         layout = TTTBatchLayout(
-            start=start, length=length, position=start[:, None] + torch.arange(seq_len, device=device)[None, :],
-            aligned=fresh and order is None,
+            start=start, length=length, position=position, rope=rope, aligned=fresh and order is None
         )
 
         hidden_states = inputs_embeds

@@ -26,8 +26,8 @@ try:
 except ImportError:  # triton is optional: the torch reference runs everywhere
     ttt_linear_chunk_triton = None
 try:
-    from .ttt_triton_conv import causal_conv_chunk_triton
-    from .ttt_triton_decode import causal_conv_step_triton, decode_kernel_supported, ttt_step_triton
+    from .ttt_triton_conv import causal_conv_chunk_triton, causal_conv_step_triton
+    from .ttt_triton_decode import decode_kernel_supported, ttt_step_triton
     from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_triton
     from .ttt_triton_norm import rms_norm_triton
 except ImportError:  # without triton (or without these kernels) the steps, convolutions, norms and TTT-MLP run in torch
@@ -422,9 +422,14 @@ def causal_conv1d(
     (zeros at the start of a sequence); length: [B] real tokens per row.
     Returns y [B, T, C] and the new state: the last K-1 real inputs of each row.
     """
+    return _conv1d_outputs(x, weight, bias, state), next_conv_state(x, state, length)
+
+
+def _conv1d_outputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor
+) -> torch.Tensor:
     padded = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
-    y = F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
-    return y, next_conv_state(x, state, length)
+    return F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
 
 
 def next_conv_state(x: torch.Tensor, state: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -443,12 +448,13 @@ def causal_conv1d_banks(
     state: torch.Tensor,
     length: torch.Tensor,
     kernel_backend: str = "auto",
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+    keep_state: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Dispatch point of `causal_conv1d` for one or more filter banks (weight, bias) over the same input and
-    state (the shared q/k projection has two): returns each bank's output and the new state. A decoding step
-    (one token, no gradient) runs one Triton launch for all banks that moves the state in place; whole sequences
-    (and steps with gradients) run one launch forward and one backward for up to two banks of one width; anything
-    else runs the reference per bank."""
+    state (the shared q/k projection has two): returns each bank's output and the new state (None with
+    `keep_state=False`: no cache holds it). A decoding step (one token, no gradient) runs one Triton launch for
+    all banks that moves the state in place; whole sequences (and steps with gradients) run one launch forward
+    and one backward for up to two banks of one width; anything else runs the reference per bank."""
     parameters = [p for bank in filters for p in bank if p is not None]
     kernel_fits = (
         len(filters) <= 2
@@ -470,9 +476,10 @@ def causal_conv1d_banks(
         and _kernel_requested(kernel_backend, causal_conv_chunk_triton, x)
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     ):
-        return causal_conv_chunk_triton(x, filters, state), next_conv_state(x, state, length)
-    outputs = [causal_conv1d(x, weight, bias, state, length) for weight, bias in filters]
-    return [y for y, _ in outputs], outputs[0][1]
+        outputs = causal_conv_chunk_triton(x, filters, state)
+    else:
+        outputs = [_conv1d_outputs(x, weight, bias, state) for weight, bias in filters]
+    return outputs, next_conv_state(x, state, length) if keep_state else None
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

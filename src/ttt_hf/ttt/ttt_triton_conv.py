@@ -1,5 +1,6 @@
 """Triton kernels of the causal depthwise convolutions around the TTT layer (the Mamba backbone's pre-conv, the
-shared q/k projection's two) over whole sequences, forward and backward, channels last.
+shared q/k projection's two): over whole sequences, forward and backward, channels last; and the decode step,
+which moves the window in place.
 
 `ttt_ops.causal_conv1d` is the numerical definition: y[t] = bias + sum_j w[:, j] * [state, x][t + j] for
 x [B, T, C], the previous K-1 inputs `state` [B, K-1, C] and weights [C, 1, K]. The torch path runs
@@ -14,11 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .ttt_triton_decode import _on_triton_device
+from .ttt_triton_decode import _on_triton_device, _owns_memory
 
 BLOCK_T = 32  # tokens per tile
 BLOCK_C = 128  # channels per program
 BACKWARD_ROWS = 128  # tokens per backward program: one partial sum of the weights' gradient each
+CONV_BLOCK = 256  # channels per program of the decode step
 
 
 @triton.jit
@@ -161,6 +163,29 @@ class CausalConvChunk(torch.autograd.Function):
         return d_x, d_state, d_weight, d_bias
 
 
+def _check_filter_banks(
+    name: str, x: torch.Tensor, filters: list[tuple[torch.Tensor, torch.Tensor | None]], state: torch.Tensor
+) -> int:
+    """Raise unless `filters` are one or two banks (weight [C, 1, K], bias [C] or None; all with a bias or none)
+    over x [B, T, C] with a state [B, K-1, C]; returns K."""
+    batch, _, channels = x.shape
+    width = filters[0][0].shape[-1]
+    if len(filters) not in (1, 2) or state.shape != (batch, width - 1, channels):
+        raise ValueError(
+            f"{name} takes one or two filter banks of one width K and a state [B, K-1, C]; got {len(filters)} banks "
+            f"of width {width}, x {tuple(x.shape)}, state {tuple(state.shape)}"
+        )
+    for weight, bias in filters:
+        if weight.shape != (channels, 1, width) or (bias is not None and bias.shape != (channels,)):
+            raise ValueError(
+                f"every filter bank must be weight [C, 1, K] = [{channels}, 1, {width}] and bias [C] or None; got "
+                f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}"
+            )
+    if len({b is None for _, b in filters}) > 1:
+        raise ValueError("the filter banks must all have a bias or none")
+    return width
+
+
 def causal_conv_chunk_triton(
     x: torch.Tensor, filters: list[tuple[torch.Tensor, torch.Tensor | None]], state: torch.Tensor
 ) -> list[torch.Tensor]:
@@ -172,24 +197,89 @@ def causal_conv_chunk_triton(
             "causal_conv_chunk_triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
             "triton"
         )
-    batch, _, channels = x.shape
-    width = filters[0][0].shape[-1]
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"causal_conv_chunk_triton takes fp32, bf16 or fp16 inputs, got {x.dtype}")
-    if len(filters) not in (1, 2) or state.shape != (batch, width - 1, channels):
-        raise ValueError(
-            f"causal_conv_chunk_triton takes one or two filter banks of one width K and a state [B, K-1, C]; got "
-            f"{len(filters)} banks of width {width}, x {tuple(x.shape)}, state {tuple(state.shape)}"
-        )
-    for weight, bias in filters:
-        if weight.shape != (channels, 1, width) or (bias is not None and bias.shape != (channels,)):
-            raise ValueError(
-                f"every filter bank must be weight [C, 1, K] = [{channels}, 1, {width}] and bias [C] or None; got "
-                f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}"
-            )
-    if len({b is None for _, b in filters}) > 1:
-        raise ValueError("the filter banks must all have a bias or none")
+    _check_filter_banks("causal_conv_chunk_triton", x, filters, state)
     weight = torch.stack([w[:, 0] for w, _ in filters])  # [banks, C, K]
     bias = torch.stack([b for _, b in filters]) if filters[0][1] is not None else None
     state = state.to(device=x.device, dtype=x.dtype).contiguous()
     return list(CausalConvChunk.apply(x.contiguous(), state, weight, bias))
+
+
+@triton.jit
+def _causal_conv_step_kernel(
+    x_ptr, state_ptr, length_ptr, weight_ptr, bias_ptr, weight_2_ptr, bias_2_ptr, y_ptr, y_2_ptr,
+    C, stride_xb, stride_sb, stride_sk,
+    K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, TWO: tl.constexpr,
+):
+    """Program (row, block of channels): y = sum_k w[:, k] [state, x][k] + bias for one or (TWO) two filter
+    banks over the same input, then the window moves by one token in place (rows with length 0 keep it).
+    x [B, C]; state [B, K-1, C]; weights [C, K] contiguous; y [B, C] in x's dtype; products and sums in fp32."""
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    channels = block * BLOCK + tl.arange(0, BLOCK)
+    ok = channels < C
+    x = tl.load(x_ptr + row * stride_xb + channels, mask=ok, other=0.0).to(tl.float32)
+    acc = x * tl.load(weight_ptr + channels * K + K - 1, mask=ok, other=0.0).to(tl.float32)
+    acc_2 = acc
+    if TWO:
+        acc_2 = x * tl.load(weight_2_ptr + channels * K + K - 1, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + channels, mask=ok, other=0.0).to(tl.float32)
+        if TWO:
+            acc_2 += tl.load(bias_2_ptr + channels, mask=ok, other=0.0).to(tl.float32)
+    moves = tl.load(length_ptr + row) > 0
+    window = state_ptr + row * stride_sb + channels
+    previous = tl.load(window, mask=ok, other=0.0)
+    for k in tl.static_range(K - 1):
+        acc += previous.to(tl.float32) * tl.load(weight_ptr + channels * K + k, mask=ok, other=0.0).to(tl.float32)
+        if TWO:
+            acc_2 += previous.to(tl.float32) * tl.load(weight_2_ptr + channels * K + k, mask=ok, other=0.0).to(
+                tl.float32)
+        if k < K - 2:
+            following = tl.load(window + (k + 1) * stride_sk, mask=ok, other=0.0)
+        else:
+            following = x.to(previous.dtype)
+        tl.store(window + k * stride_sk, tl.where(moves, following, previous), mask=ok)
+        previous = following
+    tl.store(y_ptr + row * C + channels, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    if TWO:
+        tl.store(y_2_ptr + row * C + channels, acc_2.to(y_2_ptr.dtype.element_ty), mask=ok)
+
+
+def causal_conv_step_triton(
+    x: torch.Tensor, filters: list[tuple[torch.Tensor, torch.Tensor | None]], state: torch.Tensor, length: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One decoding step of `ttt_ops.causal_conv1d` for one or two filter banks over the same input, in one
+    launch: x [B, 1, C]; filters [(weight [C, 1, K], bias [C] or None)], K >= 2; state [B, K-1, C] in x's dtype
+    on x's device; length [B] (0: the row's window stays). The state moves in place when it owns contiguous
+    memory (as the cache's does), else in a copy. Returns the outputs [B, 1, C] (x's dtype), one per bank, and
+    the state."""
+    if not _on_triton_device(x):
+        raise RuntimeError(
+            "causal_conv_step_triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+            "triton"
+        )
+    batch, tokens, channels = x.shape
+    width = _check_filter_banks("causal_conv_step_triton", x, filters, state)
+    if tokens != 1 or width < 2:
+        raise ValueError(
+            f"causal_conv_step_triton takes one token x [B, 1, C] and filter banks of width K >= 2; got x "
+            f"{tuple(x.shape)}, width {width}"
+        )
+    if state.dtype != x.dtype or state.device != x.device:
+        raise ValueError(f"the state must be on x's device in x's dtype ({x.device}, {x.dtype}), got {state.device}, "
+                         f"{state.dtype}")
+    if not _owns_memory(state):
+        state = state.contiguous().clone()
+    x = x.contiguous()
+    weights = [w.reshape(channels, width).contiguous() for w, _ in filters]
+    biases = [b for _, b in filters]
+    ys = [torch.empty(batch, 1, channels, dtype=x.dtype, device=x.device) for _ in filters]
+    two = len(filters) == 2
+    _causal_conv_step_kernel[(batch, triton.cdiv(channels, CONV_BLOCK))](
+        x, state, length, weights[0], biases[0] if biases[0] is not None else weights[0], weights[-1],
+        biases[-1] if biases[-1] is not None else weights[-1], ys[0], ys[-1],
+        channels, x.stride(0), state.stride(0), state.stride(1),
+        K=width, BLOCK=CONV_BLOCK, HAS_BIAS=biases[0] is not None, TWO=two, num_warps=2,
+    )
+    return ys, state
