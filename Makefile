@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU wheel of these machines; on a GPU machine install torch first (see README), then `make`.
 TORCH_SPEC ?= torch==2.13.0
-# `make test` runs the suite under the lowest and the newest supported transformers.
-TRANSFORMERS_VERSIONS ?= 5.17.* 5.23.*
+# `make test` runs the suite under the lowest supported transformers and under the newest release that exists
+# when it runs (`transformers<6`), each time with the newest peft and accelerate.
+TRANSFORMERS_RELEASES ?= "transformers==5.17.*" "transformers>=5.17,<6"
 
 .PHONY: demo test
 
@@ -25,8 +26,8 @@ demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/ttt-hf demo
 
 test: $(BIN)/.installed
-	set -e; for version in $(TRANSFORMERS_VERSIONS); do \
-		$(BIN)/python -m pip install --quiet "transformers==$$version"; \
-		echo "== transformers $$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"; \
+	set -e; for release in $(TRANSFORMERS_RELEASES); do \
+		$(BIN)/python -m pip install --quiet --upgrade "$$release" peft accelerate; \
+		$(BIN)/python -c 'import accelerate, peft, torch, transformers as t; print(f"== transformers {t.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}, torch {torch.__version__}")'; \
 		HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider; \
 	done

@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 from triton.testing import do_bench
 
-from ttt_hf import TOVACache
+from ttt_hf import CACHE_NAME, TOVACache
 from ttt_hf.tova.cache_tova import TOVALayer
 from ttt_hf.tova.tova_attention import last_query_scores
 from ttt_hf.tova.tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton
@@ -162,7 +162,7 @@ def llama_1b() -> LlamaForCausalLM:
 
 def prefill(model, cache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     for start in range(0, ids.shape[1], chunk):
-        out = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, start : start + chunk], use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache})
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -171,7 +171,7 @@ def greedy_step(model, cache, token: torch.Tensor, position: torch.Tensor) -> Ca
     next token into `token` [B, 1], `position` [B, 1] (the RoPE position) advanced by one."""
 
     def step():
-        logits = model(token, position_ids=position, past_key_values=cache, use_cache=True).logits
+        logits = model(token, position_ids=position, use_cache=True, **{CACHE_NAME: cache}).logits
         token.copy_(logits[:, -1:].argmax(-1))
         position.add_(1)
 
@@ -225,8 +225,8 @@ def generate_ms(model, cache, token: torch.Tensor, steps: int) -> float:
     ids = torch.cat([token.new_zeros(token.shape[0], cache.get_seq_length()), token], dim=1)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=steps,
-                   min_new_tokens=steps, do_sample=False)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                   do_sample=False, **{CACHE_NAME: cache})
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3 / steps
 

@@ -90,7 +90,7 @@ def capture_decode_step(model: TTTForCausalLM, cache: TTTCache, token: torch.Ten
     inputs = cache_tensors(cache)
 
     def step():
-        token.copy_(model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1))
+        token.copy_(model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1))
         for old, new in zip(inputs, cache_tensors(cache)):
             if new is not old:
                 old.copy_(new)
@@ -106,10 +106,10 @@ def bench_model(name: str, backend: str, batch: int, context: int, steps: int) -
     model = ttt_model(name, backend, torch.bfloat16)
     cache = TTTCache(model.config)
     ids = torch.randint(3, model.config.vocab_size, (batch, context), device="cuda")
-    token = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    token = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
 
     def eager_step():
-        token.copy_(model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1))
+        token.copy_(model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1))
 
     row = {"eager_tokens_per_s": batch / cuda_time(eager_step, steps, warmup=3)}
     replay = capture_decode_step(model, cache, token)

@@ -55,11 +55,11 @@ def decode_latency(model, cache, batch: int, context: int, steps: int, prefill_c
     model.eval()
     ids = torch.randint(3, model.config.vocab_size, (batch, context), device="cuda")
     for start in range(0, context, prefill_chunk):
-        out = model(ids[:, start : start + prefill_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, start : start + prefill_chunk], cache=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
 
     def step():
-        token.copy_(model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1))
+        token.copy_(model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1))
 
     seconds = cuda_time(step, steps, warmup=3)
     row = {"ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds}

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from ttt_hf import CACHE_NAME
+
+
+def cache_arg(cache) -> dict:
+    """The cache as a keyword argument of `generate` (or of a transformers model's forward) under the running
+    release's name: `cache` from 5.24 on, `past_key_values` before. Our models take either name."""
+    return {CACHE_NAME: cache}
+
+
+def returned_cache(output):
+    """The cache of a `generate` output, under the running release's name."""
+    return getattr(output, CACHE_NAME)
+
 
 def full_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Logits of one forward without a cache."""
@@ -27,7 +40,7 @@ def prefill_then_decode_logits(model, ids: torch.Tensor, prefill: int) -> torch.
         out = model(ids[:, :prefill], use_cache=True)
         logits = [out.logits]
         for j in range(prefill, ids.shape[1]):
-            out = model(ids[:, j : j + 1], past_key_values=out.past_key_values)
+            out = model(ids[:, j : j + 1], cache=out.cache)
             logits.append(out.logits)
     return torch.cat(logits, 1)
 
@@ -36,7 +49,7 @@ def chunked_logits(model, cache, ids: torch.Tensor, splits) -> torch.Tensor:
     """Logits of feeding `ids` through `cache` in chunks cut at `splits`."""
     bounds = [0, *splits, ids.shape[1]]
     with torch.no_grad():
-        return torch.cat([model(ids[:, a:b], past_key_values=cache).logits for a, b in zip(bounds[:-1], bounds[1:])], 1)
+        return torch.cat([model(ids[:, a:b], cache=cache).logits for a, b in zip(bounds[:-1], bounds[1:])], 1)
 
 
 def check_cache_batch_operations(model, make_cache, ids: torch.Tensor, more: torch.Tensor):
@@ -48,25 +61,25 @@ def check_cache_batch_operations(model, make_cache, ids: torch.Tensor, more: tor
 
         def fresh():
             cache = make_cache()
-            model(ids, past_key_values=cache)
+            model(ids, cache=cache)
             return cache
 
-        reference = model(more, past_key_values=fresh()).logits
+        reference = model(more, cache=fresh()).logits
         reordered = fresh()
         reordered.reorder_cache(torch.tensor([2, 0, 1]))
-        assert torch.allclose(model(more[[2, 0, 1]], past_key_values=reordered).logits, reference[[2, 0, 1]], atol=1e-6)
+        assert torch.allclose(model(more[[2, 0, 1]], cache=reordered).logits, reference[[2, 0, 1]], atol=1e-6)
         selected = fresh()
         selected.batch_select_indices(torch.tensor([1]))
-        assert torch.allclose(model(more[1:2], past_key_values=selected).logits, reference[1:2], atol=1e-6)
+        assert torch.allclose(model(more[1:2], cache=selected).logits, reference[1:2], atol=1e-6)
         repeated = fresh()
         repeated.batch_repeat_interleave(2)
-        out = model(more.repeat_interleave(2, 0), past_key_values=repeated).logits
+        out = model(more.repeat_interleave(2, 0), cache=repeated).logits
         assert torch.allclose(out, reference.repeat_interleave(2, 0), atol=1e-6)
         reset = fresh()
         reset.reset()
         assert reset.get_seq_length() == 0
         reset_positions = reset.positions
-        assert torch.allclose(model(ids, past_key_values=reset).logits, full_logits(model, ids), atol=1e-6)
+        assert torch.allclose(model(ids, cache=reset).logits, full_logits(model, ids), atol=1e-6)
     return reset_positions
 
 
@@ -80,7 +93,7 @@ def check_cuda_matches_cpu_and_decodes(cpu, gpu, ids: torch.Tensor, mask: torch.
         out = gpu(ids[:, :prefill].cuda(), attention_mask=mask[:, :prefill].cuda())
         steps = [out.logits]
         for j in range(prefill, ids.shape[1]):
-            out = gpu(ids[:, j : j + 1].cuda(), attention_mask=mask[:, : j + 1].cuda(), past_key_values=out.past_key_values)
+            out = gpu(ids[:, j : j + 1].cuda(), attention_mask=mask[:, : j + 1].cuda(), cache=out.cache)
             steps.append(out.logits)
     real = mask.bool().cuda()
     assert (torch.cat(steps, 1) - full)[real].abs().max().item() <= 1e-4

@@ -35,6 +35,7 @@ from integration_testing import (  # noqa: E402
     train,
     uncached_logits,
 )
+from model_testing import cache_arg, returned_cache  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 from ttt_hf import BlockStateCache, BlockStateConfig, BlockStateForCausalLM, BlockStateModel  # noqa: E402
 from ttt_hf.block_state.modeling_block_state import BlockStateDecoderLayer, HeadwiseLinear  # noqa: E402
@@ -174,8 +175,8 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent(
                 "last_hidden_state": base(ids, use_cache=False).last_hidden_state,
                 "lm_class": type(lm).__module__ + "." + type(lm).__name__,
                 "base_class": type(base).__module__ + "." + type(base).__name__,
-                "cache_class": type(out.past_key_values).__module__ + "." + type(out.past_key_values).__name__,
-                "generate_cache_class": type(generated.past_key_values).__name__,
+                "cache_class": type(out.cache).__module__ + "." + type(out.cache).__name__,
+                "generate_cache_class": type(getattr(generated, sys.modules[type(lm).__module__].CACHE_NAME)).__name__,
                 "sequences": generated.sequences,
                 "tied": lm.lm_head.weight is lm.model.embed_tokens.weight,
                 "training": lm.training or base.training,
@@ -265,10 +266,10 @@ def test_greedy_generate_equals_argmax_loop_without_cache(variant):
         out = model.generate(
             ids, max_new_tokens=_NEW, do_sample=False, return_dict_in_generate=True, output_scores=True
         )
-    assert isinstance(out.past_key_values, BlockStateCache)
+    assert isinstance(returned_cache(out), BlockStateCache)
     # The cache has consumed every token but the last generated one.
-    assert out.past_key_values.get_seq_length() == _PROMPT + _NEW - 1
-    assert out.past_key_values.positions.tolist() == [_PROMPT + _NEW - 1] * 2
+    assert returned_cache(out).get_seq_length() == _PROMPT + _NEW - 1
+    assert returned_cache(out).positions.tolist() == [_PROMPT + _NEW - 1] * 2
 
     sequence = ids
     for step in range(_NEW):
@@ -296,9 +297,9 @@ def test_beam_search_with_cache_equals_without_cache(variant):
     with torch.no_grad():
         cached = model.generate(ids, use_cache=True, **kwargs)
         uncached = model.generate(ids, use_cache=False, **kwargs)
-    assert isinstance(cached.past_key_values, BlockStateCache)
-    assert cached.past_key_values.positions.shape == (6,)  # batch x beams
-    assert uncached.past_key_values is None
+    assert isinstance(returned_cache(cached), BlockStateCache)
+    assert returned_cache(cached).positions.shape == (6,)  # batch x beams
+    assert returned_cache(uncached) is None
     assert torch.equal(cached.sequences, uncached.sequences)
     assert torch.equal(cached.beam_indices, uncached.beam_indices)
     assert (cached.sequences_scores - uncached.sequences_scores).abs().max().item() <= 1e-4
@@ -374,7 +375,7 @@ def test_continuing_generate_from_the_returned_cache(variant):
         first = model.generate(
             ids, attention_mask=mask, max_new_tokens=first_new, do_sample=False, return_dict_in_generate=True
         )
-        cache = first.past_key_values
+        cache = returned_cache(first)
         assert isinstance(cache, BlockStateCache)
         # The last generated token is not in the cache yet: the continuation feeds it.
         assert cache.get_seq_length() == 7 + first_new - 1
@@ -382,8 +383,8 @@ def test_continuing_generate_from_the_returned_cache(variant):
         sequences = first.sequences
         full_mask = torch.cat([mask, torch.ones(2, first_new, dtype=mask.dtype)], dim=1)
         kwargs = dict(max_new_tokens=second_new, do_sample=False, return_dict_in_generate=True, output_scores=True)
-        continued = model.generate(sequences, attention_mask=full_mask, past_key_values=cache, **kwargs)
-        assert continued.past_key_values is cache
+        continued = model.generate(sequences, attention_mask=full_mask, **cache_arg(cache), **kwargs)
+        assert returned_cache(continued) is cache
         assert cache.get_seq_length() == 7 + first_new + second_new - 1
         # A fresh generate over the whole sequence, with its own cache and without any cache, and one generate
         # of all the tokens at once.
@@ -474,7 +475,7 @@ def _loss_and_grads(model):
     for name, param in model.named_parameters():
         assert param.grad is not None, f"no gradient for {name}"
         grads[name] = param.grad.detach().clone()
-    return out.loss.detach(), grads, out.past_key_values
+    return out.loss.detach(), grads, out.cache
 
 
 @pytest.mark.parametrize("variant", [SH_PREV, MH, MF_IMPLICIT], ids=_id)
@@ -505,7 +506,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant):
     attn_calls.clear()
     with torch.no_grad():
         out = model(random_ids(1, 5, seed=1))
-    assert len(attn_calls) == 2 and isinstance(out.past_key_values, BlockStateCache)
+    assert len(attn_calls) == 2 and isinstance(out.cache, BlockStateCache)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -625,9 +626,9 @@ def test_from_pretrained_device_map_auto(tmp_path, variant):
     with torch.no_grad():
         out = loaded(ids.to(device), use_cache=True)
         logits = out.logits.cpu()
-        step = loaded(random_ids(2, 1, seed=3).to(device), past_key_values=out.past_key_values).logits.cpu()
+        step = loaded(random_ids(2, 1, seed=3).to(device), cache=out.cache).logits.cpu()
     # The cache lives where the activations are.
-    layer_cache = out.past_key_values.layers[0].tensors
+    layer_cache = out.cache.layers[0].tensors
     assert layer_cache and all(t.device.type == device for t in layer_cache.values())
     tol = 0 if device == "cpu" else 1e-4
     assert (logits - uncached_logits(model, ids)).abs().max().item() <= tol

@@ -60,7 +60,7 @@ def test_padded_prefill_then_decode_equals_rows_alone(model):
         steps = []
         for j in range(extra.shape[1]):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            out = model(extra[:, j : j + 1], attention_mask=mask, past_key_values=out.past_key_values)
+            out = model(extra[:, j : j + 1], attention_mask=mask, cache=out.cache)
             steps.append(out.logits)
     for r, row in enumerate(rows):
         alone = full_logits(model, torch.cat([row, extra[r]])[None])
@@ -98,7 +98,7 @@ def test_mf_never_builds_per_position_filter_outputs(monkeypatch):
     ids = random_ids(2, 5 * W + 1, seed=6)
     with torch.no_grad():
         out = model(ids)
-        model(ids[:, :1], past_key_values=out.past_key_values)
+        model(ids[:, :1], cache=out.cache)
     assert calls == []
 
 
@@ -110,11 +110,11 @@ def test_cache_memory_does_not_grow(variant):
     with torch.no_grad():
         for length in (W + 1, 4 * W + 3, 16 * W + 2):
             out = model(random_ids(2, length, seed=length))
-            sizes.append(out.past_key_values.nbytes)
-            out = model(random_ids(2, 1, seed=1), past_key_values=out.past_key_values)
-            sizes.append(out.past_key_values.nbytes)
+            sizes.append(out.cache.nbytes)
+            out = model(random_ids(2, 1, seed=1), cache=out.cache)
+            sizes.append(out.cache.nbytes)
     assert len(set(sizes)) == 1
-    layer = out.past_key_values.layers[-1]  # every variant computes an SSM in its last layer
+    layer = out.cache.layers[-1]  # every variant computes an SSM in its last layer
     assert layer.get("ssm_state").dtype == torch.complex64
 
 
@@ -122,8 +122,8 @@ def test_implicit_filter_cache_keeps_the_history():
     model = tiny_model(ssm_kind="implicit")
     with torch.no_grad():
         out = model(random_ids(2, 9))
-        out = model(random_ids(2, 3), past_key_values=out.past_key_values)
-    assert out.past_key_values.layers[0].get("history").shape == (2, 12, model.config.hidden_size)
+        out = model(random_ids(2, 3), cache=out.cache)
+    assert out.cache.layers[0].get("history").shape == (2, 12, model.config.hidden_size)
 
 
 def test_cache_batch_operations_and_crop():
@@ -132,7 +132,7 @@ def test_cache_batch_operations_and_crop():
     check_cache_batch_operations(model, lambda: BlockStateCache(model.config), ids, more)
     reset = BlockStateCache(model.config)
     with torch.no_grad():
-        model(ids, past_key_values=reset)
+        model(ids, cache=reset)
     reset.reset()
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         reset.crop(2)
@@ -146,7 +146,7 @@ def test_half_precision_models(variant, dtype):
     ids = random_ids(2, 3 * W + 1, seed=9)
     out = model(ids)
     assert out.logits.dtype == dtype
-    assert out.past_key_values.layers[0].get("ssm_state").dtype == torch.complex64
+    assert out.cache.layers[0].get("ssm_state").dtype == torch.complex64
     expected = full_logits(reference, ids)
     assert (out.logits.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 0.02
     assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False).shape == (2, 16)
@@ -187,11 +187,11 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="position_ids"):
         model(ids, position_ids=torch.arange(5)[None])
     with pytest.raises(TypeError, match="must be a BlockStateCache"):
-        model(ids, past_key_values=DynamicCache())
+        model(ids, cache=DynamicCache())
     cache = BlockStateCache(model.config)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     with pytest.raises(ValueError, match="batch size 2"):
-        model(ids[:1], past_key_values=cache)
+        model(ids[:1], cache=cache)
     # kernel_backend="triton" on CPU needs the Triton interpreter (tests/test_block_state_triton.py runs it there).
     model = BlockStateForCausalLM(tiny_config(kernel_backend="triton"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -79,9 +79,9 @@ def test_state_size_formula_matches_a_measured_cache(name, dtype):
     model = TTTForCausalLM(config).to(dtype).eval()
     ids = torch.randint(3, config.vocab_size, (3, 21))  # a partial last mini-batch
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).cache
         assert cache.nbytes == 3 * ttt_state_nbytes(config, dtype.itemsize)
-        model(ids[:, :1], past_key_values=cache)  # a decode step leaves the size unchanged
+        model(ids[:, :1], cache=cache)  # a decode step leaves the size unchanged
     assert cache.nbytes == 3 * ttt_state_nbytes(config, dtype.itemsize)
 
 
@@ -180,7 +180,7 @@ def test_demo_fails_when_cached_decoding_drifts(monkeypatch, capsys):
 
     def drifting_check(model):
         with torch.no_grad():
-            return 1.0, model(torch.tensor([[5]]), use_cache=True).past_key_values
+            return 1.0, model(torch.tensor([[5]]), use_cache=True).cache
 
     monkeypatch.setattr(cli, "check_cached_decoding", drifting_check)
     assert main(["demo"]) == 1

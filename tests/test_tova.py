@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
+from model_testing import cache_arg, returned_cache
 from tova_testing import CASES, assert_kept_positions, official_generation
-from ttt_hf import TOVACache, TTTConfig, TTTForCausalLM
+from ttt_hf import CACHE_NAME, TOVACache, TTTConfig, TTTForCausalLM
 from ttt_hf.tova.tova_attention import last_query_scores
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -58,8 +59,8 @@ def test_budget_above_all_tokens_equals_dynamic_cache(family):
     model = family_model(family)
     prompt = ids(2, 9)
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    tova = model.generate(prompt, past_key_values=TOVACache(64), **kwargs)
-    dynamic = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kwargs)
+    tova = model.generate(prompt, **cache_arg(TOVACache(64)), **kwargs)
+    dynamic = model.generate(prompt, **cache_arg(DynamicCache(config=model.config)), **kwargs)
     assert torch.equal(tova.sequences, dynamic.sequences)
     assert torch.equal(torch.stack(tova.logits), torch.stack(dynamic.logits))
 
@@ -70,7 +71,7 @@ def test_eager_and_sdpa_keep_the_same_tokens(family):
     outs = []
     for impl in ("eager", "sdpa"):
         cache = TOVACache(6)
-        outs.append((family_model(family, impl).generate(prompt, past_key_values=cache, max_new_tokens=15, do_sample=False), cache))
+        outs.append((family_model(family, impl).generate(prompt, **cache_arg(cache), max_new_tokens=15, do_sample=False), cache))
     assert torch.equal(outs[0][0], outs[1][0])
     for layer in range(2):
         assert torch.equal(outs[0][1].kept_positions(layer), outs[1][1].kept_positions(layer))
@@ -83,10 +84,10 @@ def test_physical_length_and_memory_stay_flat(family):
     cache = TOVACache(budget)
     sizes = {}
     with torch.no_grad():
-        out = model(ids(2, 3), past_key_values=cache)
+        out = model(ids(2, 3), **cache_arg(cache))
         token = out.logits[:, -1:].argmax(-1)
         for step in range(4 * budget):
-            out = model(token, past_key_values=cache)
+            out = model(token, **cache_arg(cache))
             token = out.logits[:, -1:].argmax(-1)
             assert all(layer.physical_length <= budget for layer in cache.layers)
             sizes[cache.get_seq_length()] = cache.nbytes
@@ -104,7 +105,7 @@ def test_a_cache_is_freed_with_its_last_reference():
     assert alive() is None
     model = family_model("llama")
     with torch.no_grad():  # and the pending call still finds its cache in a forward
-        assert model(ids(1, 5), past_key_values=TOVACache(4)).logits.shape[1] == 5
+        assert model(ids(1, 5), **cache_arg(TOVACache(4))).logits.shape[1] == 5
 
 
 def padded_batch():
@@ -124,9 +125,9 @@ def padded_batch():
 def test_left_padded_batch_equals_rows_alone(family, attn_implementation, budget):
     model = family_model(family, attn_implementation)
     rows, batch, mask = padded_batch()
-    together = model.generate(batch, attention_mask=mask, past_key_values=TOVACache(budget), max_new_tokens=12, do_sample=False)
+    together = model.generate(batch, attention_mask=mask, **cache_arg(TOVACache(budget)), max_new_tokens=12, do_sample=False)
     for r, row in enumerate(rows):
-        alone = model.generate(row[None], past_key_values=TOVACache(budget), max_new_tokens=12, do_sample=False)
+        alone = model.generate(row[None], **cache_arg(TOVACache(budget)), max_new_tokens=12, do_sample=False)
         assert torch.equal(together[r, 17 - len(row) :], alone[0])
 
 
@@ -136,10 +137,10 @@ def test_pads_stay_left_and_sink_tokens_survive_decode_evictions(policy):
     rows, batch, mask = padded_batch()
     cache = TOVACache(12, num_sink_tokens=2, policy=policy)
     with torch.no_grad():
-        out = model(batch, attention_mask=mask, past_key_values=cache)
+        out = model(batch, attention_mask=mask, **cache_arg(cache))
         for _ in range(12):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=cache)
+            out = model(out.logits[:, -1:].argmax(-1), attention_mask=mask, **cache_arg(cache))
             for layer in range(len(cache.layers)):
                 held = cache.kept_positions(layer)
                 pads = held[1] < 11  # row 1's columns 0-10 are padding
@@ -154,11 +155,11 @@ def test_sink_tokens_and_window_policy():
     prompt = ids(1, 30, seed=4)
     sinks = TOVACache(8, num_sink_tokens=4, policy="window")
     with torch.no_grad():
-        model(prompt, past_key_values=sinks)
+        model(prompt, **cache_arg(sinks))
     assert sinks.kept_positions(0)[0].tolist() == [0, 1, 2, 3, 26, 27, 28, 29]
     tova = TOVACache(8, num_sink_tokens=2)
     with torch.no_grad():
-        model(prompt, past_key_values=tova)
+        model(prompt, **cache_arg(tova))
     assert tova.kept_positions(1)[0, :2].tolist() == [0, 1] and tova.kept_positions(1).shape[-1] == 8
 
 
@@ -183,7 +184,7 @@ def test_scores_are_what_attention_computed_with_softcapping():
     TOVACache.after_attention = spy
     try:
         with torch.no_grad():
-            model(ids(1, 12), past_key_values=TOVACache(4), output_attentions=True)
+            model(ids(1, 12), **cache_arg(TOVACache(4)), output_attentions=True)
     finally:
         TOVACache.after_attention = original
         handle.remove()
@@ -195,30 +196,52 @@ def test_beam_search_sampling_and_continuation():
     model = family_model("llama")
     prompt = ids(2, 10, seed=5)
     mask = torch.ones_like(prompt)
-    beams = model.generate(prompt, attention_mask=mask, past_key_values=TOVACache(6), num_beams=3, max_new_tokens=8, do_sample=False)
+    beams = model.generate(prompt, attention_mask=mask, **cache_arg(TOVACache(6)), num_beams=3, max_new_tokens=8, do_sample=False)
     assert beams.shape == (2, 18)
     torch.manual_seed(0)
-    sampled = model.generate(prompt, attention_mask=mask, past_key_values=TOVACache(6), do_sample=True, num_return_sequences=2, max_new_tokens=8)
+    sampled = model.generate(prompt, attention_mask=mask, **cache_arg(TOVACache(6)), do_sample=True, num_return_sequences=2, max_new_tokens=8)
     assert sampled.shape == (4, 18)
-    first = model.generate(prompt, attention_mask=mask, past_key_values=TOVACache(6), max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    cache = first.past_key_values
+    first = model.generate(prompt, attention_mask=mask, **cache_arg(TOVACache(6)), max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    cache = returned_cache(first)
     follow = torch.cat([first.sequences, ids(2, 4, seed=6)], 1)
-    more = model.generate(follow, attention_mask=torch.ones_like(follow), past_key_values=cache, max_new_tokens=5, do_sample=False)
+    more = model.generate(follow, attention_mask=torch.ones_like(follow), **cache_arg(cache), max_new_tokens=5, do_sample=False)
     assert torch.equal(more[:, : follow.shape[1]], follow) and more.shape[1] == follow.shape[1] + 5
     assert cache.get_seq_length() == follow.shape[1] + 4
     assert all(layer.physical_length == 6 for layer in cache.layers)
+
+
+@pytest.mark.skipif(CACHE_NAME != "cache", reason="transformers before 5.24 takes the cache as `past_key_values` only")
+def test_cache_is_the_primary_name_and_past_key_values_still_works():
+    model = family_model("llama")
+    prompt = ids(2, 10, seed=7)
+    inputs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt))
+    generated = model.generate(**inputs, cache=TOVACache(budget=6), max_new_tokens=8, do_sample=False)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        old_name = model.generate(**inputs, past_key_values=TOVACache(budget=6), max_new_tokens=8, do_sample=False)
+    assert torch.equal(old_name, generated)
+    # The forward, a token at a time.
+    tova = TOVACache(budget=6)
+    with torch.no_grad():
+        token = model(prompt, cache=tova).logits[:, -1:].argmax(-1)
+        stepped = [token]
+        for _ in range(7):
+            token = model(token, cache=tova).logits[:, -1:].argmax(-1)
+            stepped.append(token)
+    assert torch.equal(torch.cat(stepped, 1), generated[:, 10:])
+    assert tova.get_seq_length() == 17 and all(layer.physical_length == 6 for layer in tova.layers)
 
 
 def test_crop_and_assisted_decoding_are_refused():
     model = family_model("llama")
     cache = TOVACache(4)
     with torch.no_grad():
-        model(ids(1, 6), past_key_values=cache)
+        model(ids(1, 6), **cache_arg(cache))
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(3)
     assistant = family_model("llama", seed=1)
-    with pytest.raises(NotImplementedError, match="cannot be cropped"):
-        model.generate(ids(1, 6), past_key_values=TOVACache(4), assistant_model=assistant, max_new_tokens=6, do_sample=False)
+    # transformers >= 5.24 refuses a non-croppable cache itself, before any crop.
+    with pytest.raises((NotImplementedError, ValueError), match="be cropped"):
+        model.generate(ids(1, 6), **cache_arg(TOVACache(4)), assistant_model=assistant, max_new_tokens=6, do_sample=False)
 
 
 def test_clear_errors():
@@ -233,12 +256,12 @@ def test_clear_errors():
         TOVACache(4).update_recurrent_state(torch.zeros(1), layer_idx=0)
     with pytest.raises(TypeError, match="TTTCache"):  # a model without attention layers refuses it
         TTTForCausalLM(TTTConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2))(ids(1, 4) % 32, past_key_values=TOVACache(4))
+                                 num_attention_heads=2))(ids(1, 4) % 32, **cache_arg(TOVACache(4)))
     cache = TOVACache(4)
     with torch.no_grad():
-        family_model("llama")(ids(1, 6), past_key_values=cache)
+        family_model("llama")(ids(1, 6), **cache_arg(cache))
         with pytest.raises(ValueError, match="another model"):
-            family_model("qwen2")(ids(1, 6), past_key_values=cache)
+            family_model("qwen2")(ids(1, 6), **cache_arg(cache))
 
 
 def test_a_used_cache_pickles_and_continues():
@@ -246,11 +269,11 @@ def test_a_used_cache_pickles_and_continues():
 
     model, cache = family_model("llama"), TOVACache(4)
     with torch.no_grad():
-        model(ids(1, 6), past_key_values=cache)
+        model(ids(1, 6), **cache_arg(cache))
         copy = pickle.loads(pickle.dumps(cache))
         assert torch.equal(copy.kept_positions(0), cache.kept_positions(0))
         step = ids(1, 1)
-        want, got = (model(step, past_key_values=c).logits for c in (cache, copy))
+        want, got = (model(step, **cache_arg(c)).logits for c in (cache, copy))
     assert torch.equal(want, got) and torch.equal(copy.kept_positions(0), cache.kept_positions(0))
 
 
@@ -297,11 +320,11 @@ def test_captured_steps_drop_the_all_true_mask_of_an_unpadded_cache(padded, monk
     def decode(capturing: bool) -> torch.Tensor:
         cache = TOVACache(budget)
         with torch.no_grad():
-            token = model(prompt, attention_mask=prompt_mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(prompt, attention_mask=prompt_mask, **cache_arg(cache)).logits[:, -1:].argmax(-1)
             monkeypatch.setattr(cache_tova, "_capturing", lambda tensor: capturing)
             masks.clear()
             logits = model(token, attention_mask=step_mask, position_ids=torch.full((2, 1), 10),
-                           past_key_values=cache).logits
+                           **cache_arg(cache)).logits
             monkeypatch.setattr(cache_tova, "_capturing", lambda tensor: False)
         return logits, [mask is not None for _, mask in masks]
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from model_testing import cache_arg
 from tova_testing import CASES, official_generation
 from ttt_hf import TOVACache
 from ttt_hf.tova import cache_tova
@@ -26,7 +27,7 @@ def test_bf16_padded_batch_stays_within_budget():
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     cache = TOVACache(8)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=16, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **cache_arg(cache), max_new_tokens=16, do_sample=False)
     assert out.shape == (3, 36)
     assert all(layer.physical_length == 8 and layer.keys.dtype == torch.bfloat16 for layer in cache.layers)
 
@@ -41,7 +42,7 @@ def test_flex_attention_keeps_the_same_tokens_as_sdpa():
     for implementation in ("sdpa", "flex_attention"):
         model.set_attn_implementation(implementation)
         cache = TOVACache(8)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, **cache_arg(cache), max_new_tokens=16, do_sample=False)
         results[implementation] = (out, [cache.kept_positions(i) for i in range(len(cache.layers))])
     assert torch.equal(results["sdpa"][0], results["flex_attention"][0])
     for sdpa_kept, flex_kept in zip(results["sdpa"][1], results["flex_attention"][1]):
@@ -68,11 +69,11 @@ def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32, monkeypatch):
     def decode(graph: bool):
         cache = TOVACache(budget, kernel_backend=backend)
         with torch.no_grad():
-            token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(prompt, **cache_arg(cache)).logits[:, -1:].argmax(-1)
             position = torch.full((2, 1), prompt.shape[1], device="cuda")
 
             def step():
-                token.copy_(model(token, attention_mask=mask, position_ids=position, past_key_values=cache).logits[:, -1:].argmax(-1))
+                token.copy_(model(token, attention_mask=mask, position_ids=position, **cache_arg(cache)).logits[:, -1:].argmax(-1))
                 position.add_(1)
 
             stream = torch.cuda.Stream()

@@ -27,6 +27,7 @@ from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.integrations.sdpa_paged import sdpa_attention_paged_forward
 
+from model_testing import cache_arg
 from tova_testing import CASES, assert_kept_positions, official_generation
 from ttt_hf import TOVACache
 from ttt_hf.tova import cache_tova
@@ -275,7 +276,7 @@ def test_generation_with_the_kernel_equals_the_torch_path(name, monkeypatch):
     results = {}
     for backend in ("torch", "triton"):
         cache = TOVACache(6, kernel_backend=backend, **options)
-        out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=7, do_sample=False)
+        out = model.generate(prompt, attention_mask=mask, **cache_arg(cache), max_new_tokens=7, do_sample=False)
         results[backend] = out, [cache.kept_positions(i) for i in range(len(cache.layers))]
     full_layers = 1 if name.startswith("gemma") else 2  # a Gemma sliding layer keeps its window by torch
     # 9 -> 6 tokens by the torch path at prefill, then a kernel each step
@@ -321,11 +322,11 @@ def test_decode_at_the_budget_keeps_its_buffers(backend):
     cache = TOVACache(6, kernel_backend=backend)
     prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(11)).to(DEVICE)
     with torch.no_grad():
-        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(prompt, **cache_arg(cache)).logits[:, -1:].argmax(-1)
         pointers = None
         for step in range(5):
             position = torch.full((2, 1), 9 + step, device=DEVICE)
-            token = model(token, position_ids=position, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, position_ids=position, **cache_arg(cache)).logits[:, -1:].argmax(-1)
             now = [tuple(t.data_ptr() for t in (layer.keys, layer.values, layer.positions, layer._next_position))
                    for layer in cache.layers]
             assert pointers in (None, now)
@@ -345,8 +346,8 @@ def test_auto_uses_the_kernels_only_on_cuda(monkeypatch):
     model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
     cache = TOVACache(7)
     with torch.no_grad():
-        token = model(torch.randint(3, 128, (1, 8), device=DEVICE), past_key_values=cache).logits[:, -1:].argmax(-1)
-        model(token, past_key_values=cache)  # 8 -> 7 slots after SDPA by score-and-evict, then the fused decode step
+        token = model(torch.randint(3, 128, (1, 8), device=DEVICE), **cache_arg(cache)).logits[:, -1:].argmax(-1)
+        model(token, **cache_arg(cache))  # 8 -> 7 slots after SDPA by score-and-evict, then the fused decode step
     per_layer = 1 if DEVICE == "cuda" else 0
     assert {kind: len(c) for kind, c in calls.items()} == {"fused": 2 * per_layer, "evict": 2 * per_layer}
 
@@ -362,7 +363,7 @@ def test_backend_errors(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET")
         model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
         with torch.no_grad(), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            model(torch.randint(3, 128, (1, 8)), past_key_values=TOVACache(7, kernel_backend="triton"))
+            model(torch.randint(3, 128, (1, 8)), **cache_arg(TOVACache(7, kernel_backend="triton")))
 
 
 @pytest.mark.parametrize("kernel", [tova_evict_one_triton, tova_attention_evict_one_triton])
@@ -388,12 +389,12 @@ def test_gradients_and_training_take_the_torch_path(monkeypatch):
     model = tiny_model(LlamaConfig(**SMALL, num_key_value_heads=2))
     cache = TOVACache(7, kernel_backend="triton")
     ids = torch.randint(3, 128, (1, 10), device=DEVICE)
-    loss = model(ids[:, :8], past_key_values=cache).logits.sum()  # a prompt over the budget
-    (loss + model(ids[:, 8:9], past_key_values=cache).logits.sum()).backward()  # and a decode step at the budget
+    loss = model(ids[:, :8], **cache_arg(cache)).logits.sum()  # a prompt over the budget
+    (loss + model(ids[:, 8:9], **cache_arg(cache)).logits.sum()).backward()  # and a decode step at the budget
     assert calls == {"fused": [], "evict": []} and cache.layers[0].physical_length == 7
     model.train()  # no gradients, but attention dropout may apply: the model's attention, then score-and-evict
     with torch.no_grad():
-        model(ids[:, 9:], past_key_values=cache)
+        model(ids[:, 9:], **cache_arg(cache))
     assert {kind: len(c) for kind, c in calls.items()} == {"fused": 0, "evict": 2}
 
 
@@ -478,7 +479,7 @@ def test_bf16_generation_auto_equals_torch_on_cuda(monkeypatch):
     results = {}
     for backend in ("torch", "auto"):
         cache = TOVACache(16, kernel_backend=backend)
-        out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=48, do_sample=False)
+        out = model.generate(prompt, attention_mask=mask, **cache_arg(cache), max_new_tokens=48, do_sample=False)
         results[backend] = out, [cache.kept_positions(i) for i in range(len(cache.layers))]
     assert torch.equal(results["torch"][0], results["auto"][0])
     for torch_kept, auto_kept in zip(results["torch"][1], results["auto"][1]):
@@ -497,9 +498,9 @@ def test_bf16_fused_decode_step_on_cuda():
     with torch.no_grad():
         for backend in ("torch", "auto"):
             cache = TOVACache(16, kernel_backend=backend)
-            token = model(prompt, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(prompt, attention_mask=mask, **cache_arg(cache)).logits[:, -1:].argmax(-1)
             step_mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            logits = model(token, attention_mask=step_mask, past_key_values=cache).logits
+            logits = model(token, attention_mask=step_mask, **cache_arg(cache)).logits
             results[backend] = logits, [cache.kept_positions(i).clone() for i in range(len(cache.layers))]
     torch.testing.assert_close(results["auto"][0], results["torch"][0], rtol=2e-2, atol=2e-2)
     for torch_kept, auto_kept in zip(results["torch"][1], results["auto"][1]):

@@ -44,9 +44,9 @@ def test_prefill_then_decode_matches_official(converted):
     ids, prefill = data["input_ids"], int(data["prefill_len"])
     with torch.no_grad():
         out = model(ids[:, :prefill], use_cache=True)
-        cache, steps = out.past_key_values, []
+        cache, steps = out.cache, []
         for j in range(prefill, ids.shape[1]):
-            out = model(ids[:, j : j + 1], past_key_values=cache)
+            out = model(ids[:, j : j + 1], cache=cache)
             steps.append(out.logits[:, 0])
     assert (torch.stack(steps, 1) - data["decode_logits"]).abs().max().item() <= 2e-6
 
@@ -69,9 +69,9 @@ def test_triton_backend_matches_official(converted, monkeypatch, no_tf32):
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits.cpu()
         out = model(ids[:, :prefill], use_cache=True)
-        cache, steps = out.past_key_values, []
+        cache, steps = out.cache, []
         for j in range(prefill, prefill + num_steps):
-            steps.append(model(ids[:, j : j + 1], past_key_values=cache).logits[:, 0].cpu())
+            steps.append(model(ids[:, j : j + 1], cache=cache).logits[:, 0].cpu())
     assert (logits - data["logits"]).abs().max().item() <= 2e-5
     assert (torch.stack(steps, 1) - data["decode_logits"][:, :num_steps]).abs().max().item() <= 2e-5
     assert len(calls) == model.config.num_hidden_layers * (2 + num_steps)

@@ -27,7 +27,7 @@ def test_cuda_bf16_forward_train_generate(variant):
     reference = tiny_model(*variant).cuda()
     ids = random_ids(2, 33).cuda()
     out = model(ids, use_cache=True)
-    assert all(t.dtype == torch.float32 and t.is_cuda for t in out.past_key_values.layers[0].ttt_state)
+    assert all(t.dtype == torch.float32 and t.is_cuda for t in out.cache.layers[0].ttt_state)
     expected = reference(ids, use_cache=False).logits
     assert (out.logits.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 0.02
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)

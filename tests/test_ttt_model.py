@@ -6,12 +6,14 @@ from transformers import DynamicCache
 
 from ttt_hf import TTTCache, TTTConfig
 from model_testing import (
+    cache_arg,
     check_cache_batch_operations,
     check_training_step_is_finite,
     chunked_logits,
     full_logits,
     left_pad,
     prefill_then_decode_logits,
+    returned_cache,
 )
 from ttt_testing import VARIANTS, random_ids, tiny_config, tiny_model
 
@@ -60,8 +62,8 @@ def test_padding_inside_a_continuation(model):
     ids2, mask2 = left_pad(second, 5)
     cache = TTTCache(model.config)
     with torch.no_grad():
-        model(first, past_key_values=cache)
-        out = model(ids2, attention_mask=torch.cat([torch.ones_like(first), mask2], 1), past_key_values=cache)
+        model(first, cache=cache)
+        out = model(ids2, attention_mask=torch.cat([torch.ones_like(first), mask2], 1), cache=cache)
     assert cache.positions.tolist() == [11, 8]
     for r, row in enumerate(second):
         alone = full_logits(model, torch.cat([first[r], row])[None])
@@ -81,8 +83,8 @@ def test_causality_by_gradients(model):
 def test_cache_size_does_not_grow(model):
     short, long = TTTCache(model.config), TTTCache(model.config)
     with torch.no_grad():
-        model(random_ids(2, 5), past_key_values=short)
-        model(random_ids(2, 50), past_key_values=long)
+        model(random_ids(2, 5), cache=short)
+        model(random_ids(2, 50), cache=long)
     assert short.nbytes == long.nbytes > 0
     for layer in long.layers:
         assert all(t.dtype == torch.float32 for t in layer.ttt_state + layer.ttt_acc)
@@ -94,7 +96,7 @@ def test_cache_batch_operations(model):
     assert positions_after_reset is None
     cache = TTTCache(model.config)
     with torch.no_grad():
-        model(random_ids(3, 7, seed=4), past_key_values=cache)
+        model(random_ids(3, 7, seed=4), cache=cache)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(3)
 
@@ -132,9 +134,9 @@ def test_beam_search_and_sampling_match_the_uncached_model(model):
 def test_continue_from_returned_cache(model):
     ids = random_ids(1, 5, seed=8)
     first = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(first.past_key_values, TTTCache)
+    assert isinstance(returned_cache(first), TTTCache)
     follow_up = torch.cat([first.sequences, random_ids(1, 3, seed=9)], 1)
-    continued = model.generate(follow_up, past_key_values=first.past_key_values, max_new_tokens=5, do_sample=False)
+    continued = model.generate(follow_up, **cache_arg(returned_cache(first)), max_new_tokens=5, do_sample=False)
     assert torch.equal(continued, model.generate(follow_up, max_new_tokens=5, do_sample=False))
 
 
@@ -157,7 +159,7 @@ def test_half_precision_models_keep_fp32_state(variant, dtype):
     ids = random_ids(2, 2 * MB + 1, seed=11)
     out = model(ids, use_cache=True)
     assert out.logits.dtype == dtype
-    for layer in out.past_key_values.layers:
+    for layer in out.cache.layers:
         assert all(t.dtype == torch.float32 for t in layer.ttt_state + layer.ttt_acc)
         for conv_state in (layer.pre_conv_state, layer.qk_conv_state):
             assert conv_state is None or conv_state.dtype == dtype
@@ -226,15 +228,15 @@ def test_bad_inputs_raise_clear_errors(model):
         model(ids, attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="position_ids"):
         model(ids, position_ids=torch.arange(5)[None])
-    with pytest.raises(TypeError, match="past_key_values must be a TTTCache"):
-        model(ids, past_key_values=DynamicCache())
+    with pytest.raises(TypeError, match="cache must be a TTTCache"):
+        model(ids, cache=DynamicCache())
     cache = TTTCache(model.config)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     with pytest.raises(ValueError, match="batch size 2"):
-        model(ids[:1], past_key_values=cache)
+        model(ids[:1], cache=cache)
     other = TTTCache(tiny_config(num_hidden_layers=3))
     with pytest.raises(ValueError, match="3 layers"):
-        model(ids, past_key_values=other)
+        model(ids, cache=other)
 
 
 def test_official_config_field_names_round_trip(tmp_path):

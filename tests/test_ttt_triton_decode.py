@@ -165,7 +165,7 @@ def test_model_conv_steps_follow_the_config_backend(monkeypatch):
         calls.clear()
         with torch.no_grad():
             out = model(random_ids(1, 5), use_cache=True)
-            model(random_ids(1, 1), past_key_values=out.past_key_values, use_cache=True)
+            model(random_ids(1, 1), cache=out.cache, use_cache=True)
         assert len(calls) == expected, backend
 
 
@@ -206,7 +206,7 @@ def test_mlp_model_decodes_the_same_with_both_backends(no_tf32):
             out = model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
             steps = [out.logits[:, -1]]
             for t in range(7, 13):
-                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache)
                 steps.append(out.logits[:, -1])
             logits[backend] = torch.stack(steps, 1)
             generated[backend] = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2,

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from model_testing import cache_arg
 from ttt_hf import TOVACache
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tova"
@@ -26,7 +27,7 @@ def official_generation(case: str, attn_implementation: str = "sdpa", device: st
     model.load_state_dict(load_file(folder / "model.safetensors"))
     data = load_file(folder / "data.safetensors")
     cache = TOVACache(meta["N_cache_size"], **cache_kwargs)
-    out = model.to(device).generate(data["input_ids"].to(device), past_key_values=cache,
+    out = model.to(device).generate(data["input_ids"].to(device), **cache_arg(cache),
                                     max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
     return out.cpu(), data, cache
 

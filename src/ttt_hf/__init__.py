@@ -1,6 +1,7 @@
 """ttt-hf: long-context models and caches for Hugging Face transformers.
 
-Importing the package registers its models with the Auto* classes and PEFT.
+Importing the package registers its models with the Auto* classes and PEFT. `CACHE_NAME` is the running
+transformers release's name of the cache argument: `cache` from 5.24 on, `past_key_values` before.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -11,7 +12,7 @@ from .block_state.modeling_block_state import BlockStateForCausalLM, BlockStateM
 from .tova.cache_tova import TOVACache
 from .ttt.cache_ttt import TTTCache
 from .ttt.configuration_ttt import TTTConfig
-from .ttt.modeling_ttt import TTTForCausalLM, TTTModel, TTTPreTrainedModel
+from .ttt.modeling_ttt import CACHE_NAME, TTTForCausalLM, TTTModel, TTTPreTrainedModel
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ def _register_peft_targets() -> None:
 _register_peft_targets()
 
 __all__ = [
+    "CACHE_NAME",
     "BlockStateCache",
     "BlockStateConfig",
     "BlockStateForCausalLM",

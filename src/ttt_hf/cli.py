@@ -110,9 +110,9 @@ def check_cached_decoding(model: PreTrainedModel, prompt_len: int = 20, new_toke
         full = model(sequence, attention_mask=full_mask, use_cache=False).logits
 
         step = model(sequence[:, :prompt_len], attention_mask=full_mask[:, :prompt_len], use_cache=True)
-        cache, cached = step.past_key_values, [step.logits]
+        cache, cached = step.cache, [step.logits]
         for t in range(prompt_len, sequence.shape[1]):
-            step = model(sequence[:, t : t + 1], attention_mask=full_mask[:, : t + 1], past_key_values=cache)
+            step = model(sequence[:, t : t + 1], attention_mask=full_mask[:, : t + 1], cache=cache)
             cached.append(step.logits)
         cached = torch.cat(cached, dim=1)
 
@@ -171,12 +171,12 @@ def block_state_cache_sizes(model: BlockStateForCausalLM, lengths: Sequence[int]
     targets, sizes = set(lengths), {}
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache: BlockStateCache = out.past_key_values
+        cache: BlockStateCache = out.cache
         tokens = prompt_len
         if tokens in targets:
             sizes[tokens] = cache.nbytes
         while tokens < max(targets):
-            out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+            out = model(out.logits[:, -1:].argmax(-1), cache=cache)
             tokens += 1
             if tokens in targets:
                 sizes[tokens] = cache.nbytes

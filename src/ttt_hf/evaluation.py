@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from . import CACHE_NAME
 from .tova.cache_tova import TOVACache
 
 CACHE_POLICIES = ("full", "tova", "window")
@@ -44,7 +45,7 @@ def streaming_perplexity(
     for start in range(0, input_ids.shape[1] - 1, chunk_size):
         chunk = input_ids[:, start : start + chunk_size]
         targets = input_ids[:, start + 1 : start + 1 + chunk.shape[1]]
-        logits = model(chunk, past_key_values=cache, use_cache=True).logits[:, : targets.shape[1]].float()
+        logits = model(chunk, use_cache=True, **{CACHE_NAME: cache}).logits[:, : targets.shape[1]].float()
         nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += targets.numel()
         if progress is not None:

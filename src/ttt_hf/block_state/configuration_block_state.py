@@ -45,7 +45,7 @@ class BlockStateConfig(PreTrainedConfig):
     """
 
     model_type = "block_state"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .cache_block_state import BlockStateCache, BlockStateLayerCache
 from .configuration_block_state import BlockStateConfig
@@ -38,6 +39,50 @@ from .ssm_ops import (
     s4d_final_state,
     s4d_state_output,
 )
+
+logger = logging.get_logger(__name__)
+
+# Copied from ttt_hf.ttt.modeling_ttt.CACHE_NAME
+# transformers >= 5.24 names the cache `cache` in `forward`, `generate` and model outputs; earlier releases name it
+# `past_key_values`. The models take both and return it under the running release's name.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# Copied from ttt_hf.ttt.modeling_ttt.cache_argument
+def cache_argument(cache, kwargs: dict):
+    """The cache a caller passed as `cache` or under its alias `past_key_values` (popped from `kwargs`)."""
+    past_key_values = kwargs.pop("past_key_values", None)
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError(
+            "Got both `cache` and `past_key_values`: pass the cache once, under one of the two names "
+            "(`generate` of transformers < 5.24 takes it as `past_key_values=` only)"
+        )
+    return past_key_values
+
+
+# Copied from ttt_hf.ttt.modeling_ttt.with_cache_alias
+def with_cache_alias(output_class: type) -> type:
+    """Makes `output.cache` readable on releases whose outputs name the cache `past_key_values` only (newer ones
+    read the old name themselves)."""
+    if CACHE_NAME != "cache":
+        output_class.cache = property(lambda output: output.past_key_values)
+    return output_class
+
+
+# Copied from ttt_hf.ttt.modeling_ttt.TTTModelOutput with TTT->BlockState
+@with_cache_alias
+@dataclass
+class BlockStateModelOutput(BaseModelOutputWithPast):
+    """[`BlockStateModel`]'s output: `BaseModelOutputWithPast` whose `cache` is a [`BlockStateCache`]."""
+
+
+# Copied from ttt_hf.ttt.modeling_ttt.TTTCausalLMOutput with TTT->BlockState
+@with_cache_alias
+@dataclass
+class BlockStateCausalLMOutput(CausalLMOutputWithPast):
+    """[`BlockStateForCausalLM`]'s output: `CausalLMOutputWithPast` whose `cache` is a [`BlockStateCache`]."""
 
 
 @dataclass
@@ -501,11 +546,9 @@ class BlockStateDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = BlockStateRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = BlockStateMLP(config)
 
-    def forward(
-        self, hidden_states: torch.Tensor, layout: BlockLayout, past_key_values: BlockStateCache | None = None
-    ) -> torch.Tensor:
-        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        hidden_states = hidden_states + self.attn(self.input_layernorm(hidden_states), layout, cache)
+    def forward(self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateCache | None = None) -> torch.Tensor:
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        hidden_states = hidden_states + self.attn(self.input_layernorm(hidden_states), layout, layer_cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -515,7 +558,7 @@ class BlockStatePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BlockStateDecoderLayer"]
-    _skip_keys_device_placement = "past_key_values"
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -583,12 +626,17 @@ class BlockStateModel(BlockStatePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: BlockStateCache | None = None,
+        cache: BlockStateCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> BlockStateModelOutput | tuple:
+        r"""
+        cache ([`BlockStateCache`], *optional*):
+            The block and SSM states to continue from; updated in place. `past_key_values` is accepted as an alias.
+        """
+        cache = cache_argument(cache, kwargs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -610,29 +658,26 @@ class BlockStateModel(BlockStatePreTrainedModel):
                 f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], "
                 f"got {tuple(inputs_embeds.shape)}"
             )
-        if past_key_values is not None and not isinstance(past_key_values, BlockStateCache):
-            raise TypeError(
-                f"past_key_values must be a BlockStateCache, got {type(past_key_values).__name__}"
-            )
-        if past_key_values is not None and past_key_values.num_hidden_layers != self.config.num_hidden_layers:
+        if cache is not None and not isinstance(cache, BlockStateCache):
+            raise TypeError(f"cache must be a BlockStateCache, got {type(cache).__name__}")
+        if cache is not None and cache.num_hidden_layers != self.config.num_hidden_layers:
             raise ValueError(
-                f"past_key_values was built for {past_key_values.num_hidden_layers} layers, this model has "
-                f"{self.config.num_hidden_layers}"
+                f"cache was built for {cache.num_hidden_layers} layers, this model has {self.config.num_hidden_layers}"
             )
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
+            # The backward replays each layer: a cache would be written twice and read half-updated.
+            logger.warning_once("Caching is incompatible with gradient checkpointing in training: running without a cache.")
+            use_cache, cache = False, None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = BlockStateCache(self.config)
+        if use_cache and cache is None:
+            cache = BlockStateCache(self.config)
 
         batch, seq_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
         mask = self._token_mask(attention_mask, batch, seq_len, device)
         start = (
-            past_key_values.row_positions(batch, device)
-            if past_key_values is not None
-            else torch.zeros(batch, dtype=torch.long, device=device)
+            cache.row_positions(batch, device) if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
         )
         layout, slot_of_token = self._layout(mask, start)
         rows = torch.arange(batch, device=device)[:, None].expand(-1, seq_len)
@@ -645,19 +690,19 @@ class BlockStateModel(BlockStatePreTrainedModel):
 
         all_hidden_states = [inputs_embeds] if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, layout, past_key_values=past_key_values)
+            hidden_states = layer(hidden_states, layout, cache=cache)
             if output_hidden_states:
                 all_hidden_states.append(to_tokens(hidden_states))
         hidden_states = to_tokens(self.norm(hidden_states))
         if output_hidden_states:
             all_hidden_states[-1] = hidden_states
-        if past_key_values is not None:
-            past_key_values.advance(seq_len, layout.length)
+        if cache is not None:
+            cache.advance(seq_len, layout.length)
 
-        output = BaseModelOutputWithPast(
+        output = BlockStateModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **{CACHE_NAME: cache},
         )
         return output if return_dict else output.to_tuple()
 
@@ -715,26 +760,29 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: BlockStateCache | None = None,
+        cache: BlockStateCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> BlockStateCausalLMOutput | tuple:
         r"""
+        cache ([`BlockStateCache`], *optional*):
+            The block and SSM states to continue from; updated in place. `past_key_values` is accepted as an alias.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (shifted inside the loss); -100 is ignored.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache = cache_argument(cache, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -746,8 +794,8 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        output = BlockStateCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: outputs.cache}
         )
         return output if return_dict else output.to_tuple()
 

@@ -203,7 +203,7 @@ class TOVACache(Cache):
     ```python
     import ttt_hf
     cache = ttt_hf.TOVACache(budget=512)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=2000)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=2000)  # `past_key_values=` before transformers 5.24
     ```
 
     Args:
@@ -222,7 +222,7 @@ class TOVACache(Cache):
     Sliding-window layers (Mistral, Gemma 2/3, ...) whose window is at most the budget keep their last
     `window - 1` tokens as transformers' own sliding layers do; the budget applies to the others.
 
-    CUDA graphs: once a step has run at the budget, `model(token, position_ids=position, past_key_values=cache)`
+    CUDA graphs: once a step has run at the budget, `model(token, position_ids=position, cache=cache)`
     can be captured and replayed (`token` and `position` device tensors updated in place; without padding).
     Replays advance the cache on the device only: `get_seq_length()` then lags behind. When no prompt or
     chunk of this cache was padded, captured steps attend without the all-true mask transformers

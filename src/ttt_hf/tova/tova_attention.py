@@ -1,6 +1,6 @@
 """The score path of TOVA: what the current query's attention over the cache actually was.
 
-`transformers` attention modules call `past_key_values.update(...)` (no query) and then the attention
+`transformers` attention modules call the cache's `update(...)` (no query) and then the attention
 function registered for the model's `attn_implementation`. On first use, TOVA wraps the registered
 functions ("eager", "sdpa", flash/flex kinds). When the TOVA cache just updated this module's layer:
 - a decode step at the budget of transformers' own sdpa, flash or flex attention (they return no attention

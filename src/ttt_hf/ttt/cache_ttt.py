@@ -86,8 +86,8 @@ class TTTCache(Cache):
 
     ```python
     cache = TTTCache(model.config)
-    out = model(prompt_ids, past_key_values=cache)            # prefill (any length)
-    out = model(more_ids, past_key_values=out.past_key_values)  # continue with any number of tokens
+    out = model(prompt_ids, cache=cache)         # prefill (any length)
+    out = model(more_ids, cache=out.cache)       # continue with any number of tokens
     ```
     """
 

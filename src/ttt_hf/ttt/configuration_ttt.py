@@ -47,7 +47,7 @@ class TTTConfig(PreTrainedConfig):
     """
 
     model_type = "ttt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

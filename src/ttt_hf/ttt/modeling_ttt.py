@@ -25,6 +25,43 @@ from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, r
 
 logger = logging.get_logger(__name__)
 
+# transformers >= 5.24 names the cache `cache` in `forward`, `generate` and model outputs; earlier releases name it
+# `past_key_values`. The models take both and return it under the running release's name.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(cache, kwargs: dict):
+    """The cache a caller passed as `cache` or under its alias `past_key_values` (popped from `kwargs`)."""
+    past_key_values = kwargs.pop("past_key_values", None)
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError(
+            "Got both `cache` and `past_key_values`: pass the cache once, under one of the two names "
+            "(`generate` of transformers < 5.24 takes it as `past_key_values=` only)"
+        )
+    return past_key_values
+
+
+def with_cache_alias(output_class: type) -> type:
+    """Makes `output.cache` readable on releases whose outputs name the cache `past_key_values` only (newer ones
+    read the old name themselves)."""
+    if CACHE_NAME != "cache":
+        output_class.cache = property(lambda output: output.past_key_values)
+    return output_class
+
+
+@with_cache_alias
+@dataclass
+class TTTModelOutput(BaseModelOutputWithPast):
+    """[`TTTModel`]'s output: `BaseModelOutputWithPast` whose `cache` is a [`TTTCache`]."""
+
+
+@with_cache_alias
+@dataclass
+class TTTCausalLMOutput(CausalLMOutputWithPast):
+    """[`TTTForCausalLM`]'s output: `CausalLMOutputWithPast` whose `cache` is a [`TTTCache`]."""
+
 
 @dataclass
 class TTTBatchLayout:
@@ -264,13 +301,11 @@ class TTTDecoderLayer(GradientCheckpointingLayer):
         self.ffn_norm = TTTRMSNorm(config)
         self.mlp = TTTMLP(config)
 
-    def forward(
-        self, hidden_states: torch.Tensor, layout: TTTBatchLayout, past_key_values: TTTCache | None = None
-    ) -> torch.Tensor:
-        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+    def forward(self, hidden_states: torch.Tensor, layout: TTTBatchLayout, cache: TTTCache | None = None) -> torch.Tensor:
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         if self.pre_conv is not None:
-            hidden_states = hidden_states + self.pre_conv(hidden_states, layout, cache)
-        hidden_states = hidden_states + self.ttt(self.seq_norm(hidden_states), layout, cache)
+            hidden_states = hidden_states + self.pre_conv(hidden_states, layout, layer_cache)
+        hidden_states = hidden_states + self.ttt(self.seq_norm(hidden_states), layout, layer_cache)
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
 
@@ -280,7 +315,7 @@ class TTTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TTTDecoderLayer"]
-    _skip_keys_device_placement = "past_key_values"
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -349,12 +384,17 @@ class TTTModel(TTTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> TTTModelOutput | tuple:
+        r"""
+        cache ([`TTTCache`], *optional*):
+            The recurrent state to continue from; updated in place. `past_key_values` is accepted as an alias.
+        """
+        cache = cache_argument(cache, kwargs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -376,32 +416,29 @@ class TTTModel(TTTPreTrainedModel):
                 f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], "
                 f"got {tuple(inputs_embeds.shape)}"
             )
-        if past_key_values is not None and not isinstance(past_key_values, TTTCache):
+        if cache is not None and not isinstance(cache, TTTCache):
             raise TypeError(
-                f"past_key_values must be a TTTCache (TTT models keep a recurrent state, not key/values), "
-                f"got {type(past_key_values).__name__}"
+                f"cache must be a TTTCache (TTT models keep a recurrent state, not key/values), "
+                f"got {type(cache).__name__}"
             )
-        if past_key_values is not None and past_key_values.num_hidden_layers != self.config.num_hidden_layers:
+        if cache is not None and cache.num_hidden_layers != self.config.num_hidden_layers:
             raise ValueError(
-                f"past_key_values was built for {past_key_values.num_hidden_layers} layers, this model has "
-                f"{self.config.num_hidden_layers}"
+                f"cache was built for {cache.num_hidden_layers} layers, this model has {self.config.num_hidden_layers}"
             )
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
+            # The backward replays each layer: a cache would be written twice and read half-updated.
+            logger.warning_once("Caching is incompatible with gradient checkpointing in training: running without a cache.")
+            use_cache, cache = False, None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = TTTCache(self.config)
+        if use_cache and cache is None:
+            cache = TTTCache(self.config)
 
         batch, seq_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
         mask = self._token_mask(attention_mask, batch, seq_len, device)
-        fresh = past_key_values is None or past_key_values.positions is None
-        start = (
-            torch.zeros(batch, dtype=torch.long, device=device)
-            if fresh
-            else past_key_values.row_positions(batch, device)
-        )
+        fresh = cache is None or cache.positions is None
+        start = torch.zeros(batch, dtype=torch.long, device=device) if fresh else cache.row_positions(batch, device)
         # Padding can sit anywhere: move each row's real tokens to the front, run, then put them back.
         order = None
         if mask is None:
@@ -422,7 +459,7 @@ class TTTModel(TTTPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, layout, past_key_values=past_key_values)
+            hidden_states = layer(hidden_states, layout, cache=cache)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.norm(hidden_states)
@@ -434,13 +471,13 @@ class TTTModel(TTTPreTrainedModel):
             hidden_states = torch.gather(hidden_states, 1, inverse.expand_as(hidden_states))
             if output_hidden_states:
                 all_hidden_states = [torch.gather(h, 1, inverse.expand_as(h)) for h in all_hidden_states]
-        if past_key_values is not None:
-            past_key_values.advance(seq_len, length)
+        if cache is not None:
+            cache.advance(seq_len, length)
 
-        output = BaseModelOutputWithPast(
+        output = TTTModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **{CACHE_NAME: cache},
         )
         return output if return_dict else output.to_tuple()
 
@@ -474,26 +511,29 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> TTTCausalLMOutput | tuple:
         r"""
+        cache ([`TTTCache`], *optional*):
+            The recurrent state to continue from; updated in place. `past_key_values` is accepted as an alias.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (shifted inside the loss); -100 is ignored.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache = cache_argument(cache, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -507,8 +547,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        output = TTTCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: outputs.cache}
         )
         return output if return_dict else output.to_tuple()
 

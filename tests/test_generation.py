@@ -1,0 +1,223 @@
+"""`generate` contract of every model family, under whichever transformers release runs the suite.
+
+Every TTT variant (Linear/MLP x Mamba/Transformer backbone) and every Block-State one (SH/MH/MF context x S4D /
+implicit-filter SSM): greedy tokens on a left-padded batch equal a loop of full forwards without a cache, with
+the cache `generate` makes and with one passed in; beam search, seeded sampling with several return sequences
+and a continuation from the returned cache equal the same generation without a cache. Also the cache argument's
+two names (`cache`, and `past_key_values` as transformers before 5.24 and older user code spell it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+from model_testing import cache_arg, left_pad, random_ids, returned_cache
+
+import block_state_testing
+import ttt_testing
+from ttt_hf import CACHE_NAME, BlockStateCache, TTTCache
+
+FAMILIES = {
+    **{f"ttt-{layer}-{backbone}": ("ttt", dict(layer_type=layer, backbone=backbone))
+       for layer, backbone in ttt_testing.VARIANTS},
+    **{f"block_state-{mode}-{kind}": ("block_state", dict(context_mode=mode, ssm_kind=kind))
+       for mode in ("sh", "mh", "mf") for kind in ("s4d", "implicit")},
+}
+NEW_TOKENS = 7  # crosses mini-batch (TTT: 4) and block (Block-State: 4) boundaries from every prompt length
+ROWS = (9, 3, 6)  # left-padded prompt lengths: different mini-batch / block offsets per row
+
+
+def generation_model(family: str):
+    """A tiny model whose greedy tokens depend on the context (larger embeddings, an untied, sharper lm_head; no
+    EOS): with small weights a tiny model mostly repeats one token."""
+    kind, variant = FAMILIES[family]
+    if kind == "ttt":
+        model = ttt_testing.tiny_model(variant["layer_type"], variant["backbone"], seed=3, tie_word_embeddings=False)
+    else:
+        model = block_state_testing.tiny_model(seed=3, tie_word_embeddings=False, **variant)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10.0)
+        model.lm_head.weight.mul_(10.0)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def new_cache(model):
+    return (TTTCache if model.config.model_type == "ttt" else BlockStateCache)(model.config)
+
+
+def padded_prompts(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return left_pad([random_ids(1, n, seed=seed + n)[0] for n in ROWS], max(ROWS))
+
+
+def greedy_without_cache(model, ids, mask, steps: int) -> torch.Tensor:
+    """The definition: one full forward per new token, no cache anywhere."""
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.fixture(params=list(FAMILIES), scope="module")
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return generation_model(family)
+
+
+def test_greedy_left_padded_equals_full_forwards_without_cache(model):
+    ids, mask = padded_prompts()
+    expected = greedy_without_cache(model, ids, mask, NEW_TOKENS)
+    # Not a degenerate model: the rows' continuations differ from one another.
+    assert len({tuple(row) for row in expected[:, -NEW_TOKENS:].tolist()}) == len(ROWS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        default = model.generate(ids, **kwargs)
+        passed = new_cache(model)
+        given = model.generate(ids, **cache_arg(passed), **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(default.sequences, expected)
+    assert torch.equal(given.sequences, expected)
+    assert torch.equal(uncached.sequences, expected)
+    assert isinstance(returned_cache(default), type(passed)) and returned_cache(given) is passed
+    # Every token but the last generated one went through the cache; padding did not move the rows' positions.
+    assert passed.get_seq_length() == max(ROWS) + NEW_TOKENS - 1
+    assert passed.positions.tolist() == [n + NEW_TOKENS - 1 for n in ROWS]
+
+
+def test_beam_search_with_cache_equals_without(model):
+    ids, mask = padded_prompts(seed=10)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False,
+        return_dict_in_generate=True, output_scores=True,
+    )
+    with torch.no_grad():
+        cached = model.generate(ids, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert cached.sequences.shape == (2 * len(ROWS), max(ROWS) + NEW_TOKENS)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert (cached.sequences_scores - uncached.sequences_scores).abs().max().item() <= 1e-4
+    # The beams were reordered at least once, so reorder_cache ran on rows at different positions.
+    assert (cached.beam_indices[:, :NEW_TOKENS] != cached.beam_indices[:, :1]).any()
+
+
+def test_seeded_sampling_with_return_sequences_equals_without_cache(model):
+    ids, mask = padded_prompts(seed=20)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, num_return_sequences=3)
+    runs = []
+    for use_cache, seed in ((True, 5), (False, 5), (True, 6)):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            runs.append(model.generate(ids, use_cache=use_cache, **kwargs))
+    cached, uncached, other_seed = runs
+    assert cached.shape == (3 * len(ROWS), max(ROWS) + NEW_TOKENS)
+    assert torch.equal(cached[:, : max(ROWS)], ids.repeat_interleave(3, dim=0))
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, other_seed)
+
+
+def test_continuing_from_the_returned_cache(model):
+    ids, mask = padded_prompts(seed=30)
+    first_new, second_new = 3, 5
+    with torch.no_grad():
+        first = model.generate(
+            ids, attention_mask=mask, max_new_tokens=first_new, do_sample=False, return_dict_in_generate=True
+        )
+        cache = returned_cache(first)
+        # A new turn of different lengths per row, left-padded inside the conversation.
+        turn = [random_ids(1, n, seed=40 + n)[0] for n in (2, 5, 1)]
+        turn_ids, turn_mask = left_pad(turn, 5)
+        sequences = torch.cat([first.sequences, turn_ids], dim=1)
+        full_mask = torch.cat([mask, torch.ones(len(ROWS), first_new, dtype=mask.dtype), turn_mask], dim=1)
+        continued = model.generate(
+            sequences, attention_mask=full_mask, max_new_tokens=second_new, do_sample=False, **cache_arg(cache)
+        )
+    assert torch.equal(continued, greedy_without_cache(model, sequences, full_mask, second_new))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cache argument's names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["ttt-linear-mamba", "block_state-mf-s4d"], indirect=True)
+def test_cache_and_past_key_values_name_the_same_argument(model):
+    ids, mask = padded_prompts(seed=50)
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask, use_cache=False).logits
+        by_name = {}
+        for name in ("cache", "past_key_values"):
+            cache = new_cache(model)
+            prefill = model(ids[:, :5], attention_mask=mask[:, :5], **{name: cache})
+            step = model(ids[:, 5:], attention_mask=mask, **{name: cache})
+            assert cache.get_seq_length() == ids.shape[1]
+            by_name[name] = torch.cat([prefill.logits, step.logits], dim=1)
+        with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+            model(ids, cache=new_cache(model), past_key_values=new_cache(model))
+    real = mask.bool()
+    for logits in by_name.values():
+        assert (logits - reference)[real].abs().max().item() <= 1e-5
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("family", ["ttt-mlp-transformer", "block_state-sh-implicit"], indirect=True)
+def test_outputs_carry_the_cache_under_the_release_name_and_read_under_both(model):
+    ids = random_ids(2, 5)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        base_out = model.model(ids, use_cache=True)
+    logger, warnings = transformers.logging.get_logger(), _Warnings()  # transformers' loggers don't propagate
+    for output in (out, base_out):
+        assert CACHE_NAME in output.keys()
+        assert isinstance(output[CACHE_NAME], (TTTCache, BlockStateCache))
+        logger.addHandler(warnings)
+        try:
+            assert output.cache is output[CACHE_NAME]  # the current name, without a deprecation warning
+            assert output.past_key_values is output[CACHE_NAME]  # the old name, deprecated from 5.24 on
+        finally:
+            logger.removeHandler(warnings)
+    # Only the old name warned (once: transformers' `warning_once`), and only where it is deprecated.
+    assert len(warnings.messages) == (CACHE_NAME == "cache") and all("deprecated" in m for m in warnings.messages)
+    assert out.to_tuple()[1] is out.cache
+
+
+def test_the_release_name_is_the_one_transformers_generate_uses():
+    # From 5.24 on `generate` deprecates `past_key_values` in favour of `cache`.
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    assert CACHE_NAME == ("cache" if (major, minor) >= (5, 24) else "past_key_values")
+
+
+@pytest.mark.skipif(CACHE_NAME != "cache", reason="transformers before 5.24 has only `past_key_values`")
+@pytest.mark.parametrize("family", ["ttt-linear-transformer", "block_state-mh-s4d"], indirect=True)
+def test_generate_takes_the_deprecated_name_too(model):
+    ids, mask = padded_prompts(seed=60)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(ids, cache=new_cache(model), **kwargs)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            old_name = model.generate(ids, past_key_values=new_cache(model), **kwargs)
+    assert torch.equal(old_name, expected)
+
+
+@pytest.mark.skipif(CACHE_NAME == "cache", reason="transformers >= 5.24 hands the cache over as `cache`")
+def test_generate_with_cache_before_5_24_fails_clearly():
+    model = generation_model("ttt-linear-mamba")
+    ids = random_ids(1, 5)
+    with pytest.raises(ValueError, match="transformers < 5.24 takes it as `past_key_values=`"):
+        model.generate(ids, cache=new_cache(model), max_new_tokens=3, do_sample=False)
