@@ -29,5 +29,5 @@ test: $(BIN)/.installed
 	set -e; for release in $(TRANSFORMERS_RELEASES); do \
 		$(BIN)/python -m pip install --quiet --upgrade "$$release" peft accelerate; \
 		$(BIN)/python -c 'import accelerate, peft, torch, transformers as t; print(f"== transformers {t.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}, torch {torch.__version__}")'; \
-		HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider; \
+		HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n auto; \
 	done

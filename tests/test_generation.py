@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -143,6 +144,19 @@ def test_continuing_from_the_returned_cache(model):
     assert torch.equal(continued, greedy_without_cache(model, sequences, full_mask, second_new))
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
+def test_greedy_on_cuda_equals_full_forwards_without_cache(family):
+    """On CUDA: the Triton kernels (chunk prefill, decode steps), and the cache on the device."""
+    model = generation_model(family).cuda()
+    ids, mask = (t.cuda() for t in padded_prompts())
+    expected = greedy_without_cache(model, ids, mask, NEW_TOKENS)
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(generated, expected)
+    assert torch.equal(expected.cpu(), greedy_without_cache(generation_model(family), *padded_prompts(), NEW_TOKENS))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The cache argument's names
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,6 +209,22 @@ def test_outputs_carry_the_cache_under_the_release_name_and_read_under_both(mode
     # Only the old name warned (once: transformers' `warning_once`), and only where it is deprecated.
     assert len(warnings.messages) == (CACHE_NAME == "cache") and all("deprecated" in m for m in warnings.messages)
     assert out.to_tuple()[1] is out.cache
+
+
+@pytest.mark.parametrize("family", ["ttt-linear-mamba", "block_state-mh-implicit"], indirect=True)
+def test_trainer_predict_with_the_cache_on_returns_the_logits_alone(model, tmp_path):
+    # Trainer drops the output keys the config lists (by default `cache` from 5.25 on, `past_key_values` before).
+    args = transformers.TrainingArguments(
+        str(tmp_path), use_cpu=True, use_cache=True, per_device_eval_batch_size=2, report_to=[], disable_tqdm=True
+    )
+    ids = random_ids(4, 6)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    prediction = transformers.Trainer(model=model, args=args).predict(dataset)
+    assert model.config.use_cache
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert isinstance(prediction.predictions, np.ndarray)
+    np.testing.assert_allclose(prediction.predictions, expected.numpy(), atol=1e-5)
 
 
 def test_the_release_name_is_the_one_transformers_generate_uses():
