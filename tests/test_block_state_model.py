@@ -168,6 +168,11 @@ def test_half_precision_models(variant, dtype):
         (dict(kernel_backend="cuda"), "kernel_backend"),
         (dict(num_hidden_layers=0), "num_hidden_layers"),
         (dict(rope_theta=0), "rope_theta"),
+        (dict(max_position_embeddings=-5), "max_position_embeddings"),
+        (dict(max_position_embeddings="abc"), "max_position_embeddings"),
+        (dict(initializer_range=float("nan")), "initializer_range"),
+        (dict(rms_norm_eps=float("nan")), "rms_norm_eps"),
+        (dict(hidden_act="nope"), "hidden_act"),
     ],
 )
 def test_invalid_config_values_name_the_field(overrides, field):

@@ -61,9 +61,8 @@ def _copies() -> list[tuple[str, str, str, str, str | None]]:
             while lines[node_line - 1].startswith("#"):
                 node_line += 1
             assert node_line in starts, f"{path}:{index + 1}: the marker is not followed by a top-level definition"
-            found.append(
-                (f"{path.relative_to(SOURCE_ROOT)}:{index + 1}", _block(lines, starts[node_line], following), *match.groups())
-            )
+            where = f"{path.relative_to(SOURCE_ROOT)}:{index + 1}"
+            found.append((where, _block(lines, starts[node_line], following), *match.groups()))
     return found
 
 

@@ -144,6 +144,23 @@ def test_continuing_from_the_returned_cache(model):
     assert torch.equal(continued, greedy_without_cache(model, sequences, full_mask, second_new))
 
 
+def test_non_finite_padding_embeddings_never_reach_real_tokens(model):
+    ids, mask = padded_prompts(seed=70)
+    embeds = model.get_input_embeddings()(ids).detach()
+    poisoned = embeds.masked_fill(~mask.bool()[..., None], float("nan"))
+    poisoned[1, 0] = float("inf")
+    real = mask.bool()
+    with torch.no_grad():
+        expected = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        full = model(inputs_embeds=poisoned, attention_mask=mask, use_cache=False).logits
+        cache = new_cache(model)
+        first = model(inputs_embeds=poisoned[:, :4], attention_mask=mask[:, :4], cache=cache).logits
+        rest = model(inputs_embeds=poisoned[:, 4:], attention_mask=mask, cache=cache).logits
+    for logits in (full, torch.cat([first, rest], dim=1)):
+        assert torch.isfinite(logits[real]).all()
+        assert (logits - expected)[real].abs().max().item() <= 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("no_tf32")
 def test_greedy_on_cuda_equals_full_forwards_without_cache(family):
@@ -225,6 +242,64 @@ def test_trainer_predict_with_the_cache_on_returns_the_logits_alone(model, tmp_p
         expected = model(ids, use_cache=False).logits
     assert isinstance(prediction.predictions, np.ndarray)
     np.testing.assert_allclose(prediction.predictions, expected.numpy(), atol=1e-5)
+
+
+def _cached_tensors(cache) -> list[torch.Tensor]:
+    tensors = []
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            tensors += [t for t in values if isinstance(t, torch.Tensor)]
+    assert tensors
+    return tensors
+
+
+ARCHITECTURE_CHANGES = {
+    "ttt-linear-mamba": [dict(ttt_layer_type="mlp"), dict(pre_conv=False), dict(mini_batch_size=8)],
+    "block_state-sh-s4d": [dict(context_mode="mf"), dict(ssm_kind="implicit"), dict(attend_previous_block=True)],
+}
+
+
+@pytest.mark.parametrize("family", list(ARCHITECTURE_CHANGES), indirect=True)
+def test_a_cache_refuses_a_model_of_another_architecture_before_changing(family, model):
+    ids = random_ids(2, 6)
+    for change in ARCHITECTURE_CHANGES[family]:
+        cache = new_cache(model)
+        with torch.no_grad():
+            model(ids, **{CACHE_NAME: cache})
+            state = _cached_tensors(cache), cache.positions, cache.get_seq_length()
+            other = generation_model(family)
+            other.config.update(change)
+            other = type(model)(other.config).eval()
+            name, value = next(iter(change.items()))
+            with pytest.raises(ValueError, match=f"another architecture: {name}=.*this model: {value!r}"):
+                other(ids, cache=cache)
+        # Nothing changed: the cache holds the same tensors, positions and length.
+        assert all(a is b for a, b in zip(_cached_tensors(cache), state[0], strict=True))
+        assert cache.positions is state[1] and cache.get_seq_length() == state[2]
+
+
+@pytest.mark.parametrize("family", ["ttt-mlp-mamba", "block_state-mf-implicit"], indirect=True)
+def test_malformed_inputs_are_refused_with_the_argument_named(model):
+    vocab, ids = model.config.vocab_size, random_ids(2, 5)
+    cases = [
+        (dict(input_ids=ids[:, :0]), ValueError, "input_ids must hold at least one token"),
+        (dict(input_ids=ids.index_fill(1, torch.tensor([3]), vocab)), ValueError, rf"\[0, {vocab}\).*to {vocab}"),
+        (dict(input_ids=-ids), ValueError, "input_ids must be token ids"),
+        (dict(input_ids=ids.float()), TypeError, "integer token ids"),
+        (dict(inputs_embeds=torch.randn(2, 5, model.config.hidden_size, dtype=torch.float64)), TypeError,
+         "inputs_embeds must have the model's dtype torch.float32, got torch.float64"),
+        (dict(inputs_embeds=torch.randn(2, 0, model.config.hidden_size)), ValueError, "inputs_embeds must hold"),
+    ]
+    for inputs, error, message in cases:
+        with pytest.raises(error, match=message), torch.no_grad():
+            model(**inputs)
+    cache = new_cache(model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 2\).*\[0, 2\]"):
+        cache.batch_select_indices(torch.tensor([0, 2]))
+    assert cache.positions.tolist() == [5, 5]
 
 
 def test_the_release_name_is_the_one_transformers_generate_uses():

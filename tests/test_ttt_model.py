@@ -207,6 +207,11 @@ def test_rope_gradient_is_the_inverse_rotation():
         (dict(pre_conv="yes"), "pre_conv"),
         (dict(scan_checkpoint_group_size=-2), "scan_checkpoint_group_size"),
         (dict(pretraining_tp=2), "pretraining_tp"),
+        (dict(max_position_embeddings=-5), "max_position_embeddings"),
+        (dict(max_position_embeddings="abc"), "max_position_embeddings"),
+        (dict(ttt_base_lr=float("nan")), "ttt_base_lr"),
+        (dict(rope_theta=float("inf")), "rope_theta"),
+        (dict(hidden_act="nope"), "hidden_act"),
     ],
 )
 def test_invalid_config_values_name_the_field(overrides, field):
@@ -235,7 +240,7 @@ def test_bad_inputs_raise_clear_errors(model):
     with pytest.raises(ValueError, match="batch size 2"):
         model(ids[:1], cache=cache)
     other = TTTCache(tiny_config(num_hidden_layers=3))
-    with pytest.raises(ValueError, match="3 layers"):
+    with pytest.raises(ValueError, match=r"num_hidden_layers=3 \(this model: 2\)"):
         model(ids, cache=other)
 
 

@@ -6,6 +6,34 @@ import torch
 from transformers.cache_utils import Cache
 
 
+# What the cached tensors depend on: a model that differs in any of these cannot continue from the cache.
+ARCHITECTURE_FIELDS = (
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "block_size", "attend_previous_block", "context_mode",
+    "ssm_kind", "ssm_state_size", "num_context_states", "ssm_layers", "ssm_filter_features",
+)
+
+
+# Copied from ttt_hf.ttt.cache_ttt.architecture_of
+def architecture_of(config) -> dict:
+    return {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+
+
+# Copied from ttt_hf.ttt.cache_ttt.check_architecture
+def check_architecture(cache, config) -> None:
+    """Refuses, before anything changes, a model whose architecture differs from the one `cache` was built for."""
+    model = architecture_of(config)
+    differences = [
+        f"{name}={built!r} (this model: {model[name]!r})"
+        for name, built in cache.architecture.items()
+        if model[name] != built
+    ]
+    if differences:
+        raise ValueError(
+            f"This {type(cache).__name__} was built for another architecture: {', '.join(differences)}. Use a cache "
+            "made from this model's config."
+        )
+
+
 class BlockStateLayerCache:
     """One layer's state; none of it grows with the generated length, except the input history of the
     implicit-filter SSM (which has no finite state: its decoding convolves the whole history).
@@ -71,6 +99,17 @@ _CROP_ERROR = (
 )
 
 
+# Copied from ttt_hf.ttt.cache_ttt.check_batch_indices
+def check_batch_indices(indices: torch.Tensor, batch_size: int) -> None:
+    """Rows a `batch_select_indices` may keep: [-B, B), as indexing allows."""
+    indices = torch.as_tensor(indices)
+    if indices.numel() and (indices.min() < -batch_size or indices.max() >= batch_size):
+        raise IndexError(
+            f"batch_select_indices: indices must lie in [0, {batch_size}) (the cache's batch size), "
+            f"got {indices.tolist()}"
+        )
+
+
 class BlockStateCache(Cache):
     """Generation cache of [`BlockStateForCausalLM`]: per layer a [`BlockStateLayerCache`], plus per-row
     positions (real tokens consumed by each row: they set the block boundaries of each row).
@@ -81,8 +120,7 @@ class BlockStateCache(Cache):
 
     def __init__(self, config, **kwargs) -> None:
         super().__init__(layers=[BlockStateLayerCache() for _ in range(config.num_hidden_layers)])
-        self.num_hidden_layers = config.num_hidden_layers
-        self.block_size = config.block_size
+        self.architecture = architecture_of(config)
         self.positions: torch.Tensor | None = None
         self.seen_tokens = 0
 
@@ -141,6 +179,8 @@ class BlockStateCache(Cache):
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.positions is not None:
+            check_batch_indices(indices, self.positions.shape[0])
         for layer in self.layers:
             layer.batch_select_indices(indices)
         if self.positions is not None:
@@ -150,4 +190,4 @@ class BlockStateCache(Cache):
         raise NotImplementedError(_CROP_ERROR)
 
 
-__all__ = ["BlockStateCache", "BlockStateLayerCache"]
+__all__ = ["BlockStateCache", "BlockStateLayerCache", "check_architecture"]

@@ -1,6 +1,9 @@
 """Configuration of Block-State Transformer language models (arXiv 2306.09539)."""
 
+import math
+
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 CONTEXT_MODES = ("sh", "mh", "mf")
 SSM_KINDS = ("s4d", "implicit")
@@ -120,7 +123,7 @@ class BlockStateConfig(PreTrainedConfig):
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "block_size", "num_context_states", "ssm_filter_max_len", "ssm_filter_hidden",
-                     "ssm_filter_features"):
+                     "ssm_filter_features", "max_position_embeddings"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -147,10 +150,17 @@ class BlockStateConfig(PreTrainedConfig):
             raise ValueError(
                 f"ssm_layers must be distinct layer indices in [0, {self.num_hidden_layers}), got {self.ssm_layers!r}"
             )
+        value = self.initializer_range
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"initializer_range must be a finite number >= 0, got {value!r}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act must be one of transformers' activations {sorted(ACT2FN)}, got {self.hidden_act!r}"
+            )
 
 
 __all__ = ["BlockStateConfig"]

@@ -25,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_block_state import BlockStateCache, BlockStateLayerCache
+from .cache_block_state import BlockStateCache, BlockStateLayerCache, check_architecture
 from .configuration_block_state import BlockStateConfig
 from .ssm_ops import (
     _use_triton,
@@ -69,6 +69,39 @@ def with_cache_alias(output_class: type) -> type:
     if CACHE_NAME != "cache":
         output_class.cache = property(lambda output: output.past_key_values)
     return output_class
+
+
+# Copied from ttt_hf.ttt.modeling_ttt.check_inputs
+def check_inputs(
+    config, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, dtype: torch.dtype
+) -> None:
+    """Clear errors for malformed inputs before any work. Token ids are range-checked on the CPU only: on an
+    accelerator the check would wait for the device."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            low, high = input_ids.min().item(), input_ids.max().item()
+            if low < 0 or high >= config.vocab_size:
+                raise ValueError(
+                    f"input_ids must be token ids in [0, {config.vocab_size}) (vocab_size), "
+                    f"got values from {low} to {high}"
+                )
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, seq_len, {config.hidden_size}], "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.dtype != dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+            raise TypeError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
+    if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"{name} must hold at least one token per row, got seq_len 0")
 
 
 # Copied from ttt_hf.ttt.modeling_ttt.TTTModelOutput with TTT->BlockState
@@ -546,7 +579,9 @@ class BlockStateDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = BlockStateRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = BlockStateMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateCache | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateCache | None = None
+    ) -> torch.Tensor:
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         hidden_states = hidden_states + self.attn(self.input_layernorm(hidden_states), layout, layer_cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -649,24 +684,15 @@ class BlockStateModel(BlockStatePreTrainedModel):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported by Block-State models")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
-        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
-            raise ValueError(
-                f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
+        check_inputs(self.config, input_ids, inputs_embeds, self.embed_tokens.weight.dtype)
         if cache is not None and not isinstance(cache, BlockStateCache):
             raise TypeError(f"cache must be a BlockStateCache, got {type(cache).__name__}")
-        if cache is not None and cache.num_hidden_layers != self.config.num_hidden_layers:
-            raise ValueError(
-                f"cache was built for {cache.num_hidden_layers} layers, this model has {self.config.num_hidden_layers}"
-            )
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
+        if cache is not None:
+            check_architecture(cache, self.config)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and (use_cache or cache is not None):
             # The backward replays each layer: a cache would be written twice and read half-updated.
-            logger.warning_once("Caching is incompatible with gradient checkpointing in training: running without a cache.")
+            logger.warning_once("Caching is incompatible with gradient checkpointing in training: running uncached")
             use_cache, cache = False, None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -676,9 +702,7 @@ class BlockStateModel(BlockStatePreTrainedModel):
         batch, seq_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
         mask = self._token_mask(attention_mask, batch, seq_len, device)
-        start = (
-            cache.row_positions(batch, device) if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
-        )
+        start = cache.row_positions(batch, device) if cache is not None else mask.new_zeros(batch, dtype=torch.long)
         layout, slot_of_token = self._layout(mask, start)
         rows = torch.arange(batch, device=device)[:, None].expand(-1, seq_len)
         hidden_states = inputs_embeds.new_zeros(batch, layout.valid.shape[1], inputs_embeds.shape[-1])

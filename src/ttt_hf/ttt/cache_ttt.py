@@ -6,6 +6,32 @@ import torch
 from transformers.cache_utils import Cache
 
 
+# What the cached tensors depend on: a model that differs in any of these cannot continue from the cache.
+ARCHITECTURE_FIELDS = (
+    "ttt_layer_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "mini_batch_size", "pre_conv",
+    "share_qk", "conv_kernel",
+)
+
+
+def architecture_of(config) -> dict:
+    return {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+
+
+def check_architecture(cache, config) -> None:
+    """Refuses, before anything changes, a model whose architecture differs from the one `cache` was built for."""
+    model = architecture_of(config)
+    differences = [
+        f"{name}={built!r} (this model: {model[name]!r})"
+        for name, built in cache.architecture.items()
+        if model[name] != built
+    ]
+    if differences:
+        raise ValueError(
+            f"This {type(cache).__name__} was built for another architecture: {', '.join(differences)}. Use a cache "
+            "made from this model's config."
+        )
+
+
 class TTTLayerCache:
     """State of one TTT block: fixed size, whatever the number of tokens seen.
 
@@ -77,6 +103,16 @@ _CROP_ERROR = (
 )
 
 
+def check_batch_indices(indices: torch.Tensor, batch_size: int) -> None:
+    """Rows a `batch_select_indices` may keep: [-B, B), as indexing allows."""
+    indices = torch.as_tensor(indices)
+    if indices.numel() and (indices.min() < -batch_size or indices.max() >= batch_size):
+        raise IndexError(
+            f"batch_select_indices: indices must lie in [0, {batch_size}) (the cache's batch size), "
+            f"got {indices.tolist()}"
+        )
+
+
 class TTTCache(Cache):
     """Recurrent cache of [`TTTForCausalLM`]: per layer a [`TTTLayerCache`], plus per-row positions.
 
@@ -93,8 +129,7 @@ class TTTCache(Cache):
 
     def __init__(self, config, **kwargs) -> None:
         super().__init__(layers=[TTTLayerCache() for _ in range(config.num_hidden_layers)])
-        self.num_hidden_layers = config.num_hidden_layers
-        self.mini_batch_size = config.mini_batch_size
+        self.architecture = architecture_of(config)
         self.positions: torch.Tensor | None = None
         self.seen_tokens = 0
 
@@ -153,6 +188,8 @@ class TTTCache(Cache):
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.positions is not None:
+            check_batch_indices(indices, self.positions.shape[0])
         for layer in self.layers:
             layer.batch_select_indices(indices)
         if self.positions is not None:
@@ -162,4 +199,4 @@ class TTTCache(Cache):
         raise NotImplementedError(_CROP_ERROR)
 
 
-__all__ = ["TTTCache", "TTTLayerCache"]
+__all__ = ["TTTCache", "TTTLayerCache", "check_architecture"]

@@ -3,7 +3,10 @@
 Field names follow the official ttt-lm-pytorch `TTTConfig`, so an official `config.json` loads as is.
 """
 
+import math
+
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 TTT_LAYER_TYPES = ("linear", "mlp")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
@@ -115,7 +118,7 @@ class TTTConfig(PreTrainedConfig):
 
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "mini_batch_size", "conv_kernel"):
+                     "mini_batch_size", "conv_kernel", "max_position_embeddings"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -137,12 +140,16 @@ class TTTConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("ttt_base_lr", "initializer_range"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act must be one of transformers' activations {sorted(ACT2FN)}, got {self.hidden_act!r}"
+            )
         group = self.scan_checkpoint_group_size
         if isinstance(group, bool) or not isinstance(group, int) or group < 0:
             raise ValueError(f"scan_checkpoint_group_size must be an integer >= 0, got {group!r}")

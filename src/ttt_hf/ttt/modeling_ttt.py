@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_ttt import TTTCache, TTTLayerCache
+from .cache_ttt import TTTCache, TTTLayerCache, check_architecture
 from .configuration_ttt import TTTConfig
 from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, rms_norm, ttt_chunk, ttt_step
 
@@ -49,6 +49,38 @@ def with_cache_alias(output_class: type) -> type:
     if CACHE_NAME != "cache":
         output_class.cache = property(lambda output: output.past_key_values)
     return output_class
+
+
+def check_inputs(
+    config, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, dtype: torch.dtype
+) -> None:
+    """Clear errors for malformed inputs before any work. Token ids are range-checked on the CPU only: on an
+    accelerator the check would wait for the device."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            low, high = input_ids.min().item(), input_ids.max().item()
+            if low < 0 or high >= config.vocab_size:
+                raise ValueError(
+                    f"input_ids must be token ids in [0, {config.vocab_size}) (vocab_size), "
+                    f"got values from {low} to {high}"
+                )
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, seq_len, {config.hidden_size}], "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.dtype != dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+            raise TypeError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
+    if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"{name} must hold at least one token per row, got seq_len 0")
 
 
 @with_cache_alias
@@ -301,7 +333,9 @@ class TTTDecoderLayer(GradientCheckpointingLayer):
         self.ffn_norm = TTTRMSNorm(config)
         self.mlp = TTTMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, layout: TTTBatchLayout, cache: TTTCache | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, layout: TTTBatchLayout, cache: TTTCache | None = None
+    ) -> torch.Tensor:
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         if self.pre_conv is not None:
             hidden_states = hidden_states + self.pre_conv(hidden_states, layout, layer_cache)
@@ -407,27 +441,18 @@ class TTTModel(TTTPreTrainedModel):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: TTT layers compute no attention weights")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
-        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
-            raise ValueError(
-                f"inputs_embeds must have shape [batch, seq_len, {self.config.hidden_size}], "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
+        check_inputs(self.config, input_ids, inputs_embeds, self.embed_tokens.weight.dtype)
         if cache is not None and not isinstance(cache, TTTCache):
             raise TypeError(
                 f"cache must be a TTTCache (TTT models keep a recurrent state, not key/values), "
                 f"got {type(cache).__name__}"
             )
-        if cache is not None and cache.num_hidden_layers != self.config.num_hidden_layers:
-            raise ValueError(
-                f"cache was built for {cache.num_hidden_layers} layers, this model has {self.config.num_hidden_layers}"
-            )
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
+        if cache is not None:
+            check_architecture(cache, self.config)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and (use_cache or cache is not None):
             # The backward replays each layer: a cache would be written twice and read half-updated.
-            logger.warning_once("Caching is incompatible with gradient checkpointing in training: running without a cache.")
+            logger.warning_once("Caching is incompatible with gradient checkpointing in training: running uncached")
             use_cache, cache = False, None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -448,6 +473,10 @@ class TTTModel(TTTPreTrainedModel):
             if not bool(mask.all()):
                 order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, T]
                 inputs_embeds = torch.gather(inputs_embeds, 1, order[..., None].expand_as(inputs_embeds))
+                # Padding now fills each row's tail. Mini-batch sums weigh it by zero, which would turn a NaN or
+                # inf there into NaN everywhere: replace it by zeros instead.
+                real = torch.arange(seq_len, device=device)[None, :] < length[:, None]
+                inputs_embeds = torch.where(real[..., None], inputs_embeds, torch.zeros_like(inputs_embeds))
         position = start[:, None] + torch.arange(seq_len, device=device)[None, :]
         # RoPE encodes the position inside the mini-batch only.
         rope = rope_angles(position % self.config.mini_batch_size, self.config.head_dim, self.config.rope_theta,
