@@ -264,6 +264,24 @@ def test_clear_errors():
             family_model("qwen2")(ids(1, 6), **cache_arg(cache))
 
 
+def test_another_model_is_refused_before_any_layer_changes():
+    config = FAMILIES["llama"]()
+    torch.manual_seed(0)
+    first, second = (AutoModelForCausalLM.from_config(config).eval() for _ in range(2))  # one config object
+    assert first.config is second.config
+    prompt, step = ids(1, 9), ids(1, 1, seed=1)
+    cache, untouched = TOVACache(6), TOVACache(6)
+    with torch.no_grad():
+        first(prompt, **cache_arg(cache))
+        first(prompt, **cache_arg(untouched))
+        with pytest.raises(ValueError, match="another model"):
+            second(step, **cache_arg(cache))
+        assert [layer.seen for layer in cache.layers] == [9, 9]
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, untouched.layers))
+        got, want = (first(step, **cache_arg(c)).logits for c in (cache, untouched))
+    assert torch.equal(got, want)
+
+
 def test_a_used_cache_pickles_and_continues():
     import pickle
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import weakref
 
 import torch
@@ -197,6 +198,18 @@ _NO_ATTENTION_ERROR = (
 )
 
 
+def _calling_module() -> torch.nn.Module | None:
+    """The module whose method called `TOVACache.update`: transformers' attention modules call it from their
+    forward. Only a method's frame is read (its locals snapshot lives as long as the frame; a plain function's,
+    such as a test's, would keep its variables alive)."""
+    frame = sys._getframe(2)
+    code = frame.f_code
+    if code.co_argcount == 0 or code.co_varnames[0] != "self":
+        return None
+    caller = frame.f_locals.get("self")
+    return caller if isinstance(caller, torch.nn.Module) else None
+
+
 class TOVACache(Cache):
     """Fixed-budget KV cache for any decoder built on transformers' attention interface.
 
@@ -247,7 +260,9 @@ class TOVACache(Cache):
         self.num_sink_tokens = num_sink_tokens
         self.policy = policy
         self.kernel_backend = kernel_backend
-        self._owner: weakref.ref | None = None  # the config of the model that filled the cache
+        # The modules that filled each layer, as seen by `update` (its caller) and by the attention wrapper: a cache
+        # holds one model's keys. Weak references, not ids: a dead model's ids can be reused by the next model's.
+        self._owners: dict[tuple[str, int], weakref.ref] = {}
         self._padded = False  # whether an attention mask of this cache ever hid a slot
         install_attention_hooks()
 
@@ -258,6 +273,9 @@ class TOVACache(Cache):
         )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        caller = _calling_module()
+        if caller is not None:  # refuse another model's keys before writing any
+            self._check_owner("update", layer_idx, caller)
         if len(self.layers) <= layer_idx:
             install_attention_hooks()  # attention kinds registered since the cache was made (hub kernels)
             self.layers.extend(TOVALayer(self.budget + 1) for _ in range(layer_idx + 1 - len(self.layers)))
@@ -294,14 +312,12 @@ class TOVACache(Cache):
         return attention_mask
 
     def __getstate__(self) -> dict:
-        # The owner is a weak reference (not picklable) to a live model's config: a copy starts without one.
-        return {**self.__dict__, "_owner": None}
+        # The owners are weak references (not picklable) to a live model's modules: a copy starts without them.
+        return {**self.__dict__, "_owners": {}}
 
-    def _check_owner(self, module) -> None:
-        # A weak reference, not id(): a dead model's config id can be reused by the next model's.
-        if self._owner is None:
-            self._owner = weakref.ref(module.config)
-        elif self._owner() is not module.config:
+    def _check_owner(self, where: str, layer_idx: int, module: torch.nn.Module) -> None:
+        owner = self._owners.setdefault((where, layer_idx), weakref.ref(module))()
+        if owner is not module:
             raise ValueError(
                 "this TOVACache was filled by another model: a cache holds one model's keys (use a new cache, "
                 "or reset() this one)"
@@ -327,12 +343,12 @@ class TOVACache(Cache):
             return None
         if not self._use_kernel(layer, query, key, sinks, value):
             return None
-        self._check_owner(module)
+        self._check_owner("attention", module.layer_idx, module)
         return self._kernel_step(layer, query, attention_mask, scaling, softcap, sinks, attend=True)
 
     def after_attention(self, module, query, key, attention_mask, scaling, softcap=None, sinks=None) -> None:
         """Called by the attention wrapper once this step's attention of `module`'s layer is computed."""
-        self._check_owner(module)
+        self._check_owner("attention", module.layer_idx, module)
         layer = self.layers[module.layer_idx]
         window = getattr(module, "sliding_window", None)
         if window is not None and window <= self.budget:
@@ -455,7 +471,7 @@ class TOVACache(Cache):
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
-        self._owner = None
+        self._owners = {}
         self._padded = False
 
     def crop(self, max_length: int) -> None:
