@@ -4,9 +4,13 @@ final step (check the mapped weights against the model, save the folder)."""
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,30 +20,97 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..ttt.configuration_ttt import TTTConfig
 from ..ttt.modeling_ttt import TTTForCausalLM
 
+logger = logging.getLogger(__name__)
+
+
+class OutputLockedError(FileExistsError):
+    """Another process is writing the same output folder."""
+
+
+def _holder_alive(lock: Path) -> bool:
+    """Whether the process named in `lock` (pid and host) still runs; a lock of another host counts as alive."""
+    try:
+        pid, host = lock.read_text(encoding="utf-8").split()[:2]
+        if host != socket.gethostname():
+            return True
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError):  # unreadable or half-written: it was just created, or another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _output_lock(dst: Path) -> Iterator[None]:
+    """One writer per destination: `.NAME.lock` beside `dst` holds the writer's pid and host. A lock left by a
+    killed process (same host, pid gone) is taken over."""
+    lock = dst.with_name(f".{dst.name}.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if _holder_alive(lock):
+                holder = lock.read_text(encoding="utf-8", errors="replace").strip()
+                raise OutputLockedError(
+                    f"{dst} is being written by another conversion ({holder}); if no conversion runs, remove {lock}"
+                ) from None
+            logger.warning("removing %s, left by a conversion that did not finish", lock)
+            lock.unlink(missing_ok=True)
+    else:
+        raise OutputLockedError(f"could not lock {dst}: {lock} keeps reappearing")
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
 
 @contextlib.contextmanager
 def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary folder beside `dst` that becomes `dst` only if the block completes."""
+    """Yields a temporary folder beside `dst` that becomes `dst` only if the block completes.
+
+    One writer at a time per `dst` (a lock file beside it); temporary folders of killed earlier runs are removed.
+    `dst` is replaced only with `overwrite`, and only if it is a folder; one that appears while the block runs
+    is never replaced without `overwrite`. On any error the user's files are as they were.
+    """
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+
+    def check_destination() -> None:
+        if dst.exists() and not dst.is_dir():
+            raise FileExistsError(f"{dst} exists and is not a folder: refusing to replace it (remove it first)")
+        if dst.exists() and not overwrite:
+            raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+
+    check_destination()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{tmp.name}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with _output_lock(dst):
+        for stale in dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*"):
+            logger.warning("removing %s, the partial output of a conversion that did not finish", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        try:
+            yield tmp
+            check_destination()  # again: `dst` may have appeared (or changed) while the block ran
+            if dst.exists():
+                old = dst.with_name(f".{dst.name}.old-{tmp.name}")
+                dst.rename(old)
+                try:
+                    tmp.rename(dst)
+                except OSError:
+                    old.rename(dst)
+                    raise
+                shutil.rmtree(old)
+            else:
+                tmp.rename(dst)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def check_keys(mapped: dict[str, str], expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
