@@ -115,8 +115,9 @@ def _broken_copy(tmp_path, edit):
         (lambda w: w.pop("model.layers.1.seq_modeling_block.W2"), "model.layers.1.ttt.W2"),
         (lambda w: w.update({"model.layers.0.seq_modeling_block.extra": torch.zeros(2)}), "model.layers.0.seq_modeling_block.extra"),
         (lambda w: w.update({"model.norm.weight": torch.ones(3)}), "model.norm.weight: (3,)"),
+        (lambda w: w["model.norm.weight"].__setitem__(1, float("inf")), "non-finite values (NaN or inf) in model.norm.weight"),
     ],
-    ids=["missing", "unknown", "shape"],
+    ids=["missing", "unknown", "shape", "non-finite"],
 )
 def test_refuses_bad_checkpoints_and_writes_nothing(tmp_path, edit, message):
     src = _broken_copy(tmp_path, edit)
@@ -124,6 +125,21 @@ def test_refuses_bad_checkpoints_and_writes_nothing(tmp_path, edit, message):
     with pytest.raises(ValueError, match="cannot convert") as error:
         convert_ttt_pytorch(src, dst)
     assert message in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_key_in_two_shards_is_refused(tmp_path):
+    src = _broken_copy(tmp_path, lambda w: None)
+    weights = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {"a.safetensors": names[: len(names) // 2 + 1], "b.safetensors": names[len(names) // 2 :]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, src / shard)
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"{names[len(names) // 2]} appears in two shards"):
+        convert_ttt_pytorch(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

@@ -1,5 +1,6 @@
 """The ttt-lm-jax checkpoint converter against the official JAX model's logits (tests/fixtures/ttt_jax)."""
 
+import io
 import json
 import subprocess
 import sys
@@ -123,7 +124,27 @@ def _doctored(tmp_path, edit):
     return path
 
 
+def _with_array(value: bytes, edit) -> bytes:
+    """A serialized flax array `value` with its (shape, dtype, buffer) passed through `edit`."""
+    array = msgpack.unpackb(value, raw=False)
+    shape, dtype, buffer = msgpack.unpackb(array.data, raw=False)
+    data = msgpack.packb(list(edit(shape, dtype, buffer)), use_bin_type=True)
+    return msgpack.packb(msgpack.ExtType(array.code, data), use_bin_type=True)
+
+
+def _on_final_norm(edit):
+    return lambda k, v: [(list(k), _with_array(v, edit) if k[-2:] == ("ln_f", "kernel") else v)]
+
+
+_BF16_NAN = bytes([0xC0, 0x7F])
+
+
 @pytest.mark.parametrize("edit, message", [
+    (lambda k, v: [(list(k), v)] * (2 if k[-1] == "embedding" else 1),
+     "parameter model/wte/embedding appears twice"),
+    (_on_final_norm(lambda s, d, b: (s, d, _BF16_NAN + b[2:])), r"non-finite values \(NaN or inf\) in model/ln_f/kernel"),
+    (_on_final_norm(lambda s, d, b: (s, d, b[:-6])), r"model/ln_f/kernel: \d+ bytes of data for shape \(\d+,\) bfloat16"),
+    (_on_final_norm(lambda s, d, b: (s, "complex64", b)), "model/ln_f/kernel: unexpected dtype 'complex64'"),
     (lambda k, v: [(list(k), v)] + ([(["model", "h", "0", "extra"], v)] if k[-1] == "embedding" else []),
      "unknown keys in the checkpoint: model/h/0/extra"),
     (lambda k, v: [] if k[-1] == "ttt_dense_0" and k[2] == "1" else [(list(k), v)],
@@ -135,6 +156,16 @@ def test_refuses_checkpoints_it_does_not_understand_and_writes_nothing(tmp_path,
         convert_ttt_jax(_doctored(tmp_path, edit), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert {p.name for p in tmp_path.iterdir()} == {"doctored"}
+
+
+def test_a_truncated_file_is_named_as_such_and_writes_nothing(tmp_path):
+    whole = (FIXTURES / "ttt_linear" / "streaming_params").read_bytes()
+    records = sum(1 for _ in msgpack.Unpacker(io.BytesIO(whole), raw=False, max_buffer_size=0))
+    cut = tmp_path / "cut"
+    cut.write_bytes(whole[:-100])
+    with pytest.raises(ValueError, match=f"ends inside record {records} .*truncated download"):
+        convert_ttt_jax(cut, tmp_path / "out", progress=False)
+    assert {p.name for p in tmp_path.iterdir()} == {"cut"}
 
 
 def test_convert_command_and_script(tmp_path, capsys):

@@ -165,6 +165,9 @@ def save_converted(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     check_keys(sources, expected, {k: tuple(v.shape) for k, v in weights.items()})
+    non_finite = sorted(sources[k] for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all())
+    if non_finite:
+        raise ValueError(f"cannot convert this checkpoint: non-finite values (NaN or inf) in {', '.join(non_finite)}")
     model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()
     model.eval()

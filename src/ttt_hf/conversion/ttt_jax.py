@@ -28,13 +28,24 @@ _TRAIN_STATE_PREFIX = ("params", "params")
 Key = tuple[str, ...]
 
 
-def _decode_array(serialized: bytes) -> np.ndarray:
-    """A flax `to_bytes(ndarray)` record as a numpy array; bf16 becomes fp32 (exactly)."""
+_DTYPES = ("bfloat16", "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+
+
+def _decode_array(serialized: bytes, name: str) -> np.ndarray:
+    """A flax `to_bytes(ndarray)` record (of parameter `name`) as a numpy array; bf16 becomes fp32 (exactly)."""
 
     def ext_hook(code: int, data: bytes):
         if code != _FLAX_NDARRAY_EXT:
-            raise ValueError(f"unsupported msgpack extension type {code} in the checkpoint (expected flax ndarrays)")
+            raise ValueError(f"{name}: unsupported msgpack extension type {code} (expected flax ndarrays)")
         shape, dtype, buffer = msgpack.unpackb(data, raw=False)
+        if dtype not in _DTYPES:
+            raise ValueError(f"{name}: unexpected dtype {dtype!r} (expected one of {', '.join(_DTYPES)})")
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+        if len(buffer) != expected:
+            raise ValueError(
+                f"{name}: {len(buffer)} bytes of data for shape {tuple(shape)} {dtype} ({expected} bytes expected)"
+            )
         if dtype == "bfloat16":
             bits = np.frombuffer(buffer, dtype=np.uint16).astype(np.uint32)
             bits <<= 16  # in place: one fp32-sized allocation per record
@@ -43,7 +54,7 @@ def _decode_array(serialized: bytes) -> np.ndarray:
 
     array = msgpack.unpackb(serialized, raw=False, ext_hook=ext_hook)
     if not isinstance(array, np.ndarray):
-        raise TypeError(f"a checkpoint record holds {type(array).__name__}, not an array")
+        raise TypeError(f"{name}: the record holds {type(array).__name__}, not an array")
     return array
 
 
@@ -72,18 +83,27 @@ def read_parameters(path: str | Path, progress: bool = True, digest=None) -> Ite
     ) as bar:
         source = file if digest is None else _HashingReader(file, digest)
         unpacker = msgpack.Unpacker(source, raw=False, max_buffer_size=0)
-        position = 0
-        for record in unpacker:
+        position, size, seen, number = 0, path.stat().st_size, set(), 0
+        for number, record in enumerate(unpacker, start=1):
             bar.update(unpacker.tell() - position)
             position = unpacker.tell()
             if not (isinstance(record, list | tuple) and len(record) == 2 and isinstance(record[0], list | tuple)):
-                raise ValueError(f"{path} is not a ttt-lm-jax streaming checkpoint (a record is not (key, array))")
+                raise ValueError(f"{path} is not a ttt-lm-jax streaming checkpoint (record {number} is not (key, array))")
             key, serialized = tuple(record[0]), record[1]
             if key[:2] == _TRAIN_STATE_PREFIX:
-                yield key[2:], _decode_array(serialized)
-            elif key and key[0] == "model":  # params-only checkpoint
-                yield key, _decode_array(serialized)
-            # anything else (step, opt_state/...) is training state: skipped undecoded
+                key = key[2:]
+            elif not (key and key[0] == "model"):  # params-only checkpoints have model/... at the top
+                continue  # anything else (step, opt_state/...) is training state: skipped undecoded
+            name = "/".join(map(str, key))
+            if key in seen:
+                raise ValueError(f"{path}: parameter {name} appears twice (again in record {number})")
+            seen.add(key)
+            yield key, _decode_array(serialized, name)
+        if position != size:
+            raise ValueError(
+                f"{path} ends inside record {number + 1} (bytes {position} to {size} do not hold a whole record): "
+                "a truncated download?"
+            )
 
 
 # JAX key suffix inside a block -> (our suffix, layout change). Dense kernels are [in, out] -> [out, in];

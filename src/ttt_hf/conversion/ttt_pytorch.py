@@ -32,7 +32,13 @@ def _load_official_weights(src: Path) -> dict[str, torch.Tensor]:
         return load_file(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(src / shard).items()}
+        weights: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            for key, value in load_file(src / shard).items():
+                if key in weights:
+                    raise ValueError(f"cannot convert this checkpoint: {key} appears in two shards (again in {shard})")
+                weights[key] = value
+        return weights
     raise FileNotFoundError(f"{src} has neither model.safetensors nor model.safetensors.index.json")
 
 
