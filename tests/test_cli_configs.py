@@ -166,7 +166,11 @@ def test_block_state_demo_fails_for_a_cache_that_really_grows(monkeypatch, capsy
 
 def test_demo_without_configs_fails_clearly(tmp_path, capsys):
     assert main(["demo", "--configs", str(tmp_path / "missing")]) == 2
-    assert "configs folder not found" in capsys.readouterr().err
+    assert "missing not found" in capsys.readouterr().err
+    (tmp_path / "ttt-tiny-linear-mamba.json").write_text((DEFAULT_CONFIGS / "ttt-tiny-linear-mamba.json").read_text())
+    assert main(["demo", "--configs", str(tmp_path)]) == 2  # at once, not after the first parts ran
+    err = capsys.readouterr().err
+    assert "lacks ttt-tiny-mlp-mamba.json, ttt-125m-linear-mamba.json" in err and err.count("\n") == 1
 
 
 def test_a_subcommand_is_required():

