@@ -158,6 +158,7 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent(
         ttt_hf_importable = True
 
     import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModel, AutoModelForCausalLM
 
     ids = torch.load(sys.argv[1])
@@ -181,6 +182,10 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent(
                 "tied": lm.lm_head.weight is lm.model.embed_tokens.weight,
                 "training": lm.training or base.training,
             }
+        # PEFT's default LoRA targets, registered by the folder's code.
+        lora = get_peft_model(lm, LoraConfig(task_type="CAUSAL_LM", r=4))
+        adapted = {path.split(".")[-1] for path, module in lora.named_modules() if hasattr(module, "lora_A")}
+        results[name]["lora_targets"] = sorted(adapted)
     results["ttt_hf_modules"] = sorted(
         m for m in sys.modules if m.split(".")[0] == "ttt_hf" and sys.modules[m] is not None
     )
@@ -235,6 +240,7 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
             assert res[key].startswith("transformers_modules.") and res[key].endswith(suffix), res[key]
         assert res["generate_cache_class"] == "BlockStateCache"
         assert res["tied"] is True and res["training"] is False
+        assert res["lora_targets"] == sorted(ttt_hf.PEFT_TARGET_MODULES["block_state"])
         model.generation_config.eos_token_id = None
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits

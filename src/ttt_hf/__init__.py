@@ -8,11 +8,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .block_state.cache_block_state import BlockStateCache
 from .block_state.configuration_block_state import BlockStateConfig
+from .block_state.modeling_block_state import LORA_TARGET_MODULES as BLOCK_STATE_LORA_TARGET_MODULES
 from .block_state.modeling_block_state import BlockStateForCausalLM, BlockStateModel, BlockStatePreTrainedModel
 from .tova.cache_tova import TOVACache
 from .ttt.cache_ttt import TTTCache
 from .ttt.configuration_ttt import TTTConfig
 from .ttt.modeling_ttt import CACHE_NAME, TTTForCausalLM, TTTModel, TTTPreTrainedModel
+from .ttt.modeling_ttt import LORA_TARGET_MODULES as TTT_LORA_TARGET_MODULES
 
 __version__ = "0.1.0"
 
@@ -28,23 +30,11 @@ for config_class, base_class, causal_lm_class in (
     base_class.register_for_auto_class("AutoModel")
     causal_lm_class.register_for_auto_class("AutoModelForCausalLM")
 
-# Default LoRA targets, looked up by model_type when LoraConfig has no target_modules.
+# Default LoRA targets by model_type (the model files register them with PEFT when they load).
 PEFT_TARGET_MODULES = {
-    TTTConfig.model_type: ["q_proj", "v_proj"],
-    BlockStateConfig.model_type: ["q_proj", "v_proj", "cross_q_proj"],
+    TTTConfig.model_type: TTT_LORA_TARGET_MODULES,
+    BlockStateConfig.model_type: BLOCK_STATE_LORA_TARGET_MODULES,
 }
-
-
-def _register_peft_targets() -> None:
-    try:
-        from peft.utils import constants
-    except ImportError:
-        return
-    for model_type, targets in PEFT_TARGET_MODULES.items():
-        constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(model_type, targets)
-
-
-_register_peft_targets()
 
 __all__ = [
     "CACHE_NAME",

@@ -42,6 +42,16 @@ from .ssm_ops import (
 
 logger = logging.get_logger(__name__)
 
+LORA_TARGET_MODULES = ["q_proj", "v_proj", "cross_q_proj"]
+# LoRA's default targets (`LoraConfig()` without target_modules), registered with PEFT when this file loads, in
+# the package or next to a checkpoint under trust_remote_code, so that PEFT finds them without `import ttt_hf`.
+try:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+except ImportError:
+    pass
+else:
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(BlockStateConfig.model_type, LORA_TARGET_MODULES)
+
 # Copied from ttt_hf.ttt.modeling_ttt.CACHE_NAME
 # transformers >= 5.24 names the cache `cache` in `forward`, `generate` and model outputs; earlier releases name it
 # `past_key_values`. The models take both and return it under the running release's name.

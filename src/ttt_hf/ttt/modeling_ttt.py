@@ -25,6 +25,16 @@ from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, r
 
 logger = logging.get_logger(__name__)
 
+LORA_TARGET_MODULES = ["q_proj", "v_proj"]
+# LoRA's default targets (`LoraConfig()` without target_modules), registered with PEFT when this file loads, in
+# the package or next to a checkpoint under trust_remote_code, so that PEFT finds them without `import ttt_hf`.
+try:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+except ImportError:
+    pass
+else:
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(TTTConfig.model_type, LORA_TARGET_MODULES)
+
 # transformers >= 5.24 names the cache `cache` in `forward`, `generate` and model outputs; earlier releases name it
 # `past_key_values`. The models take both and return it under the running release's name.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
