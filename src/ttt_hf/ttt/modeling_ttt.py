@@ -25,9 +25,9 @@ from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, r
 
 logger = logging.get_logger(__name__)
 
-LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 # LoRA's default targets (`LoraConfig()` without target_modules), registered with PEFT when this file loads, in
 # the package or next to a checkpoint under trust_remote_code, so that PEFT finds them without `import ttt_hf`.
+LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 try:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 except ImportError:
