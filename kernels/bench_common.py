@@ -58,7 +58,7 @@ def ttt_model(name: str, backend: str, dtype: torch.dtype, **overrides) -> TTTFo
 
 
 def result_paths(name: str) -> list[Path]:
-    """Where a result file goes: kernels/results/, and $OUT when set (the device machine's return folder)."""
+    """Where a result file goes: kernels/results/, and $OUT when set (a second folder for the results)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     return [RESULTS / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
 

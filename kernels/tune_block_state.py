@@ -7,7 +7,7 @@ The op: the BST-SH layer's SSM, u [B, L, D] bf16 -> y [B, L, 1, D] bf16 (N = 16:
 and forward + backward (gradients of u and of every S4D parameter). Rows: every (channels per program,
 steps per group, warps) launch of each scan kernel and the segment counts (programs per SM), each checked
 against the defaults first; a plain
-torch.fft convolution of size 2L in fp32 (not exactly causal; the issue's anchor). Our reference (the
+torch.fft convolution of size 2L in fp32 (not exactly causal; what a user would write). Our reference (the
 exactly-causal FFT recursion) is timed by bench_block_state.py at the layer level. Prints a markdown table and writes kernels/results/block_state_tune.json.
 """
 
