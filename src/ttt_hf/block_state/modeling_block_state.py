@@ -95,7 +95,7 @@ def check_inputs(
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.device.type == "cpu" and input_ids.numel():
-            low, high = input_ids.min().item(), input_ids.max().item()
+            low, high = (bound.item() for bound in torch.aminmax(input_ids))
             if low < 0 or high >= config.vocab_size:
                 raise ValueError(
                     f"input_ids must be token ids in [0, {config.vocab_size}) (vocab_size), "

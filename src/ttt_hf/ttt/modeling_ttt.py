@@ -74,7 +74,7 @@ def check_inputs(
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.device.type == "cpu" and input_ids.numel():
-            low, high = input_ids.min().item(), input_ids.max().item()
+            low, high = (bound.item() for bound in torch.aminmax(input_ids))
             if low < 0 or high >= config.vocab_size:
                 raise ValueError(
                     f"input_ids must be token ids in [0, {config.vocab_size}) (vocab_size), "
@@ -486,7 +486,7 @@ class TTTModel(TTTPreTrainedModel):
                 # Padding now fills each row's tail. Mini-batch sums weigh it by zero, which would turn a NaN or
                 # inf there into NaN everywhere: replace it by zeros instead.
                 real = torch.arange(seq_len, device=device)[None, :] < length[:, None]
-                inputs_embeds = torch.where(real[..., None], inputs_embeds, torch.zeros_like(inputs_embeds))
+                inputs_embeds = inputs_embeds.masked_fill(~real[..., None], 0.0)
         position = start[:, None] + torch.arange(seq_len, device=device)[None, :]
         # RoPE encodes the position inside the mini-batch only.
         rope = rope_angles(position % self.config.mini_batch_size, self.config.head_dim, self.config.rope_theta,
