@@ -94,7 +94,9 @@ def test_auto_classes_are_registered():
 
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    assert TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["block_state"] == ["q_proj", "v_proj", "cross_q_proj"]
+    assert TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["block_state"] == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "cross_q_proj", "gate_proj", "up_proj", "down_proj"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,7 +242,8 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
             assert res[key].startswith("transformers_modules.") and res[key].endswith(suffix), res[key]
         assert res["generate_cache_class"] == "BlockStateCache"
         assert res["tied"] is True and res["training"] is False
-        assert res["lora_targets"] == sorted(ttt_hf.PEFT_TARGET_MODULES["block_state"])
+        names = {path.split(".")[-1] for path, _ in model.named_modules()}
+        assert res["lora_targets"] == sorted(names & set(ttt_hf.PEFT_TARGET_MODULES["block_state"]))
         model.generation_config.eos_token_id = None
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits
@@ -527,12 +530,10 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
     ids = random_ids(2, 10, seed=7)
     base_logits = uncached_logits(tiny_model(0, **variant), ids)
     peft_model = get_peft_model(tiny_model(0, **variant), LoraConfig(task_type="CAUSAL_LM", lora_alpha=32))
-    assert set(peft_model.peft_config["default"].target_modules) == {"q_proj", "v_proj", "cross_q_proj"}
+    assert set(peft_model.peft_config["default"].target_modules) == set(ttt_hf.PEFT_TARGET_MODULES["block_state"])
+    block = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     assert lora_module_names(peft_model) == {
-        "base_model.model.model.layers.0.attn.q_proj",
-        "base_model.model.model.layers.0.attn.v_proj",
-        "base_model.model.model.layers.1.attn.q_proj",
-        "base_model.model.model.layers.1.attn.v_proj",
+        *(f"base_model.model.model.layers.{i}.{proj}" for i in range(2) for proj in block),
         "base_model.model.model.layers.1.attn.cross_q_proj",
     }
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
@@ -540,14 +541,14 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
 
     sgd_steps(peft_model, ids, steps=4, lr=10.0)
     lora_b = [p for name, p in peft_model.named_parameters() if ".lora_B." in name]
-    assert len(lora_b) == 5 and all(p.abs().max().item() > 0 for p in lora_b)
+    assert len(lora_b) == 15 and all(p.abs().max().item() > 0 for p in lora_b)
     peft_logits = uncached_logits(peft_model, ids)
     assert (peft_logits - base_logits).abs().max().item() > 1e-3  # the adapter matters
 
     peft_model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").exists()
     with open(tmp_path / "adapter_config.json") as f:
-        assert set(json.load(f)["target_modules"]) == {"q_proj", "v_proj", "cross_q_proj"}
+        assert set(json.load(f)["target_modules"]) == set(ttt_hf.PEFT_TARGET_MODULES["block_state"])
 
     reloaded = PeftModel.from_pretrained(tiny_model(0, **variant), tmp_path)
     reloaded_logits = uncached_logits(reloaded, ids)

@@ -302,6 +302,41 @@ def test_malformed_inputs_are_refused_with_the_argument_named(model):
     assert cache.positions.tolist() == [5, 5]
 
 
+@pytest.mark.parametrize("family", ["ttt-linear-transformer", "block_state-sh-implicit"], indirect=True)
+def test_an_empty_prompt_is_refused_by_generate_with_the_shape_named(model):
+    for batch in (1, 2):  # with 2 rows transformers itself would fail first, on its right-padding check
+        with pytest.raises(ValueError, match=rf"at least one token per row, got shape \({batch}, 0\)"):
+            model.generate(torch.zeros(batch, 0, dtype=torch.long), max_new_tokens=2)
+        with pytest.raises(ValueError, match=rf"got shape \({batch}, 0, {model.config.hidden_size}\)"):
+            model.generate(inputs_embeds=torch.zeros(batch, 0, model.config.hidden_size), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("family", ["ttt-mlp-mamba", "block_state-mh-s4d"], indirect=True)
+def test_a_mask_that_does_not_match_the_cache_is_refused_before_changing_it(model):
+    """A used cache with a new prompt (what `generate` hands a model when a finished cache is passed again) or a
+    mask of the wrong length: refused, naming both lengths, with the cache untouched."""
+    ids, mask = padded_prompts(seed=70)
+    cache = new_cache(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+        state = _cached_tensors(cache), cache.positions, cache.get_seq_length()
+        for columns in (4, ids.shape[1], ids.shape[1] + 5):
+            with pytest.raises(ValueError, match=rf"covers {columns} columns, but the cache has seen {ids.shape[1]} "
+                                                 r"and the input adds 2: it must cover all .*cache.reset\(\)"):
+                model(ids[:, :2], attention_mask=torch.ones(3, columns, dtype=torch.long), cache=cache)
+        assert all(a is b for a, b in zip(_cached_tensors(cache), state[0], strict=True))
+        assert cache.positions is state[1] and cache.get_seq_length() == state[2]
+        # A padded new prompt handed to generate with the finished cache: the mask is the prompt's alone.
+        other, other_mask = padded_prompts(seed=71)
+        with pytest.raises(ValueError, match="A used cache continues only from the whole sequence so far"):
+            model.generate(other[:, :5], attention_mask=other_mask[:, :5], max_new_tokens=2, **cache_arg(cache))
+        assert cache.positions is state[1] and cache.get_seq_length() == state[2]
+        # Masks over the new tokens only, or over everything, still continue.
+        model(ids[:, :2], attention_mask=torch.ones(3, 2, dtype=torch.long), cache=cache)
+        model(ids[:, :2], attention_mask=torch.ones(3, ids.shape[1] + 4, dtype=torch.long), cache=cache)
+    assert cache.get_seq_length() == ids.shape[1] + 4
+
+
 def test_the_release_name_is_the_one_transformers_generate_uses():
     # From 5.24 on `generate` deprecates `past_key_values` in favour of `cache`.
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])

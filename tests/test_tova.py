@@ -282,6 +282,45 @@ def test_another_model_is_refused_before_any_layer_changes():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_finished_cache_given_a_new_prompt_is_refused_and_left_as_it_was(attn_implementation):
+    """Handed a used cache and a new prompt, generate keeps only the prompt's tail (or nothing): refused with the fix
+    named, before any layer changes. Without padding transformers passes no mask at all: nothing can tell a new
+    prompt from a continuation then, as with DynamicCache."""
+    model = family_model("llama")
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = 0
+    prompt, mask = ids(2, 12), torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    cache = TOVACache(8)
+    with torch.no_grad():
+        model.generate(prompt, attention_mask=mask, **cache_arg(cache), max_new_tokens=5, do_sample=False)
+        kept = [(layer.keys.clone(), layer.positions.clone(), layer.seen) for layer in cache.layers]
+        new_prompt, new_mask = ids(2, 10, seed=1), mask[:, 2:]
+        with pytest.raises(ValueError, match=r"has seen 16 tokens, but the attention mask does not cover them and "
+                                             r"the 4 new ones: .*use a new cache or call cache.reset\(\)"):
+            model.generate(new_prompt, attention_mask=new_mask, **cache_arg(cache), max_new_tokens=3)
+        with pytest.raises(ValueError, match="TOVACache got no new tokens"):  # a prompt up to half the seen length
+            model.generate(new_prompt[:, :6], attention_mask=new_mask[:, :6], **cache_arg(cache), max_new_tokens=3)
+        assert all(torch.equal(layer.keys, keys) and torch.equal(layer.positions, positions) and layer.seen == seen
+                   for layer, (keys, positions, seen) in zip(cache.layers, kept, strict=True))
+        cache.reset()
+        reused = model.generate(new_prompt, attention_mask=new_mask, **cache_arg(cache), max_new_tokens=3)
+        fresh = model.generate(new_prompt, attention_mask=new_mask, **cache_arg(TOVACache(8)), max_new_tokens=3)
+    assert torch.equal(reused, fresh)
+
+
+def test_a_first_prompt_padded_to_a_fixed_length_is_not_taken_for_a_short_mask():
+    model, cache = family_model("llama"), TOVACache(8)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[:, 5:] = 0  # every row ends in padding, as with padding="max_length"
+    with torch.no_grad():
+        want = model(ids(2, 7), attention_mask=mask).logits
+        got = model(ids(2, 7), attention_mask=mask, **cache_arg(cache)).logits
+    torch.testing.assert_close(got[:, :5], want[:, :5])
+    assert cache.get_seq_length() == 7
+
+
 def test_a_used_cache_pickles_and_continues():
     import pickle
 

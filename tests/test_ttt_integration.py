@@ -68,7 +68,9 @@ def test_auto_classes_are_registered():
 
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    assert TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["ttt"] == ["q_proj", "v_proj"]
+    assert TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["ttt"] == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,7 +207,8 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
             "modeling_ttt.TTTModel"
         )
         assert res["tied"] is True and res["training"] is False
-        assert res["lora_targets"] == sorted(ttt_hf.PEFT_TARGET_MODULES["ttt"])
+        names = {path.split(".")[-1] for path, _ in model.named_modules()}
+        assert res["lora_targets"] == sorted(names & set(ttt_hf.PEFT_TARGET_MODULES["ttt"]))
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits
             hidden = model.model(ids, use_cache=False).last_hidden_state
@@ -341,23 +344,25 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
     ids = random_ids(2, 10, seed=7)
     base_logits = uncached_logits(tiny_model(*MAMBA_LINEAR, seed=0), ids)
     peft_model = get_peft_model(tiny_model(*MAMBA_LINEAR, seed=0), LoraConfig(task_type="CAUSAL_LM", lora_alpha=32))
-    assert set(peft_model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
-    assert lora_module_names(peft_model) == {
-        f"base_model.model.model.layers.{i}.ttt.{proj}" for i in range(2) for proj in ("q_proj", "v_proj")
+    assert set(peft_model.peft_config["default"].target_modules) == set(ttt_hf.PEFT_TARGET_MODULES["ttt"])
+    assert lora_module_names(peft_model) == {  # the Mamba backbone shares q and k: no k_proj
+        f"base_model.model.model.layers.{i}.{proj}" for i in range(2)
+        for proj in ("ttt.q_proj", "ttt.v_proj", "ttt.o_proj", "ttt.g_proj", "mlp.gate_proj", "mlp.up_proj",
+                     "mlp.down_proj")
     }
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
 
     sgd_steps(peft_model, ids, steps=4, lr=10.0)
     lora_b = [p for name, p in peft_model.named_parameters() if ".lora_B." in name]
-    assert len(lora_b) == 4 and all(p.abs().max().item() > 0 for p in lora_b)
+    assert len(lora_b) == 14 and all(p.abs().max().item() > 0 for p in lora_b)
     peft_logits = uncached_logits(peft_model, ids)
     assert (peft_logits - base_logits).abs().max().item() > 1e-3  # the adapter matters
 
     peft_model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").exists()
     with open(tmp_path / "adapter_config.json") as f:
-        assert set(json.load(f)["target_modules"]) == {"q_proj", "v_proj"}
+        assert set(json.load(f)["target_modules"]) == set(ttt_hf.PEFT_TARGET_MODULES["ttt"])
 
     reloaded = PeftModel.from_pretrained(tiny_model(*MAMBA_LINEAR, seed=0), tmp_path)
     reloaded_logits = uncached_logits(reloaded, ids)

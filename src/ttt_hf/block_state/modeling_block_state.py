@@ -44,7 +44,9 @@ logger = logging.get_logger(__name__)
 
 # LoRA's default targets (`LoraConfig()` without target_modules), registered with PEFT when this file loads, in
 # the package or next to a checkpoint under trust_remote_code, so that PEFT finds them without `import ttt_hf`.
-LORA_TARGET_MODULES = ["q_proj", "v_proj", "cross_q_proj"]
+# The blocks' linear layers, as for TTT (README, "Fine-tuning with PEFT"); not the cross keys and values, which
+# the multi-head context mode computes per head (`HeadwiseLinear`, which LoRA cannot wrap).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "cross_q_proj", "gate_proj", "up_proj", "down_proj"]
 try:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 except ImportError:
@@ -81,12 +83,28 @@ def with_cache_alias(output_class: type) -> type:
     return output_class
 
 
+# Copied from ttt_hf.ttt.modeling_ttt.check_prompt
+def check_prompt(inputs: torch.Tensor | None, kwargs: dict) -> None:
+    """`generate`'s prompt holds a token per row: transformers would fail on an empty one deep inside."""
+    prompt = next((x for x in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None), None)
+    if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] == 0:
+        raise ValueError(
+            f"generate needs a prompt of at least one token per row, got shape {tuple(prompt.shape)}: start from "
+            "the BOS token (or pass no prompt: generate then starts from config.bos_token_id)"
+        )
+
+
 # Copied from ttt_hf.ttt.modeling_ttt.check_inputs
 def check_inputs(
-    config, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, dtype: torch.dtype
+    config,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    dtype: torch.dtype,
+    attention_mask: torch.Tensor | None = None,
+    cached_tokens: int = 0,
 ) -> None:
     """Clear errors for malformed inputs before any work. Token ids are range-checked on the CPU only: on an
-    accelerator the check would wait for the device."""
+    accelerator the check would wait for the device. `cached_tokens`: the columns a passed cache has seen."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -109,7 +127,23 @@ def check_inputs(
             )
         if inputs_embeds.dtype != dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
             raise TypeError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
-    if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
+    batch, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or not cached_tokens and (
+            attention_mask.shape[1] != seq_len
+        ):
+            raise ValueError(
+                f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x {seq_len}), "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape[1] not in (seq_len, cached_tokens + seq_len):
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} columns, but the cache has seen {cached_tokens} and "
+                f"the input adds {seq_len}: it must cover all {cached_tokens + seq_len} (or the {seq_len} new ones "
+                "only). A used cache continues only from the whole sequence so far, as generate passes it; for a new "
+                "prompt, use a new cache or call cache.reset()"
+            )
+    if seq_len == 0:
         name = "input_ids" if input_ids is not None else "inputs_embeds"
         raise ValueError(f"{name} must hold at least one token per row, got seq_len 0")
 
@@ -694,7 +728,10 @@ class BlockStateModel(BlockStatePreTrainedModel):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported by Block-State models")
-        check_inputs(self.config, input_ids, inputs_embeds, self.embed_tokens.weight.dtype)
+        cached_tokens = cache.get_seq_length() if isinstance(cache, BlockStateCache) else 0
+        check_inputs(
+            self.config, input_ids, inputs_embeds, self.embed_tokens.weight.dtype, attention_mask, cached_tokens
+        )
         if cache is not None and not isinstance(cache, BlockStateCache):
             raise TypeError(f"cache must be a BlockStateCache, got {type(cache).__name__}")
         if cache is not None:
@@ -768,14 +805,9 @@ class BlockStateModel(BlockStatePreTrainedModel):
 
     @staticmethod
     def _token_mask(attention_mask, batch: int, seq_len: int, device) -> torch.Tensor:
-        """[B, T] bool of real tokens, from a 2-D mask that covers at least the current tokens."""
+        """[B, T] bool of real tokens, from a 2-D mask (checked by `check_inputs`) whose last columns are the input's."""
         if attention_mask is None:
             return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
-            raise ValueError(
-                f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x >= "
-                f"{seq_len}), got shape {tuple(attention_mask.shape)}"
-            )
         return attention_mask[:, -seq_len:].to(device) != 0
 
 
@@ -832,6 +864,11 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: outputs.cache}
         )
         return output if return_dict else output.to_tuple()
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """transformers' [`GenerationMixin.generate`], which refuses an empty prompt up front."""
+        check_prompt(inputs, kwargs)
+        return super().generate(inputs, *args, **kwargs)
 
 
 __all__ = ["BlockStatePreTrainedModel", "BlockStateModel", "BlockStateForCausalLM"]

@@ -104,6 +104,13 @@ class TOVALayer(DynamicLayer):
         keys, values, positions = buffers
         self.keys, self.values, self.positions = keys.narrow(2, 0, length), values.narrow(2, 0, length), positions.narrow(1, 0, length)
 
+    def retract(self, count: int) -> None:
+        """Undoes the last `update`, of `count` tokens after earlier ones (before its eviction): a refused call
+        leaves no trace."""
+        self._hold(self._buffers, self.physical_length - count)
+        self.seen -= count
+        self._next_position -= count
+
     def drop_last(self) -> None:
         """Forgets the last slot (the Triton eviction already moved it into the victim's slot)."""
         self._hold(self._buffers, self.physical_length - 1)
@@ -297,19 +304,34 @@ class TOVACache(Cache):
         causal mask even where it hides nothing, and with a mask its SDPA integration repeats K/V for every query
         head; a single query over a cache that never held padding attends to every slot, so there the mask is
         dropped (None: SDPA's GQA path, as in an eager step; the fused kernel reads no mask row). Padding enters
-        with a prompt or chunk: eager calls of several tokens record whether their mask hid a slot (one check
-        each; decode steps never sync)."""
+        with a prompt or chunk: eager calls of several tokens record whether their mask hid a slot, and refuse a
+        mask that hides every row's newest token from itself (one check each; decode steps never sync)."""
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
             return attention_mask
-        if getattr(module, "sliding_window", None) is not None:  # the mask holds the window
-            return attention_mask
+        sliding = getattr(module, "sliding_window", None) is not None  # the mask holds the window, not padding
         if _capturing(query):
-            return None if query.shape[2] == 1 and not self._padded else attention_mask
-        if query.shape[2] > 1 and not self._padded:  # once padding is seen the mask is always kept
+            return None if query.shape[2] == 1 and not self._padded and not sliding else attention_mask
+        if query.shape[2] > 1:
             row = last_mask_row(attention_mask, query.shape[0], query.shape[2], attention_mask.shape[-1])
             hidden = ~row if row.dtype == torch.bool else row <= torch.finfo(row.dtype).min / 2
-            self._padded = bool(hidden.any())
+            padded, unseen = torch.stack([hidden.any(), hidden[:, -1].all()]).tolist()
+            if unseen and self.layers[module.layer_idx].seen > query.shape[2]:  # a first call may be all padded
+                self._refuse_short_mask(module.layer_idx, query.shape[2])
+            self._padded |= padded and not sliding  # once padding is seen the mask is always kept
         return attention_mask
+
+    def _refuse_short_mask(self, layer_idx: int, new: int) -> None:
+        """Every row's newest token is hidden from itself: the attention mask is shorter than the tokens this cache
+        has seen plus the new ones, as when `generate` is handed a used cache with a new prompt (it then keeps only
+        the prompt's tail). The layer's update is undone first."""
+        layer = self.layers[layer_idx]
+        seen = layer.seen - new
+        layer.retract(new)
+        raise ValueError(
+            f"TOVACache has seen {seen} tokens, but the attention mask does not cover them and the {new} new ones: "
+            "to continue, pass the whole sequence so far (the tokens this cache has seen, then the new ones) as "
+            "input_ids and attention_mask; for a new prompt, use a new cache or call cache.reset()"
+        )
 
     def __getstate__(self) -> dict:
         # The owners are weak references (not picklable) to a live model's modules: a copy starts without them.
@@ -451,6 +473,12 @@ class TOVACache(Cache):
         return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if query_length == 0:  # transformers asks before any layer runs: the one place that sees an empty call
+            raise ValueError(
+                f"TOVACache got no new tokens: a call needs at least one. After a used cache (it has seen "
+                f"{self.get_seq_length(layer_idx)} tokens), generate takes the whole sequence so far, then the new "
+                "tokens; for a new prompt, use a new cache or call cache.reset()"
+            )
         if layer_idx < len(self.layers):
             return self.layers[layer_idx].get_mask_sizes(query_length)
         return query_length, 0

@@ -27,7 +27,10 @@ logger = logging.get_logger(__name__)
 
 # LoRA's default targets (`LoraConfig()` without target_modules), registered with PEFT when this file loads, in
 # the package or next to a checkpoint under trust_remote_code, so that PEFT finds them without `import ttt_hf`.
-LORA_TARGET_MODULES = ["q_proj", "v_proj"]
+# Every linear layer of the blocks, not transformers' q/v habit: here q and v reach the output only through the
+# inner loop (v is merely its regression target), so adapters on them alone barely move the loss, while the
+# output, gate and MLP projections act on it directly (README, "Fine-tuning with PEFT").
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"]
 try:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 except ImportError:
@@ -61,11 +64,26 @@ def with_cache_alias(output_class: type) -> type:
     return output_class
 
 
+def check_prompt(inputs: torch.Tensor | None, kwargs: dict) -> None:
+    """`generate`'s prompt holds a token per row: transformers would fail on an empty one deep inside."""
+    prompt = next((x for x in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None), None)
+    if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] == 0:
+        raise ValueError(
+            f"generate needs a prompt of at least one token per row, got shape {tuple(prompt.shape)}: start from "
+            "the BOS token (or pass no prompt: generate then starts from config.bos_token_id)"
+        )
+
+
 def check_inputs(
-    config, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, dtype: torch.dtype
+    config,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    dtype: torch.dtype,
+    attention_mask: torch.Tensor | None = None,
+    cached_tokens: int = 0,
 ) -> None:
     """Clear errors for malformed inputs before any work. Token ids are range-checked on the CPU only: on an
-    accelerator the check would wait for the device."""
+    accelerator the check would wait for the device. `cached_tokens`: the columns a passed cache has seen."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -88,7 +106,23 @@ def check_inputs(
             )
         if inputs_embeds.dtype != dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
             raise TypeError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
-    if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
+    batch, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or not cached_tokens and (
+            attention_mask.shape[1] != seq_len
+        ):
+            raise ValueError(
+                f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x {seq_len}), "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape[1] not in (seq_len, cached_tokens + seq_len):
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} columns, but the cache has seen {cached_tokens} and "
+                f"the input adds {seq_len}: it must cover all {cached_tokens + seq_len} (or the {seq_len} new ones "
+                "only). A used cache continues only from the whole sequence so far, as generate passes it; for a new "
+                "prompt, use a new cache or call cache.reset()"
+            )
+    if seq_len == 0:
         name = "input_ids" if input_ids is not None else "inputs_embeds"
         raise ValueError(f"{name} must hold at least one token per row, got seq_len 0")
 
@@ -451,7 +485,10 @@ class TTTModel(TTTPreTrainedModel):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: TTT layers compute no attention weights")
-        check_inputs(self.config, input_ids, inputs_embeds, self.embed_tokens.weight.dtype)
+        cached_tokens = cache.get_seq_length() if isinstance(cache, TTTCache) else 0
+        check_inputs(
+            self.config, input_ids, inputs_embeds, self.embed_tokens.weight.dtype, attention_mask, cached_tokens
+        )
         if cache is not None and not isinstance(cache, TTTCache):
             raise TypeError(
                 f"cache must be a TTTCache (TTT models keep a recurrent state, not key/values), "
@@ -471,7 +508,7 @@ class TTTModel(TTTPreTrainedModel):
 
         batch, seq_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
-        mask = self._token_mask(attention_mask, batch, seq_len, device)
+        mask = self._token_mask(attention_mask, seq_len, device)
         fresh = cache is None or cache.positions is None
         start = torch.zeros(batch, dtype=torch.long, device=device) if fresh else cache.row_positions(batch, device)
         # Padding can sit anywhere: move each row's real tokens to the front, run, then put them back.
@@ -521,15 +558,10 @@ class TTTModel(TTTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     @staticmethod
-    def _token_mask(attention_mask, batch: int, seq_len: int, device) -> torch.Tensor | None:
-        """[B, T] bool of real tokens, from a 2-D mask that covers at least the current tokens."""
+    def _token_mask(attention_mask, seq_len: int, device) -> torch.Tensor | None:
+        """[B, T] bool of real tokens, from a 2-D mask (checked by `check_inputs`) whose last columns are the input's."""
         if attention_mask is None:
             return None
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
-            raise ValueError(
-                f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x >= "
-                f"{seq_len}), got shape {tuple(attention_mask.shape)}"
-            )
         return attention_mask[:, -seq_len:].to(device) != 0
 
 
@@ -590,6 +622,11 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: outputs.cache}
         )
         return output if return_dict else output.to_tuple()
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """transformers' [`GenerationMixin.generate`], which refuses an empty prompt up front."""
+        check_prompt(inputs, kwargs)
+        return super().generate(inputs, *args, **kwargs)
 
 
 __all__ = ["TTTPreTrainedModel", "TTTModel", "TTTForCausalLM"]
