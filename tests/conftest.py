@@ -53,7 +53,9 @@ def _called_from_ttt_hf() -> bool:
     frame = sys._getframe(1)
     while frame is not None:
         path = Path(frame.f_code.co_filename)
-        if _PACKAGE_DIR in path.parents or path.name in _MODEL_FILES:
+        # The models' `generate` hands its arguments on unchanged: a deprecated one is its caller's.
+        passing_on = frame.f_code.co_name == "generate" and path.name.startswith("modeling_")
+        if not passing_on and (_PACKAGE_DIR in path.parents or path.name in _MODEL_FILES):
             return True
         frame = frame.f_back
     return False

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import ttt_hf
+from integration_testing import env_without_ttt_hf
 from ttt_hf.cli import main
 from ttt_hf.conversion import convert_ttt_jax
 from ttt_hf.conversion.ttt_jax import read_parameters
@@ -113,6 +114,21 @@ def test_tokenizer_is_saved_into_the_folder_and_a_bad_one_writes_nothing(tmp_pat
     assert main(["convert", str(checkpoint), str(tmp_path / "bad"), "--quiet", "--tokenizer",
                  str(tmp_path / "no-such-tokenizer")]) == 2
     assert {p.name for p in tmp_path.iterdir()} == {"tokenizer", "out"}  # no "bad", no temporary folder
+
+    # A process without ttt_hf loads the tokenizer and a pipeline with trust_remote_code=True: no question on
+    # stdin, no warning about building an empty config.
+    script = (
+        "import sys; sys.modules['ttt_hf'] = None\n"
+        "from transformers import AutoTokenizer, pipeline\n"
+        "print(AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)('to be or not').input_ids)\n"
+        "generator = pipeline('text-generation', model=sys.argv[1], trust_remote_code=True)\n"
+        "print(len(generator('to be', max_new_tokens=2, do_sample=False)[0]['generated_text']) > 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], env=env_without_ttt_hf(tmp_path),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[3,", "4,", "5,", "6]", "True"]
+    assert "custom code" not in proc.stderr and "to instantiate a model of type" not in proc.stderr, proc.stderr
 
 
 def _doctored(tmp_path, edit):
