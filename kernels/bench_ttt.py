@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
+from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_reference, ttt_step, ttt_step_reference
 
 from bench_common import cuda_time, result_paths, save_results
 
@@ -136,26 +136,26 @@ def main() -> None:
         with torch.no_grad():
             a = inputs(B, H, T, D, torch.bfloat16)
             row["triton_fwd"] = ms(lambda: ttt_chunk(*a, kernel_backend="triton"))
-            row["torch_fwd"] = ms(lambda: ttt_chunk_torch(*a), quick=True)
+            row["torch_fwd"] = ms(lambda: ttt_chunk_reference(*a), quick=True)
         g = inputs(B, H, T, D, torch.bfloat16, requires_grad=True)
         # The default recomputes groups of 16 mini-batches; checkpoint_group=1 keeps every start state instead.
         for key, group in (("triton_fwd_bwd", 0), ("triton_kept_fwd_bwd", 1)):
             run = fwd_bwd(lambda group=group: ttt_chunk(*g, checkpoint_group=group, kernel_backend="triton")[0])
             row[key] = ms(run)
             row[f"{key}_extra_gib"] = extra_gib(run)
-        row["torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_torch(*g)[0]), quick=True)
+        row["torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_reference(*g)[0]), quick=True)
         with torch.no_grad():
             m = inputs(B, H, T, D, torch.bfloat16, mlp=True)
             if mlp_kernel:
                 row["mlp_triton_fwd"] = ms(lambda: ttt_chunk(*m, kernel_backend="triton"))
-            row["mlp_torch_fwd"] = ms(lambda: ttt_chunk_torch(*m), quick=True)
+            row["mlp_torch_fwd"] = ms(lambda: ttt_chunk_reference(*m), quick=True)
         m = inputs(B, H, T, D, torch.bfloat16, requires_grad=True, mlp=True)
         if mlp_kernel:
             mlp_triton = fwd_bwd(lambda: ttt_chunk(*m, kernel_backend="triton")[0])
             row["mlp_triton_fwd_bwd"] = ms(mlp_triton)
             row["mlp_triton_fwd_bwd_extra_gib"] = extra_gib(mlp_triton)
         # The reference recomputes groups of 16 mini-batches, as the model's training with it does.
-        row["mlp_torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_torch(*m, checkpoint_group=16)[0]), quick=True)
+        row["mlp_torch_fwd_bwd"] = ms(fwd_bwd(lambda: ttt_chunk_reference(*m, checkpoint_group=16)[0]), quick=True)
         q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         with torch.no_grad():
             row["sdpa_fwd"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
@@ -186,7 +186,7 @@ def main() -> None:
         step = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
         with torch.no_grad():
             row = {"triton_us": 1e3 * ms(lambda: ttt_step(state, acc, *step, kernel_backend="triton")),
-                   "torch_us": 1e3 * ms(lambda: ttt_step_torch(state, acc, *step))}
+                   "torch_us": 1e3 * ms(lambda: ttt_step_reference(state, acc, *step))}
         results["decode"][f"{batch}x{heads}"] = row
         print(f"| {batch} x {heads} | {row['triton_us']:.1f} | {row['torch_us']:.1f} |")
 

@@ -15,7 +15,7 @@ import torch
 
 from ttt_hf import TTTForCausalLM
 from ttt_hf.ttt.cache_ttt import TTTCache
-from ttt_hf.ttt.ttt_ops import ttt_step_torch
+from ttt_hf.ttt.ttt_ops import ttt_step_reference
 from ttt_hf.ttt.ttt_triton_decode import ttt_step_triton
 
 from bench_common import capture, cuda_time, save_results, ttt_model
@@ -48,7 +48,7 @@ def bench_step(layer_type: str, batch: int, heads: int, head_dim: int, dtype: to
 
     def torch_step():  # the reference returns new tensors: carry them as the cache does (eagerly; a graph
         # replays its captured step from the same state, at the same cost)
-        _, state[:], acc[:] = ttt_step_torch(state, acc, *args)
+        _, state[:], acc[:] = ttt_step_reference(state, acc, *args)
 
     row = {}
     for name, fn in (("triton", triton_step), ("torch", torch_step)):

@@ -1,4 +1,4 @@
-"""Tuning sweep of the TTT-Linear chunk kernels' launch parameters (`ttt_triton.LAUNCH`) and of the backward's
+"""Tuning sweep of the TTT-Linear chunk kernels' launch parameters (`ttt_triton_linear.LAUNCH`) and of the backward's
 checkpoint group, and of the TTT-MLP kernels' state tiles and warps (`ttt_triton_mlp.LAUNCH`), on the GPU:
 
     python kernels/tune_ttt.py [--length 8192] [--batch 4 --heads 32 --head-dims 64,128] [--out ttt_tune.json]
@@ -17,7 +17,7 @@ import argparse
 import torch
 from triton.testing import do_bench
 
-from ttt_hf.ttt import ttt_triton, ttt_triton_mlp
+from ttt_hf.ttt import ttt_triton_linear, ttt_triton_mlp
 from ttt_hf.ttt.ttt_ops import ttt_chunk
 
 from bench_common import save_results
@@ -49,8 +49,8 @@ def kernel_breakdown(args: tuple) -> list[tuple[str, float]]:
 
 def run_variant(kernel: str, launch: dict, head_dim: int, forward_only: bool, args: tuple, group: int = 0):
     """(ms, outputs and gradients) of the op with `launch` for `kernel`; the default launch is restored after."""
-    default = ttt_triton.LAUNCH[kernel]
-    ttt_triton.LAUNCH[kernel] = tuple(launch if (i == 1) == (head_dim > 64) else d for i, d in enumerate(default))
+    default = ttt_triton_linear.LAUNCH[kernel]
+    ttt_triton_linear.LAUNCH[kernel] = tuple(launch if (i == 1) == (head_dim > 64) else d for i, d in enumerate(default))
     try:
         op = lambda: ttt_chunk(*args, checkpoint_group=group, kernel_backend="triton")[0]  # noqa: E731
         if forward_only:
@@ -62,7 +62,7 @@ def run_variant(kernel: str, launch: dict, head_dim: int, forward_only: bool, ar
         result = [out.detach(), *torch.autograd.grad(out.float().square().sum(), leaves)]
         return do_bench(fwd_bwd(op), warmup=25, rep=100), result
     finally:
-        ttt_triton.LAUNCH[kernel] = default
+        ttt_triton_linear.LAUNCH[kernel] = default
 
 
 def mlp_rows(args, head_dim: int) -> list[dict]:
@@ -123,7 +123,7 @@ def main() -> None:
         for kernel, launches in CANDIDATES.items():
             forward_only = not kernel.startswith("bwd")
             reference = None
-            for launch in [ttt_triton.LAUNCH[kernel][head_dim > 64], *launches]:
+            for launch in [ttt_triton_linear.LAUNCH[kernel][head_dim > 64], *launches]:
                 try:
                     ms, result = run_variant(kernel, launch, head_dim, forward_only, a)
                 except Exception as error:  # noqa: BLE001 (a launch that does not compile, e.g. out of resources)
@@ -136,7 +136,7 @@ def main() -> None:
         for group in GROUPS:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            ms, _ = run_variant("bwd_state", ttt_triton.LAUNCH["bwd_state"][head_dim > 64], head_dim, False, a, group)
+            ms, _ = run_variant("bwd_state", ttt_triton_linear.LAUNCH["bwd_state"][head_dim > 64], head_dim, False, a, group)
             rows.append(dict(head_dim=head_dim, kernel=f"checkpoint_group={group} (whole op)", launch={}, ms=ms,
                              extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30))
             print(rows[-1], flush=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt_hf.ttt.ttt_ops import SlotLayout, ln_forward, ttt_chunk_torch, ttt_step_torch
+from ttt_hf.ttt.ttt_ops import MiniBatchSlots, ln_forward, ttt_chunk_reference, ttt_step_reference
 
 B, H, F_DIM, MB = 2, 3, 8, 4
 
@@ -57,11 +57,11 @@ def naive_ttt(q, k, v, lr, tau, ln_w, ln_b, params, start=0):
 def test_aligned_slot_layout_reads_nothing_from_the_device(seq_len):
     # Meta tensors hold no values: reading one back (a host sync on CUDA) raises.
     start, length = torch.zeros(B, dtype=torch.long), torch.full((B,), seq_len)
-    aligned = SlotLayout(start.to("meta"), length.to("meta"), MB, seq_len, aligned=True)
-    read = SlotLayout(start, length, MB, seq_len)
+    aligned = MiniBatchSlots(start.to("meta"), length.to("meta"), MB, seq_len, aligned=True)
+    read = MiniBatchSlots(start, length, MB, seq_len)
     assert (aligned.num_mini_batches, aligned.dense) == (read.num_mini_batches, read.dense)
     with pytest.raises(NotImplementedError, match="meta"):
-        SlotLayout(start.to("meta"), length.to("meta"), MB, seq_len)
+        MiniBatchSlots(start.to("meta"), length.to("meta"), MB, seq_len)
 
 
 def _batched(params):
@@ -76,7 +76,7 @@ def test_chunk_matches_token_by_token_definition(layer_type, seq_len, aligned):
     state = _batched(params)
     acc = [torch.zeros_like(s) for s in state]
     zeros, full = torch.zeros(B, dtype=torch.long), torch.full((B,), seq_len)
-    out, _, _ = ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, zeros, full, aligned=aligned)
+    out, _, _ = ttt_chunk_reference(state, acc, q, k, v, lr, tau, ln_w, ln_b, zeros, full, aligned=aligned)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, naive_ttt(q, k, v, lr, tau, ln_w, ln_b, params), rtol=0, atol=1e-8)
 
@@ -94,13 +94,13 @@ def test_any_split_and_step_continue_exactly(layer_type):
         sl = slice(position, position + size)
         start = torch.full((B,), position)
         if size == 1:
-            out, state, acc = ttt_step_torch(
+            out, state, acc = ttt_step_reference(
                 state, acc, q[:, :, position], k[:, :, position], v[:, :, position], lr[:, :, position], tau, ln_w, ln_b,
                 start, torch.ones(B, dtype=torch.bool),
             )
             out = out[:, :, None]
         else:
-            out, state, acc = ttt_chunk_torch(
+            out, state, acc = ttt_chunk_reference(
                 state, acc, q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], tau, ln_w, ln_b, start, torch.full((B,), size)
             )
         pieces.append(out)
@@ -114,18 +114,18 @@ def test_right_padding_and_inactive_rows_leave_state_untouched():
     acc = [torch.zeros_like(s) for s in state]
     length = torch.tensor([7, 5])
     start = torch.zeros(B, dtype=torch.long)
-    out, new_state, new_acc = ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
+    out, new_state, new_acc = ttt_chunk_reference(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
     row1 = naive_ttt(q[1:, :, :5], k[1:, :, :5], v[1:, :, :5], lr[1:, :, :5], tau, ln_w, ln_b, params)
     torch.testing.assert_close(out[1:, :, :5], row1, rtol=0, atol=1e-8)
     # Row 1 stopped after 5 tokens: one committed mini-batch and one token in the accumulator.
-    _, short_state, short_acc = ttt_chunk_torch(
+    _, short_state, short_acc = ttt_chunk_reference(
         [s[1:] for s in state], [a[1:] for a in acc], q[1:, :, :5], k[1:, :, :5], v[1:, :, :5], lr[1:, :, :5], tau, ln_w, ln_b,
         start[1:], length[1:],
     )
     for got, want in zip(new_state + new_acc, short_state + short_acc):
         torch.testing.assert_close(got[1:], want, rtol=0, atol=1e-12)
     inactive = torch.tensor([True, False])
-    _, stepped, stepped_acc = ttt_step_torch(
+    _, stepped, stepped_acc = ttt_step_reference(
         new_state, new_acc, q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, length, inactive
     )
     for got, want in zip(stepped + stepped_acc, new_state + new_acc):
@@ -143,7 +143,7 @@ def test_checkpointed_scan_has_the_same_gradients(layer_type):
         q_, k_, v_, lr_, tau_, w_, b_, *params_ = inputs
         state = [p.unsqueeze(0).expand(B, *p.shape) for p in params_]
         acc = [torch.zeros_like(s) for s in state]
-        out, final, _ = ttt_chunk_torch(
+        out, final, _ = ttt_chunk_reference(
             state, acc, q_, k_, v_, lr_, tau_, w_, b_, torch.zeros(B, dtype=torch.long), torch.full((B,), q.shape[2]),
             checkpoint_group=group,
         )

@@ -5,9 +5,9 @@ import pytest
 import torch
 from ttt_testing import check_double_backward_is_refused, random_ids, rel_err, tiny_model
 
-from ttt_hf.ttt import ttt_ops, ttt_triton
-from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_torch, ttt_step, ttt_step_torch
-from ttt_hf.ttt.ttt_triton import ttt_linear_chunk_triton
+from ttt_hf.ttt import ttt_ops, ttt_triton_linear
+from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_reference, ttt_step, ttt_step_reference
+from ttt_hf.ttt.ttt_triton_linear import ttt_linear_chunk_triton
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,8 +85,8 @@ def test_chunk_kernel_and_gradients_with_mini_batches_of_32():
 
 def test_aligned_full_rows_take_the_slots_as_views():
     # Both rows start a mini-batch (0 and 16) and fill whole ones: no gathers, same results and gradients.
-    layout = ttt_ops.SlotLayout(torch.tensor([0, 16]), torch.tensor([32, 32]), MB, 32)
-    assert layout.dense and not ttt_ops.SlotLayout(torch.tensor([0, 16]), torch.tensor([32, 31]), MB, 32).dense
+    layout = ttt_ops.MiniBatchSlots(torch.tensor([0, 16]), torch.tensor([32, 32]), MB, 32)
+    assert layout.dense and not ttt_ops.MiniBatchSlots(torch.tensor([0, 16]), torch.tensor([32, 31]), MB, 32).dense
     x = torch.randn(2, 3, 32, 4)
     assert layout.to_slots(x).data_ptr() == x.data_ptr() and torch.equal(layout.from_slots(layout.to_slots(x)), x)
     check_chunk(2, 2, 32, 16, start=[0, 16], length=[32, 32], checkpoint_group=1)
@@ -95,7 +95,7 @@ def test_aligned_full_rows_take_the_slots_as_views():
 def test_forward_in_segments_hands_the_state_on(monkeypatch):
     # Room for the start states of two mini-batches of all 4 (row, head) pairs: 3 mini-batches run as 2 + 1 in
     # the forward and (one checkpoint group of 2 per segment: the backward also holds a local adjoint) in the backward.
-    monkeypatch.setattr(ttt_triton, "SEGMENT_BYTES", 2 * 4 * (16 * 16 + 16) * 4)
+    monkeypatch.setattr(ttt_triton_linear, "SEGMENT_BYTES", 2 * 4 * (16 * 16 + 16) * 4)
     check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], checkpoint_group=2)
 
 
@@ -119,9 +119,9 @@ class LaunchCounter:
 def test_chunk_gradients_across_edge_mini_batches_and_segments(monkeypatch, start, length, segment_bytes,
                                                                backward_segments):
     if segment_bytes:
-        monkeypatch.setattr(ttt_triton, "SEGMENT_BYTES", segment_bytes)
-    chain = LaunchCounter(ttt_triton._ttt_linear_chunk_bwd_state_kernel)
-    monkeypatch.setattr(ttt_triton, "_ttt_linear_chunk_bwd_state_kernel", chain)
+        monkeypatch.setattr(ttt_triton_linear, "SEGMENT_BYTES", segment_bytes)
+    chain = LaunchCounter(ttt_triton_linear._ttt_linear_chunk_bwd_state_kernel)
+    monkeypatch.setattr(ttt_triton_linear, "_ttt_linear_chunk_bwd_state_kernel", chain)
     check_chunk(2, 2, max(length), 16, start=start, length=length, checkpoint_group=2)
     assert len(chain.grids) == backward_segments
 
@@ -129,11 +129,11 @@ def test_chunk_gradients_across_edge_mini_batches_and_segments(monkeypatch, star
 def test_keeping_every_start_state_skips_the_recomputation(monkeypatch):
     # checkpoint_group=1: one sequential forward pass in all (the forward's, over all 7 mini-batches at once);
     # the backward's segments bound its local adjoints only: room for 3 mini-batches of all 4 (row, head) pairs.
-    monkeypatch.setattr(ttt_triton, "SEGMENT_BYTES", 3 * 4 * (16 * 16 + 16) * 4)
-    state_pass = LaunchCounter(ttt_triton._ttt_linear_chunk_state_kernel)
-    chain = LaunchCounter(ttt_triton._ttt_linear_chunk_bwd_state_kernel)
-    monkeypatch.setattr(ttt_triton, "_ttt_linear_chunk_state_kernel", state_pass)
-    monkeypatch.setattr(ttt_triton, "_ttt_linear_chunk_bwd_state_kernel", chain)
+    monkeypatch.setattr(ttt_triton_linear, "SEGMENT_BYTES", 3 * 4 * (16 * 16 + 16) * 4)
+    state_pass = LaunchCounter(ttt_triton_linear._ttt_linear_chunk_state_kernel)
+    chain = LaunchCounter(ttt_triton_linear._ttt_linear_chunk_bwd_state_kernel)
+    monkeypatch.setattr(ttt_triton_linear, "_ttt_linear_chunk_state_kernel", state_pass)
+    monkeypatch.setattr(ttt_triton_linear, "_ttt_linear_chunk_bwd_state_kernel", chain)
     check_chunk(2, 2, 100, 16, start=[5, 0], length=[100, 60], checkpoint_group=1)
     assert len(state_pass.grids) == 1 and len(chain.grids) == 3
 
@@ -180,7 +180,7 @@ def test_step_kernel_matches_reference_across_a_commit():
     position = torch.tensor([MB - 1, 3, MB - 1], device=DEVICE)  # rows 0 and 2 end a mini-batch
     active = torch.tensor([True, True, False], device=DEVICE)
     args = (state, acc, q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
-    reference = ttt_step_torch(*args)
+    reference = ttt_step_reference(*args)
     owned = [t.clone() for t in (*state, *acc)]
     out, new_state, new_acc = ttt_step(owned[:2], owned[2:], *args[2:], kernel_backend="triton")
     assert rel_err(out[:2], reference[0][:2]) <= 1e-5
@@ -194,7 +194,7 @@ def test_steps_equal_one_chunk():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(2, 2, 20, 16)
     acc = [torch.zeros_like(a) for a in acc]
     zero, full = torch.zeros(2, dtype=torch.long, device=DEVICE), torch.full((2,), 20, device=DEVICE)
-    reference, ref_state, ref_acc = ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, zero, full)
+    reference, ref_state, ref_acc = ttt_chunk_reference(state, acc, q, k, v, lr, tau, ln_w, ln_b, zero, full)
     state, acc = [s.clone() for s in state], [a.clone() for a in acc]
     active = torch.ones(2, dtype=torch.bool, device=DEVICE)
     for t in range(20):
@@ -213,8 +213,14 @@ def test_chunk_backward_saves_a_state_per_group_not_per_mini_batch():
     for x in (q, k, v, lr, *state):
         x.requires_grad_()
     zero, length = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32 * MB, device=DEVICE)
+    args = (state, acc, q, k, v, lr, tau, ln_w, ln_b, zero, length)
+    runs = {
+        "torch": lambda: ttt_ops.ttt_chunk_reference(*args, checkpoint_group=0),  # no recomputation
+        "torch, groups of 16": lambda: ttt_chunk(*args, kernel_backend="torch"),  # the config's default, 0
+        "triton": lambda: ttt_chunk(*args, kernel_backend="triton"),
+    }
     saved = {}
-    for backend in ("torch", "triton"):
+    for name, run in runs.items():
         storages = {}
 
         def pack(t, storages=storages):
@@ -222,9 +228,11 @@ def test_chunk_backward_saves_a_state_per_group_not_per_mini_batch():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, zero, length, kernel_backend=backend)
-        saved[backend] = sum(storages.values()) / q.nbytes
+            run()
+        saved[name] = sum(storages.values()) / q.nbytes
     assert saved["triton"] <= 8 and saved["torch"] > 2 * saved["triton"], saved
+    # `scan_checkpoint_group_size` 0 means groups of 16 on the reference too.
+    assert saved["torch, groups of 16"] < saved["torch"] / 2, saved
 
 
 def test_dispatch_rules(monkeypatch):
@@ -280,7 +288,7 @@ def test_kernels_at_real_sizes(head_dim, dtype, tol, no_tf32):
     position = torch.arange(16, device=DEVICE) * 5
     active = torch.ones(16, dtype=torch.bool, device=DEVICE)
     args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
-    reference = ttt_step_torch(state, acc, *args)
+    reference = ttt_step_reference(state, acc, *args)
     out, new_state, new_acc = ttt_step([s.clone() for s in state], [a.clone() for a in acc], *args, kernel_backend="triton")
     assert rel_err(out, reference[0]) <= tol
     for got, want in zip([*new_state, *new_acc], [*reference[1], *reference[2]]):

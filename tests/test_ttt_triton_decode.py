@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from ttt_testing import random_ids, rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops
-from ttt_hf.ttt.ttt_ops import causal_conv1d, causal_conv1d_banks, ttt_chunk_torch, ttt_step_torch
+from ttt_hf.ttt.ttt_ops import causal_conv1d, causal_conv1d_banks, ttt_chunk_reference, ttt_step_reference
 from ttt_hf.ttt.ttt_triton_conv import causal_conv_step_triton
 from ttt_hf.ttt.ttt_triton_decode import decode_kernel_supported, ttt_step_triton
 
@@ -45,7 +45,7 @@ def check_step(layer_type, batch, heads, head_dim, position, active, dtype=torch
                                                            mini_batch=mini_batch)
     args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b,
             torch.tensor(position, device=DEVICE), torch.tensor(active, device=DEVICE))
-    want = ttt_step_torch(state, acc, *args)
+    want = ttt_step_reference(state, acc, *args)
     mine_state, mine_acc = [t.clone() for t in state], [t.clone() for t in acc]
     got = ttt_step_triton(mine_state, mine_acc, *args)
     assert all(a is b for a, b in zip(got[1] + got[2], mine_state + mine_acc)), "the state must be updated in place"
@@ -69,7 +69,7 @@ def test_steps_equal_chunk_reference(layer_type):
     batch, heads, head_dim, tokens = 3, 2, 16, 7
     state, acc, q, k, v, lr, tau, ln_w, ln_b = step_inputs(layer_type, batch, heads, head_dim, tokens)
     start, length = torch.tensor([0, 3, 6], device=DEVICE), torch.tensor([7, 7, 4], device=DEVICE)
-    want_out, want_state, want_acc = ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
+    want_out, want_state, want_acc = ttt_chunk_reference(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
 
     state, acc = [t.clone() for t in state], [t.clone() for t in acc]
     outs = []
@@ -91,7 +91,7 @@ def test_broadcast_initial_state_is_copied_not_written():
     initial = [p.unsqueeze(0).expand(1, *p.shape) for p in params]
     args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, torch.tensor([3], device=DEVICE),
             torch.tensor([True], device=DEVICE))  # position 3 commits: W itself would be written
-    want = ttt_step_torch(initial, acc, *args)
+    want = ttt_step_reference(initial, acc, *args)
     out, new_state, new_acc = ttt_step_triton(initial, [a.clone() for a in acc], *args)
     assert all(torch.equal(p, t[0]) for p, t in zip(params, state))  # `state` holds an untouched copy
     assert all(new.data_ptr() != old.data_ptr() for new, old in zip(new_state, initial))

@@ -6,7 +6,7 @@ import torch
 from ttt_testing import check_double_backward_is_refused, random_ids, rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops
-from ttt_hf.ttt.ttt_ops import TTT_LN_EPS, SlotLayout, ttt_chunk
+from ttt_hf.ttt.ttt_ops import TTT_LN_EPS, MiniBatchSlots, ttt_chunk
 
 pytest.importorskip("triton")
 from ttt_hf.ttt import ttt_triton_mlp  # noqa: E402
@@ -85,7 +85,7 @@ def test_gradients_with_a_shorter_last_checkpoint_group(small_tiles):
 
 def test_autograd_function_leaves_its_inputs_and_cotangents_untouched():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 2, 32, 16)
-    layout = SlotLayout(torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE), MB, 32)
+    layout = MiniBatchSlots(torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE), MB, 32)
     inputs = (*(layout.to_slots(x) for x in (q, k, v)), layout.to_slots(lr[..., None])[..., 0], tau, ln_w, ln_b,
               layout.span.to(torch.int32))
     record = ttt_triton_mlp._pack([*state, *acc], 1, 2).requires_grad_()
@@ -119,13 +119,13 @@ def test_inputs_stay_untouched_and_broadcast_states_work():
     state = [t[:1].expand_as(t) for t in state]  # as the model's initial parameters reach the op
     before = [t.clone() for t in (*state, *acc)]
     start, length = torch.zeros(2, dtype=torch.long, device=DEVICE), torch.full((2,), 32, device=DEVICE)
-    layout = SlotLayout(start, length, MB, 32)
+    layout = MiniBatchSlots(start, length, MB, 32)
     slots = [layout.to_slots(x) for x in (q, k, v)]
     lr_s = layout.to_slots(lr[..., None])[..., 0]
     with torch.no_grad():
         out, new_state, new_acc = ttt_mlp_chunk_triton(state, acc, *slots, lr_s, tau, ln_w, ln_b, layout.span,
                                                        TTT_LN_EPS)
-        reference = ttt_ops.ttt_chunk_torch(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
+        reference = ttt_ops.ttt_chunk_reference(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
     for tensor, saved in zip((*state, *acc), before):
         assert torch.equal(tensor, saved)
     assert all(t.is_contiguous() and t.dtype == torch.float32 for t in (*new_state, *new_acc))

@@ -1,4 +1,4 @@
-"""The RMSNorm kernels (forward and backward) against the torch reference `ttt_ops.rms_norm_torch`: on CPU under
+"""The RMSNorm kernels (forward and backward) against the torch reference `ttt_ops.rms_norm_reference`: on CPU under
 TRITON_INTERPRET=1 (set by conftest before triton is imported) at tiny sizes, on CUDA at real sizes (marked gpu)."""
 
 import pytest
@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from ttt_testing import rel_err, tiny_model
 
 from ttt_hf.ttt import ttt_ops
-from ttt_hf.ttt.ttt_ops import rms_norm, rms_norm_torch
+from ttt_hf.ttt.ttt_ops import rms_norm, rms_norm_reference
 from ttt_hf.ttt.ttt_triton_norm import BACKWARD_ROWS, rms_norm_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,7 +21,7 @@ def check_against_reference(shape, dtype, weight_dtype, tol, seed=0):
     x = (3 * torch.randn(*shape, generator=g) + 0.5).to(DEVICE, dtype).requires_grad_()
     weight = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(DEVICE, weight_dtype).requires_grad_()
     y = rms_norm(x, weight, 1e-6, kernel_backend="triton")
-    want = rms_norm_torch(x, weight, 1e-6)
+    want = rms_norm_reference(x, weight, 1e-6)
     assert y.dtype == want.dtype
     d_y = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype)
     grads = torch.autograd.grad(y, (x, weight), d_y)

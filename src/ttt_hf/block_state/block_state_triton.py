@@ -3,7 +3,7 @@
 The torch references, which define the numbers, live next door in ssm_ops.py:
 - `s4d_kernel_triton` == `ssm_ops.s4d_kernel_reference`: the Vandermonde sum
   `K[c, l] = 2 Re(sum_n W[c, n] exp(dtA[c, n] l))` with `W = C dB`, forward and backward;
-- `s4d_scan_triton` == `ssm_ops.s4d_conv_reference`: the whole convolution `y = K * u + skip u` as the
+- `s4d_scan_triton` == `ssm_ops.s4d_causal_conv_reference`: the whole convolution `y = K * u + skip u` as the
   recurrence `h[t] = z h[t-1] + u[t]`, `y[t] = 2 Re(sum_n W[n] h[n, t]) + skip u[t]` (z = exp(dt A), W = C dB),
   one program per (row, channel block) sweeping the sequence with the state in registers, forward and backward;
 - `s4d_step_triton` == `ssm_ops.s4d_decode_step_reference`: one decoding step of the recurrence with the

@@ -163,7 +163,7 @@ class BlockStateCausalLMOutput(CausalLMOutputWithPast):
 
 
 @dataclass
-class BlockLayout:
+class BlockSlots:
     """Slots of one forward call (see the module docstring).
 
     start: [B] absolute position of each row's first new token; length: [B] new real tokens per row;
@@ -282,7 +282,7 @@ class BlockStateS4D(nn.Module):
         return y[:, None]
 
     def outputs(
-        self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None, dtype: torch.dtype = torch.float32
+        self, u: torch.Tensor, layout: BlockSlots, cache: BlockStateLayerCache | None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """Outputs at every slot: [B, S, F, D] in `dtype` (SH/MH), computed in fp32. u: [B, S, D], zeros
         outside `layout.valid`."""
@@ -302,7 +302,7 @@ class BlockStateS4D(nn.Module):
         return y
 
     def block_end_outputs(
-        self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None
+        self, u: torch.Tensor, layout: BlockSlots, cache: BlockStateLayerCache | None
     ) -> torch.Tensor:
         """Outputs at the last slot of every block: [B, M, F, D] (MF). Never builds all slots' outputs."""
         x0 = cache.get("ssm_state") if cache is not None else None
@@ -377,7 +377,7 @@ class BlockStateImplicitFilter(nn.Module):
         return full, where
 
     def outputs(
-        self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None, dtype: torch.dtype = torch.float32
+        self, u: torch.Tensor, layout: BlockSlots, cache: BlockStateLayerCache | None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         full, where = self._with_history(u, layout, cache)
         y = fft_causal_conv(full, self.kernel(full.shape[1], u.device))  # [B, P+S, F, D]
@@ -385,7 +385,7 @@ class BlockStateImplicitFilter(nn.Module):
         return (y + self.skip.float() * u.float()[:, :, None]).to(dtype)
 
     def block_end_outputs(
-        self, u: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None
+        self, u: torch.Tensor, layout: BlockSlots, cache: BlockStateLayerCache | None
     ) -> torch.Tensor:
         full, where = self._with_history(u, layout, cache)
         width = layout.block_size
@@ -502,7 +502,7 @@ class BlockStateAttention(nn.Module):
         return x
 
     def forward(
-        self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateLayerCache | None = None
+        self, hidden_states: torch.Tensor, layout: BlockSlots, cache: BlockStateLayerCache | None = None
     ) -> torch.Tensor:
         batch, slots, _ = hidden_states.shape
         query, key = self._heads(self.q_proj(hidden_states)), self._heads(self.k_proj(hidden_states))
@@ -624,7 +624,7 @@ class BlockStateDecoderLayer(GradientCheckpointingLayer):
         self.mlp = BlockStateMLP(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, layout: BlockLayout, cache: BlockStateCache | None = None
+        self, hidden_states: torch.Tensor, layout: BlockSlots, cache: BlockStateCache | None = None
     ) -> torch.Tensor:
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         hidden_states = hidden_states + self.attn(self.input_layernorm(hidden_states), layout, layer_cache)
@@ -777,7 +777,7 @@ class BlockStateModel(BlockStatePreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _layout(self, mask: torch.Tensor, start: torch.Tensor) -> tuple[BlockLayout, torch.Tensor]:
+    def _layout(self, mask: torch.Tensor, start: torch.Tensor) -> tuple[BlockSlots, torch.Tensor]:
         width = self.config.block_size
         length = mask.sum(-1)
         offset = start % width
@@ -796,7 +796,7 @@ class BlockStateModel(BlockStatePreTrainedModel):
         absolute_block = (start - offset)[:, None] // width + torch.arange(key_valid.shape[2], device=mask.device)
         prev_valid = torch.cat([torch.ones_like(key_valid[:, :, :1]), key_valid[:, :, :-1]], dim=2)
         prev_mask = prev_valid & (absolute_block >= 1)[:, None, :, None]
-        layout = BlockLayout(
+        layout = BlockSlots(
             start=start, length=length, offset=offset, valid=valid,
             position=(start - offset)[:, None] + slot, right_order=order, own_mask=own_mask, prev_mask=prev_mask,
             decoding=bool((length <= 1).all()), block_size=width,

@@ -40,11 +40,11 @@ class TTTConfig(PreTrainedConfig):
         share_qk (`bool`, defaults to `False`): Mamba backbone: one Q/K projection followed by two causal convs.
         use_gate (`bool`, defaults to `False`): Mamba backbone: gelu-gated output.
         conv_kernel (`int`, defaults to 4): width of the causal convolutions.
-        scan_checkpoint_group_size (`int`, defaults to 0): when training, recompute the inner loop in the
-            backward pass in groups of this many mini-batches, keeping the inner state at each group's start
-            (0: the torch reference keeps every activation; the Triton kernels take groups of 16. 1: TTT-Linear's
-            kernels keep every mini-batch's start state instead and skip the recomputation: faster, at
-            (f^2 + f) floats in bf16 or fp32 and b f fp32 per mini-batch and head).
+        scan_checkpoint_group_size (`int`, defaults to 0): when training, the backward pass recomputes the inner
+            loop in groups of this many mini-batches from the inner state kept at each group's start, on the
+            Triton kernels and the torch reference alike (0: groups of 16). 1 keeps every mini-batch's start
+            state: TTT-Linear's kernels then skip the recomputation, faster at (f^2 + f) floats in bf16 or fp32
+            and b f fp32 per mini-batch and head.
         kernel_backend (`str`, defaults to `"auto"`): `"auto"` (Triton on CUDA when available, else PyTorch),
             `"triton"` or `"torch"`.
     """

@@ -140,7 +140,7 @@ class TTTCausalLMOutput(CausalLMOutputWithPast):
 
 
 @dataclass
-class TTTBatchLayout:
+class TTTTokenPositions:
     """Where the tokens of one forward call sit. Rows are packed to the left (right padding only).
 
     start: [B] absolute position of each row's first token; length: [B] real tokens per row;
@@ -159,7 +159,7 @@ class TTTBatchLayout:
 
 
 class TTTRMSNorm(nn.Module):
-    """Llama's RMSNorm (`ttt_ops.rms_norm_torch`), through the config's kernel backend."""
+    """Llama's RMSNorm (`ttt_ops.rms_norm_reference`), through the config's kernel backend."""
 
     def __init__(self, config: TTTConfig) -> None:
         super().__init__()
@@ -198,7 +198,7 @@ class TTTPreConv(nn.Module):
         self.conv = _depthwise_conv(config)
         self.config = config
 
-    def forward(self, hidden_states, layout: TTTBatchLayout, cache: TTTLayerCache | None = None) -> torch.Tensor:
+    def forward(self, hidden_states, layout: TTTTokenPositions, cache: TTTLayerCache | None = None) -> torch.Tensor:
         x = self.norm(hidden_states)
         state = cache.pre_conv_state if cache is not None else None
         (y,), state = causal_conv1d_banks(
@@ -305,7 +305,7 @@ class TTTLayer(nn.Module):
         return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, f]
 
     def forward(
-        self, hidden_states: torch.Tensor, layout: TTTBatchLayout, cache: TTTLayerCache | None = None
+        self, hidden_states: torch.Tensor, layout: TTTTokenPositions, cache: TTTLayerCache | None = None
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
         if self.share_qk:
@@ -350,10 +350,9 @@ class TTTLayer(nn.Module):
             )
             out = out[:, :, None]
         else:
-            checkpoint_group = self.config.scan_checkpoint_group_size if self.training else 0
             out, state, acc = ttt_chunk(
                 state, acc, xq, xk, xv, lr, tau, ln_weight, ln_bias, layout.start, layout.length,
-                checkpoint_group=checkpoint_group, aligned=layout.aligned, kernel_backend=backend,
+                checkpoint_group=self.config.scan_checkpoint_group_size, aligned=layout.aligned, kernel_backend=backend,
             )
         if cache is not None:
             cache.ttt_state, cache.ttt_acc = state, acc
@@ -378,7 +377,7 @@ class TTTDecoderLayer(GradientCheckpointingLayer):
         self.mlp = TTTMLP(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, layout: TTTBatchLayout, cache: TTTCache | None = None
+        self, hidden_states: torch.Tensor, layout: TTTTokenPositions, cache: TTTCache | None = None
     ) -> torch.Tensor:
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         if self.pre_conv is not None:
@@ -528,7 +527,7 @@ class TTTModel(TTTPreTrainedModel):
         # RoPE encodes the position inside the mini-batch only.
         rope = rope_angles(position % self.config.mini_batch_size, self.config.head_dim, self.config.rope_theta,
                            torch.float32)
-        layout = TTTBatchLayout(
+        layout = TTTTokenPositions(
             start=start, length=length, position=position, rope=rope, aligned=fresh and order is None
         )
 

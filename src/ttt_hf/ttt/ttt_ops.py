@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .configuration_ttt import KERNEL_BACKENDS
 
 try:
-    from .ttt_triton import ttt_linear_chunk_triton
+    from .ttt_triton_linear import ttt_linear_chunk_triton
 except ImportError:  # triton is optional: the torch reference runs everywhere
     ttt_linear_chunk_triton = None
 try:
@@ -37,10 +37,10 @@ except ImportError:  # without triton (or without these kernels) the steps, conv
 logger = logging.getLogger(__name__)
 
 TTT_LN_EPS = 1e-6
-# The kernels' backward recomputes groups of this many mini-batches unless the config asks for another size:
-# TTT-Linear's saved states then cost 1/16 of the activations' memory at f=64; TTT-MLP's (16 f^2 + 10 f floats
-# per head and group) about 1.1 GB at B=4, H=32, f=64, T=8192.
-KERNEL_CHECKPOINT_GROUP = 16
+# Training recomputes the inner loop in groups of this many mini-batches unless the config asks for another size
+# (`scan_checkpoint_group_size` 0), on every path: TTT-Linear's saved states then cost 1/16 of the activations'
+# memory at f=64; TTT-MLP's (16 f^2 + 10 f floats per head and group) about 1.1 GB at B=4, H=32, f=64, T=8192.
+DEFAULT_CHECKPOINT_GROUP = 16
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ def _dual_mini_batch(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, commit):
     return out, new_state, new_acc
 
 
-class SlotLayout:
+class MiniBatchSlots:
     """Right-padded rows shifted by their offset inside a mini-batch, so that every row's mini-batches line
     up: row r's token t goes to slot (start[r] % b) + t of M * b slots. Slots before a row's first token and
     after its last are inert (zero inputs, zero learning rate); `span` [B] is the slot after each row's last
@@ -248,7 +248,7 @@ class SlotLayout:
         return x * (token < self.span[:, None] - self.offset[:, None])[:, None, :, None]
 
 
-def ttt_chunk_torch(
+def ttt_chunk_reference(
     state: list[torch.Tensor],
     acc: list[torch.Tensor],
     q: torch.Tensor,
@@ -269,14 +269,15 @@ def ttt_chunk_torch(
     ln_weight, ln_bias: [H, 1, f]. Rows are right-padded: row r holds `length[r]` real tokens whose first
     has absolute position `start[r]` (which may fall anywhere inside a mini-batch).
     Returns the output [B, H, T, f] (fp32; zero at padded slots), the new state and accumulator.
-    `checkpoint_group > 0` recomputes groups of that many mini-batches in the backward pass. `aligned`: every
-    row starts a mini-batch and is full (`start % b == 0`, `length == T`), known to the caller (see `SlotLayout`).
+    `checkpoint_group > 0` recomputes groups of that many mini-batches in the backward pass (0: keeps every
+    activation). `aligned`: every
+    row starts a mini-batch and is full (`start % b == 0`, `length == T`), known to the caller (see `MiniBatchSlots`).
     """
-    layout = SlotLayout(start, length, tau.shape[0], q.shape[2], aligned)
-    q_s, k_s, v_s = (layout.to_slots(at_least_fp32(x)) for x in (q, k, v))
-    lr_s = layout.to_slots(at_least_fp32(lr)[..., None])[..., 0]
-    num_mb = layout.num_mini_batches
-    commit = torch.arange(1, num_mb + 1, device=q.device)[None, :] * tau.shape[0] <= layout.span[:, None]  # [B, M]
+    slots = MiniBatchSlots(start, length, tau.shape[0], q.shape[2], aligned)
+    q_s, k_s, v_s = (slots.to_slots(at_least_fp32(x)) for x in (q, k, v))
+    lr_s = slots.to_slots(at_least_fp32(lr)[..., None])[..., 0]
+    num_mb = slots.num_mini_batches
+    commit = torch.arange(1, num_mb + 1, device=q.device)[None, :] * tau.shape[0] <= slots.span[:, None]  # [B, M]
 
     n_state = len(state)
 
@@ -299,11 +300,11 @@ def ttt_chunk_torch(
         run = functools.partial(scan, first, min(first + group, num_mb))
         out, *carry = checkpoint(run, *carry, use_reentrant=False) if group < num_mb else run(*carry)
         outs.append(out)
-    out = layout.from_slots(torch.cat(outs, dim=2))
+    out = slots.from_slots(torch.cat(outs, dim=2))
     return out, list(carry[:n_state]), list(carry[n_state:])
 
 
-def ttt_step_torch(
+def ttt_step_reference(
     state: list[torch.Tensor],
     acc: list[torch.Tensor],
     q: torch.Tensor,
@@ -367,23 +368,25 @@ def ttt_chunk(
     aligned: bool = False,
     kernel_backend: str = "auto",
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_torch`. The kernel's
-    backward recomputes `checkpoint_group` mini-batches per group (0: `KERNEL_CHECKPOINT_GROUP`; 1: TTT-Linear's
-    kernels keep every start state instead)."""
+    """Dispatch point of the chunked (prefill / training) TTT operation; see `ttt_chunk_reference`. Under autograd
+    the backward recomputes groups of `checkpoint_group` mini-batches (0: `DEFAULT_CHECKPOINT_GROUP`), from the
+    inner state kept at each group's start, on either path (with 1 TTT-Linear's kernels skip the recomputation:
+    the kept start states are all their backward needs)."""
+    checkpoint_group = checkpoint_group or DEFAULT_CHECKPOINT_GROUP
     if not _use_kernel(kernel_backend, state, q, tau.shape[0]):
-        return ttt_chunk_torch(
+        return ttt_chunk_reference(
             state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group,
             aligned=aligned,
         )
-    layout = SlotLayout(start, length, tau.shape[0], q.shape[2], aligned)
-    q_s, k_s, v_s = (layout.to_slots(x) for x in (q, k, v))
-    lr_s = layout.to_slots(lr.float()[..., None])[..., 0]
+    slots = MiniBatchSlots(start, length, tau.shape[0], q.shape[2], aligned)
+    q_s, k_s, v_s = (slots.to_slots(x) for x in (q, k, v))
+    lr_s = slots.to_slots(lr.float()[..., None])[..., 0]
     chunk_kernel = ttt_mlp_chunk_triton if len(state) == 4 else ttt_linear_chunk_triton
     out, state, acc = chunk_kernel(
-        state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, layout.span, TTT_LN_EPS,
-        checkpoint_group=checkpoint_group or KERNEL_CHECKPOINT_GROUP,
+        state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, slots.span, TTT_LN_EPS,
+        checkpoint_group=checkpoint_group,
     )
-    return layout.from_slots(out), state, acc
+    return slots.from_slots(out), state, acc
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -404,12 +407,12 @@ def ttt_step(
     active: torch.Tensor,
     kernel_backend: str = "auto",
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Dispatch point of the one-token decoding step; see `ttt_step_torch`. The kernel updates the state in
+    """Dispatch point of the one-token decoding step; see `ttt_step_reference`. The kernel updates the state in
     place when the cache owns it (contiguous fp32 tensors, not the broadcast initial parameters)."""
     # The step kernel has no backward: a step that needs gradients (rare: decoding is inference) runs in torch.
     needs_grad = _needs_grad(*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
     if not _use_step_kernel(kernel_backend, state, q, needs_grad):
-        return ttt_step_torch(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active)
+        return ttt_step_reference(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active)
     return ttt_step_triton(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active, TTT_LN_EPS)
 
 
@@ -482,7 +485,7 @@ def causal_conv1d_banks(
     return outputs, next_conv_state(x, state, length) if keep_state else None
 
 
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm over the last dim: normalized in fp32, rounded to x's dtype, then scaled by the weight."""
     normalized = x.to(torch.float32)
     normalized = normalized * torch.rsqrt(normalized.pow(2).mean(-1, keepdim=True) + eps)
@@ -490,7 +493,7 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel_backend: str = "auto") -> torch.Tensor:
-    """Dispatch point of `rms_norm_torch`: one Triton pass forward and one backward for fp32/bf16/fp16
+    """Dispatch point of `rms_norm_reference`: one Triton pass forward and one backward for fp32/bf16/fp16
     activations and weights; the reference elsewhere (fp64, CPU)."""
     half_or_single = (torch.float32, torch.bfloat16, torch.float16)
     if (
@@ -501,4 +504,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel_backend: 
         and x.shape[-1] <= 65536
     ):
         return rms_norm_triton(x, weight, eps)
-    return rms_norm_torch(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ttt_triton_decode import _on_triton_device, _owns_memory
+from .ttt_triton_common import _on_triton_device, _owns_memory
+
 
 BLOCK_T = 32  # tokens per tile
 BLOCK_C = 128  # channels per program

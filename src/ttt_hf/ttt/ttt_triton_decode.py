@@ -5,7 +5,7 @@ One launch per layer and step; one program per (row, head) streams the inner sta
 tiles, so any head_dim up to 128 (padded to a power of two F_PAD, masked) fits without spilling. State and
 accumulator are updated in place and positions / the active mask are read on the device: the step allocates
 no state, never syncs with the host and can be captured in a CUDA graph.
-The torch reference `ttt_ops.ttt_step_torch` is the numerical definition.
+The torch reference `ttt_ops.ttt_step_reference` is the numerical definition.
 
 Per token, with (W, c) the mini-batch start state, (A, a) the accumulator, i = position mod b:
     g = LN-L2 gradient at z = k W + c (target v - k);  A' = A + k^T (lr g),  a' = a + lr g
@@ -17,31 +17,23 @@ writes the accumulator, and W only on the commit step. Inactive rows (padding) g
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .ttt_triton import _layer_norm, _layer_norm_l2_grad
+from .ttt_triton_common import (
+    _gelu_tanh,
+    _gelu_tanh_grad,
+    _layer_norm,
+    _layer_norm_l2_grad,
+    _on_triton_device,
+    _owns_memory,
+)
+
 
 MAX_HEAD_DIM = 128
 # Elements of one [rows, F_PAD] state tile: a few live tiles per program stay in registers at 4 warps.
 TILE_ELEMENTS = 2048
-
-
-@triton.jit
-def _gelu_tanh(x):
-    """gelu_tanh(x) and the tanh it used (the gradient reuses it); constants of the official code."""
-    u = 0.79788456 * x * (1.0 + 0.044715 * x * x)
-    e = tl.exp(-2.0 * tl.abs(u))  # tanh from exp(-2|u|) <= 1: no overflow for large |u|
-    tanh = tl.where(u >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
-    return 0.5 * x * (1.0 + tanh), tanh
-
-
-@triton.jit
-def _gelu_tanh_grad(x, tanh):
-    return 0.5 * x * ((1.0 - tanh * tanh) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1.0 + tanh)
 
 
 @triton.jit
@@ -205,10 +197,6 @@ def _ttt_mlp_step_kernel(
     _write_state(c2_ptr + bh * F + cols, acc_c2_ptr + bh * F + cols, col_mask, acc_c2, active, commit, tau_last)
 
 
-def _on_triton_device(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _expected_state_shapes(batch: int, heads: int, head_dim: int, num_tensors: int) -> list[tuple[int, ...]]:
     if num_tensors == 2:
         return [(batch, heads, head_dim, head_dim), (batch, heads, 1, head_dim)]
@@ -232,12 +220,6 @@ def decode_kernel_supported(state: list[torch.Tensor], q: torch.Tensor) -> bool:
     )
 
 
-def _owns_memory(t: torch.Tensor) -> bool:
-    """A kernel may overwrite `t`: contiguous memory of its own, not a view such as the broadcast initial
-    parameters (whose writes would land in the model) or an expanded tensor."""
-    return t.is_contiguous() and t._base is None and not t.requires_grad
-
-
 def _writable(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and _owns_memory(t)
 
@@ -256,7 +238,7 @@ def ttt_step_triton(
     active: torch.Tensor,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """One decoding step, same contract as `ttt_step_torch`, in one kernel launch.
+    """One decoding step, same contract as `ttt_step_reference`, in one kernel launch.
 
     q, k, v: [B, H, f]; lr: [B, H]; tau: [b]; ln_weight, ln_bias: [H, 1, f]; position: [B] integer; active: [B].
     State and accumulator are updated in place and returned in the same lists' tensors when they are contiguous

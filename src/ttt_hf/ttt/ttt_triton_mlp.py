@@ -15,7 +15,7 @@ Per mini-batch, with E = tril(tau_i lr_j) and (A, a) the accumulator at its star
     A1' = A1 + k^T (lr g1), A2' = A2 + x2^T (lr g2) (and the biases), on commit W -= tau_{b-1} A', A' = 0.
 The backward (`_ttt_mlp_chunk_backward_kernel`) runs each checkpoint group in reverse from the start records the
 forward kernel rewrites for it, with the state adjoints in a record of their own.
-The torch reference `ttt_ops.ttt_chunk_torch` is the numerical definition; `ttt_ops.ttt_chunk` dispatches here.
+The torch reference `ttt_ops.ttt_chunk_reference` is the numerical definition; `ttt_ops.ttt_chunk` dispatches here.
 Shapes as in `ttt_triton`: B rows, H heads, f head dim (padded to F_PAD), b = MB mini-batch, M mini-batches, G
 mini-batches per checkpoint group, R floats per state record.
 """
@@ -26,10 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .ttt_triton import (
+from .ttt_triton_common import (
     _chunk_kernel_inputs,
     _commit_one,
     _dot,
+    _gelu_tanh,
+    _gelu_tanh_grad,
     _key_grad_backward,
     _layer_norm,
     _layer_norm_l2_grad,
@@ -40,7 +42,7 @@ from .ttt_triton import (
     _precision,
     _project,
 )
-from .ttt_triton_decode import _gelu_tanh, _gelu_tanh_grad
+
 
 # Per kernel, the elements of one [F_PAD, BLOCK] state tile (BLOCK >= 16 for the dots) and the warps, from
 # kernels/tune_ttt.py on the H200 (results/ttt_tune_mlp.json, head dim 64, T=8192): the forward 16.5 ms with
@@ -486,7 +488,7 @@ def ttt_mlp_chunk_triton(
     """TTT-MLP over mini-batch slots. q, k, v: [B, H, M, b, f] (fp32 or half precision); lr: [B, H, M, b]; state
     [W1, c1, W2, c2] and acc: fp32-castable [B, H, ...] (broadcast views are fine); span: [B] slots up to each
     row's last token (its mini-batch m commits when (m + 1) * b <= span); the slots after it must be inert (zero
-    inputs and learning rates, as `SlotLayout` makes them): outputs and learning-rate gradients there are undefined.
+    inputs and learning rates, as `MiniBatchSlots` makes them): outputs and learning-rate gradients there are undefined.
     Returns the output [B, H, M, b, f] fp32, the new state and accumulator (new contiguous tensors; the inputs are
     not modified). Differentiable in every tensor but span; the backward recomputes groups of `checkpoint_group`
     mini-batches."""

@@ -1,6 +1,6 @@
 """Triton kernels of the TTT model's RMSNorm, forward and backward, one pass over the activations each.
 
-`ttt_ops.rms_norm_torch` is the numerical definition (Llama's): y = weight * (x * rsqrt(mean(x^2) + eps)) with
+`ttt_ops.rms_norm_reference` is the numerical definition (Llama's): y = weight * (x * rsqrt(mean(x^2) + eps)) with
 the normalization in fp32, rounded to x's dtype before the weight multiplies it, y in the promoted dtype of x
 and the weight. The torch path takes about eight passes over the activations forward (fp32 copies, the square,
 the rounding) and more backward; here one program per row reads x once and writes y once, and the backward
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ttt_triton_decode import _on_triton_device
+from .ttt_triton_common import _on_triton_device
+
 
 BACKWARD_ROWS = 64  # rows per backward program: one partial sum of the weight's gradient each
 
@@ -88,7 +89,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`ttt_ops.rms_norm_torch` in one pass forward and one backward: x [..., N] fp32, bf16 or fp16, weight [N]
+    """`ttt_ops.rms_norm_reference` in one pass forward and one backward: x [..., N] fp32, bf16 or fp16, weight [N]
     (fp32, bf16 or fp16), N up to 65536."""
     if not _on_triton_device(x):
         raise RuntimeError(

@@ -8,7 +8,7 @@ first one wrote, so the serial chain of mini-batches carries two small products 
 splits the same way (see `_chunk_backward`): a parallel pass does all that depends on a mini-batch's own
 output gradient, then a sequential one chains the state adjoints (dW, dc; two small products per mini-batch
 on the chain) and completes each mini-batch's gradients on the side. The torch reference
-`ttt_ops.ttt_chunk_torch` is the numerical definition; `ttt_ops.ttt_chunk` dispatches here.
+`ttt_ops.ttt_chunk_reference` is the numerical definition; `ttt_ops.ttt_chunk` dispatches here.
 
 Shapes: B rows, H heads, f head dim (padded to a power of two F_PAD inside the kernels), b mini-batch, M
 mini-batches of the slot layout, G mini-batches per checkpoint group.
@@ -30,48 +30,22 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation: "bf16" rounds both operands to bf16, else tl.dot's input precision."""
-    if PRECISION == "bf16":
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        out = tl.dot(a, b, input_precision=PRECISION)
-    return out
-
-
-@triton.jit
-def _layer_norm_stats(z, col_mask, F: tl.constexpr, eps):
-    """Normalised `z` (0 in padded columns) and 1/std per row; z [R, F_PAD]."""
-    mean = tl.sum(z, axis=1) / F
-    centred = tl.where(col_mask[None, :], z - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / F + eps)
-    return centred * rstd[:, None], rstd
-
-
-@triton.jit
-def _project(d, z_hat, col_mask, F: tl.constexpr):
-    """`d - mean(d) - z_hat * mean(d * z_hat)` per row: the LayerNorm backward from z_hat to z, before the
-    1/std factor. `d` must be 0 in padded columns."""
-    d_mean = tl.sum(d, axis=1) / F
-    d_z_hat_mean = tl.sum(d * z_hat, axis=1) / F
-    return tl.where(col_mask[None, :], d - d_mean[:, None] - z_hat * d_z_hat_mean[:, None], 0.0)
-
-
-@triton.jit
-def _layer_norm(z, weight, bias, col_mask, F: tl.constexpr, eps):
-    z_hat, _ = _layer_norm_stats(z, col_mask, F, eps)
-    return z_hat * weight[None, :] + bias[None, :]
-
-
-@triton.jit
-def _layer_norm_l2_grad(z, target, weight, bias, col_mask, F: tl.constexpr, eps):
-    """Gradient of 0.5 * ||LN(z) - target||^2 with respect to z (LayerNorm backward fused with the loss),
-    with the intermediates its own backward reuses: z_hat, 1/std and the gradient with respect to z_hat."""
-    z_hat, rstd = _layer_norm_stats(z, col_mask, F, eps)
-    grad_hat = (weight[None, :] * z_hat + bias[None, :] - target) * weight[None, :]
-    return _project(grad_hat, z_hat, col_mask, F) * rstd[:, None], z_hat, rstd, grad_hat
+from .ttt_triton_common import (
+    _chunk_kernel_inputs,
+    _commit_one,
+    _dot,
+    _key_grad_backward,
+    _layer_norm,
+    _layer_norm_l2_grad,
+    _layer_norm_stats,
+    _load_mini_batch,
+    _load_row,
+    _load_tokens,
+    _mini_batch_constants,
+    _precision,
+    _project,
+    _token_offsets,
+)
 
 
 @triton.jit
@@ -84,21 +58,8 @@ def _tile_indices(MB: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr):
 
 
 @triton.jit
-def _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F: tl.constexpr):
-    """The head's LayerNorm parameters, tau per position and the causal mask of the dual form."""
-    ln_w = _load_row(ln_w_ptr, head, cols, col_mask, F)
-    ln_b = _load_row(ln_b_ptr, head, cols, col_mask, F)
-    return ln_w, ln_b, tl.load(tau_ptr + tokens), tokens[:, None] >= tokens[None, :]
-
-
-@triton.jit
 def _load_square(ptr, index, square, square_mask, F: tl.constexpr):
     return tl.load(ptr + index * F * F + square, mask=square_mask, other=0.0)
-
-
-@triton.jit
-def _load_row(ptr, index, cols, col_mask, F: tl.constexpr):
-    return tl.load(ptr + index * F + cols, mask=col_mask, other=0.0)
 
 
 @triton.jit
@@ -108,27 +69,6 @@ def _store_state(w_ptr, c_ptr, acc_w_ptr, acc_c_ptr, index, w, c, acc_w, acc_c, 
     tl.store(c_ptr + index * F + cols, c, mask=col_mask)
     tl.store(acc_w_ptr + index * F * F + square, acc_w, mask=square_mask)
     tl.store(acc_c_ptr + index * F + cols, acc_c, mask=col_mask)
-
-
-@triton.jit
-def _token_offsets(first, tokens, cols, F: tl.constexpr):
-    """Offsets of tokens [first, first + MB) of the slot layout into [.., F] tensors (int64: B*H*T*F may pass 2^31)."""
-    return (first + tokens).to(tl.int64)[:, None] * F + cols[None, :]
-
-
-@triton.jit
-def _load_tokens(ptr, offsets, col_mask):
-    return tl.load(ptr + offsets, mask=col_mask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first, tokens, cols, col_mask, F: tl.constexpr):
-    """Tokens [first, first + MB) of the slot layout, in fp32, with their offsets into [.., F] tensors."""
-    offsets = _token_offsets(first, tokens, cols, F)
-    q = _load_tokens(q_ptr, offsets, col_mask)
-    k = _load_tokens(k_ptr, offsets, col_mask)
-    v = _load_tokens(v_ptr, offsets, col_mask)
-    return offsets, q, k, v, tl.load(lr_ptr + first + tokens)
 
 
 @triton.jit
@@ -148,12 +88,6 @@ def _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION: tl.
 def _accumulate(acc_w, acc_c, k, grad, lr, PRECISION: tl.constexpr):
     weighted = lr[:, None] * grad
     return acc_w + _dot(tl.trans(k), weighted, PRECISION), acc_c + tl.sum(weighted, axis=0)
-
-
-@triton.jit
-def _commit_one(x, acc, commit, tau_last):
-    """`commit` is 1.0 when the mini-batch completes, 0.0 for a row's partial last one (it keeps accumulating)."""
-    return x - commit * tau_last * acc, acc * (1.0 - commit)
 
 
 @triton.jit
@@ -283,24 +217,6 @@ def _ttt_linear_chunk_output_kernel(
         lr = tl.load(lr_ptr + first_token + tokens)
         z_q, _, _ = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION, EDGE)
         tl.store(out_ptr + offsets, q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps), mask=col_mask[None, :])
-
-
-@triton.jit
-def _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F: tl.constexpr):
-    """Reverse mode of the key gradient g = rstd * project(grad_hat, z_hat), grad_hat = (ln_w z_hat + ln_b - (v - k))
-    ln_w, given d_grad = dL/dg: returns dL/dz (through z_hat and rstd: d rstd / d z = -rstd^2 z_hat / F) and
-    dL/dgrad_hat. Linear in d_grad, which is what lets the backward split its sequential chain off."""
-    u = _project(grad_hat, z_hat, col_mask, F)
-    d_rstd = tl.sum(d_grad * u, axis=1)
-    d_u = rstd[:, None] * d_grad
-    d_grad_hat = _project(d_u, z_hat, col_mask, F)
-    d_z_hat = (
-        d_grad_hat * ln_w[None, :] * ln_w[None, :]
-        - (tl.sum(grad_hat * z_hat, axis=1) / F)[:, None] * d_u
-        - (tl.sum(d_u * z_hat, axis=1) / F)[:, None] * grad_hat
-    )
-    d_z = rstd[:, None] * _project(d_z_hat, z_hat, col_mask, F) - (d_rstd * rstd * rstd / F)[:, None] * z_hat
-    return d_z, d_grad_hat
 
 
 @triton.jit
@@ -519,27 +435,6 @@ def _state_views(state: list[torch.Tensor], acc: list[torch.Tensor]) -> list[tor
     return [t.float().contiguous() for t in (*state, *acc)]
 
 
-def _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_group: int) -> tuple:
-    """The chunk kernels' token and parameter tensors as they read them (contiguous; lr, tau and the LayerNorm
-    parameters in fp32, span int32), after checking the checkpoint group."""
-    if checkpoint_group < 1:
-        raise ValueError(f"checkpoint_group must be >= 1, got {checkpoint_group}")
-    return (
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
-        ln_weight.float().contiguous(), ln_bias.float().contiguous(), span.to(torch.int32).contiguous(),
-    )
-
-
-def _precision(x: torch.Tensor, half: str = "bf16") -> str:
-    # fp32 inputs get exact fp32 products. Half-precision inputs get `half` products on the GPU: bf16 (the fp32
-    # intermediates they multiply round to bf16) ran the TTT-Linear kernels 10-26% faster than TF32 on the H200,
-    # at the same error against the fp32 reference (kernels/README.md). Triton's interpreter multiplies bf16
-    # tiles as integers, so on CPU they take TF32 products (fp32 there).
-    if x.dtype == torch.float32:
-        return "ieee"
-    return half if x.is_cuda else "tf32"
-
-
 # Launch parameters of each kernel for head dims up to 64 and above, from kernels/tune_ttt.py on the H200
 # (results/ttt_tune.md: at 64, 4 warps for the parallel backward pass (2: +3.1 ms, 8: +2.1 ms for the whole op)
 # and 8 for the sequential one (4: +2.6 ms, 16: +2.9 ms)) and ptxas' resource report (bf16 products, sm_90,
@@ -728,7 +623,7 @@ def ttt_linear_chunk_triton(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """TTT-Linear over mini-batch slots. q, k, v: [B, H, M, b, f] (fp32 or half precision); lr: [B, H, M, b];
     span: [B] slots up to each row's last token (its mini-batch m commits when (m + 1) * b <= span); the slots
-    after it must be inert (zero inputs and learning rates, as `SlotLayout` makes them): outputs and learning-
+    after it must be inert (zero inputs and learning rates, as `MiniBatchSlots` makes them): outputs and learning-
     rate gradients there are undefined.
     Returns the output [B, H, M, b, f] fp32, the new state [W, c] and accumulator. Differentiable in every
     tensor but span; the backward recomputes groups of `checkpoint_group` mini-batches, or with 1 reads every
