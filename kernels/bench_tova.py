@@ -41,7 +41,7 @@ from triton.testing import do_bench
 
 from ttt_hf import CACHE_NAME, TOVACache
 from ttt_hf.tova.cache_tova import TOVALayer
-from ttt_hf.tova.tova_attention import last_query_scores
+from ttt_hf.tova.tova_ops import last_query_scores, victims
 from ttt_hf.tova.tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton
 
 from bench_common import capture, cuda_time, save_results
@@ -98,7 +98,6 @@ def op_row(batch: int, budget: int, q_heads: int = 32, kv_heads: int = 8, dim: i
     keys = torch.randn(batch, kv_heads, n, dim, device="cuda", dtype=torch.bfloat16)
     values = torch.randn_like(keys)
     positions = torch.arange(n, device="cuda").expand(batch, n).contiguous()
-    reference = TOVACache(budget, kernel_backend="torch")
     layer = TOVALayer(n)
 
     def fused():
@@ -110,7 +109,7 @@ def op_row(batch: int, budget: int, q_heads: int = 32, kv_heads: int = 8, dim: i
     def torch_path():
         layer._hold((keys, values, positions), n)  # the n slots again: the eviction drops one
         scores = last_query_scores(None, query, keys, None, dim**-0.5)
-        layer.swap_remove(reference._victims(scores, positions))
+        layer.swap_remove(victims(scores, positions, "tova", 0))
 
     def attention():
         F.scaled_dot_product_attention(query, keys, values, scale=dim**-0.5, enable_gqa=True)

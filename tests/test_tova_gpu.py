@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from model_testing import cache_arg
 from tova_testing import CASES, official_generation
 from ttt_hf import TOVACache
-from ttt_hf.tova import cache_tova
+from ttt_hf.tova import tova_ops
 
 pytestmark = pytest.mark.gpu
 
@@ -56,8 +56,8 @@ def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32, monkeypatch):
     # unpadded cache), so the two attend to the same slots with and without a mask row ("auto": the fused
     # attention kernel; "torch": different SDPA kernels).
     fused = []
-    kernel = cache_tova.tova_attention_evict_one_triton
-    monkeypatch.setattr(cache_tova, "tova_attention_evict_one_triton",
+    kernel = tova_ops.tova_attention_evict_one_triton
+    monkeypatch.setattr(tova_ops, "tova_attention_evict_one_triton",
                         lambda *args, **kwargs: fused.append(1) or kernel(*args, **kwargs))
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, pad_token_id=0, eos_token_id=None)

@@ -30,10 +30,10 @@ from transformers.integrations.sdpa_paged import sdpa_attention_paged_forward
 from model_testing import cache_arg
 from tova_testing import CASES, assert_kept_positions, official_generation
 from ttt_hf import TOVACache
-from ttt_hf.tova import cache_tova
+from ttt_hf.tova import tova_ops
 from ttt_hf.tova.cache_tova import TOVALayer
 from ttt_hf.tova import tova_attention
-from ttt_hf.tova.tova_attention import last_query_scores
+from ttt_hf.tova.tova_ops import last_query_scores, victims
 
 pytest.importorskip("triton")
 from ttt_hf.tova import tova_triton
@@ -47,11 +47,11 @@ def reference_eviction(query, keys, values, positions, mask, scaling, softcap=No
     """The torch path on copies: scores, the victim slots, and the kept keys/values/positions after the swap-remove."""
     n = keys.shape[2]
     scores = last_query_scores(None, query, keys, mask, scaling, softcap, sinks)
-    victims = TOVACache(n - 1, num_sink_tokens=num_sink_tokens, policy=policy)._victims(scores, positions)
+    evicted = victims(scores, positions, policy, num_sink_tokens)
     layer = TOVALayer(n)
     layer._hold((keys.clone(), values.clone(), positions.clone()), n)
-    layer.swap_remove(victims)
-    return scores, victims, layer.keys, layer.values, layer.positions
+    layer.swap_remove(evicted)
+    return scores, evicted, layer.keys, layer.values, layer.positions
 
 
 def reference_attention(query, keys, values, mask, scaling, softcap=None, sinks=None):
@@ -258,7 +258,7 @@ def count_kernel_calls(monkeypatch) -> dict[str, list]:
             calls[kind].append(1)
             return kernel(*args, **kwargs)
 
-        monkeypatch.setattr(cache_tova, name, counted)
+        monkeypatch.setattr(tova_ops, name, counted)
     return calls
 
 
@@ -355,7 +355,7 @@ def test_auto_uses_the_kernels_only_on_cuda(monkeypatch):
 def test_backend_errors(monkeypatch):
     with pytest.raises(ValueError, match="kernel_backend"):
         TOVACache(4, kernel_backend="cuda")
-    monkeypatch.setattr(cache_tova, "tova_evict_one_triton", None)
+    monkeypatch.setattr(tova_ops, "tova_evict_one_triton", None)
     with pytest.raises(ImportError, match="triton"):
         TOVACache(4, kernel_backend="triton")
     monkeypatch.undo()

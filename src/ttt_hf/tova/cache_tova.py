@@ -19,31 +19,15 @@ before each replay); `get_seq_length()` counts the steps run eagerly, not the re
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
 import sys
 import weakref
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .tova_attention import (
-    install_attention_hooks,
-    last_mask_row,
-    last_query_scores,
-    set_pending,
-)
-
-try:
-    from .tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton
-except ImportError:  # triton is optional: the torch path runs everywhere
-    tova_attention_evict_one_triton = tova_evict_one_triton = None
-
-logger = logging.getLogger(__name__)
-
-POLICIES = ("tova", "window")
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+from . import tova_ops
+from .tova_attention import install_attention_hooks, set_pending
+from .tova_ops import KERNEL_BACKENDS, POLICIES, kept_slots, last_mask_row, last_query_scores, victims
 
 
 class TOVALayer(DynamicLayer):
@@ -185,14 +169,6 @@ def _capturing(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-@functools.cache
-def _log_fallback_once() -> None:
-    logger.warning(
-        "kernel_backend='triton': no TOVA kernel for this call (gradients, fp64, head_dim > 256 or keys that are not "
-        "the cache's); using the torch path"
-    )
-
-
 _CROP_ERROR = (
     "TOVACache cannot be cropped: evicted tokens are gone, so the cache cannot be rolled back. Assisted / "
     "speculative decoding and DoLa need a croppable cache (DynamicCache)."
@@ -260,7 +236,7 @@ class TOVACache(Cache):
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
-        if kernel_backend == "triton" and tova_evict_one_triton is None:
+        if kernel_backend == "triton" and tova_ops.tova_evict_one_triton is None:
             raise ImportError("kernel_backend='triton' needs the triton package (pip install triton)")
         super().__init__(layers=[])
         self.budget = budget
@@ -386,82 +362,27 @@ class TOVACache(Cache):
             return
         scores = last_query_scores(module, query, key, attention_mask, scaling, softcap, sinks)
         if layer.physical_length == self.budget + 1:  # one slot per row goes: as the kernel does
-            layer.swap_remove(self._victims(scores, layer.positions))
+            layer.swap_remove(victims(scores, layer.positions, self.policy, self.num_sink_tokens))
         else:
-            layer.keep(self._kept_slots(scores, layer.positions))
+            layer.keep(kept_slots(scores, layer.positions, self.budget, self.policy, self.num_sink_tokens))
 
     def _kernel_step(self, layer: TOVALayer, query, attention_mask, scaling, softcap, sinks, attend: bool):
         """The Triton decode step on `layer` (budget + 1 slots): evicts one slot per row and, with `attend`, returns
         the last query's attention output computed in the same pass."""
-        row = last_mask_row(attention_mask, query.shape[0], query.shape[2], layer.keys.shape[2])
-        args = (query[:, :, -1], layer.keys, layer.values, layer.positions, row,
-                query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, sinks, self.num_sink_tokens)
-        kernel = tova_attention_evict_one_triton if attend else tova_evict_one_triton
-        result = kernel(*args, window=self.policy == "window")
-        layer.drop_last()
-        return result[0] if attend else None
-
-    def _use_kernel(
-        self,
-        layer: TOVALayer,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        sinks: torch.Tensor | None,
-        value: torch.Tensor | None = None,
-    ) -> bool:
-        """Whether a Triton kernel evicts this step: one slot per row to drop (the decode step; a longer
-        prompt is compressed by the torch path), no gradient, fp32/bf16/fp16 with head dims up to 256, and the
-        attention's keys (and `value`, for the fused attention) are this layer's. Elsewhere the torch path runs,
-        so a result is never wrong."""
-        if self.kernel_backend == "torch" or tova_evict_one_triton is None:
-            return False
-        if self.kernel_backend == "triton" and not (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise RuntimeError(
-                "kernel_backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before importing "
-                "triton, or use kernel_backend='auto'"
-            )
-        if layer.physical_length != self.budget + 1 or not (query.is_cuda or self.kernel_backend == "triton"):
-            return False
-        grad = query.requires_grad or key.requires_grad or (value is not None and value.requires_grad)
-        supported = (
-            not (torch.is_grad_enabled() and grad)
-            and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and query.dtype == key.dtype == layer.values.dtype
-            and key.shape == layer.keys.shape and key.data_ptr() == layer.keys.data_ptr()
-            and query.shape[1] % key.shape[1] == 0
-            and max(query.shape[-1], layer.values.shape[-1]) <= 256
-            and query.stride(-1) == 1
-            and (sinks is None or sinks.numel() == query.shape[1])
-            and (value is None or (value.shape == layer.values.shape and value.data_ptr() == layer.values.data_ptr()))
+        output = tova_ops.evict_one_triton(
+            query, layer.keys, layer.values, layer.positions, attention_mask, scaling, softcap, sinks,
+            self.num_sink_tokens, self.policy, attend,
         )
-        if self.kernel_backend == "triton" and not supported:
-            _log_fallback_once()
-        return supported
+        layer.drop_last()
+        return output
 
-    def _eviction_keys(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """What eviction minimises per slot [B, n]: the score ("tova") or the position ("window") of real slots;
-        -inf for hidden ones (padding), +inf for the sink tokens. Sinks are the first `num_sink_tokens` real
-        positions of the row, not slots: a swap-remove moves the newest token in front of them."""
-        real = scores > float("-inf")
-        keys = torch.where(real, positions.float(), float("-inf")) if self.policy == "window" else scores
-        if self.num_sink_tokens:
-            first = positions.masked_fill(~real, torch.iinfo(positions.dtype).max).amin(-1, keepdim=True)
-            keys = keys.masked_fill(real & (positions - first < self.num_sink_tokens), float("inf"))
-        return keys
-
-    def _kept_slots(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Sorted slot indices [B, budget] that survive. Ties evict the highest slot first."""
-        keys = self._eviction_keys(scores, positions)
-        slots = keys.shape[-1]
-        ascending = torch.sort(keys.flip(-1), dim=-1, stable=True).indices  # ties: higher slot first
-        kept = slots - 1 - ascending[:, slots - self.budget :]
-        return kept.sort(dim=-1).values
-
-    def _victims(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The slot [B] each row evicts when one goes: the lowest key, ties to the highest slot (argmin takes the
-        first of equal values, so it runs on the flipped keys), which makes the highest pad go first."""
-        keys = self._eviction_keys(scores, positions)
-        return keys.shape[-1] - 1 - keys.flip(-1).argmin(-1)
+    def _use_kernel(self, layer: TOVALayer, query, key, sinks, value=None) -> bool:
+        """Whether a Triton kernel evicts this step (see `tova_ops.use_decode_kernel`): one slot per row to drop, as
+        in a decode step; a longer prompt is compressed by the torch path."""
+        at_budget = layer.physical_length == self.budget + 1
+        return tova_ops.use_decode_kernel(
+            self.kernel_backend, at_budget, query, key, layer.keys, layer.values, sinks, value
+        )
 
     def update_conv_state(self, *args, **kwargs):
         raise TypeError(_NO_ATTENTION_ERROR)
