@@ -24,8 +24,8 @@ def _owns_memory(t: torch.Tensor) -> bool:
 def _precision(x: torch.Tensor, half: str = "bf16") -> str:
     # fp32 inputs get exact fp32 products. Half-precision inputs get `half` products on the GPU: bf16 (the fp32
     # intermediates they multiply round to bf16) ran the TTT-Linear kernels 10-26% faster than TF32 on the H200,
-    # at the same error against the fp32 reference (kernels/README.md). Triton's interpreter multiplies bf16
-    # tiles as integers, so on CPU they take TF32 products (fp32 there).
+    # at the same error against the fp32 reference (CHANGELOG.md, kernel history). Triton's interpreter multiplies
+    # bf16 tiles as integers, so on CPU they take TF32 products (fp32 there).
     if x.dtype == torch.float32:
         return "ieee"
     return half if x.is_cuda else "tf32"
