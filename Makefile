@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of these machines; on a GPU machine install torch first (see README), then `make`.
+# torch's CPU build (a plain `torch` requirement pulls the CUDA one); on a GPU install torch first (README).
 TORCH_SPEC ?= torch==2.13.0
 # `make test` runs the suite under the lowest supported transformers and under the newest release that exists
 # when it runs (`transformers<6`), each time with the newest peft and accelerate.
@@ -26,6 +26,8 @@ demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/ttt-hf demo
 
 test: $(BIN)/.installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	set -e; for release in $(TRANSFORMERS_RELEASES); do \
 		$(BIN)/python -m pip install --quiet --upgrade "$$release" peft accelerate; \
 		$(BIN)/python -c 'import accelerate, peft, torch, transformers as t; print(f"== transformers {t.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}, torch {torch.__version__}")'; \
