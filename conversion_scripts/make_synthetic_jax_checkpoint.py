@@ -15,7 +15,12 @@ from ttt_hf import TTTConfig, TTTForCausalLM
 from ttt_hf.conversion.ttt_jax import _BLOCK_KEYS, _MODEL_KEYS
 
 # Inverse of the converter's layout changes (ours -> JAX).
-_TO_JAX = {"same": lambda a: a, "dense": lambda a: a.T, "conv": lambda a: a.transpose(2, 1, 0), "lr": lambda a: a.transpose(0, 2, 1)}
+_TO_JAX = {
+    "same": lambda a: a,
+    "dense": lambda a: a.T,
+    "conv": lambda a: a.transpose(2, 1, 0),
+    "lr": lambda a: a.transpose(0, 2, 1),
+}
 
 
 def _record(key: list[str], array: np.ndarray) -> bytes:

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from bench_common import RESULTS, ROOT, cuda_time, save_results
 from torch import nn
 
 from ttt_hf import BlockStateConfig, BlockStateForCausalLM
@@ -33,9 +34,6 @@ from ttt_hf.block_state.modeling_block_state import (
     BlockStateModel,
     apply_rope,
 )
-
-from bench_common import RESULTS, ROOT, cuda_time, save_results
-
 
 try:
     from flash_attn import flash_attn_func
@@ -59,7 +57,9 @@ class CausalAttention(nn.Module):
         if self.window is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif flash_attn_func is not None:
-            out = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, window_size=(self.window - 1, 0))
+            out = flash_attn_func(
+                *(t.transpose(1, 2) for t in (q, k, v)), causal=True, window_size=(self.window - 1, 0)
+            )
             out = out.transpose(1, 2)
         else:
             out = _blockwise_window(q, k, v, self.window)
@@ -95,8 +95,15 @@ def measure(fn, reps: int) -> float | str:
 
 
 def bst_layer(args, backend: str) -> BlockStateAttention:
-    config = BlockStateConfig(hidden_size=args.width, num_attention_heads=args.heads, block_size=args.block,
-                              ssm_state_size=args.state, context_mode="sh", kernel_backend=backend, num_hidden_layers=1)
+    config = BlockStateConfig(
+        hidden_size=args.width,
+        num_attention_heads=args.heads,
+        block_size=args.block,
+        ssm_state_size=args.state,
+        context_mode="sh",
+        kernel_backend=backend,
+        num_hidden_layers=1,
+    )
     torch.manual_seed(0)
     layer = BlockStateForCausalLM(config).model.layers[0].attn.cuda()  # initialised as in a model
     for name, child in layer.named_children():
@@ -114,7 +121,9 @@ def layer_benchmark(args) -> list[dict]:
     for length in args.lengths:
         x = torch.randn(args.batch, length, args.width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         mask = torch.ones(args.batch, length, dtype=torch.bool, device="cuda")
-        layout, _ = BlockStateModel._layout(SimpleNamespace(config=fast.config), mask, torch.zeros_like(mask[:, 0], dtype=torch.long))
+        layout, _ = BlockStateModel._layout(
+            SimpleNamespace(config=fast.config), mask, torch.zeros_like(mask[:, 0], dtype=torch.long)
+        )
         position = layout.position
         candidates = {
             "bst (auto)": partial(fast, x, layout),
@@ -139,11 +148,15 @@ def layer_benchmark(args) -> list[dict]:
                 forward().float().sum().backward()
                 x.grad = None
 
-            rows.append(dict(
-                layer=name, length=length, batch=args.batch,
-                forward_ms="skipped" if slow else measure(fwd, reps),
-                forward_backward_ms="skipped" if slow else measure(fwd_bwd, reps),
-            ))
+            rows.append(
+                dict(
+                    layer=name,
+                    length=length,
+                    batch=args.batch,
+                    forward_ms="skipped" if slow else measure(fwd, reps),
+                    forward_backward_ms="skipped" if slow else measure(fwd_bwd, reps),
+                )
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -153,13 +166,20 @@ def model_benchmark(args) -> list[dict]:
 
     bst_config = BlockStateConfig.from_pretrained(ROOT / "configs" / "block-state-200m-sh.json")
     llama_config = LlamaConfig(
-        vocab_size=bst_config.vocab_size, hidden_size=bst_config.hidden_size, num_hidden_layers=bst_config.num_hidden_layers,
-        num_attention_heads=bst_config.num_attention_heads, num_key_value_heads=bst_config.num_attention_heads,
-        intermediate_size=args.llama_intermediate, max_position_embeddings=max(args.model_lengths),
+        vocab_size=bst_config.vocab_size,
+        hidden_size=bst_config.hidden_size,
+        num_hidden_layers=bst_config.num_hidden_layers,
+        num_attention_heads=bst_config.num_attention_heads,
+        num_key_value_heads=bst_config.num_attention_heads,
+        intermediate_size=args.llama_intermediate,
+        max_position_embeddings=max(args.model_lengths),
         tie_word_embeddings=True,
     )
     models = {}
-    for name, build in (("bst-sh-200m", lambda: BlockStateForCausalLM(bst_config)), ("llama", lambda: LlamaForCausalLM(llama_config))):
+    for name, build in (
+        ("bst-sh-200m", lambda: BlockStateForCausalLM(bst_config)),
+        ("llama", lambda: LlamaForCausalLM(llama_config)),
+    ):
         torch.manual_seed(0)
         models[name] = build().cuda().to(torch.bfloat16)
     rows = []
@@ -206,12 +226,20 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--block", type=int, default=512)
     parser.add_argument("--state", type=int, default=16)
-    parser.add_argument("--reference-max-length", type=int, default=16384,
-                        help="skip the torch reference layer above this length (its FFT recursion is slow)")
+    parser.add_argument(
+        "--reference-max-length",
+        type=int,
+        default=16384,
+        help="skip the torch reference layer above this length (its FFT recursion is slow)",
+    )
     parser.add_argument("--model-lengths", type=ints, default=[4096, 16384])
     parser.add_argument("--model-batches", type=ints, default=[1, 4])
-    parser.add_argument("--llama-intermediate", type=int, default=4096,
-                        help="Llama FFN width: 4096 matches the BST's parameter count (its cross-attention weights)")
+    parser.add_argument(
+        "--llama-intermediate",
+        type=int,
+        default=4096,
+        help="Llama FFN width: 4096 matches the BST's parameter count (its cross-attention weights)",
+    )
     parser.add_argument("--skip-model", action="store_true")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -219,14 +247,24 @@ def main() -> None:
     layers = layer_benchmark(args)
     models = [] if args.skip_model else model_benchmark(args)
     device = torch.cuda.get_device_name()
-    print(f"\n## BST-SH layer vs attention ({device}; B={args.batch}, D={args.width}, H={args.heads}, W={args.block}, "
-          f"N={args.state}; window attention: {'flash_attn window_size' if flash_attn_func else 'blockwise SDPA band mask'})\n")
+    window = "flash_attn window_size" if flash_attn_func else "blockwise SDPA band mask"
+    print(
+        f"\n## BST-SH layer vs attention ({device}; B={args.batch}, D={args.width}, H={args.heads}, W={args.block}, "
+        f"N={args.state}; window attention: {window})\n"
+    )
     print(markdown(layers))
     if models:
         print("\n## Whole model tokens/s (bf16)\n")
         print(markdown(models))
-    payload = dict(device=device, torch=torch.__version__, args=vars(args), layers=layers, models=models,
-                   window_impl="flash_attn" if flash_attn_func else "blockwise_sdpa", seconds=round(time.time() - started))
+    payload = dict(
+        device=device,
+        torch=torch.__version__,
+        args=vars(args),
+        layers=layers,
+        models=models,
+        window_impl="flash_attn" if flash_attn_func else "blockwise_sdpa",
+        seconds=round(time.time() - started),
+    )
     save_results("block_state.json", payload)
     print(f"\nwrote {RESULTS / 'block_state.json'} in {payload['seconds']} s")
 

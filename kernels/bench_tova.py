@@ -19,9 +19,10 @@
    score-and-evict overhead is (TOVA step - that step) / TOVA step, both captured. Under capture transformers
    materialises the all-True causal mask; TOVACache drops it for unpadded caches, so TOVA's captured steps attend
    as the eager ones do (the fused kernel without a mask row; SDPA's GQA path for the baseline).
-3. With --max-batch (first, while the process holds nothing else): the largest batch that decodes with each cache at the context (the full DynamicCache; TOVA
-   at each budget), by bisection: the caches are filled with random keys and values of the length a prompt of the
-   context leaves them (instead of a prefill, which would run in micro-batches), then two eager decode steps run.
+3. With --max-batch (first, while the process holds nothing else): the largest batch that decodes with each cache
+   at the context (the full DynamicCache; TOVA at each budget), by bisection: the caches are filled with random keys
+   and values of the length a prompt of the context leaves them (instead of a prefill, which would run in
+   micro-batches), then two eager decode steps run.
 Prints markdown tables and writes kernels/results/tova.json.
 """
 
@@ -35,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_common import capture, cuda_time, save_results
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 from triton.testing import do_bench
@@ -43,8 +45,6 @@ from ttt_hf import CACHE_NAME, TOVACache
 from ttt_hf.tova.cache_tova import TOVALayer
 from ttt_hf.tova.tova_ops import last_query_scores, victims
 from ttt_hf.tova.tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton
-
-from bench_common import capture, cuda_time, save_results
 
 CHECK_STEPS = 16  # decode steps compared between the graph and eager
 
@@ -114,8 +114,10 @@ def op_row(batch: int, budget: int, q_heads: int = 32, kv_heads: int = 8, dim: i
     def attention():
         F.scaled_dot_product_attention(query, keys, values, scale=dim**-0.5, enable_gqa=True)
 
-    row = {name: {"graph_us": graph_us(fn), "gpu_us": do_bench(fn, warmup=25, rep=200) * 1e3, "host_us": host_us(fn)}
-           for name, fn in (("fused", fused), ("kernel", kernel), ("torch", torch_path), ("sdpa", attention))}
+    row = {
+        name: {"graph_us": graph_us(fn), "gpu_us": do_bench(fn, warmup=25, rep=200) * 1e3, "host_us": host_us(fn)}
+        for name, fn in (("fused", fused), ("kernel", kernel), ("torch", torch_path), ("sdpa", attention))
+    }
     logits = 2 * batch * q_heads * n * 4  # fp32 logits written and read back
     row["kernel"]["gb_per_s"] = (keys.numel() * keys.element_size() + logits) / row["kernel"]["graph_us"] / 1e3
     moved = 2 * keys.numel() * keys.element_size() + logits  # plus the values; split outputs are ~1% of it
@@ -152,8 +154,14 @@ def op_benchmark(batch: int, budgets: list[int]) -> dict:
 
 def llama_1b() -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=1 << 17, attn_implementation="sdpa",
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=1 << 17,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
@@ -204,8 +212,11 @@ def graph_row(model, cache, token: torch.Tensor, position: torch.Tensor, steps: 
         tensor.copy_(saved)
     graph = greedy_tokens(replay, token, CHECK_STEPS)
     ms = cuda_time(replay, steps, warmup=3) * 1e3
-    return {"graph_ms_per_token": ms, "graph_tokens_per_s": token.shape[0] * 1e3 / ms,
-            "graph_matches_eager": bool(torch.equal(graph, eager))}
+    return {
+        "graph_ms_per_token": ms,
+        "graph_tokens_per_s": token.shape[0] * 1e3 / ms,
+        "graph_matches_eager": bool(torch.equal(graph, eager)),
+    }
 
 
 def eager_row(model, cache, token: torch.Tensor, position: torch.Tensor, steps: int) -> dict:
@@ -224,8 +235,14 @@ def generate_ms(model, cache, token: torch.Tensor, steps: int) -> float:
     ids = torch.cat([token.new_zeros(token.shape[0], cache.get_seq_length()), token], dim=1)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
-                   do_sample=False, **{CACHE_NAME: cache})
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        **{CACHE_NAME: cache},
+    )
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3 / steps
 
@@ -252,14 +269,18 @@ def run(model, name: str, make_cache, context: int, args, graph: bool) -> dict:
             traceback.print_exc()
             row["graph_error"] = f"{type(error).__name__}: {error}"
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(f"{name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-          flush=True)
+    print(
+        f"{name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+        flush=True,
+    )
     return row
 
 
 def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
 
 
 def fill_and_decode(model, make_cache, batch: int, held: int) -> None:
@@ -321,7 +342,9 @@ def max_batch_benchmark(args, budgets: list[int]) -> dict[str, int]:
     model = llama_1b()
     config = model.config
     weights = weight_bytes(model)
-    token_bytes = 4 * config.num_hidden_layers * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    token_bytes = (
+        4 * config.num_hidden_layers * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    )
     caches = {"DynamicCache (full)": (lambda: DynamicCache(config=config), args.context)}
     for budget in budgets:
         caches[f"TOVACache {budget}, Triton"] = (lambda b=budget: TOVACache(b, kernel_backend="auto"), budget)
@@ -348,7 +371,11 @@ def model_benchmark(args, budgets: list[int], measured_batches: dict[str, int] |
     }
     for budget in budgets:
         runs[f"TOVACache {budget}, Triton"] = (lambda b=budget: TOVACache(b, kernel_backend="auto"), args.context, True)
-        runs[f"TOVACache {budget}, torch path"] = (lambda b=budget: TOVACache(b, kernel_backend="torch"), args.context, True)
+        runs[f"TOVACache {budget}, torch path"] = (
+            lambda b=budget: TOVACache(b, kernel_backend="torch"),
+            args.context,
+            True,
+        )
         runs[f"TOVACache {budget}, no scoring"] = (lambda b=budget: UnscoredTOVACache(b), args.context, True)
     results = {}
     for name, (make_cache, context, graph) in runs.items():
@@ -436,19 +463,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (TOVA compresses after each)")
     parser.add_argument("--skip-model", action="store_true", help="op-level benchmark only")
-    parser.add_argument("--max-batch", action="store_true",
-                        help="also measure the largest batch that decodes with each cache at the context (bisection)")
     parser.add_argument(
-        "--cudnn-sdpa", action="store_true",
-        help="keep SDPA's cuDNN backend: it builds a plan per new KV length (CPU-heavy), which penalises a growing cache",
+        "--max-batch",
+        action="store_true",
+        help="also measure the largest batch that decodes with each cache at the context (bisection)",
+    )
+    parser.add_argument(
+        "--cudnn-sdpa",
+        action="store_true",
+        help="keep SDPA's cuDNN backend: it builds a plan per new KV length (CPU-heavy), which penalises a "
+        "growing cache",
     )
     args = parser.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_sdpa)
     budgets = [int(b) for b in args.budgets.split(",")]
     started = time.perf_counter()
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
-                     "context": args.context, "cudnn_sdpa": args.cudnn_sdpa,
-                     "ops": op_benchmark(args.batch, budgets)}
+    results: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "context": args.context,
+        "cudnn_sdpa": args.cudnn_sdpa,
+        "ops": op_benchmark(args.batch, budgets),
+    }
     if args.max_batch:
         results["max_batch_measured"] = max_batch_benchmark(args, budgets)
     if not args.skip_model:
@@ -459,8 +496,12 @@ def main() -> None:
     if not args.skip_model:
         print("\n" + "\n".join(results["tables"]))
     elif args.max_batch:
-        print("\n" + "\n".join(f"{name}: largest batch that decodes {batch}"
-                                 for name, batch in results["max_batch_measured"].items()))
+        print(
+            "\n"
+            + "\n".join(
+                f"{name}: largest batch that decodes {batch}" for name, batch in results["max_batch_measured"].items()
+            )
+        )
     print(f"\n{results['seconds']:.0f} s")
 
 

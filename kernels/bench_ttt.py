@@ -1,11 +1,11 @@
-"""TTT op benchmark on the GPU (TTT-Linear, and TTT-MLP's columns): our Triton kernels vs our torch reference vs flash-linear-attention's
-`chunk_ttt_linear` vs SDPA (flash) causal attention at the same (B, H, T, D), forward and forward+backward;
-TTT-MLP (our Triton kernels and the torch reference); the decode step.
+"""TTT op benchmark on the GPU (TTT-Linear, and TTT-MLP's columns): our Triton kernels vs our torch reference vs
+flash-linear-attention's `chunk_ttt_linear` vs SDPA (flash) causal attention at the same (B, H, T, D), forward and
+forward+backward; TTT-MLP (our Triton kernels and the torch reference); the decode step.
 
     python kernels/bench_ttt.py [--lengths 2048,8192] [--batch 4 --heads 32 --head-dim 64]
 
-Checks the kernels (outputs, final states and every gradient) against the reference on the benchmark shapes first, then prints markdown tables and
-writes kernels/results/ttt_ops.json and kernels/results/ttt_ops.png.
+Checks the kernels (outputs, final states and every gradient) against the reference on the benchmark shapes first,
+then prints markdown tables and writes kernels/results/ttt_ops.json and kernels/results/ttt_ops.png.
 """
 
 from __future__ import annotations
@@ -15,17 +15,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_common import cuda_time, result_paths, save_results
 from triton.testing import do_bench
 
 from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_reference, ttt_step, ttt_step_reference
 
-from bench_common import cuda_time, result_paths, save_results
-
 MB = 16
 
 
-def inputs(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torch.dtype, requires_grad: bool = False,
-           mlp: bool = False):
+def inputs(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    requires_grad: bool = False,
+    mlp: bool = False,
+):
     """TTT inputs with the initial state of TTT-Linear (or TTT-MLP, inner width 4 * head_dim)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g, device="cuda")  # noqa: E731
@@ -37,7 +43,7 @@ def inputs(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torch.dty
     widths = [head_dim, 4 * head_dim, head_dim] if mlp else [head_dim, head_dim]
     state = []
     for fan_in, fan_out in zip(widths, widths[1:]):
-        state += [rand(batch, heads, fan_in, fan_out, scale=fan_in ** -0.5), rand(batch, heads, 1, fan_out, scale=0.02)]
+        state += [rand(batch, heads, fan_in, fan_out, scale=fan_in**-0.5), rand(batch, heads, 1, fan_out, scale=0.02)]
     state = [s.requires_grad_(requires_grad) for s in state]
     acc = [torch.zeros_like(s) for s in state]
     start = torch.zeros(batch, dtype=torch.long, device="cuda")
@@ -62,6 +68,7 @@ def fwd_bwd(forward):
     def run():
         out = forward()
         out.float().sum().backward()
+
     return run
 
 
@@ -98,8 +105,14 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     args = parser.parse_args()
     B, H, D = args.batch, args.heads, args.head_dim
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [B, H, D],
-                     "check": {}, "ops": {}, "decode": {}}
+    results: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": [B, H, D],
+        "check": {},
+        "ops": {},
+        "decode": {},
+    }
     try:
         from fla.ops.ttt import chunk_ttt_linear
     except ImportError as error:
@@ -123,12 +136,21 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
 
     print(f"\n## TTT op (TTT-Linear; TTT-MLP columns), B={B}, H={H}, D={D}, bf16 inputs (ms)")
-    columns = {"triton_fwd": "ours Triton fwd", "torch_fwd": "torch ref fwd", "fla_fwd": "FLA fwd", "sdpa_fwd": "SDPA fwd",
-               "triton_fwd_bwd": "ours Triton fwd+bwd", "triton_kept_fwd_bwd": "ours Triton fwd+bwd, kept states",
-               "torch_fwd_bwd": "torch ref fwd+bwd",
-               "fla_fwd_bwd": "FLA fwd+bwd", "sdpa_fwd_bwd": "SDPA fwd+bwd",
-               "mlp_triton_fwd": "TTT-MLP Triton fwd", "mlp_torch_fwd": "TTT-MLP torch ref fwd",
-               "mlp_triton_fwd_bwd": "TTT-MLP Triton fwd+bwd", "mlp_torch_fwd_bwd": "TTT-MLP torch ref fwd+bwd"}
+    columns = {
+        "triton_fwd": "ours Triton fwd",
+        "torch_fwd": "torch ref fwd",
+        "fla_fwd": "FLA fwd",
+        "sdpa_fwd": "SDPA fwd",
+        "triton_fwd_bwd": "ours Triton fwd+bwd",
+        "triton_kept_fwd_bwd": "ours Triton fwd+bwd, kept states",
+        "torch_fwd_bwd": "torch ref fwd+bwd",
+        "fla_fwd_bwd": "FLA fwd+bwd",
+        "sdpa_fwd_bwd": "SDPA fwd+bwd",
+        "mlp_triton_fwd": "TTT-MLP Triton fwd",
+        "mlp_torch_fwd": "TTT-MLP torch ref fwd",
+        "mlp_triton_fwd_bwd": "TTT-MLP Triton fwd+bwd",
+        "mlp_torch_fwd_bwd": "TTT-MLP torch ref fwd+bwd",
+    }
     print("| T | " + " | ".join(columns.values()) + " |")
     print("|---|" + "---|" * len(columns))
     for T in map(int, args.lengths.split(",")):
@@ -161,7 +183,9 @@ def main() -> None:
             row["sdpa_fwd"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         row["sdpa_fwd_bwd"] = ms(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         if chunk_ttt_linear is not None:
-            fq, fk, fv = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            fq, fk, fv = (
+                torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+            )
             fw = torch.ones(H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             fb = torch.zeros(H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             eta = torch.full((B, T, H, 1), 0.01, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -172,9 +196,11 @@ def main() -> None:
         results["ops"][T] = row
         cell = lambda key: f"{row[key]:.2f}" if key in row else "n/a"  # noqa: E731
         print(f"| {T} | " + " | ".join(cell(key) for key in columns) + " |")
-        print(f"(ours Triton fwd+bwd at T={T}: {row['triton_fwd_bwd_extra_gib']:.2f} GiB above the inputs, kept states "
-              f"{row['triton_kept_fwd_bwd_extra_gib']:.2f} GiB; TTT-MLP "
-              f"{row.get('mlp_triton_fwd_bwd_extra_gib', float('nan')):.2f} GiB)")
+        print(
+            f"(ours Triton fwd+bwd at T={T}: {row['triton_fwd_bwd_extra_gib']:.2f} GiB above the inputs, kept states "
+            f"{row['triton_kept_fwd_bwd_extra_gib']:.2f} GiB; TTT-MLP "
+            f"{row.get('mlp_triton_fwd_bwd_extra_gib', float('nan')):.2f} GiB)"
+        )
         torch.cuda.empty_cache()
 
     print(f"\n## TTT-Linear decode step, one layer, D={D} (microseconds per step)")
@@ -185,8 +211,10 @@ def main() -> None:
         active = torch.ones(batch, dtype=torch.bool, device="cuda")
         step = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
         with torch.no_grad():
-            row = {"triton_us": 1e3 * ms(lambda: ttt_step(state, acc, *step, kernel_backend="triton")),
-                   "torch_us": 1e3 * ms(lambda: ttt_step_reference(state, acc, *step))}
+            row = {
+                "triton_us": 1e3 * ms(lambda: ttt_step(state, acc, *step, kernel_backend="triton")),
+                "torch_us": 1e3 * ms(lambda: ttt_step_reference(state, acc, *step)),
+            }
         results["decode"][f"{batch}x{heads}"] = row
         print(f"| {batch} x {heads} | {row['triton_us']:.1f} | {row['torch_us']:.1f} |")
 
@@ -203,19 +231,34 @@ def plot(results: dict, paths: list[Path]) -> None:
     except ImportError:
         return
     lengths = sorted(results["ops"], key=int)
-    series = {"ours Triton fwd": "triton_fwd", "torch ref fwd": "torch_fwd", "FLA fwd": "fla_fwd", "SDPA fwd": "sdpa_fwd",
-              "ours Triton fwd+bwd": "triton_fwd_bwd", "ours Triton fwd+bwd, kept states": "triton_kept_fwd_bwd",
-              "torch ref fwd+bwd": "torch_fwd_bwd", "FLA fwd+bwd": "fla_fwd_bwd",
-              "SDPA fwd+bwd": "sdpa_fwd_bwd", "TTT-MLP Triton fwd": "mlp_triton_fwd", "TTT-MLP torch fwd": "mlp_torch_fwd",
-              "TTT-MLP Triton fwd+bwd": "mlp_triton_fwd_bwd", "TTT-MLP torch fwd+bwd": "mlp_torch_fwd_bwd"}
+    series = {
+        "ours Triton fwd": "triton_fwd",
+        "torch ref fwd": "torch_fwd",
+        "FLA fwd": "fla_fwd",
+        "SDPA fwd": "sdpa_fwd",
+        "ours Triton fwd+bwd": "triton_fwd_bwd",
+        "ours Triton fwd+bwd, kept states": "triton_kept_fwd_bwd",
+        "torch ref fwd+bwd": "torch_fwd_bwd",
+        "FLA fwd+bwd": "fla_fwd_bwd",
+        "SDPA fwd+bwd": "sdpa_fwd_bwd",
+        "TTT-MLP Triton fwd": "mlp_triton_fwd",
+        "TTT-MLP torch fwd": "mlp_torch_fwd",
+        "TTT-MLP Triton fwd+bwd": "mlp_triton_fwd_bwd",
+        "TTT-MLP torch fwd+bwd": "mlp_torch_fwd_bwd",
+    }
     fig, ax = plt.subplots(figsize=(9, 4.5))
     colors = plt.cm.tab20.colors  # more series than the default cycle's 10 colours
     for (label, key), color in zip(series.items(), colors):
         points = [(int(t), results["ops"][t][key]) for t in lengths if key in results["ops"][t]]
         if points:
             ax.plot(*zip(*points), marker="o", label=label, color=color, linestyle="--" if "bwd" in key else "-")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms",
-           title=f"TTT ops, B,H,D = {results['shape']}, bf16, {results['device']}")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sequence length T",
+        ylabel="ms",
+        title=f"TTT ops, B,H,D = {results['shape']}, bf16, {results['device']}",
+    )
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     for path in paths:

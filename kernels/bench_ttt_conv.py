@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_common import cuda_time, save_results
 
 from ttt_hf.ttt.ttt_ops import causal_conv1d_banks
-
-from bench_common import cuda_time, save_results
 
 WIDTH = 4
 
@@ -23,8 +22,13 @@ WIDTH = 4
 def bench(batch: int, tokens: int, channels: int, banks: int, repeats: int) -> dict:
     x = torch.randn(batch, tokens, channels, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     state = torch.zeros(batch, WIDTH - 1, channels, device="cuda", dtype=torch.bfloat16)
-    filters = [(torch.randn(channels, 1, WIDTH, device="cuda", dtype=torch.bfloat16, requires_grad=True),
-                torch.randn(channels, device="cuda", dtype=torch.bfloat16, requires_grad=True)) for _ in range(banks)]
+    filters = [
+        (
+            torch.randn(channels, 1, WIDTH, device="cuda", dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(channels, device="cuda", dtype=torch.bfloat16, requires_grad=True),
+        )
+        for _ in range(banks)
+    ]
     length = torch.full((batch,), tokens, device="cuda")
     d_ys = [torch.randn_like(x) for _ in range(banks)]
     row = {}
@@ -47,16 +51,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
-    print(f"## Causal depthwise convolution, width {WIDTH}, bf16, {args.tokens} tokens x {args.channels} channels "
-          "(ms)")
+    print(f"## Causal depthwise convolution, width {WIDTH}, bf16, {args.tokens} tokens x {args.channels} channels (ms)")
     print("| batch | banks | Triton fwd | torch fwd | Triton fwd+bwd | torch fwd+bwd | Triton fwd GB/s |")
     print("|---|---|---|---|---|---|---|")
     for batch in map(int, args.batches.split(",")):
         for banks in (1, 2):
             row = bench(batch, args.tokens, args.channels, banks, args.repeats)
             results["rows"][f"{batch}x{banks}"] = row
-            print(f"| {batch} | {banks} | {row['triton_fwd_ms']:.3f} | {row['torch_fwd_ms']:.3f} | "
-                  f"{row['triton_fwd_bwd_ms']:.3f} | {row['torch_fwd_bwd_ms']:.3f} | {row['triton_fwd_gb_per_s']:.0f} |")
+            print(
+                f"| {batch} | {banks} | {row['triton_fwd_ms']:.3f} | {row['torch_fwd_ms']:.3f} | "
+                f"{row['triton_fwd_bwd_ms']:.3f} | {row['torch_fwd_bwd_ms']:.3f} | {row['triton_fwd_gb_per_s']:.0f} |"
+            )
     save_results("ttt_conv.json", results)
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_common import capture, cuda_time, save_results, ttt_model
 
 from ttt_hf import TTTForCausalLM
 from ttt_hf.ttt.cache_ttt import TTTCache
 from ttt_hf.ttt.ttt_ops import ttt_step_reference
 from ttt_hf.ttt.ttt_triton_decode import ttt_step_triton
-
-from bench_common import capture, cuda_time, save_results, ttt_model
 
 MINI_BATCH = 16
 
@@ -147,18 +146,25 @@ def main() -> None:
         for heads in (12, 32):
             row = bench_step(layer_type, args.batch, heads, 64, torch.bfloat16, args.repeats)
             results["step"][f"{layer_type} H={heads}"] = row
-            print(f"| {layer_type} | {heads} | {row['triton_us']:.1f} | {row['triton_graph_us']:.1f} | {row['torch_us']:.1f} "
-                  f"| {row['torch_graph_us']:.1f} | {row['torch_graph_us'] / row['triton_graph_us']:.1f}x "
-                  f"| {row['triton_graph_gb_per_s']:.0f} |")
+            print(
+                f"| {layer_type} | {heads} | {row['triton_us']:.1f} | {row['triton_graph_us']:.1f} "
+                f"| {row['torch_us']:.1f} | {row['torch_graph_us']:.1f} "
+                f"| {row['torch_graph_us'] / row['triton_graph_us']:.1f}x | {row['triton_graph_gb_per_s']:.0f} |"
+            )
 
-    print(f"\n## Greedy decode, random-weight 125M (Mamba backbone), bf16, batch {args.batch}, after {args.context} tokens")
+    print(
+        f"\n## Greedy decode, random-weight 125M (Mamba backbone), bf16, batch {args.batch}, "
+        f"after {args.context} tokens"
+    )
     print("| model | backend | eager tokens/s | CUDA graph tokens/s | graph == eager tokens |\n|---|---|---|---|---|")
     for name in ("ttt-125m-linear-mamba", "ttt-125m-mlp-mamba"):
         for backend in ("torch", "triton"):
             row = bench_model(name, backend, args.batch, args.context, args.steps)
             results["model"][f"{name} {backend}"] = row
-            print(f"| {name} | {backend} | {row['eager_tokens_per_s']:,.0f} | {row['graph_tokens_per_s']:,.0f} "
-                  f"| {row['graph_matches_eager']} |")
+            print(
+                f"| {name} | {backend} | {row['eager_tokens_per_s']:,.0f} | {row['graph_tokens_per_s']:,.0f} "
+                f"| {row['graph_matches_eager']} |"
+            )
             torch.cuda.empty_cache()
 
     save_results("ttt_decode.json", results)

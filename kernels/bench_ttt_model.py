@@ -12,21 +12,25 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_common import ROOT, cuda_time, save_results, ttt_model
+from bench_ttt_decode import capture_decode_step
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ttt_hf import TTTConfig
 from ttt_hf.ttt.cache_ttt import TTTCache
 
-from bench_common import ROOT, cuda_time, save_results, ttt_model
-from bench_ttt_decode import capture_decode_step
-
 
 def llama_like(config: TTTConfig, dtype: torch.dtype) -> LlamaForCausalLM:
     """A Llama with the TTT model's width, depth, heads, FFN and vocabulary (attention instead of TTT)."""
     llama = LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        max_position_embeddings=1 << 16, tie_word_embeddings=True, attn_implementation="sdpa",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=1 << 16,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(llama).to("cuda", dtype)
@@ -43,13 +47,17 @@ def training_throughput(model, batch: int, length: int, repeats: int) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     seconds = cuda_time(step, repeats)
-    return {"tokens_per_s": batch * length / seconds, "step_ms": seconds * 1e3,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "tokens_per_s": batch * length / seconds,
+        "step_ms": seconds * 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 @torch.no_grad()
-def decode_latency(model, cache, batch: int, context: int, steps: int, prefill_chunk: int = 8192,
-                   graph: bool = False) -> dict:
+def decode_latency(
+    model, cache, batch: int, context: int, steps: int, prefill_chunk: int = 8192, graph: bool = False
+) -> dict:
     """Per-token latency of greedy decoding at `batch` rows after `context` tokens (prefilled in chunks), eagerly
     and (`graph`, TTT models) with the whole step captured in a CUDA graph."""
     model.eval()
@@ -72,8 +80,11 @@ def decode_latency(model, cache, batch: int, context: int, steps: int, prefill_c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-len", type=int, default=8192)
-    parser.add_argument("--train-batches", default="1",
-                        help="the training table's batch sizes (each model skips those above its largest)")
+    parser.add_argument(
+        "--train-batches",
+        default="1",
+        help="the training table's batch sizes (each model skips those above its largest)",
+    )
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--decode-contexts", default="2048,8192,32768")
     parser.add_argument("--llama-decode-context", type=int, default=8192)
@@ -90,7 +101,9 @@ def main() -> None:
     print(" mini-batches, or with 'kept states' (scan_checkpoint_group_size=1) keeping every start state; TTT-Linear")
     print(" 125M's torch reference took 40.7 s a step on the H100, 202 tokens/s)")
     print("| model | batch | tokens/s | step ms | peak GiB |\n|---|---|---|---|---|")
-    configs = {size: TTTConfig.from_json_file(ROOT / "configs" / f"ttt-{size}-linear-mamba.json") for size in ("125m", "1.3b")}
+    configs = {
+        size: TTTConfig.from_json_file(ROOT / "configs" / f"ttt-{size}-linear-mamba.json") for size in ("125m", "1.3b")
+    }
 
     def ttt(name: str, group: int):
         return lambda: ttt_model(name, "triton", dtype, scan_checkpoint_group_size=group)
@@ -128,14 +141,18 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     print(f"\n## Greedy decode, 1.3B, bf16, batch {args.decode_batch}: per-token latency after a context")
-    print("| model | context | ms/token | CUDA graph ms/token | tokens/s (eager) | peak GiB |\n|---|---|---|---|---|---|")
+    print(
+        "| model | context | ms/token | CUDA graph ms/token | tokens/s (eager) | peak GiB |\n|---|---|---|---|---|---|"
+    )
     model = ttt_model("ttt-1.3b-linear-mamba", "auto", dtype)
     for context in map(int, args.decode_contexts.split(",")):
         torch.cuda.reset_peak_memory_stats()
         row = decode_latency(model, TTTCache(model.config), args.decode_batch, context, args.steps, graph=True)
         results["decode"][f"TTT-Linear 1.3B @ {context}"] = row
-        print(f"| TTT-Linear 1.3B | {context} | {row['ms_per_token']:.2f} | {row['graph_ms_per_token']:.2f} | "
-              f"{row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} |")
+        print(
+            f"| TTT-Linear 1.3B | {context} | {row['ms_per_token']:.2f} | {row['graph_ms_per_token']:.2f} | "
+            f"{row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} |"
+        )
     config = model.config
     del model
     torch.cuda.empty_cache()
@@ -144,8 +161,10 @@ def main() -> None:
     context = args.llama_decode_context
     row = decode_latency(llama, DynamicCache(config=llama.config), args.decode_batch, context, args.steps)
     results["decode"][f"Llama 1.3B DynamicCache @ {context}"] = row
-    print(f"| Llama 1.3B (DynamicCache) | {context} | {row['ms_per_token']:.2f} | n/a | {row['tokens_per_s']:,.0f} | "
-          f"{row['peak_gib']:.1f} |")
+    print(
+        f"| Llama 1.3B (DynamicCache) | {context} | {row['ms_per_token']:.2f} | n/a | {row['tokens_per_s']:,.0f} | "
+        f"{row['peak_gib']:.1f} |"
+    )
 
     save_results("ttt_model.json", results)
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-
-from ttt_hf import TTTConfig
-
 from bench_common import ROOT, ttt_model
 from bench_ttt_model import llama_like
+
+from ttt_hf import TTTConfig
 
 
 def profile_step(model, name: str, batch: int, length: int, top: int) -> None:
@@ -32,8 +31,9 @@ def profile_step(model, name: str, batch: int, length: int, top: int) -> None:
     with torch.profiler.profile(activities=activities) as profiler:
         step()
         torch.cuda.synchronize()
-    events = sorted((e for e in profiler.key_averages() if e.self_device_time_total > 0),
-                    key=lambda e: -e.self_device_time_total)
+    events = sorted(
+        (e for e in profiler.key_averages() if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total
+    )
     # Autograd nodes and aten ops are listed beside the kernels they launch: the column does not sum to a total.
     print(f"## {name}, batch {batch} x {length}: GPU ms per entry (self time), launches")
     for event in events[:top]:

@@ -1,14 +1,14 @@
-"""Tuning sweep of the S4D scan's launches (`block_state_triton._SCAN_LAUNCH`) on the GPU, with the
-alternatives a user would pick for the same convolution side by side:
+"""Tuning sweep of the S4D scan's launches (`block_state_triton._SCAN_LAUNCH`) on the GPU, with the alternatives a user
+would pick for the same convolution side by side:
 
     python kernels/tune_block_state.py [--length 65536] [--batch 4] [--features 1024]
 
-The op: the BST-SH layer's SSM, u [B, L, D] bf16 -> y [B, L, 1, D] bf16 (N = 16: 8 complex modes), forward
-and forward + backward (gradients of u and of every S4D parameter). Rows: every (channels per program,
-steps per group, warps) launch of each scan kernel and the segment counts (programs per SM), each checked
-against the defaults first; a plain
-torch.fft convolution of size 2L in fp32 (not exactly causal; what a user would write). Our reference (the
-exactly-causal FFT recursion) is timed by bench_block_state.py at the layer level. Prints a markdown table and writes kernels/results/block_state_tune.json.
+The op: the BST-SH layer's SSM, u [B, L, D] bf16 -> y [B, L, 1, D] bf16 (N = 16: 8 complex modes), forward and forward +
+backward (gradients of u and of every S4D parameter). Rows: every (channels per program, steps per group, warps) launch
+of each scan kernel and the segment counts (programs per SM), each checked against the defaults first; a plain torch.fft
+convolution of size 2L in fp32 (not exactly causal; what a user would write). Our reference (the exactly-causal FFT
+recursion) is timed by bench_block_state.py at the layer level. Prints a markdown table and writes
+kernels/results/block_state_tune.json.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import itertools
 import math
 
 import torch
+from bench_common import save_results
 from triton.testing import do_bench
 
 from ttt_hf.block_state import block_state_triton, ssm_ops
-
-from bench_common import save_results
 
 
 def s4d_inputs(batch: int, length: int, features: int, modes: int = 8):
@@ -78,8 +77,11 @@ def main() -> None:
     default = dict(block_state_triton._SCAN_LAUNCH), block_state_triton._SCAN_PROGRAMS_PER_SM
     expected = conv(u, params, "auto").float()
     expected_grads = torch.autograd.grad((expected * weights).sum(), [u, *params.values()])
-    variants = [(kind, launch, default[1]) for kind, launch in itertools.product(
-        ("forward", "backward"), itertools.product((32, 64), (8, 16), (1, 2))) if launch[0] >= 32 * launch[2]]
+    variants = [
+        (kind, launch, default[1])
+        for kind, launch in itertools.product(("forward", "backward"), itertools.product((32, 64), (8, 16), (1, 2)))
+        if launch[0] >= 32 * launch[2]
+    ]
     variants += [("both", None, per_sm) for per_sm in (1, 2, 8, 16)]
     rows = []
     for kind, launch, per_sm in variants:
@@ -87,11 +89,15 @@ def main() -> None:
         block_state_triton._SCAN_PROGRAMS_PER_SM = per_sm
         y = conv(u, params, "auto").float()
         grads = torch.autograd.grad((y * weights).sum(), [u, *params.values()])
-        error = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                    for a, b in zip((y, *grads), (expected, *expected_grads)))
+        error = max(
+            ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+            for a, b in zip((y, *grads), (expected, *expected_grads))
+        )
         fwd, fwd_bwd = timed(lambda: conv(u, params, "auto"), u, params, weights)
         name = f"scan {kind} {launch}" if launch else f"scan, {per_sm} programs per SM"
-        rows.append(dict(variant=name, forward_ms=fwd, forward_backward_ms=fwd_bwd, max_rel_error_vs_default=f"{error:.1e}"))
+        rows.append(
+            dict(variant=name, forward_ms=fwd, forward_backward_ms=fwd_bwd, max_rel_error_vs_default=f"{error:.1e}")
+        )
         print(rows[-1], flush=True)
     block_state_triton._SCAN_LAUNCH, block_state_triton._SCAN_PROGRAMS_PER_SM = default
     for name, fn in (("torch.fft size 2L (fp32)", lambda: plain_fft(u, params)),):
@@ -107,7 +113,9 @@ def main() -> None:
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join(str(row[k]) for k in keys) + " |")
-    save_results("block_state_tune.json", dict(args=vars(args), default_launch=default[0], programs_per_sm=default[1], rows=rows))
+    save_results(
+        "block_state_tune.json", dict(args=vars(args), default_launch=default[0], programs_per_sm=default[1], rows=rows)
+    )
 
 
 if __name__ == "__main__":

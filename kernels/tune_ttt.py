@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_common import save_results
+from bench_ttt import fwd_bwd, inputs, rel_err
 from triton.testing import do_bench
 
 from ttt_hf.ttt import ttt_triton_linear, ttt_triton_mlp
 from ttt_hf.ttt.ttt_ops import ttt_chunk
-
-from bench_common import save_results
-from bench_ttt import fwd_bwd, inputs, rel_err
 
 CANDIDATES = {
     "state": [{"num_warps": w} for w in (1, 2, 8)] + [{"num_warps": 4, "num_stages": 1}],
@@ -31,7 +30,10 @@ CANDIDATES = {
 }
 GROUPS = (4, 64)
 # TTT-MLP: (tile elements, warps) per kernel
-MLP_CANDIDATES = {"forward": [(1024, 8), (2048, 4), (4096, 8)], "backward": [(512, 8), (1024, 8), (1024, 4), (1024, 16)]}
+MLP_CANDIDATES = {
+    "forward": [(1024, 8), (2048, 4), (4096, 8)],
+    "backward": [(512, 8), (1024, 8), (1024, 4), (1024, 16)],
+}
 
 
 def kernel_breakdown(args: tuple) -> list[tuple[str, float]]:
@@ -50,7 +52,9 @@ def kernel_breakdown(args: tuple) -> list[tuple[str, float]]:
 def run_variant(kernel: str, launch: dict, head_dim: int, forward_only: bool, args: tuple, group: int = 0):
     """(ms, outputs and gradients) of the op with `launch` for `kernel`; the default launch is restored after."""
     default = ttt_triton_linear.LAUNCH[kernel]
-    ttt_triton_linear.LAUNCH[kernel] = tuple(launch if (i == 1) == (head_dim > 64) else d for i, d in enumerate(default))
+    ttt_triton_linear.LAUNCH[kernel] = tuple(
+        launch if (i == 1) == (head_dim > 64) else d for i, d in enumerate(default)
+    )
     try:
         op = lambda: ttt_chunk(*args, checkpoint_group=group, kernel_backend="triton")[0]  # noqa: E731
         if forward_only:
@@ -127,7 +131,9 @@ def main() -> None:
                 try:
                     ms, result = run_variant(kernel, launch, head_dim, forward_only, a)
                 except Exception as error:  # noqa: BLE001 (a launch that does not compile, e.g. out of resources)
-                    rows.append(dict(head_dim=head_dim, kernel=kernel, launch=launch, ms=None, error=type(error).__name__))
+                    rows.append(
+                        dict(head_dim=head_dim, kernel=kernel, launch=launch, ms=None, error=type(error).__name__)
+                    )
                     continue
                 reference = reference or result
                 err = max(rel_err(x, y) for x, y in zip(result, reference))
@@ -136,9 +142,18 @@ def main() -> None:
         for group in GROUPS:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            ms, _ = run_variant("bwd_state", ttt_triton_linear.LAUNCH["bwd_state"][head_dim > 64], head_dim, False, a, group)
-            rows.append(dict(head_dim=head_dim, kernel=f"checkpoint_group={group} (whole op)", launch={}, ms=ms,
-                             extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30))
+            ms, _ = run_variant(
+                "bwd_state", ttt_triton_linear.LAUNCH["bwd_state"][head_dim > 64], head_dim, False, a, group
+            )
+            rows.append(
+                dict(
+                    head_dim=head_dim,
+                    kernel=f"checkpoint_group={group} (whole op)",
+                    launch={},
+                    ms=ms,
+                    extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30,
+                )
+            )
             print(rows[-1], flush=True)
         del a
         torch.cuda.empty_cache()
@@ -146,7 +161,9 @@ def main() -> None:
     print(f"\n## TTT kernel launches, B={args.batch}, H={args.heads}, T={args.length}, bf16 (ms)\n")
     print("| head dim | kernel | launch | ms | note |\n|---|---|---|---|---|")
     for row in rows:
-        note = row.get("error") or (f"diff {row['max_rel_diff']:.1e}" if "max_rel_diff" in row else f"{row['extra_gib']:.2f} GiB")
+        note = row.get("error") or (
+            f"diff {row['max_rel_diff']:.1e}" if "max_rel_diff" in row else f"{row['extra_gib']:.2f} GiB"
+        )
         ms = "n/a" if row["ms"] is None else f"{row['ms']:.2f}"
         print(f"| {row['head_dim']} | {row['kernel']} | {row['launch']} | {ms} | {note} |")
     save_results(args.out, {"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows})

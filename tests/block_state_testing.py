@@ -22,9 +22,20 @@ VARIANT_IDS = ["-".join(f"{k}={v}" for k, v in variant.items()) for variant in V
 
 def tiny_config(**overrides) -> BlockStateConfig:
     values = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        block_size=4, ssm_state_size=8, num_context_states=3, ssm_filter_max_len=64, ssm_filter_hidden=16,
-        ssm_filter_features=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        block_size=4,
+        ssm_state_size=8,
+        num_context_states=3,
+        ssm_filter_max_len=64,
+        ssm_filter_hidden=16,
+        ssm_filter_features=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     values.update(overrides)
     return BlockStateConfig(**values)
@@ -41,4 +52,3 @@ def tiny_model(seed: int = 0, **overrides) -> BlockStateForCausalLM:
             if "log_dt" in name:
                 param.add_(2.0)  # dt up to ~0.7: states decay within tens of steps, long-range terms stay visible
     return model.eval()
-

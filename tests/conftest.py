@@ -44,7 +44,9 @@ def pytest_collection_modifyitems(config, items):
 # Our code: the package, and the model folders' files copied next to a checkpoint for trust_remote_code.
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent / "src" / "ttt_hf"
 _MODEL_FILES = {
-    path.name for folder in ("ttt", "block_state") for path in (_PACKAGE_DIR / folder).glob("*.py")
+    path.name
+    for folder in ("ttt", "block_state")
+    for path in (_PACKAGE_DIR / folder).glob("*.py")
     if path.name != "__init__.py"
 }
 

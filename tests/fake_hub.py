@@ -77,7 +77,9 @@ class FakeHub:
                     self.wfile.write(body)
 
             def _json(self, status: int, payload, headers: dict[str, str] | None = None) -> None:
-                self._reply(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
+                self._reply(
+                    status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})}
+                )
 
             def _error(self, status: int, code: str) -> None:
                 self._json(status, {"error": code}, {"X-Error-Code": code, "X-Error-Message": code})
@@ -136,17 +138,29 @@ class FakeHub:
                 if match is None or match["repo"] not in hub.repos:
                     return self._error(404, "RepoNotFound")
                 if match["verb"] == "preupload":
-                    return self._json(200, {"files": [
-                        {"path": f["path"], "uploadMode": "lfs" if self._is_lfs(f) else "regular", "shouldIgnore": False}
-                        for f in json.loads(body)["files"]
-                    ]})
+                    return self._json(
+                        200,
+                        {
+                            "files": [
+                                {
+                                    "path": f["path"],
+                                    "uploadMode": "lfs" if self._is_lfs(f) else "regular",
+                                    "shouldIgnore": False,
+                                }
+                                for f in json.loads(body)["files"]
+                            ]
+                        },
+                    )
                 if match["verb"] == "batch":
                     return self._lfs_batch(match["repo"], json.loads(body))
                 if match["verb"] == "verify":
                     request = json.loads(body)
                     stored = hub.lfs_objects.get(request["oid"])
-                    return self._reply(200) if stored is not None and len(stored) == request["size"] else \
-                        self._error(404, "ObjectNotFound")
+                    return (
+                        self._reply(200)
+                        if stored is not None and len(stored) == request["size"]
+                        else self._error(404, "ObjectNotFound")
+                    )
                 return self._commit(match["repo"], body)
 
             @staticmethod
@@ -163,8 +177,9 @@ class FakeHub:
                             "verify": {"href": f"{hub.endpoint}/{repo}.git/info/lfs/objects/verify"},
                         }
                     objects.append(answer)
-                self._json(200, {"transfer": "basic", "objects": objects},
-                           {"Content-Type": "application/vnd.git-lfs+json"})
+                self._json(
+                    200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
+                )
 
             def _commit(self, repo: str, body: bytes) -> None:
                 files, lfs_files = dict(hub.repos[repo]), set(hub.lfs_files[repo])
@@ -187,8 +202,9 @@ class FakeHub:
                         return self._error(400, f"UnsupportedCommitOperation:{key}")
                 commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
                 hub.repos[repo], hub.lfs_files[repo], hub.commits[repo] = files, lfs_files, commit
-                self._json(200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{commit}", "commitOid": commit,
-                                 "success": True})
+                self._json(
+                    200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{commit}", "commitOid": commit, "success": True}
+                )
 
             def _resolve(self, repo: str, path: str) -> None:
                 if repo not in hub.repos:
@@ -199,12 +215,21 @@ class FakeHub:
                 headers = {"X-Repo-Commit": hub.commits[repo]}
                 if path in hub.lfs_files[repo]:
                     oid = hashlib.sha256(content).hexdigest()
-                    return self._reply(302, headers={
-                        **headers, "Location": f"{hub.storage}/lfs-storage/{oid}", "X-Linked-Etag": f'"{oid}"',
-                        "X-Linked-Size": str(len(content)), "ETag": f'"{_git_blob_sha1(content)}"',
-                    })
-                self._reply(200, content, {**headers, "ETag": f'"{_git_blob_sha1(content)}"',
-                                           "Content-Type": "application/octet-stream"})
+                    return self._reply(
+                        302,
+                        headers={
+                            **headers,
+                            "Location": f"{hub.storage}/lfs-storage/{oid}",
+                            "X-Linked-Etag": f'"{oid}"',
+                            "X-Linked-Size": str(len(content)),
+                            "ETag": f'"{_git_blob_sha1(content)}"',
+                        },
+                    )
+                self._reply(
+                    200,
+                    content,
+                    {**headers, "ETag": f'"{_git_blob_sha1(content)}"', "Content-Type": "application/octet-stream"},
+                )
 
             def _repo_info(self, repo: str) -> None:
                 if repo not in hub.repos:
@@ -213,10 +238,14 @@ class FakeHub:
                 for name, content in sorted(hub.repos[repo].items()):
                     sibling = {"rfilename": name}
                     if name in hub.lfs_files[repo]:
-                        sibling["lfs"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
-                                          "pointerSize": 134}
+                        sibling["lfs"] = {
+                            "size": len(content),
+                            "sha256": hashlib.sha256(content).hexdigest(),
+                            "pointerSize": 134,
+                        }
                     siblings.append(sibling)
-                self._json(200, {"id": repo, "modelId": repo, "sha": hub.commits[repo], "private": False,
-                                 "siblings": siblings})
+                self._json(
+                    200, {"id": repo, "modelId": repo, "sha": hub.commits[repo], "private": False, "siblings": siblings}
+                )
 
         return Handler

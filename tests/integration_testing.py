@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import torch
+from model_testing import random_ids
 from transformers import Trainer, TrainingArguments
 
 import ttt_hf
-from model_testing import random_ids
 
 # Masked label prefixes of very different lengths: the micro-batches (0, 1), (2, 3), (4, 5), (6, 7) hold very
 # different numbers of target tokens, so a plain mean of micro-batch means differs from the token mean.

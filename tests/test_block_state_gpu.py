@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from block_state_testing import VARIANT_IDS, VARIANTS, random_ids, tiny_model
 from model_testing import check_cuda_matches_cpu_and_decodes, check_training_step_is_finite
 

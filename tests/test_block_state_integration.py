@@ -22,9 +22,6 @@ if _TESTS_DIR not in sys.path:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import ttt_hf  # noqa: E402
 from block_state_testing import random_ids, tiny_config, tiny_model  # noqa: E402
 from integration_testing import (  # noqa: E402
     env_without_ttt_hf,
@@ -36,7 +33,10 @@ from integration_testing import (  # noqa: E402
     uncached_logits,
 )
 from model_testing import cache_arg, returned_cache  # noqa: E402
+from torch import nn  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
+
+import ttt_hf  # noqa: E402
 from ttt_hf import BlockStateCache, BlockStateConfig, BlockStateForCausalLM, BlockStateModel  # noqa: E402
 from ttt_hf.block_state.modeling_block_state import BlockStateDecoderLayer, HeadwiseLinear  # noqa: E402
 
@@ -76,7 +76,11 @@ def _generation_model(variant: dict, seed: int):
 
 def test_auto_classes_are_registered():
     config = AutoConfig.for_model(
-        "block_state", hidden_size=32, num_attention_heads=4, intermediate_size=64, context_mode="mf",
+        "block_state",
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        context_mode="mf",
         num_context_states=5,
     )
     assert type(config) is BlockStateConfig
@@ -95,7 +99,14 @@ def test_auto_classes_are_registered():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     assert TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["block_state"] == [
-        "q_proj", "k_proj", "v_proj", "o_proj", "cross_q_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "cross_q_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     ]
 
 
@@ -112,8 +123,18 @@ def test_save_and_load_round_trip(tmp_path, variant):
 
     assert type(loaded) is BlockStateForCausalLM
     assert not loaded.training
-    for key in ("context_mode", "ssm_kind", "attend_previous_block", "ssm_layers", "block_size", "ssm_state_size",
-                "num_context_states", "ssm_filter_max_len", "hidden_size", "kernel_backend"):
+    for key in (
+        "context_mode",
+        "ssm_kind",
+        "attend_previous_block",
+        "ssm_layers",
+        "block_size",
+        "ssm_state_size",
+        "num_context_states",
+        "ssm_filter_max_len",
+        "hidden_size",
+        "kernel_backend",
+    ):
         assert getattr(loaded.config, key) == getattr(model.config, key), key
     # lm_head stays tied to the input embedding (one tensor, stored once).
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -135,7 +156,9 @@ def test_save_and_load_round_trip(tmp_path, variant):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     assert torch.equal(uncached_logits(loaded, ids), uncached_logits(model, ids))
-    assert torch.equal(uncached_logits(loaded, ids, attention_mask=mask), uncached_logits(model, ids, attention_mask=mask))
+    assert torch.equal(
+        uncached_logits(loaded, ids, attention_mask=mask), uncached_logits(model, ids, attention_mask=mask)
+    )
 
     # The same causal-LM folder loads as the bare BlockStateModel (prefix `model.` stripped).
     base = AutoModel.from_pretrained(tmp_path)
@@ -226,7 +249,11 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
     for name, folder in folders.items():
         args += [name, str(folder)]
     proc = subprocess.run(
-        [sys.executable, "-c", _REMOTE_CODE_SCRIPT, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-c", _REMOTE_CODE_SCRIPT, *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -236,9 +263,11 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
     assert results["ttt_hf_modules"] == []
     for name, model in models.items():
         res = results[name]
-        for key, suffix in (("lm_class", "modeling_block_state.BlockStateForCausalLM"),
-                            ("base_class", "modeling_block_state.BlockStateModel"),
-                            ("cache_class", "cache_block_state.BlockStateCache")):
+        for key, suffix in (
+            ("lm_class", "modeling_block_state.BlockStateForCausalLM"),
+            ("base_class", "modeling_block_state.BlockStateModel"),
+            ("cache_class", "cache_block_state.BlockStateCache"),
+        ):
             assert res[key].startswith("transformers_modules.") and res[key].endswith(suffix), res[key]
         assert res["generate_cache_class"] == "BlockStateCache"
         assert res["tied"] is True and res["training"] is False
@@ -300,7 +329,11 @@ def test_beam_search_with_cache_equals_without_cache(variant):
     model = _generation_model(variant, seed=23)
     ids = random_ids(2, _PROMPT, seed=24)
     kwargs = dict(
-        max_new_tokens=_NEW, num_beams=3, num_return_sequences=2, do_sample=False, return_dict_in_generate=True,
+        max_new_tokens=_NEW,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        return_dict_in_generate=True,
         output_scores=True,
     )
     with torch.no_grad():
@@ -531,7 +564,15 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
     base_logits = uncached_logits(tiny_model(0, **variant), ids)
     peft_model = get_peft_model(tiny_model(0, **variant), LoraConfig(task_type="CAUSAL_LM", lora_alpha=32))
     assert set(peft_model.peft_config["default"].target_modules) == set(ttt_hf.PEFT_TARGET_MODULES["block_state"])
-    block = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    block = (
+        "attn.q_proj",
+        "attn.k_proj",
+        "attn.v_proj",
+        "attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
     assert lora_module_names(peft_model) == {
         *(f"base_model.model.model.layers.{i}.{proj}" for i in range(2) for proj in block),
         "base_model.model.model.layers.1.attn.cross_q_proj",
@@ -676,8 +717,13 @@ def test_missing_checkpoint_keys_get_init_weights_values(tmp_path, variant):
             layer.attn.ssm.a_imag.add_(0.5)
     model.save_pretrained(tmp_path)
     ssm0, ssm1 = "model.layers.0.attn.ssm", "model.layers.1.attn.ssm"
-    dropped = {f"{ssm0}.log_a_real", f"{ssm0}.a_imag", f"{ssm0}.log_dt", f"{ssm1}.log_dt",
-               "model.layers.1.input_layernorm.weight"}
+    dropped = {
+        f"{ssm0}.log_a_real",
+        f"{ssm0}.a_imag",
+        f"{ssm0}.log_dt",
+        f"{ssm1}.log_dt",
+        "model.layers.1.input_layernorm.weight",
+    }
     if variant["context_mode"] == "mf":
         dropped |= {"model.layers.0.attn.initial_context", "model.layers.1.attn.context_ids"}
     _drop_keys(tmp_path, dropped)

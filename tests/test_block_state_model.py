@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
-
-import ttt_hf.block_state.modeling_block_state as modeling
 from block_state_testing import VARIANT_IDS, VARIANTS, random_ids, tiny_config, tiny_model
 from model_testing import (
     check_cache_batch_operations,
@@ -14,6 +11,9 @@ from model_testing import (
     left_pad,
     prefill_then_decode_logits,
 )
+from transformers import DynamicCache
+
+import ttt_hf.block_state.modeling_block_state as modeling
 from ttt_hf import BlockStateCache, BlockStateForCausalLM
 
 W = 4  # tiny_config's block_size
@@ -39,7 +39,6 @@ def test_appends_of_any_length_at_any_offset(model, splits):
     logits = chunked_logits(model, cache, ids, splits)
     assert cache.get_seq_length() == 21 and cache.positions.tolist() == [21, 21]
     assert (logits - full).abs().max().item() <= 1e-4
-
 
 
 def test_left_padded_batch_equals_rows_alone(model):
@@ -102,8 +101,11 @@ def test_mf_never_builds_per_position_filter_outputs(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.get("ssm_kind") != "implicit"], ids=[
-    i for v, i in zip(VARIANTS, VARIANT_IDS) if v.get("ssm_kind") != "implicit"])
+@pytest.mark.parametrize(
+    "variant",
+    [v for v in VARIANTS if v.get("ssm_kind") != "implicit"],
+    ids=[i for v, i in zip(VARIANTS, VARIANT_IDS) if v.get("ssm_kind") != "implicit"],
+)
 def test_cache_memory_does_not_grow(variant):
     model = tiny_model(**variant)
     sizes = []

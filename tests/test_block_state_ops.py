@@ -22,7 +22,9 @@ def _params(seed=0):
     log_a_real = math.log(0.5) + 0.1 * torch.randn(FILTERS, FEATURES, MODES, generator=g)
     a_imag = math.pi * torch.arange(MODES).float().expand(FILTERS, FEATURES, MODES).clone()
     log_dt = torch.empty(FILTERS, FEATURES).uniform_(math.log(1e-3), math.log(1e-1), generator=g)
-    c = torch.complex(torch.randn(FILTERS, FEATURES, MODES, generator=g), torch.randn(FILTERS, FEATURES, MODES, generator=g))
+    c = torch.complex(
+        torch.randn(FILTERS, FEATURES, MODES, generator=g), torch.randn(FILTERS, FEATURES, MODES, generator=g)
+    )
     dt_a, db = s4d_discretize(log_a_real, a_imag, log_dt)
     return dt_a, db, c
 

@@ -113,7 +113,9 @@ def test_scan_is_exactly_causal():
     params = _s4d_parameters(2, 3, 4, seed=8)
     dt_a, db = ssm_ops.s4d_discretize(params["log_a_real"], params["a_imag"], params["log_dt"])
     u = torch.randn(1, 21, 3, requires_grad=True)
-    y = ssm_ops.s4d_causal_conv(u, dt_a, db, torch.view_as_complex(params["c"]), params["skip"], kernel_backend="triton")
+    y = ssm_ops.s4d_causal_conv(
+        u, dt_a, db, torch.view_as_complex(params["c"]), params["skip"], kernel_backend="triton"
+    )
     for t in range(21):
         (grad,) = torch.autograd.grad(y[0, t].sum(), u, retain_graph=True)
         assert torch.all(grad[0, t + 1 :] == 0), f"output {t} depends on a later input"
@@ -191,8 +193,14 @@ def test_tiny_model_triton_equals_torch(context_mode):
         loss.backward()
         model.eval()
         with torch.no_grad():
-            steps = model.generate(ids[:, :5], attention_mask=torch.ones_like(ids[:, :5]), max_new_tokens=6,
-                                   do_sample=False, output_logits=True, return_dict_in_generate=True)
+            steps = model.generate(
+                ids[:, :5],
+                attention_mask=torch.ones_like(ids[:, :5]),
+                max_new_tokens=6,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         results[backend] = (loss, grads, torch.stack(steps.logits, 1), steps.sequences)
     (loss, grads, logits, tokens), (loss_t, grads_t, logits_t, tokens_t) = results["torch"], results["triton"]
@@ -219,7 +227,10 @@ def _two_call_attention(attn, hidden_states, layout):
     if attn.context_mode == "mh":
         cross_k, cross_v = attn.cross_k_proj(context), attn.cross_v_proj(context)
     else:
-        cross_k, cross_v = attn._heads(attn.cross_k_proj(context[:, :, 0])), attn._heads(attn.cross_v_proj(context[:, :, 0]))
+        cross_k, cross_v = (
+            attn._heads(attn.cross_k_proj(context[:, :, 0])),
+            attn._heads(attn.cross_v_proj(context[:, :, 0])),
+        )
     cross_q = attn._heads(attn.cross_q_proj(hidden_states))
     cross = F.scaled_dot_product_attention(blocks(cross_q), blocks(cross_k), blocks(cross_v), attn_mask=layout.own_mask)
     attended = torch.cat([own, cross], dim=1).reshape(batch, 2 * attn.num_heads, slots, -1)
@@ -235,7 +246,9 @@ def test_fused_two_h_attention_equals_two_calls(context_mode, padded, monkeypatc
         mask[1, 6:] = False
     start = torch.tensor([0, 6 if padded else 0])  # padded: row 1 continues a cache 2 slots into its block
     layout, _ = model.model._layout(mask, start)
-    hidden_states = torch.randn(2, layout.valid.shape[1], model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    hidden_states = torch.randn(
+        2, layout.valid.shape[1], model.config.hidden_size, generator=torch.Generator().manual_seed(5)
+    )
     attn = model.model.layers[0].attn
     calls = []
     sdpa = F.scaled_dot_product_attention
@@ -257,7 +270,9 @@ def test_cuda_kernel_matches_reference_at_real_sizes(length):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("no_tf32")
-@pytest.mark.parametrize("filters,dtype,tol", [(1, torch.float32, 1e-4), (4, torch.float32, 1e-4), (1, torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    "filters,dtype,tol", [(1, torch.float32, 1e-4), (4, torch.float32, 1e-4), (1, torch.bfloat16, 2e-2)]
+)
 def test_cuda_scan_at_real_sizes(filters, dtype, tol):
     _check_scan(batch=2, length=8192, filters=filters, features=1024, modes=8, tol=tol, dtype=dtype)
 
@@ -290,8 +305,14 @@ def test_cuda_auto_backend_equals_torch(context_mode):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         model.eval()
         with torch.no_grad():
-            out = model.generate(ids[:, :70], attention_mask=torch.ones_like(ids[:, :70]), max_new_tokens=8,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+            out = model.generate(
+                ids[:, :70],
+                attention_mask=torch.ones_like(ids[:, :70]),
+                max_new_tokens=8,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         outputs.append((loss, grads, torch.stack(out.logits, 1)))
     (loss, grads, logits), (loss_a, grads_a, logits_a) = outputs
     _assert_relative(loss_a, loss, 1e-5, "loss")

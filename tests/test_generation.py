@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import logging
 
+import block_state_testing
 import numpy as np
 import pytest
 import torch
 import transformers
+import ttt_testing
 from model_testing import cache_arg, left_pad, random_ids, returned_cache
 
-import block_state_testing
-import ttt_testing
 from ttt_hf import CACHE_NAME, BlockStateCache, TTTCache
 
 FAMILIES = {
-    **{f"ttt-{layer}-{backbone}": ("ttt", dict(layer_type=layer, backbone=backbone))
-       for layer, backbone in ttt_testing.VARIANTS},
-    **{f"block_state-{mode}-{kind}": ("block_state", dict(context_mode=mode, ssm_kind=kind))
-       for mode in ("sh", "mh", "mf") for kind in ("s4d", "implicit")},
+    **{
+        f"ttt-{layer}-{backbone}": ("ttt", dict(layer_type=layer, backbone=backbone))
+        for layer, backbone in ttt_testing.VARIANTS
+    },
+    **{
+        f"block_state-{mode}-{kind}": ("block_state", dict(context_mode=mode, ssm_kind=kind))
+        for mode in ("sh", "mh", "mf")
+        for kind in ("s4d", "implicit")
+    },
 }
 NEW_TOKENS = 7  # crosses mini-batch (TTT: 4) and block (Block-State: 4) boundaries from every prompt length
 ROWS = (9, 3, 6)  # left-padded prompt lengths: different mini-batch / block offsets per row
@@ -97,8 +102,13 @@ def test_greedy_left_padded_equals_full_forwards_without_cache(model):
 def test_beam_search_with_cache_equals_without(model):
     ids, mask = padded_prompts(seed=10)
     kwargs = dict(
-        attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False,
-        return_dict_in_generate=True, output_scores=True,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
     )
     with torch.no_grad():
         cached = model.generate(ids, **kwargs)
@@ -287,8 +297,11 @@ def test_malformed_inputs_are_refused_with_the_argument_named(model):
         (dict(input_ids=ids.index_fill(1, torch.tensor([3]), vocab)), ValueError, rf"\[0, {vocab}\).*to {vocab}"),
         (dict(input_ids=-ids), ValueError, "input_ids must be token ids"),
         (dict(input_ids=ids.float()), TypeError, "integer token ids"),
-        (dict(inputs_embeds=torch.randn(2, 5, model.config.hidden_size, dtype=torch.float64)), TypeError,
-         "inputs_embeds must have the model's dtype torch.float32, got torch.float64"),
+        (
+            dict(inputs_embeds=torch.randn(2, 5, model.config.hidden_size, dtype=torch.float64)),
+            TypeError,
+            "inputs_embeds must have the model's dtype torch.float32, got torch.float64",
+        ),
         (dict(inputs_embeds=torch.randn(2, 0, model.config.hidden_size)), ValueError, "inputs_embeds must hold"),
     ]
     for inputs, error, message in cases:
@@ -321,8 +334,11 @@ def test_a_mask_that_does_not_match_the_cache_is_refused_before_changing_it(mode
         model(ids, attention_mask=mask, cache=cache)
         state = _cached_tensors(cache), cache.positions, cache.get_seq_length()
         for columns in (4, ids.shape[1], ids.shape[1] + 5):
-            with pytest.raises(ValueError, match=rf"covers {columns} columns, but the cache has seen {ids.shape[1]} "
-                                                 r"and the input adds 2: it must cover all .*cache.reset\(\)"):
+            with pytest.raises(
+                ValueError,
+                match=rf"covers {columns} columns, but the cache has seen {ids.shape[1]} "
+                r"and the input adds 2: it must cover all .*cache.reset\(\)",
+            ):
                 model(ids[:, :2], attention_mask=torch.ones(3, columns, dtype=torch.long), cache=cache)
         assert all(a is b for a, b in zip(_cached_tensors(cache), state[0], strict=True))
         assert cache.positions is state[1] and cache.get_seq_length() == state[2]

@@ -76,9 +76,18 @@ EXPECTED_FILES = {
 
 
 def _hub_env(env: dict, hub: FakeHub, home) -> dict:
-    return {**env, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_fake_token", "HF_HUB_OFFLINE": "0",
-            "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    return {
+        **env,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_TOKEN": "hf_fake_token",
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        "NO_PROXY": "127.0.0.1",
+        "no_proxy": "127.0.0.1",
+    }
 
 
 def _metadata(card: bytes) -> str:
@@ -89,9 +98,15 @@ def _metadata(card: bytes) -> str:
 
 def test_publish_then_load_with_trust_remote_code_in_a_fresh_process(tmp_path):
     models = {"user/tiny-ttt": tiny_ttt("linear"), "user/tiny-block-state": tiny_block_state(3)}
-    plan = {"push_to_hub": {}, "tags": TAGS, "upload_folder": {
-        "user/ttt-mlp-converted": str(convert_ttt_jax(JAX_FIXTURE / "streaming_params", tmp_path / "conv", progress=False)),
-    }}
+    plan = {
+        "push_to_hub": {},
+        "tags": TAGS,
+        "upload_folder": {
+            "user/ttt-mlp-converted": str(
+                convert_ttt_jax(JAX_FIXTURE / "streaming_params", tmp_path / "conv", progress=False)
+            ),
+        },
+    }
     for repo, model in models.items():
         plan["push_to_hub"][repo] = str(tmp_path / repo.split("/")[1])
         model.save_pretrained(plan["push_to_hub"][repo])
@@ -101,8 +116,12 @@ def test_publish_then_load_with_trust_remote_code_in_a_fresh_process(tmp_path):
     torch.save(inputs, tmp_path / "inputs.pt")
 
     with FakeHub() as hub:
-        publish = subprocess.run([sys.executable, "-c", _PUBLISH, json.dumps(plan)], capture_output=True, text=True,
-                                 env=_hub_env(dict(os.environ), hub, tmp_path / "publish_home"))
+        publish = subprocess.run(
+            [sys.executable, "-c", _PUBLISH, json.dumps(plan)],
+            capture_output=True,
+            text=True,
+            env=_hub_env(dict(os.environ), hub, tmp_path / "publish_home"),
+        )
         assert publish.returncode == 0, publish.stderr[-3000:]
         for repo, files in EXPECTED_FILES.items():
             assert set(hub.repos[repo]) == files, repo
@@ -117,7 +136,9 @@ def test_publish_then_load_with_trust_remote_code_in_a_fresh_process(tmp_path):
 
         download = subprocess.run(
             [sys.executable, "-c", _DOWNLOAD, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-            capture_output=True, text=True, env=_hub_env(env_without_ttt_hf(tmp_path), hub, tmp_path / "fresh_home"),
+            capture_output=True,
+            text=True,
+            env=_hub_env(env_without_ttt_hf(tmp_path), hub, tmp_path / "fresh_home"),
         )
         assert download.returncode == 0, download.stderr[-3000:]
 

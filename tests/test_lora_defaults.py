@@ -11,11 +11,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import block_state_testing
 import peft
 import pytest
 import torch
-
-import block_state_testing
 import ttt_testing
 
 # transformers >= 5.23 deprecates the (still working) gradient_checkpointing_* names that PEFT reads.
@@ -60,9 +59,13 @@ def lora_loss_drop(model, target_modules: list[str] | None = None) -> float:
 
 @pytest.mark.parametrize(
     "make_model",
-    [lambda: ttt_testing.tiny_model("linear", "mamba"), lambda: ttt_testing.tiny_model("linear", "transformer"),
-     lambda: block_state_testing.tiny_model(context_mode="sh"), lambda: block_state_testing.tiny_model(context_mode="mh"),
-     lambda: block_state_testing.tiny_model(context_mode="mf", ssm_kind="implicit")],
+    [
+        lambda: ttt_testing.tiny_model("linear", "mamba"),
+        lambda: ttt_testing.tiny_model("linear", "transformer"),
+        lambda: block_state_testing.tiny_model(context_mode="sh"),
+        lambda: block_state_testing.tiny_model(context_mode="mh"),
+        lambda: block_state_testing.tiny_model(context_mode="mf", ssm_kind="implicit"),
+    ],
     ids=["ttt-linear-mamba", "ttt-linear-transformer", "block_state-sh", "block_state-mh", "block_state-mf-implicit"],
 )
 def test_lora_with_the_default_targets_lowers_the_held_out_loss(make_model):

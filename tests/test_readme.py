@@ -59,7 +59,11 @@ def test_readme_snippet_runs(code, requirements, tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     (tmp_path / "snippet.py").write_text(code, encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "snippet.py"], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True, text=True, timeout=TIMEOUT_S,
+        [sys.executable, "snippet.py"],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert result.returncode == 0, f"exit status {result.returncode}\n--- snippet\n{code}--- stderr\n{result.stderr}"

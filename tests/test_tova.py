@@ -4,25 +4,47 @@ import weakref
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
-from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
-
 from model_testing import cache_arg, returned_cache
 from tova_testing import CASES, assert_kept_positions, official_generation
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
 from ttt_hf import CACHE_NAME, TOVACache, TTTConfig, TTTForCausalLM
 from ttt_hf.tova.tova_ops import last_query_scores
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=None, max_position_embeddings=512)
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+    max_position_embeddings=512,
+)
 FAMILIES = {
     "llama": lambda: LlamaConfig(**SMALL),
     "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**SMALL),
     "qwen3": lambda: Qwen3Config(**SMALL, head_dim=16),
     "phi3": lambda: Phi3Config(**SMALL),
-    "gemma2": lambda: Gemma2Config(**SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=None,
-                                   final_logit_softcapping=None),
-    "gemma3": lambda: Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "gemma2": lambda: Gemma2Config(
+        **SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=None, final_logit_softcapping=None
+    ),
+    "gemma3": lambda: Gemma3TextConfig(
+        **SMALL, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]
+    ),
     "mqa": lambda: LlamaConfig(**{**SMALL, "num_key_value_heads": 1}),
 }
 
@@ -58,7 +80,13 @@ def test_reproduces_the_official_generations(case, attn_implementation):
 def test_budget_above_all_tokens_equals_dynamic_cache(family):
     model = family_model(family)
     prompt = ids(2, 9)
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     tova = model.generate(prompt, **cache_arg(TOVACache(64)), **kwargs)
     dynamic = model.generate(prompt, **cache_arg(DynamicCache(config=model.config)), **kwargs)
     assert torch.equal(tova.sequences, dynamic.sequences)
@@ -71,7 +99,9 @@ def test_eager_and_sdpa_keep_the_same_tokens(family):
     outs = []
     for impl in ("eager", "sdpa"):
         cache = TOVACache(6)
-        outs.append((family_model(family, impl).generate(prompt, **cache_arg(cache), max_new_tokens=15, do_sample=False), cache))
+        outs.append(
+            (family_model(family, impl).generate(prompt, **cache_arg(cache), max_new_tokens=15, do_sample=False), cache)
+        )
     assert torch.equal(outs[0][0], outs[1][0])
     for layer in range(2):
         assert torch.equal(outs[0][1].kept_positions(layer), outs[1][1].kept_positions(layer))
@@ -121,11 +151,16 @@ def padded_batch():
 # Budget 7: the prompt compression drops all but one pad; budget 12: six pads stay and the decode steps drop them
 # one by one (swap-remove), each time the highest pad slot, which the newest token then fills.
 @pytest.mark.parametrize("budget", [7, 12])
-@pytest.mark.parametrize("family, attn_implementation", [("llama", "eager"), ("llama", "sdpa"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("gemma3", "sdpa")])
+@pytest.mark.parametrize(
+    "family, attn_implementation",
+    [("llama", "eager"), ("llama", "sdpa"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("gemma3", "sdpa")],
+)
 def test_left_padded_batch_equals_rows_alone(family, attn_implementation, budget):
     model = family_model(family, attn_implementation)
     rows, batch, mask = padded_batch()
-    together = model.generate(batch, attention_mask=mask, **cache_arg(TOVACache(budget)), max_new_tokens=12, do_sample=False)
+    together = model.generate(
+        batch, attention_mask=mask, **cache_arg(TOVACache(budget)), max_new_tokens=12, do_sample=False
+    )
     for r, row in enumerate(rows):
         alone = model.generate(row[None], **cache_arg(TOVACache(budget)), max_new_tokens=12, do_sample=False)
         assert torch.equal(together[r, 17 - len(row) :], alone[0])
@@ -196,15 +231,28 @@ def test_beam_search_sampling_and_continuation():
     model = family_model("llama")
     prompt = ids(2, 10, seed=5)
     mask = torch.ones_like(prompt)
-    beams = model.generate(prompt, attention_mask=mask, **cache_arg(TOVACache(6)), num_beams=3, max_new_tokens=8, do_sample=False)
+    beams = model.generate(
+        prompt, attention_mask=mask, **cache_arg(TOVACache(6)), num_beams=3, max_new_tokens=8, do_sample=False
+    )
     assert beams.shape == (2, 18)
     torch.manual_seed(0)
-    sampled = model.generate(prompt, attention_mask=mask, **cache_arg(TOVACache(6)), do_sample=True, num_return_sequences=2, max_new_tokens=8)
+    sampled = model.generate(
+        prompt, attention_mask=mask, **cache_arg(TOVACache(6)), do_sample=True, num_return_sequences=2, max_new_tokens=8
+    )
     assert sampled.shape == (4, 18)
-    first = model.generate(prompt, attention_mask=mask, **cache_arg(TOVACache(6)), max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    first = model.generate(
+        prompt,
+        attention_mask=mask,
+        **cache_arg(TOVACache(6)),
+        max_new_tokens=5,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
     cache = returned_cache(first)
     follow = torch.cat([first.sequences, ids(2, 4, seed=6)], 1)
-    more = model.generate(follow, attention_mask=torch.ones_like(follow), **cache_arg(cache), max_new_tokens=5, do_sample=False)
+    more = model.generate(
+        follow, attention_mask=torch.ones_like(follow), **cache_arg(cache), max_new_tokens=5, do_sample=False
+    )
     assert torch.equal(more[:, : follow.shape[1]], follow) and more.shape[1] == follow.shape[1] + 5
     assert cache.get_seq_length() == follow.shape[1] + 4
     assert all(layer.physical_length == 6 for layer in cache.layers)
@@ -241,7 +289,9 @@ def test_crop_and_assisted_decoding_are_refused():
     assistant = family_model("llama", seed=1)
     # transformers >= 5.24 refuses a non-croppable cache itself, before any crop.
     with pytest.raises((NotImplementedError, ValueError), match="be cropped"):
-        model.generate(ids(1, 6), **cache_arg(TOVACache(4)), assistant_model=assistant, max_new_tokens=6, do_sample=False)
+        model.generate(
+            ids(1, 6), **cache_arg(TOVACache(4)), assistant_model=assistant, max_new_tokens=6, do_sample=False
+        )
 
 
 def test_clear_errors():
@@ -255,8 +305,9 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="without attention"):
         TOVACache(4).update_recurrent_state(torch.zeros(1), layer_idx=0)
     with pytest.raises(TypeError, match="TTTCache"):  # a model without attention layers refuses it
-        TTTForCausalLM(TTTConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2))(ids(1, 4) % 32, **cache_arg(TOVACache(4)))
+        TTTForCausalLM(
+            TTTConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+        )(ids(1, 4) % 32, **cache_arg(TOVACache(4)))
     cache = TOVACache(4)
     with torch.no_grad():
         family_model("llama")(ids(1, 6), **cache_arg(cache))
@@ -297,13 +348,18 @@ def test_a_finished_cache_given_a_new_prompt_is_refused_and_left_as_it_was(attn_
         model.generate(prompt, attention_mask=mask, **cache_arg(cache), max_new_tokens=5, do_sample=False)
         kept = [(layer.keys.clone(), layer.positions.clone(), layer.seen) for layer in cache.layers]
         new_prompt, new_mask = ids(2, 10, seed=1), mask[:, 2:]
-        with pytest.raises(ValueError, match=r"has seen 16 tokens, but the attention mask does not cover them and "
-                                             r"the 4 new ones: .*use a new cache or call cache.reset\(\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"has seen 16 tokens, but the attention mask does not cover them and "
+            r"the 4 new ones: .*use a new cache or call cache.reset\(\)",
+        ):
             model.generate(new_prompt, attention_mask=new_mask, **cache_arg(cache), max_new_tokens=3)
         with pytest.raises(ValueError, match="TOVACache got no new tokens"):  # a prompt up to half the seen length
             model.generate(new_prompt[:, :6], attention_mask=new_mask[:, :6], **cache_arg(cache), max_new_tokens=3)
-        assert all(torch.equal(layer.keys, keys) and torch.equal(layer.positions, positions) and layer.seen == seen
-                   for layer, (keys, positions, seen) in zip(cache.layers, kept, strict=True))
+        assert all(
+            torch.equal(layer.keys, keys) and torch.equal(layer.positions, positions) and layer.seen == seen
+            for layer, (keys, positions, seen) in zip(cache.layers, kept, strict=True)
+        )
         cache.reset()
         reused = model.generate(new_prompt, attention_mask=new_mask, **cache_arg(cache), max_new_tokens=3)
         fresh = model.generate(new_prompt, attention_mask=new_mask, **cache_arg(TOVACache(8)), max_new_tokens=3)
@@ -346,8 +402,12 @@ def test_flex_block_mask_gives_the_same_scores_as_the_dense_mask():
         return (kv_idx <= q_idx + kv_len - q_len) & (kv_idx >= first_real[b])
 
     block_mask = create_block_mask(mask_mod, batch, None, q_len, kv_len, device="cpu", _compile=False)
-    dense = mask_mod(torch.arange(batch)[:, None, None, None], 0, torch.arange(q_len)[None, None, :, None],
-                     torch.arange(kv_len)[None, None, None, :])
+    dense = mask_mod(
+        torch.arange(batch)[:, None, None, None],
+        0,
+        torch.arange(q_len)[None, None, :, None],
+        torch.arange(kv_len)[None, None, None, :],
+    )
     attention = family_model("llama").model.layers[0].self_attn
     expected = last_query_scores(attention, query, key, dense, 0.25)
     torch.testing.assert_close(last_query_scores(attention, query, key, block_mask, 0.25), expected, rtol=0, atol=0)
@@ -380,8 +440,9 @@ def test_captured_steps_drop_the_all_true_mask_of_an_unpadded_cache(padded, monk
             token = model(prompt, attention_mask=prompt_mask, **cache_arg(cache)).logits[:, -1:].argmax(-1)
             monkeypatch.setattr(cache_tova, "_capturing", lambda tensor: capturing)
             masks.clear()
-            logits = model(token, attention_mask=step_mask, position_ids=torch.full((2, 1), 10),
-                           **cache_arg(cache)).logits
+            logits = model(
+                token, attention_mask=step_mask, position_ids=torch.full((2, 1), 10), **cache_arg(cache)
+            ).logits
             monkeypatch.setattr(cache_tova, "_capturing", lambda tensor: False)
         return logits, [mask is not None for _, mask in masks]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_testing import cache_arg
+from tova_testing import CASES, assert_kept_positions, official_generation
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -27,12 +29,9 @@ from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.integrations.sdpa_paged import sdpa_attention_paged_forward
 
-from model_testing import cache_arg
-from tova_testing import CASES, assert_kept_positions, official_generation
 from ttt_hf import TOVACache
-from ttt_hf.tova import tova_ops
+from ttt_hf.tova import tova_attention, tova_ops
 from ttt_hf.tova.cache_tova import TOVALayer
-from ttt_hf.tova import tova_attention
 from ttt_hf.tova.tova_ops import last_query_scores, victims
 
 pytest.importorskip("triton")
@@ -42,8 +41,9 @@ from ttt_hf.tova.tova_triton import tova_attention_evict_one_triton, tova_evict_
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference_eviction(query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0,
-                       policy="tova"):
+def reference_eviction(
+    query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0, policy="tova"
+):
     """The torch path on copies: scores, the victim slots, and the kept keys/values/positions after the swap-remove."""
     n = keys.shape[2]
     scores = last_query_scores(None, query, keys, mask, scaling, softcap, sinks)
@@ -78,12 +78,25 @@ def reference_attention(query, keys, values, mask, scaling, softcap=None, sinks=
     return (probs @ values).to(dtype).transpose(1, 2)
 
 
-def kernel_eviction(query, keys, values, positions, mask, scaling, softcap=None, sinks=None, num_sink_tokens=0,
-                    policy="tova", fused=False):
+def kernel_eviction(
+    query,
+    keys,
+    values,
+    positions,
+    mask,
+    scaling,
+    softcap=None,
+    sinks=None,
+    num_sink_tokens=0,
+    policy="tova",
+    fused=False,
+):
     """The kernel on copies held in buffers one slot longer than the cache (as TOVALayer holds them); fused: the
     attention, score and evict kernel, whose output comes last (None otherwise)."""
-    buffers = [torch.cat([t, torch.full_like(t.narrow(-2 if t.dim() == 4 else 1, 0, 1), 7)], dim=-2 if t.dim() == 4 else 1)
-               for t in (keys, values, positions)]
+    buffers = [
+        torch.cat([t, torch.full_like(t.narrow(-2 if t.dim() == 4 else 1, 0, 1), 7)], dim=-2 if t.dim() == 4 else 1)
+        for t in (keys, values, positions)
+    ]
     n = keys.shape[2]
     k, v, p = buffers[0][:, :, :n], buffers[1][:, :, :n], buffers[2][:, :n]
     row = None if mask is None else mask[:, 0, -1]
@@ -111,16 +124,22 @@ def random_case(batch, q_heads, kv_heads, n, dim, dtype=torch.float32, mask_kind
     elif mask_kind == "additive":
         bias = torch.where(real, -0.25 * torch.rand(batch, n, generator=generator), torch.finfo(dtype).min)
         mask = bias.to(dtype)[:, None, None, :].expand(batch, 1, 2, n)
-    return (query.to(DEVICE, dtype), keys.to(DEVICE, dtype), values.to(DEVICE, dtype), positions.contiguous().to(DEVICE),
-            None if mask is None else mask.to(DEVICE))
+    return (
+        query.to(DEVICE, dtype),
+        keys.to(DEVICE, dtype),
+        values.to(DEVICE, dtype),
+        positions.contiguous().to(DEVICE),
+        None if mask is None else mask.to(DEVICE),
+    )
 
 
 def check_against_reference(case, scaling, tolerance=1e-6, fused=False, **options):
     """The eviction exactly as the torch path's; fused: also the attention output, read before the eviction."""
     if fused:
         query, keys, values, _, mask = case
-        attention = reference_attention(query, keys, values, mask, scaling, options.get("softcap"),
-                                        options.get("sinks"))
+        attention = reference_attention(
+            query, keys, values, mask, scaling, options.get("softcap"), options.get("sinks")
+        )
     expected = reference_eviction(*case, scaling, **options)
     got = kernel_eviction(*case, scaling, fused=fused, **options)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=tolerance)
@@ -166,8 +185,9 @@ def test_softcapping_sinks_odd_head_dims_and_long_rows(split, fused):
 
 @pytest.mark.parametrize("policy", ["tova", "window"])
 def test_sink_tokens_and_window_policy(policy, split, fused):
-    got = check_against_reference(random_case(2, 4, 2, 12, 16, mask_kind="bool", seed=2), 0.3, num_sink_tokens=2,
-                                  policy=policy, fused=fused)
+    got = check_against_reference(
+        random_case(2, 4, 2, 12, 16, mask_kind="bool", seed=2), 0.3, num_sink_tokens=2, policy=policy, fused=fused
+    )
     if policy == "window":  # the oldest real token after the 2 sinks goes; row 1 first drops a pad
         assert got[1].tolist() == [2, 2]
 
@@ -216,8 +236,9 @@ def test_ties_evict_the_highest_slot(split, fused):
 
 
 def test_bf16_scores_are_exact_products(split, fused):
-    check_against_reference(random_case(2, 4, 2, 40, 32, dtype=torch.bfloat16, mask_kind="additive", seed=4), 32**-0.5,
-                            fused=fused)
+    check_against_reference(
+        random_case(2, 4, 2, 40, 32, dtype=torch.bfloat16, mask_kind="additive", seed=4), 32**-0.5, fused=fused
+    )
 
 
 def tiny_model(config, attn_implementation="sdpa"):
@@ -230,18 +251,38 @@ def tiny_model(config, attn_implementation="sdpa"):
     return model
 
 
-SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None}
+SMALL = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": None,
+}
 GEMMA2 = {**SMALL, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4, "final_logit_softcapping": None}
 # name: (config, attn_implementation, cache options, the kernel each decode step of a full-attention layer runs)
 MODELS = {
     "llama-gqa-padded": (lambda: LlamaConfig(**SMALL, num_key_value_heads=2), "sdpa", {}, "fused"),
-    "llama-mha-window-sinks": (lambda: LlamaConfig(**SMALL, num_key_value_heads=4), "sdpa",
-                               {"num_sink_tokens": 2, "policy": "window"}, "fused"),
-    "llama-mqa-window-sinks-eager": (lambda: LlamaConfig(**SMALL, num_key_value_heads=1), "eager",
-                                     {"num_sink_tokens": 2, "policy": "window"}, "evict"),
-    "gemma3-sliding-layers": (lambda: Gemma3TextConfig(**GEMMA2, layer_types=["sliding_attention", "full_attention"]),
-                              "sdpa", {}, "fused"),
+    "llama-mha-window-sinks": (
+        lambda: LlamaConfig(**SMALL, num_key_value_heads=4),
+        "sdpa",
+        {"num_sink_tokens": 2, "policy": "window"},
+        "fused",
+    ),
+    "llama-mqa-window-sinks-eager": (
+        lambda: LlamaConfig(**SMALL, num_key_value_heads=1),
+        "eager",
+        {"num_sink_tokens": 2, "policy": "window"},
+        "evict",
+    ),
+    "gemma3-sliding-layers": (
+        lambda: Gemma3TextConfig(**GEMMA2, layer_types=["sliding_attention", "full_attention"]),
+        "sdpa",
+        {},
+        "fused",
+    ),
     # SDPA ignores soft-capping (the scores apply it): the fused kernel would not compute what SDPA does.
     # (transformers >= 5.23 refuses sdpa for Gemma 2: the case is then skipped.)
     "gemma2-softcap-sdpa": (lambda: Gemma2Config(**GEMMA2, attn_logit_softcapping=5.0), "sdpa", {}, "evict"),
@@ -252,8 +293,11 @@ MODELS = {
 def count_kernel_calls(monkeypatch) -> dict[str, list]:
     """Records the calls of the fused attention kernel and of the score-and-evict kernel by TOVACache."""
     calls = {"fused": [], "evict": []}
-    for kind, name, kernel in (("fused", "tova_attention_evict_one_triton", tova_attention_evict_one_triton),
-                               ("evict", "tova_evict_one_triton", tova_evict_one_triton)):
+    for kind, name, kernel in (
+        ("fused", "tova_attention_evict_one_triton", tova_attention_evict_one_triton),
+        ("evict", "tova_evict_one_triton", tova_evict_one_triton),
+    ):
+
         def counted(*args, kind=kind, kernel=kernel, **kwargs):
             calls[kind].append(1)
             return kernel(*args, **kwargs)
@@ -292,20 +336,34 @@ def _user_flash_attention(module, query, key, value, attention_mask, **kwargs):
 
 @pytest.mark.parametrize(
     "function, kwargs, training, fusable",
-    [(sdpa_attention_forward, {"dropout": 0.0, "scaling": 0.25}, False, True),
-     (flash_attention_forward, {"softcap": 5.0, "s_aux": torch.zeros(4)}, False, True),  # also hub flash kernels
-     (flex_attention_forward, {"softcap": 5.0}, False, True),
-     (None, {}, False, False),  # eager: each model's own function
-     (sdpa_attention_paged_forward, {}, False, False),
-     (_user_flash_attention, {}, False, False),
-     (sdpa_attention_forward, {"softcap": 5.0}, False, False),
-     (sdpa_attention_forward, {"s_aux": torch.zeros(4)}, False, False),
-     (sdpa_attention_forward, {"dropout": 0.1}, False, False),
-     (sdpa_attention_forward, {}, True, False),
-     (sdpa_attention_forward, {"sliding_window": 4}, False, False),
-     (flash_attention_forward, {"cu_seq_lens_q": torch.zeros(2)}, False, False)],
-    ids=["sdpa", "flash", "flex", "eager", "paged-sdpa", "user-function", "sdpa-softcap", "sdpa-sinks",
-         "dropout", "training", "sliding-kwarg", "packed"],
+    [
+        (sdpa_attention_forward, {"dropout": 0.0, "scaling": 0.25}, False, True),
+        (flash_attention_forward, {"softcap": 5.0, "s_aux": torch.zeros(4)}, False, True),  # also hub flash kernels
+        (flex_attention_forward, {"softcap": 5.0}, False, True),
+        (None, {}, False, False),  # eager: each model's own function
+        (sdpa_attention_paged_forward, {}, False, False),
+        (_user_flash_attention, {}, False, False),
+        (sdpa_attention_forward, {"softcap": 5.0}, False, False),
+        (sdpa_attention_forward, {"s_aux": torch.zeros(4)}, False, False),
+        (sdpa_attention_forward, {"dropout": 0.1}, False, False),
+        (sdpa_attention_forward, {}, True, False),
+        (sdpa_attention_forward, {"sliding_window": 4}, False, False),
+        (flash_attention_forward, {"cu_seq_lens_q": torch.zeros(2)}, False, False),
+    ],
+    ids=[
+        "sdpa",
+        "flash",
+        "flex",
+        "eager",
+        "paged-sdpa",
+        "user-function",
+        "sdpa-softcap",
+        "sdpa-sinks",
+        "dropout",
+        "training",
+        "sliding-kwarg",
+        "packed",
+    ],
 )
 def test_which_attention_calls_fuse(function, kwargs, training, fusable):
     module = torch.nn.Module().train(training)
@@ -327,8 +385,10 @@ def test_decode_at_the_budget_keeps_its_buffers(backend):
         for step in range(5):
             position = torch.full((2, 1), 9 + step, device=DEVICE)
             token = model(token, position_ids=position, **cache_arg(cache)).logits[:, -1:].argmax(-1)
-            now = [tuple(t.data_ptr() for t in (layer.keys, layer.values, layer.positions, layer._next_position))
-                   for layer in cache.layers]
+            now = [
+                tuple(t.data_ptr() for t in (layer.keys, layer.values, layer.positions, layer._next_position))
+                for layer in cache.layers
+            ]
             assert pointers in (None, now)
             pointers = now
     for layer in cache.layers:
@@ -417,13 +477,19 @@ def test_benchmark_model_loop_runs_on_cpu(monkeypatch):
     monkeypatch.setattr(bench, "capture", lambda step, warm_up=None: [(warm_up or step)() for _ in range(3)] and step)
     monkeypatch.setattr(bench, "cuda_time", wall_time)
     monkeypatch.setattr(bench, "ProfilerActivity", types.SimpleNamespace(CUDA=torch.profiler.ProfilerActivity.CPU))
-    for name, value in (("empty_cache", None), ("reset_peak_memory_stats", None), ("synchronize", None),
-                        ("max_memory_allocated", 0), ("get_device_name", "cpu"),
-                        ("get_device_properties", types.SimpleNamespace(total_memory=2**30))):
+    for name, value in (
+        ("empty_cache", None),
+        ("reset_peak_memory_stats", None),
+        ("synchronize", None),
+        ("max_memory_allocated", 0),
+        ("get_device_name", "cpu"),
+        ("get_device_properties", types.SimpleNamespace(total_memory=2**30)),
+    ):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
     real_fits = bench.fits  # a device of 5 rows: the real fill and decode steps below, "out of memory" above
-    monkeypatch.setattr(bench, "fits", lambda model, make_cache, batch, held:
-                        batch <= 5 and real_fits(model, make_cache, batch, held))
+    monkeypatch.setattr(
+        bench, "fits", lambda model, make_cache, batch, held: batch <= 5 and real_fits(model, make_cache, batch, held)
+    )
     args = argparse.Namespace(context=40, batch=2, steps=3, chunk=16, cudnn_sdpa=False)
     measured = bench.max_batch_benchmark(args, [8, 12])
     assert measured == {"DynamicCache (full)": 5, "TOVACache 8, Triton": 5, "TOVACache 12, Triton": 5}
@@ -441,8 +507,9 @@ def test_benchmark_model_loop_runs_on_cpu(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
 def test_real_sizes_on_cuda(dtype, mask_kind, fused, no_tf32):
-    check_against_reference(random_case(4, 32, 8, 1025, 64, dtype=dtype, mask_kind=mask_kind, seed=6), 0.125,
-                            fused=fused)
+    check_against_reference(
+        random_case(4, 32, 8, 1025, 64, dtype=dtype, mask_kind=mask_kind, seed=6), 0.125, fused=fused
+    )
     case = random_case(2, 32, 8, 4097, 128, dtype=dtype, mask_kind=mask_kind, seed=7)
     check_against_reference(case, 128**-0.5, num_sink_tokens=4, fused=fused)
     # The benchmark's layer: 16 rows, 32 query and 8 KV heads, d = 64, 4097 slots

@@ -88,14 +88,26 @@ def test_converted_folder_is_complete(converted, tmp_path):
 def test_script_entry_point(tmp_path):
     dst = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO / "conversion_scripts" / "convert_ttt_pytorch.py"), str(FIXTURES / "linear_transformer"), str(dst)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO / "conversion_scripts" / "convert_ttt_pytorch.py"),
+            str(FIXTURES / "linear_transformer"),
+            str(dst),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert (dst / "model.safetensors").is_file() and (dst / "modeling_ttt.py").is_file()
     again = subprocess.run(
-        [sys.executable, str(REPO / "conversion_scripts" / "convert_ttt_pytorch.py"), str(FIXTURES / "linear_transformer"), str(dst)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO / "conversion_scripts" / "convert_ttt_pytorch.py"),
+            str(FIXTURES / "linear_transformer"),
+            str(dst),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert again.returncode != 0 and "already exists" in again.stderr
 
@@ -113,9 +125,15 @@ def _broken_copy(tmp_path, edit):
     "edit, message",
     [
         (lambda w: w.pop("model.layers.1.seq_modeling_block.W2"), "model.layers.1.ttt.W2"),
-        (lambda w: w.update({"model.layers.0.seq_modeling_block.extra": torch.zeros(2)}), "model.layers.0.seq_modeling_block.extra"),
+        (
+            lambda w: w.update({"model.layers.0.seq_modeling_block.extra": torch.zeros(2)}),
+            "model.layers.0.seq_modeling_block.extra",
+        ),
         (lambda w: w.update({"model.norm.weight": torch.ones(3)}), "model.norm.weight: (3,)"),
-        (lambda w: w["model.norm.weight"].__setitem__(1, float("inf")), "non-finite values (NaN or inf) in model.norm.weight"),
+        (
+            lambda w: w["model.norm.weight"].__setitem__(1, float("inf")),
+            "non-finite values (NaN or inf) in model.norm.weight",
+        ),
     ],
     ids=["missing", "unknown", "shape", "non-finite"],
 )

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from model_testing import check_cuda_matches_cpu_and_decodes, check_training_step_is_finite
 from transformers import AutoModelForCausalLM
+from ttt_testing import VARIANTS, random_ids, tiny_model
 
 import ttt_hf  # noqa: F401
-from model_testing import check_cuda_matches_cpu_and_decodes, check_training_step_is_finite
-from ttt_testing import VARIANTS, random_ids, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
 

@@ -20,13 +20,6 @@ if _TESTS_DIR not in sys.path:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import ttt_hf  # noqa: E402
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
-from ttt_hf import TTTConfig, TTTForCausalLM, TTTModel  # noqa: E402
-from ttt_hf.ttt import ttt_ops  # noqa: E402
-from ttt_testing import random_ids, tiny_config, tiny_model  # noqa: E402
 from integration_testing import (  # noqa: E402
     env_without_ttt_hf,
     lora_module_names,
@@ -36,6 +29,13 @@ from integration_testing import (  # noqa: E402
     train,
     uncached_logits,
 )
+from torch import nn  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
+from ttt_testing import random_ids, tiny_config, tiny_model  # noqa: E402
+
+import ttt_hf  # noqa: E402
+from ttt_hf import TTTConfig, TTTForCausalLM, TTTModel  # noqa: E402
+from ttt_hf.ttt import ttt_ops  # noqa: E402
 
 # transformers >= 5.23 deprecates the (still working) gradient_checkpointing_* names that these tests and PEFT use.
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.* is deprecated:FutureWarning")
@@ -69,7 +69,14 @@ def test_auto_classes_are_registered():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     assert TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["ttt"] == [
-        "q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "g_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     ]
 
 
@@ -106,7 +113,9 @@ def test_save_and_load_round_trip(tmp_path, variant):
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
     assert torch.equal(uncached_logits(loaded, ids), uncached_logits(model, ids))
-    assert torch.equal(uncached_logits(loaded, ids, attention_mask=mask), uncached_logits(model, ids, attention_mask=mask))
+    assert torch.equal(
+        uncached_logits(loaded, ids, attention_mask=mask), uncached_logits(model, ids, attention_mask=mask)
+    )
 
     # The same causal-LM folder loads as the bare TTTModel (prefix `model.` stripped).
     base = AutoModel.from_pretrained(tmp_path)
@@ -190,7 +199,11 @@ def test_trust_remote_code_in_fresh_process_without_ttt_hf(tmp_path):
     for name, folder in folders.items():
         args += [name, str(folder)]
     proc = subprocess.run(
-        [sys.executable, "-c", _REMOTE_CODE_SCRIPT, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-c", _REMOTE_CODE_SCRIPT, *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -346,9 +359,17 @@ def test_peft_lora_default_targets_save_reload_and_merge(tmp_path):
     peft_model = get_peft_model(tiny_model(*MAMBA_LINEAR, seed=0), LoraConfig(task_type="CAUSAL_LM", lora_alpha=32))
     assert set(peft_model.peft_config["default"].target_modules) == set(ttt_hf.PEFT_TARGET_MODULES["ttt"])
     assert lora_module_names(peft_model) == {  # the Mamba backbone shares q and k: no k_proj
-        f"base_model.model.model.layers.{i}.{proj}" for i in range(2)
-        for proj in ("ttt.q_proj", "ttt.v_proj", "ttt.o_proj", "ttt.g_proj", "mlp.gate_proj", "mlp.up_proj",
-                     "mlp.down_proj")
+        f"base_model.model.model.layers.{i}.{proj}"
+        for i in range(2)
+        for proj in (
+            "ttt.q_proj",
+            "ttt.v_proj",
+            "ttt.o_proj",
+            "ttt.g_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
     }
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
@@ -389,7 +410,9 @@ def test_peft_lora_all_linear(variant):
     assert "lm_head" not in leaves
     ids = random_ids(2, 9, seed=1)
     # LoRA B starts at zero: the adapted model computes the base model's function.
-    assert (uncached_logits(peft_model, ids) - uncached_logits(tiny_model(*variant, seed=0), ids)).abs().max().item() <= 1e-6
+    assert (
+        uncached_logits(peft_model, ids) - uncached_logits(tiny_model(*variant, seed=0), ids)
+    ).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("variant", TWO_VARIANTS, ids=TWO_IDS)

@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
-
-from ttt_hf import TTTCache, TTTConfig
 from model_testing import (
     cache_arg,
     check_cache_batch_operations,
@@ -15,7 +12,10 @@ from model_testing import (
     prefill_then_decode_logits,
     returned_cache,
 )
+from transformers import DynamicCache
 from ttt_testing import VARIANTS, random_ids, tiny_config, tiny_model
+
+from ttt_hf import TTTCache, TTTConfig
 
 MB = 4  # tiny_config's mini_batch_size
 
@@ -43,7 +43,6 @@ def test_appends_of_any_length_at_any_offset(model, splits):
     assert cache.get_seq_length() == ids.shape[1]
     assert cache.positions.tolist() == [ids.shape[1]] * 2
     assert (logits - full).abs().max().item() <= 1e-5
-
 
 
 def test_left_padded_batch_equals_rows_alone(model):
@@ -127,7 +126,11 @@ def test_beam_search_and_sampling_match_the_uncached_model(model):
     outs = []
     for use_cache in (True, False):
         torch.manual_seed(0)
-        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, num_return_sequences=3, use_cache=use_cache))
+        outs.append(
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=6, do_sample=True, num_return_sequences=3, use_cache=use_cache
+            )
+        )
     assert outs[0].shape == (6, 11) and torch.equal(*outs)
 
 
@@ -248,6 +251,15 @@ def test_official_config_field_names_round_trip(tmp_path):
     config = TTTConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=32, vocab_size=50)
     config.save_pretrained(tmp_path)
     loaded = TTTConfig.from_pretrained(tmp_path)
-    for name in ("ttt_layer_type", "pre_conv", "share_qk", "use_gate", "mini_batch_size", "ttt_base_lr", "conv_kernel",
-                 "scan_checkpoint_group_size", "kernel_backend"):
+    for name in (
+        "ttt_layer_type",
+        "pre_conv",
+        "share_qk",
+        "use_gate",
+        "mini_batch_size",
+        "ttt_base_lr",
+        "conv_kernel",
+        "scan_checkpoint_group_size",
+        "kernel_backend",
+    ):
         assert getattr(loaded, name) == getattr(config, name)

@@ -18,7 +18,12 @@ def _inputs(layer_type, seq_len, seed=0, dtype=torch.float64):
     ln_w, ln_b = 1 + rand(H, 1, F_DIM, scale=0.1), rand(H, 1, F_DIM, scale=0.1)
     width = 4 * F_DIM if layer_type == "mlp" else F_DIM
     if layer_type == "mlp":
-        params = [rand(H, F_DIM, width, scale=0.3), rand(H, 1, width, scale=0.1), rand(H, width, F_DIM, scale=0.3), rand(H, 1, F_DIM, scale=0.1)]
+        params = [
+            rand(H, F_DIM, width, scale=0.3),
+            rand(H, 1, width, scale=0.1),
+            rand(H, width, F_DIM, scale=0.3),
+            rand(H, 1, F_DIM, scale=0.1),
+        ]
     else:
         params = [rand(H, F_DIM, F_DIM, scale=0.3), rand(H, 1, F_DIM, scale=0.1)]
     return q, k, v, lr, tau, ln_w, ln_b, params
@@ -95,13 +100,32 @@ def test_any_split_and_step_continue_exactly(layer_type):
         start = torch.full((B,), position)
         if size == 1:
             out, state, acc = ttt_step_reference(
-                state, acc, q[:, :, position], k[:, :, position], v[:, :, position], lr[:, :, position], tau, ln_w, ln_b,
-                start, torch.ones(B, dtype=torch.bool),
+                state,
+                acc,
+                q[:, :, position],
+                k[:, :, position],
+                v[:, :, position],
+                lr[:, :, position],
+                tau,
+                ln_w,
+                ln_b,
+                start,
+                torch.ones(B, dtype=torch.bool),
             )
             out = out[:, :, None]
         else:
             out, state, acc = ttt_chunk_reference(
-                state, acc, q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], tau, ln_w, ln_b, start, torch.full((B,), size)
+                state,
+                acc,
+                q[:, :, sl],
+                k[:, :, sl],
+                v[:, :, sl],
+                lr[:, :, sl],
+                tau,
+                ln_w,
+                ln_b,
+                start,
+                torch.full((B,), size),
             )
         pieces.append(out)
         position += size
@@ -119,8 +143,17 @@ def test_right_padding_and_inactive_rows_leave_state_untouched():
     torch.testing.assert_close(out[1:, :, :5], row1, rtol=0, atol=1e-8)
     # Row 1 stopped after 5 tokens: one committed mini-batch and one token in the accumulator.
     _, short_state, short_acc = ttt_chunk_reference(
-        [s[1:] for s in state], [a[1:] for a in acc], q[1:, :, :5], k[1:, :, :5], v[1:, :, :5], lr[1:, :, :5], tau, ln_w, ln_b,
-        start[1:], length[1:],
+        [s[1:] for s in state],
+        [a[1:] for a in acc],
+        q[1:, :, :5],
+        k[1:, :, :5],
+        v[1:, :, :5],
+        lr[1:, :, :5],
+        tau,
+        ln_w,
+        ln_b,
+        start[1:],
+        length[1:],
     )
     for got, want in zip(new_state + new_acc, short_state + short_acc):
         torch.testing.assert_close(got[1:], want, rtol=0, atol=1e-12)
@@ -144,7 +177,17 @@ def test_checkpointed_scan_has_the_same_gradients(layer_type):
         state = [p.unsqueeze(0).expand(B, *p.shape) for p in params_]
         acc = [torch.zeros_like(s) for s in state]
         out, final, _ = ttt_chunk_reference(
-            state, acc, q_, k_, v_, lr_, tau_, w_, b_, torch.zeros(B, dtype=torch.long), torch.full((B,), q.shape[2]),
+            state,
+            acc,
+            q_,
+            k_,
+            v_,
+            lr_,
+            tau_,
+            w_,
+            b_,
+            torch.zeros(B, dtype=torch.long),
+            torch.full((B,), q.shape[2]),
             checkpoint_group=group,
         )
         (out.pow(2).sum() + sum(s.sum() for s in final)).backward()

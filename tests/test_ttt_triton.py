@@ -18,26 +18,47 @@ def linear_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, device=D
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g)
     q, k, v = (rand(batch, heads, seq_len, head_dim).to(device, dtype) for _ in range(3))
-    lr = (torch.rand(batch, heads, seq_len, generator=g) * 0.5 / head_dim ** 0.5).to(device)
+    lr = (torch.rand(batch, heads, seq_len, generator=g) * 0.5 / head_dim**0.5).to(device)
     tau = (1.0 / torch.arange(1, mini_batch + 1) + 0.05 * torch.randn(mini_batch, generator=g)).clamp_min(0).to(device)
     ln_w, ln_b = (1 + rand(heads, 1, head_dim, scale=0.1)).to(device), rand(heads, 1, head_dim, scale=0.1).to(device)
-    state = [rand(batch, heads, head_dim, head_dim, scale=0.3).to(device), rand(batch, heads, 1, head_dim, scale=0.1).to(device)]
-    acc = [rand(batch, heads, head_dim, head_dim, scale=0.01).to(device), rand(batch, heads, 1, head_dim, scale=0.01).to(device)]
+    state = [
+        rand(batch, heads, head_dim, head_dim, scale=0.3).to(device),
+        rand(batch, heads, 1, head_dim, scale=0.1).to(device),
+    ]
+    acc = [
+        rand(batch, heads, head_dim, head_dim, scale=0.01).to(device),
+        rand(batch, heads, 1, head_dim, scale=0.01).to(device),
+    ]
     return state, acc, q, k, v, lr, tau, ln_w, ln_b
 
 
-def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4, checkpoint_group=0,
-                backward=True, mini_batch=MB, tols=None):
+def check_chunk(
+    batch,
+    heads,
+    seq_len,
+    head_dim,
+    start,
+    length,
+    dtype=torch.float32,
+    tol=1e-4,
+    checkpoint_group=0,
+    backward=True,
+    mini_batch=MB,
+    tols=None,
+):
     """Output, final state and accumulator, and the gradient of every input (for random cotangents of all
     four results) against the torch reference, within `tol` (`tols`: per result name, for some)."""
-    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(batch, heads, seq_len, head_dim, dtype,
-                                                             mini_batch=mini_batch)
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(
+        batch, heads, seq_len, head_dim, dtype, mini_batch=mini_batch
+    )
     inputs = [q, k, v, lr, tau, ln_w, ln_b, *state, *acc]
     for x in inputs:
         x.requires_grad_(backward)
     start, length = torch.tensor(start, device=DEVICE), torch.tensor(length, device=DEVICE)
     args = (state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
-    real = (torch.arange(seq_len, device=DEVICE)[None, :] < length[:, None])[:, None, :, None]  # padded slots: undefined
+    real = (torch.arange(seq_len, device=DEVICE)[None, :] < length[:, None])[
+        :, None, :, None
+    ]  # padded slots: undefined
     g = torch.Generator(device=DEVICE).manual_seed(1)
     cotangents = None
     results = {}
@@ -48,8 +69,24 @@ def check_chunk(batch, heads, seq_len, head_dim, start, length, dtype=torch.floa
             cotangents = [torch.randn(x.shape, generator=g, device=DEVICE) for x in outputs]
         grads = torch.autograd.grad(outputs, inputs, cotangents) if backward else ()
         results[backend] = [x.detach() for x in outputs] + list(grads)
-    names = ["out", "W", "c", "acc_W", "acc_c", "d_q", "d_k", "d_v", "d_lr", "d_tau", "d_ln_w", "d_ln_b", "d_W", "d_c",
-             "d_acc_W", "d_acc_c"]
+    names = [
+        "out",
+        "W",
+        "c",
+        "acc_W",
+        "acc_c",
+        "d_q",
+        "d_k",
+        "d_v",
+        "d_lr",
+        "d_tau",
+        "d_ln_w",
+        "d_ln_b",
+        "d_W",
+        "d_c",
+        "d_acc_W",
+        "d_acc_c",
+    ]
     errors = {n: rel_err(a, b) for n, a, b in zip(names, results["triton"], results["torch"])}
     tols = {n: (tols or {}).get(n, tol) for n in names}
     assert all(errors[n] <= tols[n] for n in names), {n: f"{e:.2e} (tol {tols[n]:.0e})" for n, e in errors.items()}
@@ -68,8 +105,18 @@ def test_chunk_kernel_and_gradients_with_half_precision_inputs(dtype, checkpoint
     # Half-precision loads and stores (d_q, d_k, d_v in the inputs' dtype, the shares of d_k, d_v in place; bf16
     # start states; bf16 products for fp16 inputs too). Measured here: d_k 7.8e-3 (bf16), everything else <=
     # 4.6e-3, the states kept in fp32 <= 1.5e-7: bounds that a doubled error breaks for most results.
-    check_chunk(2, 2, 40, 16, start=[5, 32], length=[40, 27], dtype=dtype, tol=6e-3, checkpoint_group=checkpoint_group,
-                tols={"d_k": 1.2e-2, "W": 1e-6, "c": 1e-6, "acc_W": 1e-6, "acc_c": 1e-6})
+    check_chunk(
+        2,
+        2,
+        40,
+        16,
+        start=[5, 32],
+        length=[40, 27],
+        dtype=dtype,
+        tol=6e-3,
+        checkpoint_group=checkpoint_group,
+        tols={"d_k": 1.2e-2, "W": 1e-6, "c": 1e-6, "acc_W": 1e-6, "acc_c": 1e-6},
+    )
 
 
 @pytest.mark.parametrize("checkpoint_group", [1, 16])
@@ -110,14 +157,18 @@ class LaunchCounter:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("start, length, segment_bytes, backward_segments", [
-    ([0, 0], [48, 32], None, 1),  # the shorter row's span mini-batch is inert: the edge launch runs it
-    ([3, 16], [40, 0], None, 1),  # an empty row starting mid mini-batch
-    ([3, 0], [5, 40], None, 1),  # a row's only mini-batch is partial and holds tokens: the edge launch runs it once
-    ([5, 0], [100, 60], 4 * 4 * (16 * 16 + 16) * 8, 2),  # 7 mini-batches in segments of two groups of 2: 4 + 3
-])
-def test_chunk_gradients_across_edge_mini_batches_and_segments(monkeypatch, start, length, segment_bytes,
-                                                               backward_segments):
+@pytest.mark.parametrize(
+    "start, length, segment_bytes, backward_segments",
+    [
+        ([0, 0], [48, 32], None, 1),  # the shorter row's span mini-batch is inert: the edge launch runs it
+        ([3, 16], [40, 0], None, 1),  # an empty row starting mid mini-batch
+        ([3, 0], [5, 40], None, 1),  # a row's only mini-batch is partial and holds tokens: the edge launch runs it once
+        ([5, 0], [100, 60], 4 * 4 * (16 * 16 + 16) * 8, 2),  # 7 mini-batches in segments of two groups of 2: 4 + 3
+    ],
+)
+def test_chunk_gradients_across_edge_mini_batches_and_segments(
+    monkeypatch, start, length, segment_bytes, backward_segments
+):
     if segment_bytes:
         monkeypatch.setattr(ttt_triton_linear, "SEGMENT_BYTES", segment_bytes)
     chain = LaunchCounter(ttt_triton_linear._ttt_linear_chunk_bwd_state_kernel)
@@ -162,8 +213,9 @@ def test_chunk_gradients_when_only_the_output_is_used():
         x.requires_grad_()
     grads = {}
     for backend in ("torch", "triton"):
-        out, _, _ = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, span, torch.tensor([17], device=DEVICE),
-                              kernel_backend=backend)
+        out, _, _ = ttt_chunk(
+            state, acc, q, k, v, lr, tau, ln_w, ln_b, span, torch.tensor([17], device=DEVICE), kernel_backend=backend
+        )
         grads[backend] = torch.autograd.grad(out[:, :, :17].square().sum(), inputs)
     for got, want in zip(grads["triton"], grads["torch"]):
         assert rel_err(got, want) <= 1e-4
@@ -198,8 +250,20 @@ def test_steps_equal_one_chunk():
     state, acc = [s.clone() for s in state], [a.clone() for a in acc]
     active = torch.ones(2, dtype=torch.bool, device=DEVICE)
     for t in range(20):
-        out, state, acc = ttt_step(state, acc, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], tau, ln_w, ln_b,
-                                   zero + t, active, kernel_backend="triton")
+        out, state, acc = ttt_step(
+            state,
+            acc,
+            q[:, :, t],
+            k[:, :, t],
+            v[:, :, t],
+            lr[:, :, t],
+            tau,
+            ln_w,
+            ln_b,
+            zero + t,
+            active,
+            kernel_backend="triton",
+        )
         assert rel_err(out, reference[:, :, t]) <= 1e-4
     for got, want in zip([*state, *acc], [*ref_state, *ref_acc]):
         assert rel_err(got, want) <= 1e-4
@@ -246,8 +310,17 @@ def test_dispatch_rules(monkeypatch):
         assert not ttt_ops._use_kernel("triton", state, q, mini_batch)
     assert ttt_ops._use_kernel("triton", state, q, 32) and ttt_ops._use_kernel("triton", state, q, 64)
     q.requires_grad_()
-    step_args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, torch.zeros(1, dtype=torch.long),
-                 torch.ones(1, dtype=torch.bool))
+    step_args = (
+        q[:, :, 0],
+        k[:, :, 0],
+        v[:, :, 0],
+        lr[:, :, 0],
+        tau,
+        ln_w,
+        ln_b,
+        torch.zeros(1, dtype=torch.long),
+        torch.ones(1, dtype=torch.bool),
+    )
     out, _, _ = ttt_step(state, acc, *step_args, kernel_backend="triton")  # the step kernel has no backward: reference
     assert out.grad_fn is not None
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -282,14 +355,25 @@ def test_model_with_triton_backend_matches_torch_backend():  # logits, greedy de
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
 def test_kernels_at_real_sizes(head_dim, dtype, tol, no_tf32):
     for checkpoint_group in (5, 1):  # recomputed from checkpoints, and kept
-        check_chunk(4, 8, 2048 + 5, head_dim, start=[0, 7, 16, 3], length=[2053, 2000, 1500, 2053], dtype=dtype,
-                    tol=tol, checkpoint_group=checkpoint_group)
+        check_chunk(
+            4,
+            8,
+            2048 + 5,
+            head_dim,
+            start=[0, 7, 16, 3],
+            length=[2053, 2000, 1500, 2053],
+            dtype=dtype,
+            tol=tol,
+            checkpoint_group=checkpoint_group,
+        )
     state, acc, q, k, v, lr, tau, ln_w, ln_b = linear_inputs(16, 12, 1, head_dim, dtype)
     position = torch.arange(16, device=DEVICE) * 5
     active = torch.ones(16, dtype=torch.bool, device=DEVICE)
     args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, position, active)
     reference = ttt_step_reference(state, acc, *args)
-    out, new_state, new_acc = ttt_step([s.clone() for s in state], [a.clone() for a in acc], *args, kernel_backend="triton")
+    out, new_state, new_acc = ttt_step(
+        [s.clone() for s in state], [a.clone() for a in acc], *args, kernel_backend="triton"
+    )
     assert rel_err(out, reference[0]) <= tol
     for got, want in zip([*new_state, *new_acc], [*reference[1], *reference[2]]):
         assert rel_err(got, want) <= tol
@@ -319,7 +403,10 @@ def test_decode_step_captures_in_a_cuda_graph():
 @pytest.mark.gpu
 def test_model_logits_equal_across_backends_on_cuda(no_tf32):
     ids = random_ids(2, 100, vocab=96, seed=4).cuda()
-    models = {b: tiny_model("linear", hidden_size=64, mini_batch_size=MB, kernel_backend=b).cuda() for b in ("torch", "triton")}
+    models = {
+        b: tiny_model("linear", hidden_size=64, mini_batch_size=MB, kernel_backend=b).cuda()
+        for b in ("torch", "triton")
+    }
     with torch.no_grad():
         logits = {b: m(ids).logits for b, m in models.items()}
         generated = {b: m.generate(ids[:, :40], max_new_tokens=30, do_sample=False) for b, m in models.items()}

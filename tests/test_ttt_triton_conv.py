@@ -61,13 +61,20 @@ def test_chunk_conv_dispatch(monkeypatch):
     x, state, filters = conv_inputs(2, 6, 8, 4, 2, True, torch.float32)
     length = torch.full((2,), 6, device=DEVICE)
     causal_conv1d_banks(x, filters, state, length, kernel_backend="triton")
-    causal_conv1d_banks(x[:, :1].detach(), [(w.detach(), b.detach()) for w, b in filters], state.detach(), length,
-                        kernel_backend="triton")  # a decoding step: the step kernel
+    causal_conv1d_banks(
+        x[:, :1].detach(),
+        [(w.detach(), b.detach()) for w, b in filters],
+        state.detach(),
+        length,
+        kernel_backend="triton",
+    )  # a decoding step: the step kernel
     causal_conv1d_banks(x, filters, state, length, kernel_backend="torch")
-    causal_conv1d_banks(x.double(), [(w.double(), b.double()) for w, b in filters], state.double(), length,
-                        kernel_backend="triton")  # fp64: the reference
-    causal_conv1d_banks(x, [filters[0], (filters[1][0][..., :3], filters[1][1])], state, length,
-                        kernel_backend="triton")  # banks of two widths: the reference
+    causal_conv1d_banks(
+        x.double(), [(w.double(), b.double()) for w, b in filters], state.double(), length, kernel_backend="triton"
+    )  # fp64: the reference
+    causal_conv1d_banks(
+        x, [filters[0], (filters[1][0][..., :3], filters[1][1])], state, length, kernel_backend="triton"
+    )  # banks of two widths: the reference
     causal_conv1d_banks(x, filters + filters[:1], state, length, kernel_backend="triton")  # three banks
     assert len(calls) == 1
 

@@ -21,8 +21,12 @@ def state_shapes(layer_type, batch, heads, head_dim):
     if layer_type == "linear":
         return [(batch, heads, head_dim, head_dim), (batch, heads, 1, head_dim)]
     hidden = 4 * head_dim
-    return [(batch, heads, head_dim, hidden), (batch, heads, 1, hidden), (batch, heads, hidden, head_dim),
-            (batch, heads, 1, head_dim)]
+    return [
+        (batch, heads, head_dim, hidden),
+        (batch, heads, 1, hidden),
+        (batch, heads, hidden, head_dim),
+        (batch, heads, 1, head_dim),
+    ]
 
 
 def step_inputs(layer_type, batch, heads, head_dim, tokens=1, dtype=torch.float32, mini_batch=MB, seed=0):
@@ -41,10 +45,20 @@ def step_inputs(layer_type, batch, heads, head_dim, tokens=1, dtype=torch.float3
 
 def check_step(layer_type, batch, heads, head_dim, position, active, dtype=torch.float32, tol=1e-4, mini_batch=MB):
     """One step against the reference: output, state and accumulator, updated in the caller's tensors."""
-    state, acc, q, k, v, lr, tau, ln_w, ln_b = step_inputs(layer_type, batch, heads, head_dim, dtype=dtype,
-                                                           mini_batch=mini_batch)
-    args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b,
-            torch.tensor(position, device=DEVICE), torch.tensor(active, device=DEVICE))
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = step_inputs(
+        layer_type, batch, heads, head_dim, dtype=dtype, mini_batch=mini_batch
+    )
+    args = (
+        q[:, :, 0],
+        k[:, :, 0],
+        v[:, :, 0],
+        lr[:, :, 0],
+        tau,
+        ln_w,
+        ln_b,
+        torch.tensor(position, device=DEVICE),
+        torch.tensor(active, device=DEVICE),
+    )
     want = ttt_step_reference(state, acc, *args)
     mine_state, mine_acc = [t.clone() for t in state], [t.clone() for t in acc]
     got = ttt_step_triton(mine_state, mine_acc, *args)
@@ -74,8 +88,9 @@ def test_steps_equal_chunk_reference(layer_type):
     state, acc = [t.clone() for t in state], [t.clone() for t in acc]
     outs = []
     for t in range(tokens):
-        out, state, acc = ttt_step_triton(state, acc, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], tau, ln_w,
-                                          ln_b, start + t, t < length)
+        out, state, acc = ttt_step_triton(
+            state, acc, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], tau, ln_w, ln_b, start + t, t < length
+        )
         outs.append(out)
     real = (torch.arange(tokens, device=DEVICE)[None, :] < length[:, None])[:, None, :, None]
     assert rel_err(torch.stack(outs, 2) * real, want_out * real) <= 1e-4
@@ -89,8 +104,17 @@ def test_broadcast_initial_state_is_copied_not_written():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = step_inputs("linear", 1, 2, 16)
     params = [t[0].clone() for t in state]
     initial = [p.unsqueeze(0).expand(1, *p.shape) for p in params]
-    args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], lr[:, :, 0], tau, ln_w, ln_b, torch.tensor([3], device=DEVICE),
-            torch.tensor([True], device=DEVICE))  # position 3 commits: W itself would be written
+    args = (
+        q[:, :, 0],
+        k[:, :, 0],
+        v[:, :, 0],
+        lr[:, :, 0],
+        tau,
+        ln_w,
+        ln_b,
+        torch.tensor([3], device=DEVICE),
+        torch.tensor([True], device=DEVICE),
+    )  # position 3 commits: W itself would be written
     want = ttt_step_reference(initial, acc, *args)
     out, new_state, new_acc = ttt_step_triton(initial, [a.clone() for a in acc], *args)
     assert all(torch.equal(p, t[0]) for p, t in zip(params, state))  # `state` holds an untouched copy
@@ -108,7 +132,9 @@ def test_supported_shapes_and_errors(monkeypatch):
     assert not decode_kernel_supported([t.double() for t in state], q)
     assert not decode_kernel_supported(state, q.double())
     big = torch.zeros(2, 2, 256, device=DEVICE)
-    assert not decode_kernel_supported([torch.zeros(2, 2, 256, 256, device=DEVICE), torch.zeros(2, 2, 1, 256, device=DEVICE)], big)
+    assert not decode_kernel_supported(
+        [torch.zeros(2, 2, 256, 256, device=DEVICE), torch.zeros(2, 2, 1, 256, device=DEVICE)], big
+    )
     with pytest.raises(ValueError, match="not supported by the decode kernel"):
         ttt_step_triton([t.double() for t in state], acc, q, k, v, lr, tau, ln_w, ln_b, position, active)
     with pytest.raises(ValueError, match="acc must"):
@@ -152,7 +178,9 @@ def test_conv_step_leaves_views_and_width_one_to_their_owners():
         assert torch.equal(state, before) and torch.equal(new_state, want_state) and rel_err(y, want) <= 1e-6
     width_one = [(torch.randn(8, 1, 1, device=DEVICE), torch.randn(8, device=DEVICE))]
     (y,), new_state = causal_conv1d_banks(x, width_one, x.new_zeros(2, 0, 8), length, kernel_backend="triton")
-    assert new_state.shape == (2, 0, 8) and torch.equal(y, causal_conv1d(x, *width_one[0], x.new_zeros(2, 0, 8), length)[0])
+    assert new_state.shape == (2, 0, 8) and torch.equal(
+        y, causal_conv1d(x, *width_one[0], x.new_zeros(2, 0, 8), length)[0]
+    )
 
 
 def test_model_conv_steps_follow_the_config_backend(monkeypatch):
@@ -209,14 +237,19 @@ def test_mlp_model_decodes_the_same_with_both_backends(no_tf32):
                 out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache)
                 steps.append(out.logits[:, -1])
             logits[backend] = torch.stack(steps, 1)
-            generated[backend] = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2,
-                                                do_sample=False)
+            generated[backend] = model.generate(
+                ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False
+            )
     assert rel_err(logits["triton"], logits["torch"]) <= 1e-4
     assert torch.equal(generated["triton"], generated["torch"])
 
 
-GPU_CASES = [(layer_type, heads, head_dim, dtype) for layer_type in ("linear", "mlp")
-             for heads, head_dim in ((12, 64), (16, 96), (32, 64), (8, 128)) for dtype in (torch.float32, torch.bfloat16)]
+GPU_CASES = [
+    (layer_type, heads, head_dim, dtype)
+    for layer_type in ("linear", "mlp")
+    for heads, head_dim in ((12, 64), (16, 96), (32, 64), (8, 128))
+    for dtype in (torch.float32, torch.bfloat16)
+]
 
 
 @pytest.mark.gpu
@@ -233,16 +266,18 @@ def test_cuda_graph_replay_matches_eager(layer_type, no_tf32):
     """The step captured once in a CUDA graph, replayed over 20 tokens (crossing a commit) with positions and
     inputs copied into static buffers, equals eager steps."""
     batch, heads, head_dim, tokens = 16, 12, 64, 20
-    state, acc, q, k, v, lr, tau, ln_w, ln_b = step_inputs(layer_type, batch, heads, head_dim, tokens,
-                                                           dtype=torch.bfloat16, mini_batch=16)
+    state, acc, q, k, v, lr, tau, ln_w, ln_b = step_inputs(
+        layer_type, batch, heads, head_dim, tokens, dtype=torch.bfloat16, mini_batch=16
+    )
     start = torch.arange(batch, device=DEVICE) * 3
     active = torch.arange(batch, device=DEVICE) % 4 != 1
 
     eager_state, eager_acc = [t.clone() for t in state], [t.clone() for t in acc]
     eager = []
     for t in range(tokens):
-        out, _, _ = ttt_step_triton(eager_state, eager_acc, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], tau,
-                                    ln_w, ln_b, start + t, active)
+        out, _, _ = ttt_step_triton(
+            eager_state, eager_acc, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], tau, ln_w, ln_b, start + t, active
+        )
         eager.append(out)
 
     graph_state, graph_acc = [t.clone() for t in state], [t.clone() for t in acc]

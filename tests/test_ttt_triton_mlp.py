@@ -1,5 +1,5 @@
-"""The TTT-MLP chunk kernels (forward and backward) against the torch reference: on CPU under TRITON_INTERPRET=1 (set by conftest)
-at tiny sizes, on CUDA at real sizes (marked gpu)."""
+"""The TTT-MLP chunk kernels (forward and backward) against the torch reference: on CPU under TRITON_INTERPRET=1 (set by
+conftest) at tiny sizes, on CUDA at real sizes (marked gpu)."""
 
 import pytest
 import torch
@@ -19,7 +19,9 @@ MB = 16
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Blocks of 16 hidden units in both kernels: 4 blocks at head dim 16, so sums over blocks are exercised."""
-    monkeypatch.setattr(ttt_triton_mlp, "LAUNCH", {k: {**v, "tile_elements": 256} for k, v in ttt_triton_mlp.LAUNCH.items()})
+    monkeypatch.setattr(
+        ttt_triton_mlp, "LAUNCH", {k: {**v, "tile_elements": 256} for k, v in ttt_triton_mlp.LAUNCH.items()}
+    )
 
 
 def mlp_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, seed=0, mini_batch=MB):
@@ -36,8 +38,19 @@ def mlp_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, seed=0, min
     return state, acc, q, k, v, lr, tau, ln_w, ln_b
 
 
-def check_against_reference(batch, heads, seq_len, head_dim, start, length, dtype=torch.float32, tol=1e-4,
-                            mini_batch=MB, backward=True, checkpoint_group=0):
+def check_against_reference(
+    batch,
+    heads,
+    seq_len,
+    head_dim,
+    start,
+    length,
+    dtype=torch.float32,
+    tol=1e-4,
+    mini_batch=MB,
+    backward=True,
+    checkpoint_group=0,
+):
     """Output (real tokens), final state and accumulator of both backends and, with `backward`, the gradient of
     every input for random cotangents of all nine results."""
     state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(batch, heads, seq_len, head_dim, dtype, mini_batch=mini_batch)
@@ -51,8 +64,21 @@ def check_against_reference(batch, heads, seq_len, head_dim, start, length, dtyp
     results = {}
     for backend in ("torch", "triton"):
         with torch.set_grad_enabled(backward):
-            out, new_state, new_acc = ttt_chunk(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length,
-                                                checkpoint_group=checkpoint_group, kernel_backend=backend)
+            out, new_state, new_acc = ttt_chunk(
+                state,
+                acc,
+                q,
+                k,
+                v,
+                lr,
+                tau,
+                ln_w,
+                ln_b,
+                start,
+                length,
+                checkpoint_group=checkpoint_group,
+                kernel_backend=backend,
+            )
         outputs = [out * real, *new_state, *new_acc]
         if cotangents is None:
             cotangents = [torch.randn(x.shape, generator=g, device=DEVICE) for x in outputs]
@@ -85,9 +111,17 @@ def test_gradients_with_a_shorter_last_checkpoint_group(small_tiles):
 
 def test_autograd_function_leaves_its_inputs_and_cotangents_untouched():
     state, acc, q, k, v, lr, tau, ln_w, ln_b = mlp_inputs(1, 2, 32, 16)
-    layout = MiniBatchSlots(torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE), MB, 32)
-    inputs = (*(layout.to_slots(x) for x in (q, k, v)), layout.to_slots(lr[..., None])[..., 0], tau, ln_w, ln_b,
-              layout.span.to(torch.int32))
+    layout = MiniBatchSlots(
+        torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 32, device=DEVICE), MB, 32
+    )
+    inputs = (
+        *(layout.to_slots(x) for x in (q, k, v)),
+        layout.to_slots(lr[..., None])[..., 0],
+        tau,
+        ln_w,
+        ln_b,
+        layout.span.to(torch.int32),
+    )
     record = ttt_triton_mlp._pack([*state, *acc], 1, 2).requires_grad_()
     before = record.detach().clone()
     out, new_record = TTTMLPChunk.apply(*inputs, record, TTT_LN_EPS, 1)
@@ -123,8 +157,9 @@ def test_inputs_stay_untouched_and_broadcast_states_work():
     slots = [layout.to_slots(x) for x in (q, k, v)]
     lr_s = layout.to_slots(lr[..., None])[..., 0]
     with torch.no_grad():
-        out, new_state, new_acc = ttt_mlp_chunk_triton(state, acc, *slots, lr_s, tau, ln_w, ln_b, layout.span,
-                                                       TTT_LN_EPS)
+        out, new_state, new_acc = ttt_mlp_chunk_triton(
+            state, acc, *slots, lr_s, tau, ln_w, ln_b, layout.span, TTT_LN_EPS
+        )
         reference = ttt_ops.ttt_chunk_reference(state, acc, q, k, v, lr, tau, ln_w, ln_b, start, length)
     for tensor, saved in zip((*state, *acc), before):
         assert torch.equal(tensor, saved)
@@ -149,8 +184,9 @@ def test_errors():
     with pytest.raises(ValueError, match=r"\[W1, c1, W2, c2\] with 4f hidden units"):
         ttt_mlp_chunk_triton(state[:2], acc[:2], *slots, lr.view(1, 1, 1, MB), tau, ln_w, ln_b, span, TTT_LN_EPS)
     with pytest.raises(ValueError, match="checkpoint_group must be >= 1"):
-        ttt_mlp_chunk_triton(state, acc, *slots, lr.view(1, 1, 1, MB), tau, ln_w, ln_b, span, TTT_LN_EPS,
-                             checkpoint_group=0)
+        ttt_mlp_chunk_triton(
+            state, acc, *slots, lr.view(1, 1, 1, MB), tau, ln_w, ln_b, span, TTT_LN_EPS, checkpoint_group=0
+        )
 
 
 def test_model_with_triton_backend_matches_torch_backend(monkeypatch):  # logits, greedy decoding, gradients
@@ -158,8 +194,10 @@ def test_model_with_triton_backend_matches_torch_backend(monkeypatch):  # logits
     kernel = ttt_ops.ttt_mlp_chunk_triton
     monkeypatch.setattr(ttt_ops, "ttt_mlp_chunk_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     ids = random_ids(2, 37, vocab=96, seed=3)
-    models = {b: tiny_model("mlp", hidden_size=64, mini_batch_size=MB, kernel_backend=b).to(DEVICE)
-              for b in ("torch", "triton")}
+    models = {
+        b: tiny_model("mlp", hidden_size=64, mini_batch_size=MB, kernel_backend=b).to(DEVICE)
+        for b in ("torch", "triton")
+    }
     ids = ids.to(DEVICE)
     with torch.no_grad():
         full = {b: m(ids).logits for b, m in models.items()}

@@ -37,8 +37,10 @@ def test_rms_norm_matches_reference(hidden):
     check_against_reference((2, BACKWARD_ROWS + 3, hidden), torch.float32, torch.float32, 1e-5)
 
 
-@pytest.mark.parametrize("dtype, weight_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-                                                 (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, weight_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
+)
 def test_rms_norm_half_precision(dtype, weight_dtype):
     # bf16 activations with fp32 weights (mixed precision) give fp32 outputs, as the reference's promotion does.
     check_against_reference((3, 17, 40), dtype, weight_dtype, 1e-2)

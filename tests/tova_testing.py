@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
+from model_testing import cache_arg
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model_testing import cache_arg
 from ttt_hf import TOVACache
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tova"
@@ -27,8 +27,13 @@ def official_generation(case: str, attn_implementation: str = "sdpa", device: st
     model.load_state_dict(load_file(folder / "model.safetensors"))
     data = load_file(folder / "data.safetensors")
     cache = TOVACache(meta["N_cache_size"], **cache_kwargs)
-    out = model.to(device).generate(data["input_ids"].to(device), **cache_arg(cache),
-                                    max_new_tokens=meta["K_new_tokens"], do_sample=False, eos_token_id=None)
+    out = model.to(device).generate(
+        data["input_ids"].to(device),
+        **cache_arg(cache),
+        max_new_tokens=meta["K_new_tokens"],
+        do_sample=False,
+        eos_token_id=None,
+    )
     return out.cpu(), data, cache
 
 

@@ -18,9 +18,17 @@ VARIANTS = [(layer_type, backbone) for layer_type in ("linear", "mlp") for backb
 
 def tiny_config(layer_type: str = "linear", backbone: str = "mamba", **overrides) -> TTTConfig:
     values = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        mini_batch_size=4, ttt_layer_type=layer_type, ttt_base_lr=1.0 if layer_type == "linear" else 0.1,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mini_batch_size=4,
+        ttt_layer_type=layer_type,
+        ttt_base_lr=1.0 if layer_type == "linear" else 0.1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     values.update(BACKBONES[backbone])
     values.update(overrides)

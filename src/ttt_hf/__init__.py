@@ -44,4 +44,10 @@ __all__ = [
     "BlockStateModel",
     "BlockStatePreTrainedModel",
     "TOVACache",
-    "TTTCache", "TTTConfig", "TTTForCausalLM", "TTTModel", "TTTPreTrainedModel", "__version__"]
+    "TTTCache",
+    "TTTConfig",
+    "TTTForCausalLM",
+    "TTTModel",
+    "TTTPreTrainedModel",
+    "__version__",
+]

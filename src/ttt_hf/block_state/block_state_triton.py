@@ -38,8 +38,16 @@ def _wrap_angle(angle):
 
 @triton.jit
 def _s4d_kernel_fwd(
-    ar_ptr, ai_ptr, wr_ptr, wi_ptr, k_ptr, channels, length,
-    MODES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    ar_ptr,
+    ai_ptr,
+    wr_ptr,
+    wi_ptr,
+    k_ptr,
+    channels,
+    length,
+    MODES: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     rl = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -59,8 +67,21 @@ def _s4d_kernel_fwd(
 
 @triton.jit
 def _s4d_kernel_bwd(
-    ar_ptr, ai_ptr, wr_ptr, wi_ptr, grad_ptr, d_ar_ptr, d_ai_ptr, d_wr_ptr, d_wi_ptr, channels, length,
-    MODES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    ar_ptr,
+    ai_ptr,
+    wr_ptr,
+    wi_ptr,
+    grad_ptr,
+    d_ar_ptr,
+    d_ai_ptr,
+    d_wr_ptr,
+    d_wi_ptr,
+    channels,
+    length,
+    MODES: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     """Program (channel block, mode, lag split): partial gradients of that mode over SPLIT lags."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -116,8 +137,18 @@ class S4DKernelFunction(torch.autograd.Function):
         partials = torch.empty(4, splits, channels, modes, device=ar.device, dtype=torch.float32)
         grid = (triton.cdiv(channels, _BLOCK_C), modes, splits)
         _s4d_kernel_bwd[grid](
-            ar, ai, wr, wi, grad.float().contiguous(), *partials, channels, length,
-            MODES=modes, SPLIT=_BWD_SPLIT, BLOCK_C=_BLOCK_C, BLOCK_L=_BLOCK_L,
+            ar,
+            ai,
+            wr,
+            wi,
+            grad.float().contiguous(),
+            *partials,
+            channels,
+            length,
+            MODES=modes,
+            SPLIT=_BWD_SPLIT,
+            BLOCK_C=_BLOCK_C,
+            BLOCK_L=_BLOCK_L,
         )
         d_ar, d_ai, d_wr, d_wi = partials.sum(1)
         return d_ar, d_ai, d_wr, d_wi, None
@@ -136,8 +167,20 @@ def s4d_kernel_triton(dt_a: torch.Tensor, c_db: torch.Tensor, length: int) -> to
 
 @triton.jit
 def _s4d_step_fwd(
-    u_ptr, x_ptr, new_x_ptr, y_ptr, log_a_real_ptr, a_imag_ptr, log_dt_ptr, c_ptr, skip_ptr, active_ptr,
-    channels, features, MODES: tl.constexpr, BLOCK_C: tl.constexpr,
+    u_ptr,
+    x_ptr,
+    new_x_ptr,
+    y_ptr,
+    log_a_real_ptr,
+    a_imag_ptr,
+    log_dt_ptr,
+    c_ptr,
+    skip_ptr,
+    active_ptr,
+    channels,
+    features,
+    MODES: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Program (row, channel block). x/new_x: [B, C, n, 2] (complex64 as pairs); c: [C, n, 2]; y: [B, C]."""
     row = tl.program_id(0)
@@ -178,8 +221,14 @@ def _s4d_step_fwd(
 
 
 def s4d_step_triton(
-    u: torch.Tensor, x: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, log_dt: torch.Tensor,
-    c: torch.Tensor, skip: torch.Tensor, active: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    log_a_real: torch.Tensor,
+    a_imag: torch.Tensor,
+    log_dt: torch.Tensor,
+    c: torch.Tensor,
+    skip: torch.Tensor,
+    active: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step from the raw S4D parameters (no autograd). u: [B, D] fp32; x: [B, F, D, n] complex64;
     log_a_real, a_imag: [F, D, n]; log_dt, skip: [F, D]; c: [F, D, n, 2]; active: [B] bool.
@@ -190,10 +239,20 @@ def s4d_step_triton(
     y = torch.empty(batch, filters, features, device=u.device, dtype=torch.float32)
     grid = (batch, triton.cdiv(channels, _BLOCK_C))
     _s4d_step_fwd[grid](
-        u.float().contiguous(), torch.view_as_real(x.contiguous()), torch.view_as_real(new_x), y,
-        log_a_real.float().contiguous(), a_imag.float().contiguous(), log_dt.float().contiguous(),
-        c.float().contiguous(), skip.float().contiguous(), active.to(torch.int8).contiguous(),
-        channels, features, MODES=modes, BLOCK_C=_BLOCK_C,
+        u.float().contiguous(),
+        torch.view_as_real(x.contiguous()),
+        torch.view_as_real(new_x),
+        y,
+        log_a_real.float().contiguous(),
+        a_imag.float().contiguous(),
+        log_dt.float().contiguous(),
+        c.float().contiguous(),
+        skip.float().contiguous(),
+        active.to(torch.int8).contiguous(),
+        channels,
+        features,
+        MODES=modes,
+        BLOCK_C=_BLOCK_C,
     )
     return y, new_x
 
@@ -240,9 +299,23 @@ def _store_pair(ptr, offsets, imag, real_part, imag_part, mask):
 
 @triton.jit(do_not_specialize=["lane_stride"])
 def _s4d_scan_fwd(
-    u_ptr, z_ptr, w_ptr, skip_ptr, y_ptr, state_ptr, length, segment, features, channels,
-    lane_stride, MODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr,
-    FROM_STATE: tl.constexpr, OUTPUTS: tl.constexpr,
+    u_ptr,
+    z_ptr,
+    w_ptr,
+    skip_ptr,
+    y_ptr,
+    state_ptr,
+    length,
+    segment,
+    features,
+    channels,
+    lane_stride,
+    MODES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GROUP: tl.constexpr,
+    FROM_STATE: tl.constexpr,
+    OUTPUTS: tl.constexpr,
 ):
     """Program (row, channel block, segment of `segment` steps): u [B, L, D]; y [B, L, C] with channel
     c = (filter, feature c % D); z, w [re/im, modes, C]; state [re/im, B, S, BLOCK_N, C].
@@ -293,9 +366,27 @@ def _s4d_scan_fwd(
 
 @triton.jit(do_not_specialize=["lane_stride"])
 def _s4d_scan_bwd(
-    u_ptr, dy_ptr, z_ptr, w_ptr, skip_ptr, du_ptr, g_ptr, h_ptr, dskip_ptr, r_ptr, q_ptr,
-    length, segment, features, lane_stride, FILTERS: tl.constexpr, MODES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, FROM_STATE: tl.constexpr,
+    u_ptr,
+    dy_ptr,
+    z_ptr,
+    w_ptr,
+    skip_ptr,
+    du_ptr,
+    g_ptr,
+    h_ptr,
+    dskip_ptr,
+    r_ptr,
+    q_ptr,
+    length,
+    segment,
+    features,
+    lane_stride,
+    FILTERS: tl.constexpr,
+    MODES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GROUP: tl.constexpr,
+    FROM_STATE: tl.constexpr,
     OUTPUTS: tl.constexpr,
 ):
     """Program (row, feature block, segment), over every filter of those features in turn (so that du, a sum
@@ -425,9 +516,24 @@ class S4DScanFunction(torch.autograd.Function):
 
         def sweep(outputs: bool) -> None:
             _s4d_scan_fwd[(batch, triton.cdiv(channels, block_c), count)](
-                u, z, w, skip, y, state, length, segment, features, channels, 1,
-                MODES=modes, BLOCK_N=block_n, BLOCK_C=block_c, GROUP=group, FROM_STATE=outputs and count > 1,
-                OUTPUTS=outputs, num_warps=warps,
+                u,
+                z,
+                w,
+                skip,
+                y,
+                state,
+                length,
+                segment,
+                features,
+                channels,
+                1,
+                MODES=modes,
+                BLOCK_N=block_n,
+                BLOCK_C=block_c,
+                GROUP=group,
+                FROM_STATE=outputs and count > 1,
+                OUTPUTS=outputs,
+                num_warps=warps,
             )
 
         if count > 1:
@@ -455,9 +561,29 @@ class S4DScanFunction(torch.autograd.Function):
 
         def sweep(outputs: bool) -> None:
             _s4d_scan_bwd[(batch, triton.cdiv(features, block_c), count)](
-                u, dy, z, w, skip, du, g, h, d_skip, r, q, length, segment, features, 1,
-                FILTERS=filters, MODES=modes, BLOCK_N=block_n, BLOCK_C=block_c, GROUP=group,
-                FROM_STATE=outputs and count > 1, OUTPUTS=outputs, num_warps=warps,
+                u,
+                dy,
+                z,
+                w,
+                skip,
+                du,
+                g,
+                h,
+                d_skip,
+                r,
+                q,
+                length,
+                segment,
+                features,
+                1,
+                FILTERS=filters,
+                MODES=modes,
+                BLOCK_N=block_n,
+                BLOCK_C=block_c,
+                GROUP=group,
+                FROM_STATE=outputs and count > 1,
+                OUTPUTS=outputs,
+                num_warps=warps,
             )
 
         if count > 1:
@@ -465,8 +591,10 @@ class S4DScanFunction(torch.autograd.Function):
             z_padded = _padded(torch.complex(z[0], z[1]), block_n)
             decay, lag = z_padded**segment, segment * z_padded ** (segment - 1)
             # Across a segment without inputs: r <- z^L r, q <- z^L q + L z^(L-1) r.
-            adjoint = _chain(torch.stack([_complex(r), _complex(q)], 1), lambda a: torch.stack(
-                [decay * a[0], decay * a[1] + lag * a[0]]))
+            adjoint = _chain(
+                torch.stack([_complex(r), _complex(q)], 1),
+                lambda a: torch.stack([decay * a[0], decay * a[1] + lag * a[0]]),
+            )
             r, q = _parts(adjoint[:, 0]), _parts(adjoint[:, 1])
         sweep(outputs=True)
         g, h = (_complex(x).sum((0, 1))[:modes] for x in (g, h))  # [n, C]
@@ -501,15 +629,26 @@ def s4d_scan_triton(
 
 @triton.jit
 def _rotary(
-    src_ptr, dst_ptr, position_ptr, inv_freq_ptr, tokens, src_stride, dst_stride,
-    HALF: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr,
+    src_ptr,
+    dst_ptr,
+    position_ptr,
+    inv_freq_ptr,
+    tokens,
+    src_stride,
+    dst_stride,
+    HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    INVERSE: tl.constexpr,
 ):
     """Program (token block, head): rotary embedding of one head's [BLOCK_T, 2 HALF] slice (half-split pairs),
     or its inverse (the backward). Tokens are rows of `src_stride` / `dst_stride` elements."""
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rj = tl.arange(0, HALF)
     mask = (rt < tokens)[:, None]
-    angle = _wrap_angle(tl.load(position_ptr + rt, mask=rt < tokens, other=0).to(tl.float32)[:, None] * tl.load(inv_freq_ptr + rj)[None, :])
+    angle = _wrap_angle(
+        tl.load(position_ptr + rt, mask=rt < tokens, other=0).to(tl.float32)[:, None]
+        * tl.load(inv_freq_ptr + rj)[None, :]
+    )
     cos, sin = tl.cos(angle), tl.sin(angle)
     if INVERSE:
         sin = -sin
@@ -525,13 +664,22 @@ def _rotary(
 _ROTARY_BLOCK_T = 32
 
 
-def _rotate(src: torch.Tensor, dst: torch.Tensor, heads: int, position: torch.Tensor, inv_freq: torch.Tensor,
-            inverse: bool) -> None:
+def _rotate(
+    src: torch.Tensor, dst: torch.Tensor, heads: int, position: torch.Tensor, inv_freq: torch.Tensor, inverse: bool
+) -> None:
     """Rotates heads [0, heads) of src [B, S, *, hd] into the same heads of dst (both contiguous)."""
     tokens = src.shape[0] * src.shape[1]
     _rotary[(triton.cdiv(tokens, _ROTARY_BLOCK_T), heads)](
-        src, dst, position, inv_freq, tokens, src.stride(1), dst.stride(1),
-        HALF=src.shape[-1] // 2, BLOCK_T=_ROTARY_BLOCK_T, INVERSE=inverse,
+        src,
+        dst,
+        position,
+        inv_freq,
+        tokens,
+        src.stride(1),
+        dst.stride(1),
+        HALF=src.shape[-1] // 2,
+        BLOCK_T=_ROTARY_BLOCK_T,
+        INVERSE=inverse,
     )
 
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-
 # What the cached tensors depend on: a model that differs in any of these cannot continue from the cache.
 ARCHITECTURE_FIELDS = (
-    "num_hidden_layers", "hidden_size", "num_attention_heads", "block_size", "attend_previous_block", "context_mode",
-    "ssm_kind", "ssm_state_size", "num_context_states", "ssm_layers", "ssm_filter_features",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "block_size",
+    "attend_previous_block",
+    "context_mode",
+    "ssm_kind",
+    "ssm_state_size",
+    "num_context_states",
+    "ssm_layers",
+    "ssm_filter_features",
 )
 
 

@@ -20,7 +20,8 @@ class BlockStateConfig(PreTrainedConfig):
 
     Args:
         vocab_size (`int`, defaults to 32000), hidden_size (`int`, defaults to 1024),
-        intermediate_size (`int`, defaults to 2736: the parameters of BRECT's 4096-wide plain FFN), num_hidden_layers (`int`, defaults to 12),
+        intermediate_size (`int`, defaults to 2736: the parameters of BRECT's 4096-wide plain FFN),
+        num_hidden_layers (`int`, defaults to 12),
         num_attention_heads (`int`, defaults to 8): the usual sizes. Self- and cross-attention each use
             `num_attention_heads` heads of `hidden_size / num_attention_heads`.
         block_size (`int`, defaults to 512): W, the block (window) length of the attention.
@@ -43,8 +44,8 @@ class BlockStateConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02), hidden_act (`str`, defaults to `"silu"`),
         tie_word_embeddings (`bool`, defaults to `True`), use_cache (`bool`, defaults to `True`).
         kernel_backend (`str`, defaults to `"auto"`): Triton fast paths (the S4D scan, the rotary pass, the
-            fused decode step, the S4D kernel generation): `"auto"` on CUDA, the torch reference elsewhere; `"triton"` forces
-            them (on CPU under `TRITON_INTERPRET=1`); `"torch"` always runs the reference.
+            fused decode step, the S4D kernel generation): `"auto"` on CUDA, the torch reference elsewhere;
+            `"triton"` forces them (on CPU under `TRITON_INTERPRET=1`); `"torch"` always runs the reference.
     """
 
     model_type = "block_state"
@@ -121,9 +122,19 @@ class BlockStateConfig(PreTrainedConfig):
         return {"sh": 1, "mh": self.num_attention_heads, "mf": self.num_context_states}[self.context_mode]
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "block_size", "num_context_states", "ssm_filter_max_len", "ssm_filter_hidden",
-                     "ssm_filter_features", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "block_size",
+            "num_context_states",
+            "ssm_filter_max_len",
+            "ssm_filter_hidden",
+            "ssm_filter_features",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -145,7 +156,11 @@ class BlockStateConfig(PreTrainedConfig):
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if not isinstance(self.attend_previous_block, bool):
             raise ValueError(f"attend_previous_block must be True or False, got {self.attend_previous_block!r}")
-        bad = [i for i in self.ssm_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        bad = [
+            i
+            for i in self.ssm_layers
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers
+        ]
         if bad or len(set(self.ssm_layers)) != len(self.ssm_layers):
             raise ValueError(
                 f"ssm_layers must be distinct layer indices in [0, {self.num_hidden_layers}), got {self.ssm_layers!r}"

@@ -30,8 +30,8 @@ from .configuration_block_state import BlockStateConfig
 from .ssm_ops import (
     _use_triton,
     check_kernel_backend,
-    rotary_concat_triton,
     fft_causal_conv,
+    rotary_concat_triton,
     s4d_block_end_states,
     s4d_causal_conv,
     s4d_decode_step,
@@ -129,8 +129,11 @@ def check_inputs(
             raise TypeError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
     batch, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or not cached_tokens and (
-            attention_mask.shape[1] != seq_len
+        if (
+            attention_mask.dim() != 2
+            or attention_mask.shape[0] != batch
+            or not cached_tokens
+            and (attention_mask.shape[1] != seq_len)
         ):
             raise ValueError(
                 f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x {seq_len}), "
@@ -237,7 +240,11 @@ def apply_rope(x: torch.Tensor, position: torch.Tensor, theta: float) -> torch.T
 
 
 def rotary_heads(
-    rotated: torch.Tensor, plain: torch.Tensor | None, position: torch.Tensor, theta: float, kernel_backend: str = "auto"
+    rotated: torch.Tensor,
+    plain: torch.Tensor | None,
+    position: torch.Tensor,
+    theta: float,
+    kernel_backend: str = "auto",
 ) -> torch.Tensor:
     """`rotated` [B, S, H, hd] with rotary embeddings at `position` [B, S], followed along the head axis by
     `plain` [B, S, H2, hd] (or nothing). Dispatch point: one Triton pass (`rotary_concat_triton`) or the
@@ -276,13 +283,24 @@ class BlockStateS4D(nn.Module):
         token's outputs [B, 1, F, D], skip term included."""
         token = torch.gather(u, 1, layout.offset[:, None, None].expand(-1, 1, u.shape[-1]))  # [B, 1, D]
         y, cache.tensors["ssm_state"] = s4d_decode_step(
-            token[:, 0], x0, self.log_a_real, self.a_imag, self.log_dt, self.c, self.skip, layout.length > 0,
+            token[:, 0],
+            x0,
+            self.log_a_real,
+            self.a_imag,
+            self.log_dt,
+            self.c,
+            self.skip,
+            layout.length > 0,
             self.kernel_backend,
         )
         return y[:, None]
 
     def outputs(
-        self, u: torch.Tensor, layout: BlockSlots, cache: BlockStateLayerCache | None, dtype: torch.dtype = torch.float32
+        self,
+        u: torch.Tensor,
+        layout: BlockSlots,
+        cache: BlockStateLayerCache | None,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Outputs at every slot: [B, S, F, D] in `dtype` (SH/MH), computed in fp32. u: [B, S, D], zeros
         outside `layout.valid`."""
@@ -377,7 +395,11 @@ class BlockStateImplicitFilter(nn.Module):
         return full, where
 
     def outputs(
-        self, u: torch.Tensor, layout: BlockSlots, cache: BlockStateLayerCache | None, dtype: torch.dtype = torch.float32
+        self,
+        u: torch.Tensor,
+        layout: BlockSlots,
+        cache: BlockStateLayerCache | None,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         full, where = self._with_history(u, layout, cache)
         y = fft_causal_conv(full, self.kernel(full.shape[1], u.device))  # [B, P+S, F, D]
@@ -797,15 +819,22 @@ class BlockStateModel(BlockStatePreTrainedModel):
         prev_valid = torch.cat([torch.ones_like(key_valid[:, :, :1]), key_valid[:, :, :-1]], dim=2)
         prev_mask = prev_valid & (absolute_block >= 1)[:, None, :, None]
         layout = BlockSlots(
-            start=start, length=length, offset=offset, valid=valid,
-            position=(start - offset)[:, None] + slot, right_order=order, own_mask=own_mask, prev_mask=prev_mask,
-            decoding=bool((length <= 1).all()), block_size=width,
+            start=start,
+            length=length,
+            offset=offset,
+            valid=valid,
+            position=(start - offset)[:, None] + slot,
+            right_order=order,
+            own_mask=own_mask,
+            prev_mask=prev_mask,
+            decoding=bool((length <= 1).all()),
+            block_size=width,
         )
         return layout, slot_of_token
 
     @staticmethod
     def _token_mask(attention_mask, batch: int, seq_len: int, device) -> torch.Tensor:
-        """[B, T] bool of real tokens, from a 2-D mask (checked by `check_inputs`) whose last columns are the input's."""
+        """[B, T] bool of real tokens: the last columns of a 2-D mask (checked by `check_inputs`)."""
         if attention_mask is None:
             return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
         return attention_mask[:, -seq_len:].to(device) != 0

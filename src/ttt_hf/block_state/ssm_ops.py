@@ -95,7 +95,9 @@ def s4d_kernel_reference(dt_a: torch.Tensor, c_db: torch.Tensor, length: int) ->
             decay = torch.exp(dt_a[..., mode, None].real * lag)
             angle = dt_a[..., mode, None].imag * lag
             weight = c_db[..., mode, None]
-            kernel[..., start : start + step] += 2 * decay * (weight.real * torch.cos(angle) - weight.imag * torch.sin(angle))
+            kernel[..., start : start + step] += (
+                2 * decay * (weight.real * torch.cos(angle) - weight.imag * torch.sin(angle))
+            )
     return kernel
 
 
@@ -128,8 +130,13 @@ def fft_causal_conv(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def s4d_causal_conv(
-    u: torch.Tensor, dt_a: torch.Tensor, db: torch.Tensor, c: torch.Tensor, skip: torch.Tensor,
-    out_dtype: torch.dtype = torch.float32, kernel_backend: str = "auto",
+    u: torch.Tensor,
+    dt_a: torch.Tensor,
+    db: torch.Tensor,
+    c: torch.Tensor,
+    skip: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    kernel_backend: str = "auto",
 ) -> torch.Tensor:
     """The S4D layer from a zero state, `y[t] = sum_{k<=t} K[k] u[t-k] + skip u[t]`: u [B, L, D] (any float
     dtype, read as fp32); dt_a, db, c complex64 [F, D, n]; skip [F, D]. Returns [B, L, F, D] in out_dtype.
@@ -226,8 +233,15 @@ def s4d_step(
 
 
 def s4d_decode_step(
-    u: torch.Tensor, x: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, log_dt: torch.Tensor,
-    c: torch.Tensor, skip: torch.Tensor, active: torch.Tensor, kernel_backend: str = "auto",
+    u: torch.Tensor,
+    x: torch.Tensor,
+    log_a_real: torch.Tensor,
+    a_imag: torch.Tensor,
+    log_dt: torch.Tensor,
+    c: torch.Tensor,
+    skip: torch.Tensor,
+    active: torch.Tensor,
+    kernel_backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step from the raw S4D parameters: discretization, `s4d_step` and the skip term.
 
@@ -243,8 +257,14 @@ def s4d_decode_step(
 
 
 def s4d_decode_step_reference(
-    u: torch.Tensor, x: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, log_dt: torch.Tensor,
-    c: torch.Tensor, skip: torch.Tensor, active: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    log_a_real: torch.Tensor,
+    a_imag: torch.Tensor,
+    log_dt: torch.Tensor,
+    c: torch.Tensor,
+    skip: torch.Tensor,
+    active: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch definition of `s4d_decode_step`."""
     dt_a, db = s4d_discretize(log_a_real, a_imag, log_dt)

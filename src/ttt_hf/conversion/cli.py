@@ -32,10 +32,18 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", type=Path, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="auto: a file is JAX, a folder is PyTorch")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="store the weights in this dtype")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="JAX only: override a config field the weights do not determine (repeatable)")
-    parser.add_argument("--tokenizer", metavar="PATH",
-                        help="save this tokenizer (a local folder, e.g. Llama-2's) into DST; the releases ship none")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="JAX only: override a config field the weights do not determine (repeatable)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="save this tokenizer (a local folder, e.g. Llama-2's) into DST; the releases ship none",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -51,11 +59,19 @@ def run_convert(args: argparse.Namespace) -> int:
         if kind == "pytorch":
             if overrides:
                 raise ValueError("--set applies to JAX checkpoints only (a ttt-lm-pytorch folder has its config.json)")
-            out = convert_ttt_pytorch(args.src, args.dst, dtype=dtype, overwrite=args.overwrite,
-                                      tokenizer=args.tokenizer)
+            out = convert_ttt_pytorch(
+                args.src, args.dst, dtype=dtype, overwrite=args.overwrite, tokenizer=args.tokenizer
+            )
         else:
-            out = convert_ttt_jax(args.src, args.dst, dtype=dtype, overwrite=args.overwrite, progress=not args.quiet,
-                                  tokenizer=args.tokenizer, **overrides)
+            out = convert_ttt_jax(
+                args.src,
+                args.dst,
+                dtype=dtype,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+                tokenizer=args.tokenizer,
+                **overrides,
+            )
     except (ValueError, TypeError, OSError) as error:  # OSError: missing or existing paths
         print(f"ttt-hf convert: {error}", file=sys.stderr)
         return 2

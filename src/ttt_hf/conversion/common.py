@@ -113,7 +113,9 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path
                 shutil.rmtree(tmp)
 
 
-def check_keys(mapped: dict[str, str], expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
+def check_keys(
+    mapped: dict[str, str], expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]
+) -> None:
     """Raises ValueError naming every unknown, missing or mis-shaped key.
 
     mapped: our key -> source key; expected: our key -> shape the model wants; shapes: our key -> shape found.
@@ -121,7 +123,9 @@ def check_keys(mapped: dict[str, str], expected: dict[str, tuple[int, ...]], sha
     unexpected = sorted(mapped[k] for k in mapped if k not in expected)
     missing = sorted(k for k in expected if k not in mapped)
     mis_shaped = sorted(
-        f"{mapped[k]}: {shapes[k]} (expected {expected[k]})" for k in mapped if k in expected and shapes[k] != expected[k]
+        f"{mapped[k]}: {shapes[k]} (expected {expected[k]})"
+        for k in mapped
+        if k in expected and shapes[k] != expected[k]
     )
     problems = []
     if unexpected:
@@ -143,8 +147,9 @@ def load_tokenizer(tokenizer: str | Path | None) -> PreTrainedTokenizerBase | No
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer))
     except (OSError, ValueError) as error:
-        raise ValueError(f"tokenizer {str(tokenizer)!r} is neither a tokenizer folder nor a cached Hub id: {error}") \
-            from error
+        raise ValueError(
+            f"tokenizer {str(tokenizer)!r} is neither a tokenizer folder nor a cached Hub id: {error}"
+        ) from error
 
 
 def save_converted(

@@ -78,9 +78,12 @@ def read_parameters(path: str | Path, progress: bool = True, digest=None) -> Ite
     `digest` receives every byte of the file.
     """
     path = Path(path)
-    with path.open("rb") as file, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=not progress
-    ) as bar:
+    with (
+        path.open("rb") as file,
+        tqdm(
+            total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=not progress
+        ) as bar,
+    ):
         source = file if digest is None else _HashingReader(file, digest)
         unpacker = msgpack.Unpacker(source, raw=False, max_buffer_size=0)
         position, size, seen, number = 0, path.stat().st_size, set(), 0
@@ -88,7 +91,9 @@ def read_parameters(path: str | Path, progress: bool = True, digest=None) -> Ite
             bar.update(unpacker.tell() - position)
             position = unpacker.tell()
             if not (isinstance(record, list | tuple) and len(record) == 2 and isinstance(record[0], list | tuple)):
-                raise ValueError(f"{path} is not a ttt-lm-jax streaming checkpoint (record {number} is not (key, array))")
+                raise ValueError(
+                    f"{path} is not a ttt-lm-jax streaming checkpoint (record {number} is not (key, array))"
+                )
             key, serialized = tuple(record[0]), record[1]
             if key[:2] == _TRAIN_STATE_PREFIX:
                 key = key[2:]
@@ -127,7 +132,10 @@ _BLOCK_KEYS: dict[Key, tuple[str, str]] = {
     ("seq_modeling_block", "conv_k", "kernel"): ("ttt.conv_k.weight", "conv"),
     ("seq_modeling_block", "conv_k", "bias"): ("ttt.conv_k.bias", "same"),
     ("seq_modeling_block", "learnable_token_idx"): ("ttt.learnable_token_idx", "same"),
-    ("seq_modeling_block", "learnable_ttt_lr/kernel"): ("ttt.learnable_ttt_lr_weight", "lr"),  # [nh, d, 1] -> [nh, 1, d]
+    ("seq_modeling_block", "learnable_ttt_lr/kernel"): (
+        "ttt.learnable_ttt_lr_weight",
+        "lr",
+    ),  # [nh, d, 1] -> [nh, 1, d]
     ("seq_modeling_block", "learnable_ttt_lr/bias"): ("ttt.learnable_ttt_lr_bias", "same"),
     ("seq_modeling_block", "post_norm", "scale"): ("ttt.post_norm.weight", "same"),
     ("seq_modeling_block", "post_norm", "bias"): ("ttt.post_norm.bias", "same"),
@@ -264,12 +272,21 @@ def convert_ttt_jax(
         weights[name] = tensor if dtype is None else tensor.to(dtype)  # cast now: no second full copy later
         sources[name] = "/".join(key)
     if unknown:
-        raise ValueError(f"cannot convert this checkpoint: unknown keys in the checkpoint: {', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"cannot convert this checkpoint: unknown keys in the checkpoint: {', '.join(sorted(unknown))}"
+        )
 
     config = infer_config(shapes, **overrides)
     provenance = {"source": checkpoint.name, "sha256": digest.hexdigest(), "format": "ttt-lm-jax streaming"}
     return save_converted(
-        config, weights, sources, dst, overwrite=overwrite, tokenizer=tokenizer_to_save,
-        extra_files={"README.md": _model_card(config, checkpoint, digest.hexdigest()),
-                     "conversion.json": json.dumps(provenance, indent=2)},
+        config,
+        weights,
+        sources,
+        dst,
+        overwrite=overwrite,
+        tokenizer=tokenizer_to_save,
+        extra_files={
+            "README.md": _model_card(config, checkpoint, digest.hexdigest()),
+            "conversion.json": json.dumps(provenance, indent=2),
+        },
     )

@@ -86,7 +86,11 @@ class TOVALayer(DynamicLayer):
         """Holds the first `length` slots of `buffers` (keys, values, positions)."""
         self._buffers = buffers
         keys, values, positions = buffers
-        self.keys, self.values, self.positions = keys.narrow(2, 0, length), values.narrow(2, 0, length), positions.narrow(1, 0, length)
+        self.keys, self.values, self.positions = (
+            keys.narrow(2, 0, length),
+            values.narrow(2, 0, length),
+            positions.narrow(1, 0, length),
+        )
 
     def retract(self, count: int) -> None:
         """Undoes the last `update`, of `count` tokens after earlier ones (before its eviction): a refused call
@@ -124,8 +128,11 @@ class TOVALayer(DynamicLayer):
     def keep(self, index: torch.Tensor) -> None:
         """Keeps the slots `index` [B, n'] (sorted: order is preserved)."""
         gather = index[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-        sources = zip((self.keys, self.values, self.positions), (2, 2, 1),
-                      (gather, gather[..., :1].expand(-1, -1, -1, self.values.shape[-1]), index))
+        sources = zip(
+            (self.keys, self.values, self.positions),
+            (2, 2, 1),
+            (gather, gather[..., :1].expand(-1, -1, -1, self.values.shape[-1]), index),
+        )
         if torch.is_grad_enabled() and (self.keys.requires_grad or self.values.requires_grad):  # out= records no graph
             self._hold(tuple(torch.gather(*source) for source in sources), index.shape[-1])
             return
@@ -227,10 +234,16 @@ class TOVACache(Cache):
 
     is_compileable = False
 
-    def __init__(self, budget: int, num_sink_tokens: int = 0, policy: str = "tova", kernel_backend: str = "auto") -> None:
+    def __init__(
+        self, budget: int, num_sink_tokens: int = 0, policy: str = "tova", kernel_backend: str = "auto"
+    ) -> None:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-        if isinstance(num_sink_tokens, bool) or not isinstance(num_sink_tokens, int) or not 0 <= num_sink_tokens < budget:
+        if (
+            isinstance(num_sink_tokens, bool)
+            or not isinstance(num_sink_tokens, int)
+            or not 0 <= num_sink_tokens < budget
+        ):
             raise ValueError(f"num_sink_tokens must be an integer in [0, budget), got {num_sink_tokens!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -264,7 +277,8 @@ class TOVACache(Cache):
             self.layers.extend(TOVALayer(self.budget + 1) for _ in range(layer_idx + 1 - len(self.layers)))
         layer = self.layers[layer_idx]
         if layer.positions is not None and (
-            key_states.shape[0] != layer.keys.shape[0] or key_states.shape[1] != layer.keys.shape[1]
+            key_states.shape[0] != layer.keys.shape[0]
+            or key_states.shape[1] != layer.keys.shape[1]
             or key_states.shape[-1] != layer.keys.shape[-1]
         ):
             raise ValueError(
@@ -370,8 +384,17 @@ class TOVACache(Cache):
         """The Triton decode step on `layer` (budget + 1 slots): evicts one slot per row and, with `attend`, returns
         the last query's attention output computed in the same pass."""
         output = tova_ops.evict_one_triton(
-            query, layer.keys, layer.values, layer.positions, attention_mask, scaling, softcap, sinks,
-            self.num_sink_tokens, self.policy, attend,
+            query,
+            layer.keys,
+            layer.values,
+            layer.positions,
+            attention_mask,
+            scaling,
+            softcap,
+            sinks,
+            self.num_sink_tokens,
+            self.policy,
+            attend,
         )
         layer.drop_last()
         return output

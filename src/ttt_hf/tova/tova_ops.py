@@ -162,7 +162,8 @@ def use_decode_kernel(
         not (torch.is_grad_enabled() and grad)
         and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and query.dtype == key.dtype == values.dtype
-        and key.shape == keys.shape and key.data_ptr() == keys.data_ptr()
+        and key.shape == keys.shape
+        and key.data_ptr() == keys.data_ptr()
         and query.shape[1] % key.shape[1] == 0
         and max(query.shape[-1], values.shape[-1]) <= 256
         and query.stride(-1) == 1
@@ -190,8 +191,17 @@ def evict_one_triton(
     """The Triton decode step over budget + 1 slots: moves each row's last slot into its victim's (in place) and,
     with `attend`, returns the last query's attention output [B, 1, Hq, dv] computed in the same pass."""
     row = last_mask_row(attention_mask, query.shape[0], query.shape[2], keys.shape[2])
-    args = (query[:, :, -1], keys, values, positions, row, query.shape[-1] ** -0.5 if scaling is None else scaling,
-            softcap, sinks, num_sink_tokens)
+    args = (
+        query[:, :, -1],
+        keys,
+        values,
+        positions,
+        row,
+        query.shape[-1] ** -0.5 if scaling is None else scaling,
+        softcap,
+        sinks,
+        num_sink_tokens,
+    )
     kernel = tova_attention_evict_one_triton if attend else tova_evict_one_triton
     result = kernel(*args, window=policy == "window")
     return result[0] if attend else None

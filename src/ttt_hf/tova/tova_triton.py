@@ -54,13 +54,44 @@ MAX_TILE_BYTES = 64 << 10  # the key (and value) tile of a program of launch 1: 
 
 @triton.jit
 def _split_logits_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, logits_ptr, max_ptr, sum_ptr, first_ptr, part_ptr,
-    n, splits, scaling, softcap, hidden_below,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mn, stride_pb,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr,
-    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-    SINK_TOKENS: tl.constexpr, UPCAST: tl.constexpr, OUTPUT: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    pos_ptr,
+    logits_ptr,
+    max_ptr,
+    sum_ptr,
+    first_ptr,
+    part_ptr,
+    n,
+    splits,
+    scaling,
+    softcap,
+    hidden_below,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_mb,
+    stride_mn,
+    stride_pb,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASK: tl.constexpr,
+    SINK_TOKENS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    OUTPUT: tl.constexpr,
 ):
     """MASK: 0 none, 1 boolean (True = attend), 2 additive (<= hidden_below = hidden). Hidden slots get -inf.
     logits [B, Hq, n], max/sum [B, Hq, S] fp32; first [B, S] int64: lowest position of a real slot of the split;
@@ -74,10 +105,16 @@ def _split_logits_kernel(
     slots = split * BLOCK + tl.arange(0, BLOCK)
     valid = slots < n
 
-    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
-    k = tl.load(k_ptr + row * stride_kb + kv_head * stride_kh + slots[:, None] * stride_kn + dims[None, :],
-                mask=valid[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=head_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    k = tl.load(
+        k_ptr + row * stride_kb + kv_head * stride_kh + slots[:, None] * stride_kn + dims[None, :],
+        mask=valid[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
     # fp32 products and sums as in the reference: 16-bit products are exact in the fp32 accumulator; fp32 inputs
     # use IEEE (no TF32 rounding). UPCAST also on CPU, where the interpreter's bf16 dot is wrong.
     if UPCAST:
@@ -94,8 +131,11 @@ def _split_logits_kernel(
         logits += bias[None, :]
         hidden |= bias <= hidden_below
     logits = tl.where(hidden[None, :], float("-inf"), logits)
-    tl.store(logits_ptr + (row * q_heads + heads)[:, None] * n + slots[None, :], logits,
-             mask=head_ok[:, None] & valid[None, :])
+    tl.store(
+        logits_ptr + (row * q_heads + heads)[:, None] * n + slots[None, :],
+        logits,
+        mask=head_ok[:, None] & valid[None, :],
+    )
     split_max = tl.max(logits, axis=1)
     shift = tl.where(split_max == float("-inf"), 0.0, split_max)  # no NaN where the whole split is hidden
     weights = tl.exp(logits - shift[:, None])
@@ -105,8 +145,11 @@ def _split_logits_kernel(
     if OUTPUT:  # the values of the same slots, while the keys' split is at hand: flash-decoding's partial output
         value_dims = tl.arange(0, DV_PAD)
         value_ok = value_dims < DV
-        v = tl.load(v_ptr + row * stride_vb + kv_head * stride_vh + slots[:, None] * stride_vn + value_dims[None, :],
-                    mask=valid[:, None] & value_ok[None, :], other=0.0)
+        v = tl.load(
+            v_ptr + row * stride_vb + kv_head * stride_vh + slots[:, None] * stride_vn + value_dims[None, :],
+            mask=valid[:, None] & value_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             part = tl.dot(weights, v.to(tl.float32), input_precision="ieee")
         else:  # weights in the values' dtype, fp32 accumulation, as flash attention does
@@ -121,10 +164,28 @@ def _split_logits_kernel(
 
 @triton.jit
 def _split_scores_kernel(
-    logits_ptr, max_ptr, sum_ptr, first_ptr, sinks_ptr, pos_ptr, scores_ptr, key_ptr, victim_ptr, shift_ptr,
-    denominator_ptr, n, splits, q_heads, stride_pb,
-    HQ_PAD: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-    SINKS: tl.constexpr, SINK_TOKENS: tl.constexpr, WINDOW: tl.constexpr, OUTPUT: tl.constexpr,
+    logits_ptr,
+    max_ptr,
+    sum_ptr,
+    first_ptr,
+    sinks_ptr,
+    pos_ptr,
+    scores_ptr,
+    key_ptr,
+    victim_ptr,
+    shift_ptr,
+    denominator_ptr,
+    n,
+    splits,
+    q_heads,
+    stride_pb,
+    HQ_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SINKS: tl.constexpr,
+    SINK_TOKENS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    OUTPUT: tl.constexpr,
 ):
     """scores [B, n] fp32 (-inf where hidden); key/victim [B, S]: the split's lowest eviction key and its highest slot;
     OUTPUT: shift/denominator [B, Hq], each head's global max and softmax denominator relative to it.
@@ -159,8 +220,11 @@ def _split_scores_kernel(
         if split == 0:  # a row with every slot hidden and no sink attends to nothing: output 0, not NaN
             tl.store(shift_ptr + row * q_heads + heads, shift, mask=head_ok)
             tl.store(denominator_ptr + row * q_heads + heads, tl.where(head_sum > 0, head_sum, 1.0), mask=head_ok)
-    logits = tl.load(logits_ptr + (row * q_heads + heads)[:, None] * n + slots[None, :],
-                     mask=head_ok[:, None] & valid[None, :], other=float("-inf"))
+    logits = tl.load(
+        logits_ptr + (row * q_heads + heads)[:, None] * n + slots[None, :],
+        mask=head_ok[:, None] & valid[None, :],
+        other=float("-inf"),
+    )
     total = tl.sum(tl.exp(logits - shift[:, None]) / denominator[:, None], axis=0)
     attended = tl.max(logits, axis=0) > float("-inf")  # -inf for every head where the mask hides the slot
     scores = tl.where(attended, total / q_heads, float("-inf"))
@@ -177,8 +241,9 @@ def _split_scores_kernel(
         positions = tl.load(pos_ptr + row * stride_pb + slots, mask=valid, other=0)
         first = tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
         for start in range(0, splits, CHUNK):
-            firsts = tl.load(first_ptr + row * splits + start + chunk, mask=start + chunk < splits,
-                             other=0x7FFFFFFFFFFFFFFF)
+            firsts = tl.load(
+                first_ptr + row * splits + start + chunk, mask=start + chunk < splits, other=0x7FFFFFFFFFFFFFFF
+            )
             first = tl.minimum(first, tl.min(firsts, axis=0))
         key = tl.where(real & (positions - first < SINK_TOKENS), float("inf"), key)
     key = tl.where(valid, key, float("inf"))
@@ -189,10 +254,37 @@ def _split_scores_kernel(
 
 @triton.jit
 def _swap_remove_kernel(
-    key_ptr, victim_ptr, pos_ptr, k_ptr, v_ptr, evicted_ptr, max_ptr, part_ptr, shift_ptr, denominator_ptr, out_ptr,
-    n, splits, stride_pb, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
-    DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    G: tl.constexpr, G_POW2: tl.constexpr, PART_CHUNK: tl.constexpr, OUTPUT: tl.constexpr,
+    key_ptr,
+    victim_ptr,
+    pos_ptr,
+    k_ptr,
+    v_ptr,
+    evicted_ptr,
+    max_ptr,
+    part_ptr,
+    shift_ptr,
+    denominator_ptr,
+    out_ptr,
+    n,
+    splits,
+    stride_pb,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    DK: tl.constexpr,
+    DK_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    G: tl.constexpr,
+    G_POW2: tl.constexpr,
+    PART_CHUNK: tl.constexpr,
+    OUTPUT: tl.constexpr,
 ):
     """Program (row, KV head): OUTPUT: out [B, 1, Hq, dv] of the KV head's query heads, in out's dtype. Then the
     row's victim (lowest key, highest slot among ties) takes the last slot."""
@@ -211,12 +303,18 @@ def _swap_remove_kernel(
             ok = head_ok[:, None] & (start + part_chunk < splits)[None, :]  # [G, PART_CHUNK]
             split_max = tl.load(max_ptr + stats + start + part_chunk[None, :], mask=ok, other=float("-inf"))
             offsets = (stats + start + part_chunk[None, :]) * DV  # [G, PART_CHUNK]
-            part = tl.load(part_ptr + offsets[:, :, None] + value_dims[None, None, :],
-                           mask=ok[:, :, None] & value_ok[None, None, :], other=0.0)
+            part = tl.load(
+                part_ptr + offsets[:, :, None] + value_dims[None, None, :],
+                mask=ok[:, :, None] & value_ok[None, None, :],
+                other=0.0,
+            )
             out += tl.sum(part * tl.exp(split_max - shift[:, None])[:, :, None], axis=1)
         out /= tl.load(denominator_ptr + row * q_heads + heads, mask=head_ok, other=1.0)[:, None]
-        tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + value_dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & value_ok[None, :])
+        tl.store(
+            out_ptr + row * stride_ob + heads[:, None] * stride_oh + value_dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=head_ok[:, None] & value_ok[None, :],
+        )
     chunk = tl.arange(0, CHUNK)
     best = tl.full([], float("inf"), tl.float32)
     victim = tl.full([], -1, tl.int32)
@@ -247,18 +345,23 @@ def _pad(size: int) -> int:
 
 def _check_inputs(query, keys, values, positions, mask_row, sinks) -> None:
     if query.dim() != 3 or keys.dim() != 4 or values.dim() != 4:
-        raise ValueError(f"query must be [B, Hq, d], keys and values [B, Hkv, n, d(v)]: got {query.dim()}-D, "
-                         f"{keys.dim()}-D and {values.dim()}-D tensors")
+        raise ValueError(
+            f"query must be [B, Hq, d], keys and values [B, Hkv, n, d(v)]: got {query.dim()}-D, "
+            f"{keys.dim()}-D and {values.dim()}-D tensors"
+        )
     batch, q_heads, head_dim = query.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     if keys.shape != (batch, kv_heads, n, head_dim) or values.shape[:3] != (batch, kv_heads, n):
-        raise ValueError(f"keys [B, Hkv, n, d] and values [B, Hkv, n, dv] must match query [B, Hq, d]: got query "
-                         f"{tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}")
+        raise ValueError(
+            f"keys [B, Hkv, n, d] and values [B, Hkv, n, dv] must match query [B, Hq, d]: got query "
+            f"{tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+        )
     if q_heads % kv_heads:
         raise ValueError(f"the query heads ({q_heads}) must be a multiple of the KV heads ({kv_heads})")
     if positions.shape != (batch, n) or positions.dtype != torch.long:
-        raise ValueError(f"positions must be int64 [B, n] = {[batch, n]}, got {positions.dtype} "
-                         f"{tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must be int64 [B, n] = {[batch, n]}, got {positions.dtype} {tuple(positions.shape)}"
+        )
     if mask_row is not None and (mask_row.dim() != 2 or mask_row.shape[-1] != n or mask_row.shape[0] not in (1, batch)):
         raise ValueError(f"mask_row must be [B or 1, n] = [{batch}, {n}], got {tuple(mask_row.shape)}")
     if sinks is not None and sinks.numel() != q_heads:
@@ -313,28 +416,102 @@ def _decode_step(query, keys, values, positions, mask_row, scaling, softcap, sin
     guard = torch.cuda.device(device) if keys.is_cuda else contextlib.nullcontext()
     with guard:
         _split_logits_kernel[(batch, kv_heads, splits)](
-            query, keys, values, mask_row, positions, logits, split_max, split_sum, first, part,
-            n, splits, scaling, 1.0 if softcap is None else softcap, hidden_below,
-            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), mask_row.stride(0), mask_row.stride(1),
+            query,
+            keys,
+            values,
+            mask_row,
+            positions,
+            logits,
+            split_max,
+            split_sum,
+            first,
+            part,
+            n,
+            splits,
+            scaling,
+            1.0 if softcap is None else softcap,
+            hidden_below,
+            query.stride(0),
+            query.stride(1),
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(2),
+            values.stride(0),
+            values.stride(1),
+            values.stride(2),
+            mask_row.stride(0),
+            mask_row.stride(1),
             positions.stride(0),
-            G=group, G_PAD=_pad(group), D=head_dim, D_PAD=_pad(head_dim), DV=value_dim, DV_PAD=value_pad,
-            BLOCK=block, SOFTCAP=softcap is not None, MASK=mask_kind, SINK_TOKENS=num_sink_tokens, UPCAST=upcast,
-            OUTPUT=output, num_warps=warps,
+            G=group,
+            G_PAD=_pad(group),
+            D=head_dim,
+            D_PAD=_pad(head_dim),
+            DV=value_dim,
+            DV_PAD=value_pad,
+            BLOCK=block,
+            SOFTCAP=softcap is not None,
+            MASK=mask_kind,
+            SINK_TOKENS=num_sink_tokens,
+            UPCAST=upcast,
+            OUTPUT=output,
+            num_warps=warps,
         )
         _split_scores_kernel[(batch, splits)](
-            logits, split_max, split_sum, first, scores if sinks is None else sinks, positions, scores,
-            split_key, split_victim, shift, denominator, n, splits, q_heads, positions.stride(0),
-            HQ_PAD=hq_pad, BLOCK=block, CHUNK=chunk,
-            SINKS=sinks is not None, SINK_TOKENS=num_sink_tokens, WINDOW=window, OUTPUT=output,
+            logits,
+            split_max,
+            split_sum,
+            first,
+            scores if sinks is None else sinks,
+            positions,
+            scores,
+            split_key,
+            split_victim,
+            shift,
+            denominator,
+            n,
+            splits,
+            q_heads,
+            positions.stride(0),
+            HQ_PAD=hq_pad,
+            BLOCK=block,
+            CHUNK=chunk,
+            SINKS=sinks is not None,
+            SINK_TOKENS=num_sink_tokens,
+            WINDOW=window,
+            OUTPUT=output,
             num_warps=8 if hq_pad * (block + 2 * chunk) > 8192 else 4,  # the logits and two statistics tiles
         )
         _swap_remove_kernel[(batch, kv_heads)](
-            split_key, split_victim, positions, keys, values, evicted, split_max, part, shift, denominator, out,
-            n, splits, positions.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(-2),
-            DK=head_dim, DK_PAD=_pad(head_dim), DV=value_dim, DV_PAD=value_pad, CHUNK=chunk,
-            G=group, G_POW2=group_pow2, PART_CHUNK=min(chunk, max(1, MAX_TILE // (group_pow2 * value_pad))),
+            split_key,
+            split_victim,
+            positions,
+            keys,
+            values,
+            evicted,
+            split_max,
+            part,
+            shift,
+            denominator,
+            out,
+            n,
+            splits,
+            positions.stride(0),
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(2),
+            values.stride(0),
+            values.stride(1),
+            values.stride(2),
+            out.stride(0),
+            out.stride(-2),
+            DK=head_dim,
+            DK_PAD=_pad(head_dim),
+            DV=value_dim,
+            DV_PAD=value_pad,
+            CHUNK=chunk,
+            G=group,
+            G_POW2=group_pow2,
+            PART_CHUNK=min(chunk, max(1, MAX_TILE // (group_pow2 * value_pad))),
             OUTPUT=output,
         )
     return (out if output else None), scores, evicted
@@ -359,8 +536,9 @@ def tova_evict_one_triton(
     or None; sinks [Hq] or None. Afterwards slots [0, n - 1) hold the kept tokens: the evicted slot holds what
     was in slot n - 1 (swap-remove), the others are untouched.
     """
-    _, scores, evicted = _decode_step(query, keys, values, positions, mask_row, scaling, softcap, sinks,
-                                      num_sink_tokens, window, output=False)
+    _, scores, evicted = _decode_step(
+        query, keys, values, positions, mask_row, scaling, softcap, sinks, num_sink_tokens, window, output=False
+    )
     return scores, evicted
 
 
@@ -384,5 +562,6 @@ def tova_attention_evict_one_triton(
     per query head (GQA: query head h reads KV head h // G), with `sinks` as an extra logit of the denominator
     only (gpt-oss); hidden slots get weight 0 (and a row hiding every slot, without sinks, outputs 0).
     """
-    return _decode_step(query, keys, values, positions, mask_row, scaling, softcap, sinks, num_sink_tokens, window,
-                        output=True)
+    return _decode_step(
+        query, keys, values, positions, mask_row, scaling, softcap, sinks, num_sink_tokens, window, output=True
+    )

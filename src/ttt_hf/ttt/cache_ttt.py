@@ -5,11 +5,16 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-
 # What the cached tensors depend on: a model that differs in any of these cannot continue from the cache.
 ARCHITECTURE_FIELDS = (
-    "ttt_layer_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "mini_batch_size", "pre_conv",
-    "share_qk", "conv_kernel",
+    "ttt_layer_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "mini_batch_size",
+    "pre_conv",
+    "share_qk",
+    "conv_kernel",
 )
 
 

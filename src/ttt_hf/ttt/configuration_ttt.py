@@ -117,8 +117,16 @@ class TTTConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "mini_batch_size", "conv_kernel", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "mini_batch_size",
+            "conv_kernel",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -128,9 +136,7 @@ class TTTConfig(PreTrainedConfig):
                 f"({self.num_attention_heads})"
             )
         if self.head_dim % 2 != 0:
-            raise ValueError(
-                f"hidden_size / num_attention_heads must be even for RoPE, got head_dim={self.head_dim}"
-            )
+            raise ValueError(f"hidden_size / num_attention_heads must be even for RoPE, got head_dim={self.head_dim}")
         if self.ttt_layer_type not in TTT_LAYER_TYPES:
             raise ValueError(f"ttt_layer_type must be one of {TTT_LAYER_TYPES}, got {self.ttt_layer_type!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:

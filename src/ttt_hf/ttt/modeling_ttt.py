@@ -108,8 +108,11 @@ def check_inputs(
             raise TypeError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
     batch, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or not cached_tokens and (
-            attention_mask.shape[1] != seq_len
+        if (
+            attention_mask.dim() != 2
+            or attention_mask.shape[0] != batch
+            or not cached_tokens
+            and (attention_mask.shape[1] != seq_len)
         ):
             raise ValueError(
                 f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x {seq_len}), "
@@ -202,8 +205,12 @@ class TTTPreConv(nn.Module):
         x = self.norm(hidden_states)
         state = cache.pre_conv_state if cache is not None else None
         (y,), state = causal_conv1d_banks(
-            x, [(self.conv.weight, self.conv.bias)], _conv_state(state, x, self.conv), layout.length,
-            self.config.kernel_backend, keep_state=cache is not None,
+            x,
+            [(self.conv.weight, self.conv.bias)],
+            _conv_state(state, x, self.conv),
+            layout.length,
+            self.config.kernel_backend,
+            keep_state=cache is not None,
         )
         if cache is not None:
             cache.pre_conv_state = state
@@ -312,8 +319,12 @@ class TTTLayer(nn.Module):
             shared = self.q_proj(hidden_states)
             state = _conv_state(cache.qk_conv_state if cache is not None else None, shared, self.conv_q)
             (xq, xk), state = causal_conv1d_banks(
-                shared, [(self.conv_q.weight, self.conv_q.bias), (self.conv_k.weight, self.conv_k.bias)], state,
-                layout.length, self.config.kernel_backend, keep_state=cache is not None,
+                shared,
+                [(self.conv_q.weight, self.conv_q.bias), (self.conv_k.weight, self.conv_k.bias)],
+                state,
+                layout.length,
+                self.config.kernel_backend,
+                keep_state=cache is not None,
             )
             if cache is not None:
                 cache.qk_conv_state = state
@@ -345,14 +356,36 @@ class TTTLayer(nn.Module):
 
         if cache is not None and seq_len == 1:
             out, state, acc = ttt_step(
-                state, acc, xq[:, :, 0], xk[:, :, 0], xv[:, :, 0], lr[:, :, 0], tau, ln_weight, ln_bias,
-                layout.start, layout.length > 0, kernel_backend=backend,
+                state,
+                acc,
+                xq[:, :, 0],
+                xk[:, :, 0],
+                xv[:, :, 0],
+                lr[:, :, 0],
+                tau,
+                ln_weight,
+                ln_bias,
+                layout.start,
+                layout.length > 0,
+                kernel_backend=backend,
             )
             out = out[:, :, None]
         else:
             out, state, acc = ttt_chunk(
-                state, acc, xq, xk, xv, lr, tau, ln_weight, ln_bias, layout.start, layout.length,
-                checkpoint_group=self.config.scan_checkpoint_group_size, aligned=layout.aligned, kernel_backend=backend,
+                state,
+                acc,
+                xq,
+                xk,
+                xv,
+                lr,
+                tau,
+                ln_weight,
+                ln_bias,
+                layout.start,
+                layout.length,
+                checkpoint_group=self.config.scan_checkpoint_group_size,
+                aligned=layout.aligned,
+                kernel_backend=backend,
             )
         if cache is not None:
             cache.ttt_state, cache.ttt_acc = state, acc
@@ -430,7 +463,10 @@ class TTTPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
             # One folder serves AutoModel and AutoModelForCausalLM under trust_remote_code.
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": "modeling_ttt.TTTModel"}
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_ttt.TTTModel",
+            }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -525,8 +561,9 @@ class TTTModel(TTTPreTrainedModel):
                 inputs_embeds = inputs_embeds.masked_fill(~real[..., None], 0.0)
         position = start[:, None] + torch.arange(seq_len, device=device)[None, :]
         # RoPE encodes the position inside the mini-batch only.
-        rope = rope_angles(position % self.config.mini_batch_size, self.config.head_dim, self.config.rope_theta,
-                           torch.float32)
+        rope = rope_angles(
+            position % self.config.mini_batch_size, self.config.head_dim, self.config.rope_theta, torch.float32
+        )
         layout = TTTTokenPositions(
             start=start, length=length, position=position, rope=rope, aligned=fresh and order is None
         )
@@ -558,7 +595,7 @@ class TTTModel(TTTPreTrainedModel):
 
     @staticmethod
     def _token_mask(attention_mask, seq_len: int, device) -> torch.Tensor | None:
-        """[B, T] bool of real tokens, from a 2-D mask (checked by `check_inputs`) whose last columns are the input's."""
+        """[B, T] bool of real tokens: the last columns of a 2-D mask (checked by `check_inputs`)."""
         if attention_mask is None:
             return None
         return attention_mask[:, -seq_len:].to(device) != 0

@@ -85,8 +85,10 @@ def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor,
         supported = mlp_kernel_supported is not None and mlp_kernel_supported(state, q)
         if kernel_backend == "triton" and not supported:
             shapes = [tuple(t.shape[-2:]) for t in state]
-            _log_fallback_once(f"TTT-MLP needs fp32/bf16/fp16 inputs, head_dim 16..128 and 4 * head_dim hidden units; "
-                               f"got {q.dtype}, head_dim {q.shape[-1]}, state shapes {shapes}")
+            _log_fallback_once(
+                f"TTT-MLP needs fp32/bf16/fp16 inputs, head_dim 16..128 and 4 * head_dim hidden units; "
+                f"got {q.dtype}, head_dim {q.shape[-1]}, state shapes {shapes}"
+            )
         return supported
     # fp32 tiles of head_dim 96/128 need ~400 KB of shared memory (H100: 227 KB): fp32 runs the kernel up to 64.
     max_head_dim = 64 if q.dtype == torch.float32 else 128
@@ -287,7 +289,15 @@ def ttt_chunk_reference(
         outs = []
         for m in range(first, last):
             out, state, acc = _dual_mini_batch(
-                state, acc, q_s[:, :, m], k_s[:, :, m], v_s[:, :, m], lr_s[:, :, m], tau, ln_weight, ln_bias,
+                state,
+                acc,
+                q_s[:, :, m],
+                k_s[:, :, m],
+                v_s[:, :, m],
+                lr_s[:, :, m],
+                tau,
+                ln_weight,
+                ln_bias,
                 commit[:, m],
             )
             outs.append(out)
@@ -375,7 +385,18 @@ def ttt_chunk(
     checkpoint_group = checkpoint_group or DEFAULT_CHECKPOINT_GROUP
     if not _use_kernel(kernel_backend, state, q, tau.shape[0]):
         return ttt_chunk_reference(
-            state, acc, q, k, v, lr, tau, ln_weight, ln_bias, start, length, checkpoint_group=checkpoint_group,
+            state,
+            acc,
+            q,
+            k,
+            v,
+            lr,
+            tau,
+            ln_weight,
+            ln_bias,
+            start,
+            length,
+            checkpoint_group=checkpoint_group,
             aligned=aligned,
         )
     slots = MiniBatchSlots(start, length, tau.shape[0], q.shape[2], aligned)
@@ -383,7 +404,17 @@ def ttt_chunk(
     lr_s = slots.to_slots(lr.float()[..., None])[..., 0]
     chunk_kernel = ttt_mlp_chunk_triton if len(state) == 4 else ttt_linear_chunk_triton
     out, state, acc = chunk_kernel(
-        state, acc, q_s, k_s, v_s, lr_s, tau, ln_weight, ln_bias, slots.span, TTT_LN_EPS,
+        state,
+        acc,
+        q_s,
+        k_s,
+        v_s,
+        lr_s,
+        tau,
+        ln_weight,
+        ln_bias,
+        slots.span,
+        TTT_LN_EPS,
         checkpoint_group=checkpoint_group,
     )
     return slots.from_slots(out), state, acc

@@ -37,8 +37,14 @@ def _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_
     if checkpoint_group < 1:
         raise ValueError(f"checkpoint_group must be >= 1, got {checkpoint_group}")
     return (
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
-        ln_weight.float().contiguous(), ln_bias.float().contiguous(), span.to(torch.int32).contiguous(),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        lr.float().contiguous(),
+        tau.float().contiguous(),
+        ln_weight.float().contiguous(),
+        ln_bias.float().contiguous(),
+        span.to(torch.int32).contiguous(),
     )
 
 

@@ -17,7 +17,6 @@ import triton.language as tl
 
 from .ttt_triton_common import _on_triton_device, _owns_memory
 
-
 BLOCK_T = 32  # tokens per tile
 BLOCK_C = 128  # channels per program
 BACKWARD_ROWS = 128  # tokens per backward program: one partial sum of the weights' gradient each
@@ -34,15 +33,29 @@ def _shifted_input(x_ptr, state_ptr, row, t, c, c_ok, T, C, SHIFT: tl.constexpr,
     tile = tile.to(tl.float32)
     if K > 1:
         from_state = (s < 0) & (t < T)
-        tile += tl.load(state_ptr + (row * (K - 1) + (K - 1) + s)[:, None] * C + c[None, :],
-                        mask=from_state[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        tile += tl.load(
+            state_ptr + (row * (K - 1) + (K - 1) + s)[:, None] * C + c[None, :],
+            mask=from_state[:, None] & c_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
     return tile
 
 
 @triton.jit
 def _causal_conv_fwd_kernel(
-    x_ptr, state_ptr, w_ptr, b_ptr, y_ptr, y_2_ptr, T, C,
-    K: tl.constexpr, BANKS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    state_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    y_2_ptr,
+    T,
+    C,
+    K: tl.constexpr,
+    BANKS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Program (row, tile of tokens, block of channels): y (and y_2 when BANKS == 2) of the tile.
     x [B, T, C], state [B, K-1, C] contiguous; w [banks, C, K], b [banks, C]."""
@@ -70,8 +83,21 @@ def _causal_conv_fwd_kernel(
 
 @triton.jit
 def _causal_conv_bwd_kernel(
-    x_ptr, state_ptr, w_ptr, dy_ptr, dy_2_ptr, dx_ptr, dw_ptr, db_ptr, T, C,
-    K: tl.constexpr, K_PAD: tl.constexpr, BANKS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+    x_ptr,
+    state_ptr,
+    w_ptr,
+    dy_ptr,
+    dy_2_ptr,
+    dx_ptr,
+    dw_ptr,
+    db_ptr,
+    T,
+    C,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BANKS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Program (row, ROWS tokens, block of channels): dx[t] = sum_banks sum_j w[:, j] dy[t + K-1-j] over its
@@ -128,8 +154,20 @@ class CausalConvChunk(torch.autograd.Function):
         ys = [torch.empty_like(x) for _ in range(banks)]
         grid = (batch, triton.cdiv(tokens, BLOCK_T), triton.cdiv(channels, BLOCK_C))
         _causal_conv_fwd_kernel[grid](
-            x, state, weight, bias if bias is not None else weight, ys[0], ys[-1], tokens, channels,
-            K=width, BANKS=banks, HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4,
+            x,
+            state,
+            weight,
+            bias if bias is not None else weight,
+            ys[0],
+            ys[-1],
+            tokens,
+            channels,
+            K=width,
+            BANKS=banks,
+            HAS_BIAS=bias is not None,
+            BLOCK_T=BLOCK_T,
+            BLOCK_C=BLOCK_C,
+            num_warps=4,
         )
         ctx.save_for_backward(x, state, weight)
         ctx.has_bias = bias is not None
@@ -146,9 +184,23 @@ class CausalConvChunk(torch.autograd.Function):
         d_w = torch.empty(batch * tiles, banks, width, channels, dtype=torch.float32, device=x.device)
         d_b = torch.empty(batch * tiles, banks, channels, dtype=torch.float32, device=x.device)
         _causal_conv_bwd_kernel[(batch, tiles, triton.cdiv(channels, BLOCK_C))](
-            x, state, weight, d_ys[0], d_ys[-1], d_x, d_w, d_b, tokens, channels,
-            K=width, K_PAD=triton.next_power_of_2(width), BANKS=banks, ROWS=BACKWARD_ROWS, BLOCK_T=BLOCK_T,
-            BLOCK_C=BLOCK_C, num_warps=4,
+            x,
+            state,
+            weight,
+            d_ys[0],
+            d_ys[-1],
+            d_x,
+            d_w,
+            d_b,
+            tokens,
+            channels,
+            K=width,
+            K_PAD=triton.next_power_of_2(width),
+            BANKS=banks,
+            ROWS=BACKWARD_ROWS,
+            BLOCK_T=BLOCK_T,
+            BLOCK_C=BLOCK_C,
+            num_warps=4,
         )
         d_state = None
         if ctx.needs_input_grad[1]:
@@ -209,9 +261,23 @@ def causal_conv_chunk_triton(
 
 @triton.jit
 def _causal_conv_step_kernel(
-    x_ptr, state_ptr, length_ptr, weight_ptr, bias_ptr, weight_2_ptr, bias_2_ptr, y_ptr, y_2_ptr,
-    C, stride_xb, stride_sb, stride_sk,
-    K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, TWO: tl.constexpr,
+    x_ptr,
+    state_ptr,
+    length_ptr,
+    weight_ptr,
+    bias_ptr,
+    weight_2_ptr,
+    bias_2_ptr,
+    y_ptr,
+    y_2_ptr,
+    C,
+    stride_xb,
+    stride_sb,
+    stride_sk,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    TWO: tl.constexpr,
 ):
     """Program (row, block of channels): y = sum_k w[:, k] [state, x][k] + bias for one or (TWO) two filter
     banks over the same input, then the window moves by one token in place (rows with length 0 keep it).
@@ -235,7 +301,8 @@ def _causal_conv_step_kernel(
         acc += previous.to(tl.float32) * tl.load(weight_ptr + channels * K + k, mask=ok, other=0.0).to(tl.float32)
         if TWO:
             acc_2 += previous.to(tl.float32) * tl.load(weight_2_ptr + channels * K + k, mask=ok, other=0.0).to(
-                tl.float32)
+                tl.float32
+            )
         if k < K - 2:
             following = tl.load(window + (k + 1) * stride_sk, mask=ok, other=0.0)
         else:
@@ -268,8 +335,9 @@ def causal_conv_step_triton(
             f"{tuple(x.shape)}, width {width}"
         )
     if state.dtype != x.dtype or state.device != x.device:
-        raise ValueError(f"the state must be on x's device in x's dtype ({x.device}, {x.dtype}), got {state.device}, "
-                         f"{state.dtype}")
+        raise ValueError(
+            f"the state must be on x's device in x's dtype ({x.device}, {x.dtype}), got {state.device}, {state.dtype}"
+        )
     if not _owns_memory(state):
         state = state.contiguous().clone()
     x = x.contiguous()
@@ -278,9 +346,23 @@ def causal_conv_step_triton(
     ys = [torch.empty(batch, 1, channels, dtype=x.dtype, device=x.device) for _ in filters]
     two = len(filters) == 2
     _causal_conv_step_kernel[(batch, triton.cdiv(channels, CONV_BLOCK))](
-        x, state, length, weights[0], biases[0] if biases[0] is not None else weights[0], weights[-1],
-        biases[-1] if biases[-1] is not None else weights[-1], ys[0], ys[-1],
-        channels, x.stride(0), state.stride(0), state.stride(1),
-        K=width, BLOCK=CONV_BLOCK, HAS_BIAS=biases[0] is not None, TWO=two, num_warps=2,
+        x,
+        state,
+        length,
+        weights[0],
+        biases[0] if biases[0] is not None else weights[0],
+        weights[-1],
+        biases[-1] if biases[-1] is not None else weights[-1],
+        ys[0],
+        ys[-1],
+        channels,
+        x.stride(0),
+        state.stride(0),
+        state.stride(1),
+        K=width,
+        BLOCK=CONV_BLOCK,
+        HAS_BIAS=biases[0] is not None,
+        TWO=two,
+        num_warps=2,
     )
     return ys, state

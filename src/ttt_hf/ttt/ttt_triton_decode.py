@@ -30,7 +30,6 @@ from .ttt_triton_common import (
     _owns_memory,
 )
 
-
 MAX_HEAD_DIM = 128
 # Elements of one [rows, F_PAD] state tile: a few live tiles per program stay in registers at 4 warps.
 TILE_ELEMENTS = 2048
@@ -71,10 +70,26 @@ def _write_state(w_ptrs, acc_ptrs, mask, acc, active, commit, tau_last):
 
 @triton.jit
 def _ttt_linear_step_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, position_ptr, active_ptr,
-    w_ptr, c_ptr, acc_w_ptr, acc_c_ptr, out_ptr,
-    H, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lr_ptr,
+    tau_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    position_ptr,
+    active_ptr,
+    w_ptr,
+    c_ptr,
+    acc_w_ptr,
+    acc_c_ptr,
+    out_ptr,
+    H,
+    eps,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MB: tl.constexpr,
 ):
     """W [F, F] in tiles of BLOCK rows; vectors over W's columns hold z, z_q and the gradient."""
     bh = tl.program_id(0)
@@ -123,10 +138,31 @@ def _ttt_linear_step_kernel(
 
 @triton.jit
 def _ttt_mlp_step_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, position_ptr, active_ptr,
-    w1_ptr, c1_ptr, w2_ptr, c2_ptr, acc_w1_ptr, acc_c1_ptr, acc_w2_ptr, acc_c2_ptr, out_ptr,
-    H, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lr_ptr,
+    tau_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    position_ptr,
+    active_ptr,
+    w1_ptr,
+    c1_ptr,
+    w2_ptr,
+    c2_ptr,
+    acc_w1_ptr,
+    acc_c1_ptr,
+    acc_w2_ptr,
+    acc_c2_ptr,
+    out_ptr,
+    H,
+    eps,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MB: tl.constexpr,
 ):
     """W1 [F, N] and W2 [N, F] (N = 4F hidden units) in tiles of BLOCK hidden units, both read as [F_PAD, BLOCK]
     (W2 transposed), so every F-vector lies along the tiles' first axis and every hidden block along the second.
@@ -201,8 +237,12 @@ def _expected_state_shapes(batch: int, heads: int, head_dim: int, num_tensors: i
     if num_tensors == 2:
         return [(batch, heads, head_dim, head_dim), (batch, heads, 1, head_dim)]
     hidden = 4 * head_dim
-    return [(batch, heads, head_dim, hidden), (batch, heads, 1, hidden), (batch, heads, hidden, head_dim),
-            (batch, heads, 1, head_dim)]
+    return [
+        (batch, heads, head_dim, hidden),
+        (batch, heads, 1, hidden),
+        (batch, heads, hidden, head_dim),
+        (batch, heads, 1, head_dim),
+    ]
 
 
 def decode_kernel_supported(state: list[torch.Tensor], q: torch.Tensor) -> bool:
@@ -269,18 +309,38 @@ def ttt_step_triton(
     f_pad = triton.next_power_of_2(head_dim)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     inputs = (
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.float().contiguous(), tau.float().contiguous(),
-        ln_weight.float().contiguous(), ln_bias.float().contiguous(), position.contiguous(), active.contiguous(),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        lr.float().contiguous(),
+        tau.float().contiguous(),
+        ln_weight.float().contiguous(),
+        ln_bias.float().contiguous(),
+        position.contiguous(),
+        active.contiguous(),
     )
     common = {"F": head_dim, "F_PAD": f_pad, "MB": tau.shape[0], "num_warps": 4}
     block = max(TILE_ELEMENTS // f_pad, 1)
     if len(state) == 2:
         _ttt_linear_step_kernel[(batch * heads,)](
-            *inputs, *tensors, out, heads, eps, BLOCK=min(block, f_pad), **common,
+            *inputs,
+            *tensors,
+            out,
+            heads,
+            eps,
+            BLOCK=min(block, f_pad),
+            **common,
         )
     else:
         _ttt_mlp_step_kernel[(batch * heads,)](
-            *inputs, *tensors, out, heads, eps, N=4 * head_dim, BLOCK=min(block, 4 * f_pad), **common,
+            *inputs,
+            *tensors,
+            out,
+            heads,
+            eps,
+            N=4 * head_dim,
+            BLOCK=min(block, 4 * f_pad),
+            **common,
         )
     n = len(state)
     return out, tensors[:n], tensors[n:]

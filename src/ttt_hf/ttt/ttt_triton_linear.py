@@ -63,8 +63,9 @@ def _load_square(ptr, index, square, square_mask, F: tl.constexpr):
 
 
 @triton.jit
-def _store_state(w_ptr, c_ptr, acc_w_ptr, acc_c_ptr, index, w, c, acc_w, acc_c, square, square_mask, cols, col_mask,
-                 F: tl.constexpr):
+def _store_state(
+    w_ptr, c_ptr, acc_w_ptr, acc_c_ptr, index, w, c, acc_w, acc_c, square, square_mask, cols, col_mask, F: tl.constexpr
+):
     tl.store(w_ptr + index * F * F + square, w, mask=square_mask)
     tl.store(c_ptr + index * F + cols, c, mask=col_mask)
     tl.store(acc_w_ptr + index * F * F + square, acc_w, mask=square_mask)
@@ -99,14 +100,43 @@ def _commit(w, c, acc_w, acc_c, commit, tau_last):
 
 @triton.jit
 def _ttt_linear_chunk_state_kernel(
-    k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr,
-    w_ptr, c_ptr, acc_w_ptr, acc_c_ptr,
-    w_out_ptr, c_out_ptr, acc_w_out_ptr, acc_c_out_ptr,
-    start_w_ptr, start_c_ptr, grad_out_ptr, z_out_ptr,
-    ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr,
-    H, M, FIRST, COUNT, GROUP, NUM_GROUPS, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
-    STORE_GRAD: tl.constexpr, STORE_Z: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    lr_ptr,
+    tau_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    span_ptr,
+    w_ptr,
+    c_ptr,
+    acc_w_ptr,
+    acc_c_ptr,
+    w_out_ptr,
+    c_out_ptr,
+    acc_w_out_ptr,
+    acc_c_out_ptr,
+    start_w_ptr,
+    start_c_ptr,
+    grad_out_ptr,
+    z_out_ptr,
+    ckpt_w_ptr,
+    ckpt_c_ptr,
+    ckpt_acc_w_ptr,
+    ckpt_acc_c_ptr,
+    H,
+    M,
+    FIRST,
+    COUNT,
+    GROUP,
+    NUM_GROUPS,
+    eps,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    MB: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SAVE: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
+    STORE_Z: tl.constexpr,
 ):
     """The sequential half of the forward, one program per (row, head): mini-batches FIRST..FIRST+COUNT-1 of the
     slot layout [B, H, M, MB, F] in order, doing only what the next state needs (the key pass and the update).
@@ -135,8 +165,22 @@ def _ttt_linear_chunk_state_kernel(
     for m in range(FIRST, FIRST + COUNT):
         if SAVE:  # noqa: SIM102 (a constexpr: without SAVE the branch is not compiled)
             if m % GROUP == 0:
-                _store_state(ckpt_w_ptr, ckpt_c_ptr, ckpt_acc_w_ptr, ckpt_acc_c_ptr, bh * NUM_GROUPS + m // GROUP,
-                             w, c, acc_w, acc_c, square, square_mask, cols, col_mask, F)
+                _store_state(
+                    ckpt_w_ptr,
+                    ckpt_c_ptr,
+                    ckpt_acc_w_ptr,
+                    ckpt_acc_c_ptr,
+                    bh * NUM_GROUPS + m // GROUP,
+                    w,
+                    c,
+                    acc_w,
+                    acc_c,
+                    square,
+                    square_mask,
+                    cols,
+                    col_mask,
+                    F,
+                )
         offsets = upcoming
         following = (bh * M + tl.minimum(m + 1, M - 1)) * MB
         upcoming = _token_offsets(following, tokens, cols, F)
@@ -155,8 +199,22 @@ def _ttt_linear_chunk_state_kernel(
         w, c, acc_w, acc_c = _commit(w, c, acc_w, acc_c, ((m + 1) * MB <= span).to(tl.float32), tau_last)
         k, v, lr = k_next, v_next, lr_next
 
-    _store_state(w_out_ptr, c_out_ptr, acc_w_out_ptr, acc_c_out_ptr, bh, w, c, acc_w, acc_c, square, square_mask,
-                 cols, col_mask, F)
+    _store_state(
+        w_out_ptr,
+        c_out_ptr,
+        acc_w_out_ptr,
+        acc_c_out_ptr,
+        bh,
+        w,
+        c,
+        acc_w,
+        acc_c,
+        square,
+        square_mask,
+        cols,
+        col_mask,
+        F,
+    )
 
 
 @triton.jit
@@ -177,8 +235,21 @@ def _program_mini_batch(i, row, FIRST, COUNT, span_ptr, MB: tl.constexpr, EDGE: 
 
 
 @triton.jit
-def _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square, square_mask, cols,
-                      col_mask, F: tl.constexpr, HAS_ACC: tl.constexpr):
+def _load_start_state(
+    start_w_ptr,
+    start_c_ptr,
+    acc_w_ptr,
+    acc_c_ptr,
+    start,
+    bh,
+    m,
+    square,
+    square_mask,
+    cols,
+    col_mask,
+    F: tl.constexpr,
+    HAS_ACC: tl.constexpr,
+):
     """A mini-batch's start state in fp32, with HAS_ACC the accumulator (the cache's at m = 0, else zero;
     without it W and c stand in for the accumulator, which the lean code never reads)."""
     w = _load_square(start_w_ptr, start, square, square_mask, F).to(tl.float32)
@@ -193,9 +264,29 @@ def _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh,
 
 @triton.jit
 def _ttt_linear_chunk_output_kernel(
-    q_ptr, k_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, start_w_ptr, start_c_ptr, grad_ptr, acc_w_ptr, acc_c_ptr,
-    span_ptr, out_ptr, H, M, FIRST, COUNT, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    lr_ptr,
+    tau_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    start_w_ptr,
+    start_c_ptr,
+    grad_ptr,
+    acc_w_ptr,
+    acc_c_ptr,
+    span_ptr,
+    out_ptr,
+    H,
+    M,
+    FIRST,
+    COUNT,
+    eps,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    MB: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EDGE: tl.constexpr,
 ):
     """The parallel half of the forward, one program per (mini-batch, row and head) (see `_program_mini_batch`):
     the dual-form output from the mini-batch's start state and key gradients."""
@@ -206,8 +297,9 @@ def _ttt_linear_chunk_output_kernel(
     m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, span_ptr, MB, EDGE)
     if run:
         start = bh * COUNT + m - FIRST
-        w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
-                                               square_mask, cols, col_mask, F, EDGE)
+        w, c, acc_w, acc_c = _load_start_state(
+            start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square, square_mask, cols, col_mask, F, EDGE
+        )
         ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
         first_token = (bh * M + m) * MB
         offsets = _token_offsets(first_token, tokens, cols, F)
@@ -220,8 +312,25 @@ def _ttt_linear_chunk_output_kernel(
 
 
 @triton.jit
-def _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal, col_mask, F: tl.constexpr, eps,
-                     PRECISION: tl.constexpr, HAS_ACC: tl.constexpr):
+def _output_backward(
+    w,
+    c,
+    acc_w,
+    acc_c,
+    q,
+    k,
+    grad,
+    lr,
+    d_out,
+    tau,
+    ln_w,
+    causal,
+    col_mask,
+    F: tl.constexpr,
+    eps,
+    PRECISION: tl.constexpr,
+    HAS_ACC: tl.constexpr,
+):
     """Recomputes z_q and takes out = q + LN(z_q) back to dL/dz_q; returns it with z_hat_q, eta and q k^T."""
     z_q, eta, scores = _dual_output(w, c, acc_w, acc_c, q, k, grad, lr, tau, causal, PRECISION, HAS_ACC)
     z_hat_q, rstd_q = _layer_norm_stats(z_q, col_mask, F, eps)
@@ -230,8 +339,9 @@ def _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causa
 
 
 @triton.jit
-def _key_path_backward(d_grad, z_hat, rstd, grad_hat, target, w, ln_w, ln_b, col_mask, F: tl.constexpr,
-                       PRECISION: tl.constexpr):
+def _key_path_backward(
+    d_grad, z_hat, rstd, grad_hat, target, w, ln_w, ln_b, col_mask, F: tl.constexpr, PRECISION: tl.constexpr
+):
     """Reverse mode of the key gradient g(z = k W + c, target = v - k) for the cotangent d_grad: dL/dz and the
     shares of d_k, d_v, d_ln_w, d_ln_b. Linear in d_grad, so the local pass and the chain each take their part."""
     d_z, d_grad_hat = _key_grad_backward(d_grad, z_hat, rstd, grad_hat, ln_w, col_mask, F)
@@ -254,18 +364,51 @@ def _sum_slot(i, bh, COUNT, EDGE: tl.constexpr):
 
 @triton.jit
 def _ttt_linear_chunk_bwd_local_kernel(
-    q_ptr, k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, start_c_ptr, acc_w_ptr,
-    acc_c_ptr, d_out_ptr, local_w_ptr, local_c_ptr, d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr,
-    d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr, H, M, FIRST, COUNT, START_M, START_FIRST, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    z_ptr,
+    lr_ptr,
+    tau_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    span_ptr,
+    start_w_ptr,
+    start_c_ptr,
+    acc_w_ptr,
+    acc_c_ptr,
+    d_out_ptr,
+    local_w_ptr,
+    local_c_ptr,
+    d_q_ptr,
+    d_k_ptr,
+    d_v_ptr,
+    d_lr_ptr,
+    d_tau_ptr,
+    d_ln_w_ptr,
+    d_ln_b_ptr,
+    d_acc_w_init_ptr,
+    d_acc_c_init_ptr,
+    H,
+    M,
+    FIRST,
+    COUNT,
+    START_M,
+    START_FIRST,
+    eps,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    MB: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EDGE: tl.constexpr,
 ):
     """The parallel pass of the backward, one program per (mini-batch, row and head) (see `_program_mini_batch`):
-    everything that depends on the mini-batch's own output gradient only. With dL/dz_q from the output
-    LayerNorm, it writes d_q (final), its shares of d_k, d_v (in their dtype), d_lr [B, H, M, MB, ...] and, fp32,
-    of the adjoint of the start (W, c), q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q) with J the key gradient's
-    reverse mode [B*H, COUNT, ...], its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 3, B*H, ...] (zeros where
-    it does not run) and, for the layout's first mini-batch, its share of the initial accumulator's adjoint. It reads the
-    start states as the sequential pass does (START_M, START_FIRST)."""
+    everything that depends on the mini-batch's own output gradient only. With dL/dz_q from the output LayerNorm, it
+    writes d_q (final), its shares of d_k, d_v (in their dtype), d_lr [B, H, M, MB, ...] and, fp32, of the adjoint of
+    the start (W, c), q^T dz_q + k^T J(-(eta * (q k^T + 1))^T dz_q) with J the key gradient's reverse mode [B*H, COUNT,
+    ...], its partial sums of d_tau, d_ln_w, d_ln_b [COUNT + 3, B*H, ...] (zeros where it does not run) and, for the
+    layout's first mini-batch, its share of the initial accumulator's adjoint. It reads the start states as the
+    sequential pass does (START_M, START_FIRST)."""
     bh = tl.program_id(1)
     row, head = bh // H, bh % H
     tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
@@ -276,8 +419,9 @@ def _ttt_linear_chunk_bwd_local_kernel(
     m, run = _program_mini_batch(tl.program_id(0), row, FIRST, COUNT, span_ptr, MB, EDGE)
     if run:
         start = bh * START_M + m - START_FIRST
-        w, c, acc_w, acc_c = _load_start_state(start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square,
-                                               square_mask, cols, col_mask, F, EDGE)
+        w, c, acc_w, acc_c = _load_start_state(
+            start_w_ptr, start_c_ptr, acc_w_ptr, acc_c_ptr, start, bh, m, square, square_mask, cols, col_mask, F, EDGE
+        )
         ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, head, tokens, cols, col_mask, F)
         first_token = (bh * M + m) * MB
         offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, first_token, tokens, cols, col_mask, F)
@@ -285,8 +429,9 @@ def _ttt_linear_chunk_bwd_local_kernel(
         d_out = _load_tokens(d_out_ptr, offsets, col_mask)
         target = v - k
         grad, z_hat, rstd, grad_hat = _layer_norm_l2_grad(z, target, ln_w, ln_b, col_mask, F, eps)
-        d_z_q, z_hat_q, eta, scores = _output_backward(w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal,
-                                                       col_mask, F, eps, PRECISION, EDGE)
+        d_z_q, z_hat_q, eta, scores = _output_backward(
+            w, c, acc_w, acc_c, q, k, grad, lr, d_out, tau, ln_w, causal, col_mask, F, eps, PRECISION, EDGE
+        )
         d_ln_w += tl.sum(d_out * z_hat_q, axis=0)
         d_ln_b += tl.sum(d_out, axis=0)
 
@@ -302,15 +447,19 @@ def _ttt_linear_chunk_bwd_local_kernel(
         d_scores = d_mix * eta
         d_q += _dot(d_scores, k, PRECISION)
         d_tau += tl.sum(d_eta * lr[None, :], axis=1)
-        d_z, d_k, d_v, d_ln_w_key, d_ln_b_key = _key_path_backward(d_grad, z_hat, rstd, grad_hat, target, w, ln_w,
-                                                                   ln_b, col_mask, F, PRECISION)
+        d_z, d_k, d_v, d_ln_w_key, d_ln_b_key = _key_path_backward(
+            d_grad, z_hat, rstd, grad_hat, target, w, ln_w, ln_b, col_mask, F, PRECISION
+        )
         d_ln_w += d_ln_w_key
         d_ln_b += d_ln_b_key
         d_k += _dot(tl.trans(d_scores), q, PRECISION)
 
         local = bh * COUNT + m - FIRST
-        tl.store(local_w_ptr + local * F * F + square,
-                 _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION), mask=square_mask)
+        tl.store(
+            local_w_ptr + local * F * F + square,
+            _dot(tl.trans(q), d_z_q, PRECISION) + _dot(tl.trans(k), d_z, PRECISION),
+            mask=square_mask,
+        )
         tl.store(local_c_ptr + local * F + cols, tl.sum(d_z_q + d_z, axis=0), mask=col_mask)
         tl.store(d_q_ptr + offsets, d_q.to(d_q_ptr.dtype.element_ty), mask=col_mask[None, :])
         tl.store(d_k_ptr + offsets, d_k.to(d_k_ptr.dtype.element_ty), mask=col_mask[None, :])
@@ -318,8 +467,9 @@ def _ttt_linear_chunk_bwd_local_kernel(
         tl.store(d_lr_ptr + first_token + tokens, tl.sum(d_eta * tau[:, None], axis=0))
         if EDGE:  # noqa: SIM102 (a constexpr: the runtime test is compiled into the edge launch only)
             if m == 0:
-                tl.store(d_acc_w_init_ptr + bh * F * F + square, -_dot(tl.trans(q), tau_d_z_q, PRECISION),
-                         mask=square_mask)
+                tl.store(
+                    d_acc_w_init_ptr + bh * F * F + square, -_dot(tl.trans(q), tau_d_z_q, PRECISION), mask=square_mask
+                )
                 tl.store(d_acc_c_init_ptr + bh * F + cols, -tl.sum(tau_d_z_q, axis=0), mask=col_mask)
     slot = _sum_slot(tl.program_id(0), bh, COUNT, EDGE)
     tl.store(d_tau_ptr + slot * MB + tokens, d_tau)
@@ -329,20 +479,52 @@ def _ttt_linear_chunk_bwd_local_kernel(
 
 @triton.jit
 def _ttt_linear_chunk_bwd_state_kernel(
-    k_ptr, v_ptr, z_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, start_w_ptr, acc_w_ptr, acc_c_ptr,
-    local_w_ptr, local_c_ptr, d_w_ptr, d_c_ptr, d_acc_w_ptr, d_acc_c_ptr,
-    d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr, d_acc_w_init_ptr, d_acc_c_init_ptr,
-    H, M, FIRST, COUNT, START_M, START_FIRST, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    z_ptr,
+    lr_ptr,
+    tau_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    span_ptr,
+    start_w_ptr,
+    acc_w_ptr,
+    acc_c_ptr,
+    local_w_ptr,
+    local_c_ptr,
+    d_w_ptr,
+    d_c_ptr,
+    d_acc_w_ptr,
+    d_acc_c_ptr,
+    d_k_ptr,
+    d_v_ptr,
+    d_lr_ptr,
+    d_tau_ptr,
+    d_ln_w_ptr,
+    d_ln_b_ptr,
+    d_acc_w_init_ptr,
+    d_acc_c_init_ptr,
+    H,
+    M,
+    FIRST,
+    COUNT,
+    START_M,
+    START_FIRST,
+    eps,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    MB: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """The sequential pass of the backward, one program per (row, head), mini-batches FIRST + COUNT - 1 down to
-    FIRST: the chain of the state adjoints, dW_before = dW_after + local + k^T J(lr (k dA_end + da_end)), with
-    dA_end = -tau_last dW_after at a commit and the final accumulator's adjoint past a row's last commit (the
-    inert mini-batches after it pass it on unchanged), and on the side what the chain adds to each mini-batch's
-    gradients: through the accumulation (d_k, d_lr), the key gradient (d_k, d_v, d_ln_w, d_ln_b) and the commit
-    (d_tau at the last position). It completes d_k, d_v and d_lr in place from the local pass's shares, and the initial accumulator's adjoint. d_w, d_c hold the adjoints after the segment on entry
-    and before it on exit. Mini-batch m's start state is row bh * START_M + m - START_FIRST of start_w (the
-    segment's recomputed ones, or all that the forward kept), its local adjoint row bh * COUNT + m - FIRST."""
+    """The sequential pass of the backward, one program per (row, head), mini-batches FIRST + COUNT - 1 down to FIRST:
+    the chain of the state adjoints, dW_before = dW_after + local + k^T J(lr (k dA_end + da_end)), with dA_end =
+    -tau_last dW_after at a commit and the final accumulator's adjoint past a row's last commit (the inert mini-batches
+    after it pass it on unchanged), and on the side what the chain adds to each mini-batch's gradients: through the
+    accumulation (d_k, d_lr), the key gradient (d_k, d_v, d_ln_w, d_ln_b) and the commit (d_tau at the last position).
+    It completes d_k, d_v and d_lr in place from the local pass's shares, and the initial accumulator's adjoint. d_w,
+    d_c hold the adjoints after the segment on entry and before it on exit. Mini-batch m's start state is row bh *
+    START_M + m - START_FIRST of start_w (the segment's recomputed ones, or all that the forward kept), its local
+    adjoint row bh * COUNT + m - FIRST."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     tokens, cols, col_mask, square, square_mask = _tile_indices(MB, F, F_PAD)
@@ -360,8 +542,11 @@ def _ttt_linear_chunk_bwd_state_kernel(
     # The previous mini-batch's inputs load while this one computes (the loop is latency-bound).
     last = (bh * M + FIRST + COUNT - 1) * MB
     upcoming = _token_offsets(last, tokens, cols, F)
-    k, v, z = _load_tokens(k_ptr, upcoming, col_mask), _load_tokens(v_ptr, upcoming, col_mask), _load_tokens(
-        z_ptr, upcoming, col_mask)
+    k, v, z = (
+        _load_tokens(k_ptr, upcoming, col_mask),
+        _load_tokens(v_ptr, upcoming, col_mask),
+        _load_tokens(z_ptr, upcoming, col_mask),
+    )
     d_k_local, d_v_local = _load_tokens(d_k_ptr, upcoming, col_mask), _load_tokens(d_v_ptr, upcoming, col_mask)
     lr, d_lr = tl.load(lr_ptr + last + tokens), tl.load(d_lr_ptr + last + tokens)
     start = bh * START_M + FIRST - START_FIRST  # the segment's first mini-batch in the start states
@@ -392,8 +577,9 @@ def _ttt_linear_chunk_bwd_state_kernel(
             k_d_w = _dot(k, d_w, PRECISION)
             d_weighted = -tau_last * (k_d_w + d_c[None, :])
             d_k = -tau_last * _dot(weighted, tl.trans(d_w), PRECISION)
-            d_tau_last -= tl.sum(tl.sum(k_d_w * weighted, axis=1), axis=0) + tl.sum(d_c * tl.sum(weighted, axis=0),
-                                                                                    axis=0)
+            d_tau_last -= tl.sum(tl.sum(k_d_w * weighted, axis=1), axis=0) + tl.sum(
+                d_c * tl.sum(weighted, axis=0), axis=0
+            )
             d_acc_w_end, d_acc_c_end = -tau_last * d_w, -tau_last * d_c
         else:  # the accumulator reaches the end (the final accumulator's adjoint, from cache)
             d_acc_w_end = _load_square(d_acc_w_ptr, bh, square, square_mask, F)
@@ -506,13 +692,57 @@ def _chunk_forward(q, k, v, lr, tau, ln_weight, ln_bias, span, w, c, acc_w, acc_
         if first:  # this segment continues from the last one's final state
             state, new = new, [torch.empty_like(t) for t in new]
         _ttt_linear_chunk_state_kernel[(rows,)](
-            k, v, lr, tau, ln_weight, ln_bias, span, *state, *new, start_w, start_c, grad, pre_activations,
-            *checkpoints, heads, num_mb, first, count, max(group, 1), num_groups, eps, SAVE=save, STORE_GRAD=True,
-            STORE_Z=keep, **meta, **_launch("state", head_dim),
+            k,
+            v,
+            lr,
+            tau,
+            ln_weight,
+            ln_bias,
+            span,
+            *state,
+            *new,
+            start_w,
+            start_c,
+            grad,
+            pre_activations,
+            *checkpoints,
+            heads,
+            num_mb,
+            first,
+            count,
+            max(group, 1),
+            num_groups,
+            eps,
+            SAVE=save,
+            STORE_GRAD=True,
+            STORE_Z=keep,
+            **meta,
+            **_launch("state", head_dim),
         )
         _parallel_pass(
-            _ttt_linear_chunk_output_kernel, count, rows, q, k, lr, tau, ln_weight, ln_bias, start_w, start_c, grad,
-            acc_w, acc_c, span, out, heads, num_mb, first, count, eps, **meta, **_launch("output", head_dim),
+            _ttt_linear_chunk_output_kernel,
+            count,
+            rows,
+            q,
+            k,
+            lr,
+            tau,
+            ln_weight,
+            ln_bias,
+            start_w,
+            start_c,
+            grad,
+            acc_w,
+            acc_c,
+            span,
+            out,
+            heads,
+            num_mb,
+            first,
+            count,
+            eps,
+            **meta,
+            **_launch("output", head_dim),
         )
     saved = [start_w, start_c, pre_activations, acc_w, acc_c] if keep else checkpoints
     return out, new, saved
@@ -556,21 +786,99 @@ def _chunk_backward(q, k, v, lr, tau, ln_weight, ln_bias, span, saved, group, ep
             state = [ckpt[:, first // group].contiguous() for ckpt in saved]
             acc_init = state[2:]  # read at the layout's first mini-batch only, where it is the initial one
             _ttt_linear_chunk_state_kernel[(rows,)](
-                k, v, lr, tau, ln_weight, ln_bias, span, *state, *recomputed_end, start_w, start_c, pre_activations,
-                pre_activations, *saved, heads, num_mb, first, count, group, saved[0].shape[1], eps, SAVE=False,
-                STORE_GRAD=False, STORE_Z=True, **meta, **_launch("state", head_dim),
+                k,
+                v,
+                lr,
+                tau,
+                ln_weight,
+                ln_bias,
+                span,
+                *state,
+                *recomputed_end,
+                start_w,
+                start_c,
+                pre_activations,
+                pre_activations,
+                *saved,
+                heads,
+                num_mb,
+                first,
+                count,
+                group,
+                saved[0].shape[1],
+                eps,
+                SAVE=False,
+                STORE_GRAD=False,
+                STORE_Z=True,
+                **meta,
+                **_launch("state", head_dim),
             )
             start_m, start_first = count, first
         _parallel_pass(
-            _ttt_linear_chunk_bwd_local_kernel, count, rows, q, k, v, pre_activations, lr, tau, ln_weight, ln_bias,
-            span, start_w, start_c, *acc_init, d_out, local_w, local_c, d_q, d_k, d_v, d_lr, d_tau,
-            *d_ln, *d_acc_init, heads, num_mb, first, count, start_m, start_first, eps, **meta,
+            _ttt_linear_chunk_bwd_local_kernel,
+            count,
+            rows,
+            q,
+            k,
+            v,
+            pre_activations,
+            lr,
+            tau,
+            ln_weight,
+            ln_bias,
+            span,
+            start_w,
+            start_c,
+            *acc_init,
+            d_out,
+            local_w,
+            local_c,
+            d_q,
+            d_k,
+            d_v,
+            d_lr,
+            d_tau,
+            *d_ln,
+            *d_acc_init,
+            heads,
+            num_mb,
+            first,
+            count,
+            start_m,
+            start_first,
+            eps,
+            **meta,
             **_launch("bwd_local", head_dim),
         )
         _ttt_linear_chunk_bwd_state_kernel[(rows,)](
-            k, v, pre_activations, lr, tau, ln_weight, ln_bias, span, start_w, *acc_init, local_w, local_c, *d_state,
-            d_k, d_v, d_lr, d_tau, *d_ln, *d_acc_init, heads, num_mb, first, count, start_m,
-            start_first, eps, **meta, **_launch("bwd_state", head_dim),
+            k,
+            v,
+            pre_activations,
+            lr,
+            tau,
+            ln_weight,
+            ln_bias,
+            span,
+            start_w,
+            *acc_init,
+            local_w,
+            local_c,
+            *d_state,
+            d_k,
+            d_v,
+            d_lr,
+            d_tau,
+            *d_ln,
+            *d_acc_init,
+            heads,
+            num_mb,
+            first,
+            count,
+            start_m,
+            start_first,
+            eps,
+            **meta,
+            **_launch("bwd_state", head_dim),
         )
         sums[0] += d_tau[: count + 3].sum((0, 1))
         sums[1] += d_ln[:, : count + 3].reshape(2, count + 3, batch, heads, head_dim).sum((1, 2))
@@ -598,8 +906,9 @@ class TTTLinearChunk(torch.autograd.Function):
     def backward(ctx, d_out, d_w, d_c, d_acc_w, d_acc_c):
         q, k, v, lr, tau, ln_weight, ln_bias, span, *saved = ctx.saved_tensors
         # The kernels update the (W, c) adjoints in place: copies (unused outputs arrive as zeros).
-        d_state = [d.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-                   for d in (d_w, d_c, d_acc_w, d_acc_c)]
+        d_state = [
+            d.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for d in (d_w, d_c, d_acc_w, d_acc_c)
+        ]
         d_out = d_out.float().contiguous()
         d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, d_init = _chunk_backward(
             q, k, v, lr, tau, ln_weight, ln_bias, span, saved, ctx.group, ctx.eps, d_out, d_state
@@ -630,7 +939,8 @@ def ttt_linear_chunk_triton(
     mini-batch's start state, which the forward keeps (see `TTTLinearChunk`)."""
     args = (
         *_chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_group),
-        *_state_views(state, acc), eps,
+        *_state_views(state, acc),
+        eps,
     )
     if torch.is_grad_enabled() and any(t.requires_grad for t in args if isinstance(t, torch.Tensor)):
         out, *new = TTTLinearChunk.apply(*args, checkpoint_group)

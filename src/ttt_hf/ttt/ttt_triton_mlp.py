@@ -43,7 +43,6 @@ from .ttt_triton_common import (
     _project,
 )
 
-
 # Per kernel, the elements of one [F_PAD, BLOCK] state tile (BLOCK >= 16 for the dots) and the warps, from
 # kernels/tune_ttt.py on the H200 (results/ttt_tune_mlp.json, head dim 64, T=8192): the forward 16.5 ms with
 # (2048, 8), 24.9 with (1024, 8), 18.8 with (2048, 4); forward + backward 240 ms with (2048, 8) for the backward,
@@ -88,8 +87,20 @@ def _store_block(ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F
 
 
 @triton.jit
-def _key_output(k, s_ptr, c2, units, cols, col_mask, F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr,
-                BLOCK: tl.constexpr, MB: tl.constexpr, PRECISION: tl.constexpr):
+def _key_output(
+    k,
+    s_ptr,
+    c2,
+    units,
+    cols,
+    col_mask,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MB: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """z2 = gelu(k W1 + c1) W2 + c2 of the keys at the state record s_ptr, summed over the blocks."""
     z2 = tl.zeros([MB, F_PAD], tl.float32) + c2[None, :]
     for first in range(0, N, BLOCK):
@@ -108,15 +119,28 @@ def _query_block(q, k, g2, key_scores, tau, w1, c1, w2, acc_w1, acc_c1, PRECISIO
     back = _dot(g2, tl.trans(w2), PRECISION)  # g2 W2^T
     gelu_grad = _gelu_tanh_grad(z1, tanh)
     g1 = back * gelu_grad
-    h = (_dot(q, w1, PRECISION) - tau[:, None] * (_dot(q, acc_w1, PRECISION) + acc_c1[None, :])
-         - _dot(key_scores, g1, PRECISION) + c1[None, :])
+    h = (
+        _dot(q, w1, PRECISION)
+        - tau[:, None] * (_dot(q, acc_w1, PRECISION) + acc_c1[None, :])
+        - _dot(key_scores, g1, PRECISION)
+        + c1[None, :]
+    )
     x_q, tanh_h = _gelu_tanh(h)
     return z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h
 
 
 @triton.jit
-def _program_constants(ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F: tl.constexpr, F_PAD: tl.constexpr,
-                       BLOCK: tl.constexpr, MB: tl.constexpr):
+def _program_constants(
+    ln_w_ptr,
+    ln_b_ptr,
+    tau_ptr,
+    span_ptr,
+    H,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MB: tl.constexpr,
+):
     """Program (row, head) = bh's index vectors, its head's LayerNorm parameters, tau (and its last entry), the
     causal mask of the dual form and its row's span."""
     bh = tl.program_id(0)
@@ -124,14 +148,47 @@ def _program_constants(ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F: tl.constexpr
     cols = tl.arange(0, F_PAD)
     col_mask = cols < F
     ln_w, ln_b, tau, causal = _mini_batch_constants(ln_w_ptr, ln_b_ptr, tau_ptr, bh % H, tokens, cols, col_mask, F)
-    return (bh, tokens, cols, col_mask, tl.arange(0, BLOCK), ln_w, ln_b, tau, causal, tl.load(tau_ptr + MB - 1),
-            tl.load(span_ptr + bh // H))
+    return (
+        bh,
+        tokens,
+        cols,
+        col_mask,
+        tl.arange(0, BLOCK),
+        ln_w,
+        ln_b,
+        tau,
+        causal,
+        tl.load(tau_ptr + MB - 1),
+        tl.load(span_ptr + bh // H),
+    )
 
 
 @triton.jit
-def _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_ptr, start_ptr, units, cols, col_mask,
-                 F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
-                 PRECISION: tl.constexpr, OUTPUT: tl.constexpr, UPDATE: tl.constexpr, STARTS: tl.constexpr):
+def _query_sweep(
+    q,
+    k,
+    g2,
+    key_scores,
+    lr,
+    weighted2,
+    tau,
+    commit,
+    tau_last,
+    s_ptr,
+    start_ptr,
+    units,
+    cols,
+    col_mask,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MB: tl.constexpr,
+    PRECISION: tl.constexpr,
+    OUTPUT: tl.constexpr,
+    UPDATE: tl.constexpr,
+    STARTS: tl.constexpr,
+):
     """The second sweep over the blocks of the record at s_ptr. OUTPUT: returns the query's second-layer terms
     x_q W2 - tau (x_q A2) [MB, F_PAD] and the scores x_q x2^T [MB, MB] summed over the blocks (else zeros).
     UPDATE: writes the accumulator update and the commit back (STARTS: the start record to start_ptr first)."""
@@ -145,8 +202,9 @@ def _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_p
         if STARTS:
             _store_block(start_ptr, w1, c1, w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
             _store_block(start_ptr + HALF, acc_w1, acc_c1, acc_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-        z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(q, k, g2, key_scores, tau, w1, c1, w2,
-                                                                         acc_w1, acc_c1, PRECISION)
+        z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(
+            q, k, g2, key_scores, tau, w1, c1, w2, acc_w1, acc_c1, PRECISION
+        )
         if OUTPUT:
             z_q += _dot(x_q, w2, PRECISION) - tau[:, None] * _dot(x_q, acc_w2, PRECISION)
             hidden_scores += _dot(x_q, tl.trans(x2), PRECISION)
@@ -162,24 +220,46 @@ def _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_p
 
 @triton.jit
 def _ttt_mlp_chunk_forward_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, state_ptr, out_ptr, starts_ptr,
-    H, M, FIRST, COUNT, SLOTS, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
-    PRECISION: tl.constexpr, STARTS: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lr_ptr,
+    tau_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    span_ptr,
+    state_ptr,
+    out_ptr,
+    starts_ptr,
+    H,
+    M,
+    FIRST,
+    COUNT,
+    SLOTS,
+    eps,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MB: tl.constexpr,
+    PRECISION: tl.constexpr,
+    STARTS: tl.constexpr,
 ):
     """Program (row, head): mini-batches FIRST..FIRST+COUNT-1 of the slot layout [B, H, M, MB, F]; the state records
     [B*H, R] hold the start state and end with the state after them; out [B, H, M, MB, F] fp32. With STARTS
     (the backward's recomputation) each mini-batch's start record goes to starts [B*H, SLOTS, R] instead of its
     outputs to out (the query's path is not computed)."""
     bh, tokens, cols, col_mask, units, ln_w, ln_b, tau, causal, tau_last, span = _program_constants(
-        ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F, F_PAD, BLOCK, MB)
+        ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F, F_PAD, BLOCK, MB
+    )
     C2: tl.constexpr = 2 * F * N + N
     HALF: tl.constexpr = 2 * F * N + N + F  # the accumulator's offset in a record
     s_ptr = state_ptr + bh.to(tl.int64) * (2 * HALF)  # int64: B*H*R may pass 2^31
 
     for m in range(FIRST, FIRST + COUNT):
-        offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols,
-                                                col_mask, F)
+        offsets, q, k, v, lr = _load_mini_batch(
+            q_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols, col_mask, F
+        )
         commit = ((m + 1) * MB <= span).to(tl.float32)
         start_ptr = starts_ptr + (bh.to(tl.int64) * SLOTS + m - FIRST) * (2 * HALF)
         c2 = tl.load(s_ptr + C2 + cols, mask=col_mask, other=0.0)
@@ -194,9 +274,31 @@ def _ttt_mlp_chunk_forward_kernel(
         eta = tl.where(causal, tau[:, None] * lr[None, :], 0.0)
         key_scores = eta * (_dot(q, tl.trans(k), PRECISION) + 1.0)
 
-        z_q, hidden_scores = _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_ptr,
-                                          start_ptr, units, cols, col_mask, F, F_PAD, N, BLOCK, MB, PRECISION,
-                                          OUTPUT=not STARTS, UPDATE=True, STARTS=STARTS)
+        z_q, hidden_scores = _query_sweep(
+            q,
+            k,
+            g2,
+            key_scores,
+            lr,
+            weighted2,
+            tau,
+            commit,
+            tau_last,
+            s_ptr,
+            start_ptr,
+            units,
+            cols,
+            col_mask,
+            F,
+            F_PAD,
+            N,
+            BLOCK,
+            MB,
+            PRECISION,
+            OUTPUT=not STARTS,
+            UPDATE=True,
+            STARTS=STARTS,
+        )
         if not STARTS:
             z_q += c2[None, :] - tau[:, None] * acc_c2[None, :] - _dot(eta * (hidden_scores + 1.0), g2, PRECISION)
             tl.store(out_ptr + offsets, q + _layer_norm(z_q, ln_w, ln_b, col_mask, F, eps), mask=col_mask[None, :])
@@ -208,10 +310,36 @@ def _ttt_mlp_chunk_forward_kernel(
 
 @triton.jit
 def _ttt_mlp_chunk_backward_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, ln_w_ptr, ln_b_ptr, span_ptr, starts_ptr, d_state_ptr, d_out_ptr,
-    scratch_ptr, d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_tau_ptr, d_ln_w_ptr, d_ln_b_ptr,
-    H, M, FIRST, COUNT, SLOTS, eps,
-    F: tl.constexpr, F_PAD: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lr_ptr,
+    tau_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    span_ptr,
+    starts_ptr,
+    d_state_ptr,
+    d_out_ptr,
+    scratch_ptr,
+    d_q_ptr,
+    d_k_ptr,
+    d_v_ptr,
+    d_lr_ptr,
+    d_tau_ptr,
+    d_ln_w_ptr,
+    d_ln_b_ptr,
+    H,
+    M,
+    FIRST,
+    COUNT,
+    SLOTS,
+    eps,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MB: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Program (row, head): the reverse mode of mini-batches FIRST+COUNT-1 down to FIRST from their start records
@@ -223,7 +351,8 @@ def _ttt_mlp_chunk_backward_kernel(
     that needs dL/dz_q (the query's layers, the accumulation and the commit, g1's reverse mode); then, with the
     LN-L2 gradient's reverse mode done, the key pass's first layer."""
     bh, tokens, cols, col_mask, units, ln_w, ln_b, tau, causal, tau_last, span = _program_constants(
-        ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F, F_PAD, BLOCK, MB)
+        ln_w_ptr, ln_b_ptr, tau_ptr, span_ptr, H, F, F_PAD, BLOCK, MB
+    )
     C2: tl.constexpr = 2 * F * N + N
     HALF: tl.constexpr = 2 * F * N + N + F
     d_ptr = d_state_ptr + bh.to(tl.int64) * (2 * HALF)
@@ -236,8 +365,9 @@ def _ttt_mlp_chunk_backward_kernel(
     for i_back in range(COUNT):
         m = FIRST + COUNT - 1 - i_back
         s_ptr = starts_ptr + (bh.to(tl.int64) * SLOTS + m - FIRST) * (2 * HALF)
-        offsets, q, k, v, lr = _load_mini_batch(q_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols,
-                                                col_mask, F)
+        offsets, q, k, v, lr = _load_mini_batch(
+            q_ptr, k_ptr, v_ptr, lr_ptr, (bh * M + m) * MB, tokens, cols, col_mask, F
+        )
         d_out = _load_tokens(d_out_ptr, offsets, col_mask)
         commit = ((m + 1) * MB <= span).to(tl.float32)
         c2 = tl.load(s_ptr + C2 + cols, mask=col_mask, other=0.0)
@@ -252,9 +382,31 @@ def _ttt_mlp_chunk_backward_kernel(
         key_scores = eta * (qk + 1.0)
 
         # Sweep 2: the query's z_q, then out = q + LN(z_q) back to dL/dz_q.
-        z_q, hidden_scores = _query_sweep(q, k, g2, key_scores, lr, weighted2, tau, commit, tau_last, s_ptr, s_ptr,
-                                          units, cols, col_mask, F, F_PAD, N, BLOCK, MB, PRECISION, OUTPUT=True,
-                                          UPDATE=False, STARTS=False)
+        z_q, hidden_scores = _query_sweep(
+            q,
+            k,
+            g2,
+            key_scores,
+            lr,
+            weighted2,
+            tau,
+            commit,
+            tau_last,
+            s_ptr,
+            s_ptr,
+            units,
+            cols,
+            col_mask,
+            F,
+            F_PAD,
+            N,
+            BLOCK,
+            MB,
+            PRECISION,
+            OUTPUT=True,
+            UPDATE=False,
+            STARTS=False,
+        )
         z_q += c2[None, :] - tau[:, None] * acc_c2[None, :]
         hidden_mix = eta * (hidden_scores + 1.0)
         z_q -= _dot(hidden_mix, g2, PRECISION)
@@ -270,7 +422,8 @@ def _ttt_mlp_chunk_backward_kernel(
         # Commit: W' = W - commit tau_last A_end, A' = (1 - commit) A_end, A_end = A + (this mini-batch's update).
         d_c2 = tl.load(d_ptr + C2 + cols, mask=col_mask, other=0.0)
         d_acc_c2_end = (1.0 - commit) * tl.load(d_ptr + HALF + C2 + cols, mask=col_mask, other=0.0) - commit * (
-            tau_last * d_c2)
+            tau_last * d_c2
+        )
         d_tau_last = tl.sum(d_c2 * (acc_c2 + tl.sum(weighted2, axis=0)), axis=0)
 
         # Sweep 3: per block, the reverse mode of the query's two layers, of the accumulation and commit, and of
@@ -286,8 +439,9 @@ def _ttt_mlp_chunk_backward_kernel(
             n, n_mask, offsets1, mask1, offsets2, mask2 = _block(first, units, cols, col_mask, F, N)
             w1, c1, w2 = _load_block(s_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
             acc_w1, acc_c1, acc_w2 = _load_block(s_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-            z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(q, k, g2, key_scores, tau, w1, c1, w2,
-                                                                             acc_w1, acc_c1, PRECISION)
+            z1, x2, tanh, back, gelu_grad, g1, h, x_q, tanh_h = _query_block(
+                q, k, g2, key_scores, tau, w1, c1, w2, acc_w1, acc_c1, PRECISION
+            )
             d_w1, d_c1, d_w2 = _load_block(d_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
             d_acc_w1, d_acc_c1, d_acc_w2 = _load_block(d_ptr + HALF, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
             weighted1 = lr[:, None] * g1
@@ -303,8 +457,11 @@ def _ttt_mlp_chunk_backward_kernel(
             # z_q = x_q W2 - tau (x_q A2) - (eta * (x_q x2^T + 1)) g2 + ...;  A2_end = A2 + x2^T (lr g2).
             d_z_q_acc_w2 = _dot(d_z_q, tl.trans(acc_w2), PRECISION)
             d_tau_h += tl.sum(x_q * d_z_q_acc_w2, axis=1)
-            d_x_q = (_dot(d_z_q, tl.trans(w2), PRECISION) - tau[:, None] * d_z_q_acc_w2
-                     + _dot(d_hidden_scores, x2, PRECISION))
+            d_x_q = (
+                _dot(d_z_q, tl.trans(w2), PRECISION)
+                - tau[:, None] * d_z_q_acc_w2
+                + _dot(d_hidden_scores, x2, PRECISION)
+            )
             d_x2 = _dot(tl.trans(d_hidden_scores), x_q, PRECISION) + _dot(weighted2, tl.trans(d_acc_w2), PRECISION)
             d_weighted2 += _dot(x2, d_acc_w2, PRECISION)
             # h = q W1 - tau (q A1) - (eta * (q k^T + 1)) g1 + c1 - tau a1;  A1_end = A1 + k^T (lr g1).
@@ -325,9 +482,20 @@ def _ttt_mlp_chunk_backward_kernel(
             d_c1 += tl.sum(d_h, axis=0)
             d_w2 += _dot(tl.trans(x_q), d_z_q, PRECISION) + _dot(tl.trans(d_back), g2, PRECISION)
             _store_block(d_ptr, d_w1, d_c1, d_w2, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-            _store_block(d_ptr + HALF, d_acc_w1 - _dot(tl.trans(q), tau_d_h, PRECISION),
-                         d_acc_c1 - tl.sum(tau_d_h, axis=0), d_acc_w2 - _dot(tl.trans(x_q), tau_d_z_q, PRECISION),
-                         n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            _store_block(
+                d_ptr + HALF,
+                d_acc_w1 - _dot(tl.trans(q), tau_d_h, PRECISION),
+                d_acc_c1 - tl.sum(tau_d_h, axis=0),
+                d_acc_w2 - _dot(tl.trans(x_q), tau_d_z_q, PRECISION),
+                n,
+                n_mask,
+                offsets1,
+                mask1,
+                offsets2,
+                mask2,
+                F,
+                N,
+            )
             tl.store(dx2_ptr + n[None, :], d_x2, mask=n_mask[None, :])
             tl.store(dz1_ptr + n[None, :], d_g1 * back * _gelu_tanh_grad2(z1, tanh), mask=n_mask[None, :])
 
@@ -360,8 +528,20 @@ def _ttt_mlp_chunk_backward_kernel(
             d_x2 = tl.load(dx2_ptr + n[None, :], mask=n_mask[None, :], other=0.0) + _dot(d_z2, tl.trans(w2), PRECISION)
             d_z1 = tl.load(dz1_ptr + n[None, :], mask=n_mask[None, :], other=0.0) + d_x2 * _gelu_tanh_grad(z1, tanh)
             d_w1, d_c1, d_w2 = _load_block(d_ptr, n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
-            _store_block(d_ptr, d_w1 + _dot(tl.trans(k), d_z1, PRECISION), d_c1 + tl.sum(d_z1, axis=0),
-                         d_w2 + _dot(tl.trans(x2), d_z2, PRECISION), n, n_mask, offsets1, mask1, offsets2, mask2, F, N)
+            _store_block(
+                d_ptr,
+                d_w1 + _dot(tl.trans(k), d_z1, PRECISION),
+                d_c1 + tl.sum(d_z1, axis=0),
+                d_w2 + _dot(tl.trans(x2), d_z2, PRECISION),
+                n,
+                n_mask,
+                offsets1,
+                mask1,
+                offsets2,
+                mask2,
+                F,
+                N,
+            )
             d_k += _dot(d_z1, tl.trans(w1), PRECISION)
         tl.store(d_q_ptr + offsets, d_q, mask=col_mask[None, :])
         tl.store(d_k_ptr + offsets, d_k, mask=col_mask[None, :])
@@ -405,19 +585,42 @@ def _meta(q: torch.Tensor, kernel: str) -> dict:
     block = min(max(LAUNCH[kernel]["tile_elements"] // f_pad, 16), 4 * f_pad)
     # TF32 products for half-precision inputs: the launches were tuned and checked with them (TTT-Linear's bf16
     # products were not measured here).
-    return dict(F=head_dim, F_PAD=f_pad, N=4 * head_dim, BLOCK=block, MB=q.shape[-2],
-                PRECISION=_precision(q, half="tf32"), num_warps=LAUNCH[kernel]["num_warps"])
+    return dict(
+        F=head_dim,
+        F_PAD=f_pad,
+        N=4 * head_dim,
+        BLOCK=block,
+        MB=q.shape[-2],
+        PRECISION=_precision(q, half="tf32"),
+        num_warps=LAUNCH[kernel]["num_warps"],
+    )
 
 
-def _forward(inputs: tuple, record: torch.Tensor, eps: float, first: int, count: int, out: torch.Tensor | None = None,
-             starts: torch.Tensor | None = None) -> None:
+def _forward(
+    inputs: tuple,
+    record: torch.Tensor,
+    eps: float,
+    first: int,
+    count: int,
+    out: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
+) -> None:
     """Runs mini-batches [first, first + count) on `record` in place, writing their outputs to `out` or (the
     backward's recomputation) their start records to `starts`."""
     q = inputs[0]
     batch, heads, num_mini_batches = q.shape[:3]
     _ttt_mlp_chunk_forward_kernel[(batch * heads,)](
-        *inputs, record, record if out is None else out, record if starts is None else starts, heads,
-        num_mini_batches, first, count, 1 if starts is None else starts.shape[1], eps, STARTS=starts is not None,
+        *inputs,
+        record,
+        record if out is None else out,
+        record if starts is None else starts,
+        heads,
+        num_mini_batches,
+        first,
+        count,
+        1 if starts is None else starts.shape[1],
+        eps,
+        STARTS=starts is not None,
         **_meta(q, "forward"),
     )
 
@@ -463,12 +666,39 @@ class TTTMLPChunk(torch.autograd.Function):
             record.copy_(checkpoints[index])
             _forward(inputs, record, ctx.eps, first, count, starts=starts)
             _ttt_mlp_chunk_backward_kernel[(rows,)](
-                *inputs, starts, d_record, d_out, scratch, d_q, d_k, d_v, d_lr, d_tau, d_ln_w, d_ln_b, heads,
-                num_mini_batches, first, count, starts.shape[1], ctx.eps, **_meta(q, "backward"),
+                *inputs,
+                starts,
+                d_record,
+                d_out,
+                scratch,
+                d_q,
+                d_k,
+                d_v,
+                d_lr,
+                d_tau,
+                d_ln_w,
+                d_ln_b,
+                heads,
+                num_mini_batches,
+                first,
+                count,
+                starts.shape[1],
+                ctx.eps,
+                **_meta(q, "backward"),
             )
         d_ln = [d.view(batch, heads, 1, head_dim).sum(0) for d in (d_ln_w, d_ln_b)]
-        return (d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype), d_lr, d_tau.sum(0), *d_ln, None, d_record,
-                None, None)
+        return (
+            d_q.to(q.dtype),
+            d_k.to(k.dtype),
+            d_v.to(v.dtype),
+            d_lr,
+            d_tau.sum(0),
+            *d_ln,
+            None,
+            d_record,
+            None,
+            None,
+        )
 
 
 def ttt_mlp_chunk_triton(

@@ -15,7 +15,6 @@ import triton.language as tl
 
 from .ttt_triton_common import _on_triton_device
 
-
 BACKWARD_ROWS = 64  # rows per backward program: one partial sum of the weight's gradient each
 
 
@@ -82,7 +81,16 @@ class RMSNormFunction(torch.autograd.Function):
         d_w = torch.empty(programs, n, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n)
         _rms_norm_bwd_kernel[(programs,)](
-            x, weight, d_y.contiguous(), rstd, d_x, d_w, rows, n, ROWS=BACKWARD_ROWS, BLOCK_N=block,
+            x,
+            weight,
+            d_y.contiguous(),
+            rstd,
+            d_x,
+            d_w,
+            rows,
+            n,
+            ROWS=BACKWARD_ROWS,
+            BLOCK_N=block,
             num_warps=min(max(block // 256, 1), 8),
         )
         return d_x, d_w.sum(0).to(weight.dtype), None
@@ -99,6 +107,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if x.dtype not in dtypes or weight.dtype not in dtypes:
         raise ValueError(f"rms_norm_triton takes fp32, bf16 or fp16 inputs and weights, got {x.dtype}, {weight.dtype}")
     if weight.shape != (x.shape[-1],) or x.shape[-1] > 65536:
-        raise ValueError(f"rms_norm_triton takes a weight [N] for x [..., N], N <= 65536; got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"rms_norm_triton takes a weight [N] for x [..., N], N <= 65536; got x {tuple(x.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
     return RMSNormFunction.apply(x.contiguous(), weight, eps)
