@@ -1,4 +1,6 @@
-import os; os.environ.setdefault("HF_HUB_OFFLINE", "1")  # noqa: E401, E702  (before transformers is imported)
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # noqa: E401, E702  (before transformers is imported)
 
 import json  # noqa: E402
 import re  # noqa: E402
@@ -6,11 +8,15 @@ import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from transformers import AutoConfig  # noqa: E402
 
-from ttt_hf import BlockStateCache, BlockStateConfig, TTTConfig, TTTForCausalLM  # noqa: E402
-from ttt_hf import cli  # noqa: E402
+from ttt_hf import (  # noqa: E402
+    BlockStateCache,
+    BlockStateConfig,
+    TTTConfig,
+    TTTForCausalLM,
+    cli,  # noqa: E402
+)
 from ttt_hf.cli import DEFAULT_CONFIGS, kv_cache_nbytes, main, ttt_state_nbytes  # noqa: E402
 
 # size: (hidden, layers, heads, head_dim, intermediate, vocab, max_position_embeddings)

