@@ -301,13 +301,17 @@ class TOVACache(Cache):
         sliding = getattr(module, "sliding_window", None) is not None  # the mask holds the window, not padding
         if _capturing(query):
             return None if query.shape[2] == 1 and not self._padded and not sliding else attention_mask
-        if query.shape[2] > 1:
+        # One host sync per layer for a call of several tokens, only where it answers something: whether padding
+        # appeared (until it has), and, on a used cache, whether the mask covers the cached tokens.
+        watch_padding = not self._padded and not sliding
+        used = self.layers[module.layer_idx].seen > query.shape[2]  # a first call may be all padded
+        if query.shape[2] > 1 and (watch_padding or used):
             row = last_mask_row(attention_mask, query.shape[0], query.shape[2], attention_mask.shape[-1])
             hidden = ~row if row.dtype == torch.bool else row <= torch.finfo(row.dtype).min / 2
             padded, unseen = torch.stack([hidden.any(), hidden[:, -1].all()]).tolist()
-            if unseen and self.layers[module.layer_idx].seen > query.shape[2]:  # a first call may be all padded
+            if unseen and used:
                 self._refuse_short_mask(module.layer_idx, query.shape[2])
-            self._padded |= padded and not sliding  # once padding is seen the mask is always kept
+            self._padded |= padded and watch_padding  # once padding is seen the mask is always kept
         return attention_mask
 
     def _refuse_short_mask(self, layer_idx: int, new: int) -> None:
