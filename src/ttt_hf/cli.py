@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache
 import ttt_hf
 from ttt_hf import BlockStateCache, BlockStateConfig, BlockStateForCausalLM, TTTConfig, TTTForCausalLM
 from ttt_hf.conversion.cli import add_convert_arguments, run_convert
+from ttt_hf.evaluation import CacheRun
 
 # The repository's configs/ folder (src/ttt_hf/cli.py -> repository root); editable installs only.
 DEFAULT_CONFIGS = Path(ttt_hf.__file__).resolve().parents[2] / "configs"
@@ -261,7 +262,7 @@ def _demo_tova(configs: Path) -> bool:
     results = {}
     for run in policy_runs(list(DEMO_TOVA_BUDGETS)):
         results[run] = measure_run(model, input_ids, run)
-        print(f"  {run_label(run)}{'' if run[1] is None else f' (budget {run[1]})'}: {results[run]:.3f}")
+        print(f"  {run_label(run)}{'' if run.budget is None else f' (budget {run.budget})'}: {results[run]:.3f}")
     table = policy_table(results)
     print(format_policy_table(table))
     # A measurement, not a check: on this small model and short text the paper's ordering need not hold.
@@ -317,18 +318,17 @@ def _perplexity_data(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.T
     return model, text_windows(ids, length, args.windows)
 
 
-def _run_in_subprocess(args: argparse.Namespace, run) -> float:
+def _run_in_subprocess(args: argparse.Namespace, run: CacheRun) -> float:
     """One run of a sweep in its own process: token-by-token streaming is bound by the Python of one
     process, so on a GPU several processes side by side use the device that one stream leaves idle."""
-    policy, budget, sinks = run
     source = ["--smollm2"] if args.smollm2 else ["--model", str(args.model)]
     source += ["--gguf-file", args.gguf_file] if args.gguf_file else []
     source += ["--text", str(args.text)] if args.text else ["--play", args.play]
     command = [
         sys.executable, "-m", "ttt_hf.cli", "perplexity", *source, "--max-tokens", str(args.max_tokens),
         "--windows", str(args.windows), "--device", args.device, "--dtype", args.dtype,
-        "--chunk-size", str(args.chunk_size), "--policy", policy, "--sinks", str(sinks), "--json",
-    ] + (["--budget", str(budget)] if budget is not None else [])
+        "--chunk-size", str(args.chunk_size), "--policy", run.policy, "--sinks", str(run.num_sink_tokens), "--json",
+    ] + (["--budget", str(run.budget)] if run.budget is not None else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"run {run} failed:\n{done.stderr[-2000:]}")
@@ -400,9 +400,9 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         runs = policy_runs([int(b) for b in args.sweep.split(",")], _sweep_sinks(args))
         started, results = time.perf_counter(), {}
 
-        def report(run, ppl: float) -> None:
+        def report(run: CacheRun, ppl: float) -> None:
             results[run] = ppl
-            budget = "" if run[1] is None else f" budget {run[1]}"
+            budget = "" if run.budget is None else f" budget {run.budget}"
             print(f"{run_label(run)}{budget}: {ppl:.3f}  ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
         if args.jobs > 1:
@@ -418,11 +418,11 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         print(format_policy_table(policy_table(results)))
         return 0
     model, input_ids = _perplexity_data(args)
-    run = (args.policy, None if args.policy == "full" else args.budget, args.sinks)
+    run = CacheRun(args.policy, None if args.policy == "full" else args.budget, args.sinks)
     ppl = measure_run(model, input_ids, run, args.chunk_size, progress=not args.json)
     if args.json:
         rows, tokens = input_ids.shape
-        print(json.dumps({"policy": args.policy, "budget": run[1], "sinks": args.sinks, "rows": rows,
+        print(json.dumps({"policy": args.policy, "budget": run.budget, "sinks": args.sinks, "rows": rows,
                           "tokens": tokens, "perplexity": ppl}))
         return 0
     budget = "" if args.policy == "full" else f" budget={args.budget} sinks={args.sinks}"
