@@ -9,9 +9,10 @@ import torch  # noqa: E402
 
 from transformers import AutoConfig  # noqa: E402
 
-from ttt_hf import BlockStateCache, BlockStateConfig, TTTConfig, TTTForCausalLM  # noqa: E402
-from ttt_hf import cli  # noqa: E402
-from ttt_hf.cli import DEFAULT_CONFIGS, kv_cache_nbytes, main, ttt_state_nbytes  # noqa: E402
+from ttt_hf import BlockStateCache, BlockStateConfig, BlockStateForCausalLM, TTTConfig, TTTForCausalLM  # noqa: E402
+from ttt_hf import demo  # noqa: E402
+from ttt_hf.cli import main  # noqa: E402
+from ttt_hf.demo import DEFAULT_CONFIGS, kv_cache_nbytes, ttt_state_nbytes  # noqa: E402
 
 # size: (hidden, layers, heads, head_dim, intermediate, vocab, max_position_embeddings)
 SIZES = {
@@ -138,16 +139,16 @@ def test_demo_passes(capsys):
 def test_block_state_cache_sizes_are_flat_and_the_kv_formula_is_not():
     config = BlockStateConfig.from_json_file(str(DEFAULT_CONFIGS / "block-state-tiny-mf.json"))
     torch.manual_seed(0)
-    model = cli.BlockStateForCausalLM(config).eval()
-    sizes = cli.block_state_cache_sizes(model, [8, 16, 40], prompt_len=8)
+    model = BlockStateForCausalLM(config).eval()
+    sizes = demo.block_state_cache_sizes(model, [8, 16, 40], prompt_len=8)
     assert list(sizes) == [8, 16, 40] and len(set(sizes.values())) == 1 and sizes[8] > 0
     assert kv_cache_nbytes(config, 40, 4) == 2 * 2 * 40 * 64 * 4
 
 
 def test_block_state_demo_fails_when_the_cache_grows(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "BLOCK_STATE_LENGTHS", (24, 40))  # short: the check needs only a few lengths
+    monkeypatch.setattr(demo, "BLOCK_STATE_LENGTHS", (24, 40))  # short: the check needs only a few lengths
     monkeypatch.setattr(BlockStateCache, "nbytes", property(lambda self: 1000 + 64 * self.seen_tokens))
-    assert cli._demo_block_state(DEFAULT_CONFIGS) is False
+    assert demo._demo_block_state(DEFAULT_CONFIGS) is False
     out = capsys.readouterr().out
     assert "Block-State cache constant from 16 to 40 tokens: SH NO, MH NO, MF NO   FAIL" in out
     assert out.count("PASS") == 3  # cached decoding itself still agrees
@@ -159,8 +160,8 @@ def test_block_state_demo_fails_for_a_cache_that_really_grows(monkeypatch, capsy
         raw = json.loads((DEFAULT_CONFIGS / f"block-state-tiny-{mode}.json").read_text())
         raw.update(ssm_kind="implicit", ssm_filter_max_len=64, ssm_filter_hidden=16, ssm_filter_features=4)
         (tmp_path / f"block-state-tiny-{mode}.json").write_text(json.dumps(raw))
-    monkeypatch.setattr(cli, "BLOCK_STATE_LENGTHS", (24, 40))
-    assert cli._demo_block_state(tmp_path) is False
+    monkeypatch.setattr(demo, "BLOCK_STATE_LENGTHS", (24, 40))
+    assert demo._demo_block_state(tmp_path) is False
     assert "SH NO, MH NO, MF NO   FAIL" in capsys.readouterr().out
 
 
@@ -180,12 +181,10 @@ def test_a_subcommand_is_required():
 
 
 def test_demo_fails_when_cached_decoding_drifts(monkeypatch, capsys):
-    from ttt_hf import cli
-
     def drifting_check(model):
         with torch.no_grad():
             return 1.0, model(torch.tensor([[5]]), use_cache=True).cache
 
-    monkeypatch.setattr(cli, "check_cached_decoding", drifting_check)
+    monkeypatch.setattr(demo, "check_cached_decoding", drifting_check)
     assert main(["demo"]) == 1
     assert "FAIL" in capsys.readouterr().out
