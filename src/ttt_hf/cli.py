@@ -40,8 +40,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not configs.is_dir() or missing:
         problem = "not found" if not configs.is_dir() else f"lacks {', '.join(missing)}"
         print(
-            f"ttt-hf demo: error: configs folder {configs} {problem}. The demo reads the repository's configs/ "
-            "folder; pass --configs DIR when ttt_hf is not installed from a checkout (pip install -e .).",
+            f"ttt-hf demo: error: configs folder {configs} {problem}. The demo reads the JSON configs installed "
+            f"with ttt_hf (default: {DEFAULT_CONFIGS}); --configs DIR names another folder holding them.",
             file=sys.stderr,
         )
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -30,8 +31,16 @@ from .evaluation import (
 )
 
 
-# The repository's configs/ folder (src/ttt_hf/demo.py -> repository root); editable installs only.
-DEFAULT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+def _configs_folder() -> Path:
+    # A wheel ships configs/ inside the package (see pyproject.toml); a checkout, and an editable install of one,
+    # has it at the repository root (src/ttt_hf/demo.py -> root).
+    packaged = resources.files(__package__) / "configs"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+DEFAULT_CONFIGS = _configs_folder()
 OFFICIAL_SIZES = ("125m", "350m", "760m", "1.3b")
 TABLE_CONTEXTS = (2 * 1024, 8 * 1024, 32 * 1024, 128 * 1024)
 LOGITS_TOLERANCE = 1e-4
