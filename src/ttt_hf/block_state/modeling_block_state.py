@@ -101,10 +101,10 @@ def check_inputs(
     inputs_embeds: torch.Tensor | None,
     dtype: torch.dtype,
     attention_mask: torch.Tensor | None = None,
-    cached_tokens: int = 0,
+    cache=None,
 ) -> None:
     """Clear errors for malformed inputs before any work. Token ids are range-checked on the CPU only: on an
-    accelerator the check would wait for the device. `cached_tokens`: the columns a passed cache has seen."""
+    accelerator the check would wait for the device. `cache`: the model's cache passed in, if any."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -112,7 +112,7 @@ def check_inputs(
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.device.type == "cpu" and input_ids.numel():
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
             low, high = (bound.item() for bound in torch.aminmax(input_ids))
             if low < 0 or high >= config.vocab_size:
                 raise ValueError(
@@ -129,17 +129,15 @@ def check_inputs(
             raise TypeError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
     batch, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     if attention_mask is not None:
-        if (
-            attention_mask.dim() != 2
-            or attention_mask.shape[0] != batch
-            or not cached_tokens
-            and (attention_mask.shape[1] != seq_len)
-        ):
+        # Only a mask wider than the input needs the cache's column count, which waits for the device.
+        wider = attention_mask.dim() == 2 and attention_mask.shape[1] != seq_len
+        cached_tokens = cache.get_seq_length() if wider and cache is not None else 0
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or wider and not cached_tokens:
             raise ValueError(
                 f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x {seq_len}), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
-        if attention_mask.shape[1] not in (seq_len, cached_tokens + seq_len):
+        if wider and attention_mask.shape[1] != cached_tokens + seq_len:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[1]} columns, but the cache has seen {cached_tokens} and "
                 f"the input adds {seq_len}: it must cover all {cached_tokens + seq_len} (or the {seq_len} new ones "
@@ -750,9 +748,13 @@ class BlockStateModel(BlockStatePreTrainedModel):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported by Block-State models")
-        cached_tokens = cache.get_seq_length() if isinstance(cache, BlockStateCache) else 0
         check_inputs(
-            self.config, input_ids, inputs_embeds, self.embed_tokens.weight.dtype, attention_mask, cached_tokens
+            self.config,
+            input_ids,
+            inputs_embeds,
+            self.embed_tokens.weight.dtype,
+            attention_mask,
+            cache if isinstance(cache, BlockStateCache) else None,
         )
         if cache is not None and not isinstance(cache, BlockStateCache):
             raise TypeError(f"cache must be a BlockStateCache, got {type(cache).__name__}")

@@ -37,6 +37,27 @@ def check_architecture(cache, config) -> None:
         )
 
 
+def static_buffer(t: torch.Tensor) -> torch.Tensor:
+    """Marks a cache tensor as having a fixed address for `torch.compile`: a compiled decoding step updates it in
+    place, and a CUDA graph replays it without copying it in and out (transformers' `StaticCache` does the same)."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
+    return t
+
+
+def store(current: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """The cache's tensor after a forward computed `new`: written into `current` in place where shapes and dtypes
+    allow (its address stays fixed across decoding steps), else `new` itself as the cache's own tensor. Tensors
+    with autograd history are kept as they are, so that a loss may reach back through the cache."""
+    if new is current:
+        return current
+    if new.requires_grad or (current is not None and current.requires_grad):
+        return new
+    if current is not None and current.shape == new.shape and current.dtype == new.dtype:
+        return current.copy_(new)
+    return static_buffer(new.clone(memory_format=torch.contiguous_format))
+
+
 class TTTLayerCache:
     """State of one TTT block: fixed size, whatever the number of tokens seen.
 
@@ -45,10 +66,11 @@ class TTTLayerCache:
     - `ttt_acc`: lr-weighted gradients accumulated over the current mini-batch, same shapes, fp32;
     - `pre_conv_state` / `qk_conv_state`: the last `conv_kernel - 1` inputs of the causal convolutions
       (Mamba backbone), `[B, K-1, hidden]`, in the activation dtype.
-    Tensors are allocated lazily by the first forward, on the device and dtype of its activations.
+    Tensors are allocated by the first forward, on the device and dtype of its activations; later forwards
+    write them in place (`store`), so a compiled decoding step finds them at the same address.
     """
 
-    is_compileable = False
+    is_compileable = True
     is_croppable = False
     is_sliding = False
     supports_early_init = False
@@ -61,6 +83,12 @@ class TTTLayerCache:
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(initialized={self.ttt_state is not None})"
+
+    def store_state(self, state: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
+        if self.ttt_state is None:
+            self.ttt_state, self.ttt_acc = [None] * len(state), [None] * len(acc)
+        self.ttt_state = [store(old, new) for old, new in zip(self.ttt_state, state)]
+        self.ttt_acc = [store(old, new) for old, new in zip(self.ttt_acc, acc)]
 
     def _map(self, fn) -> None:
         if self.ttt_state is not None:
@@ -75,13 +103,14 @@ class TTTLayerCache:
         self.__init__()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        # In place: beam search reorders between compiled steps, which must find the same tensors.
+        self._map(lambda t: store(t, t.index_select(0, beam_idx.to(t.device))))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map(lambda t: static_buffer(t.repeat_interleave(repeats, dim=0)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices.to(t.device)])
+        self._map(lambda t: static_buffer(t[indices.to(t.device)]))
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(_CROP_ERROR)
@@ -123,7 +152,9 @@ class TTTCache(Cache):
 
     Its size does not depend on the number of tokens seen. `positions[r]` counts the real (non-padding)
     tokens row r has consumed: it sets where the next token falls inside its TTT mini-batch.
-    `get_seq_length()` counts input columns, padding included, as `generate` expects.
+    `get_seq_length()` counts input columns, padding included, as `generate` expects. Both counters live on the
+    device and are updated in place, so that a decoding step has no host synchronisation and compiles once:
+    `generate` on CUDA compiles its decoding step and replays it as a CUDA graph, as it does for `StaticCache`.
 
     ```python
     cache = TTTCache(model.config)
@@ -135,8 +166,8 @@ class TTTCache(Cache):
     def __init__(self, config, **kwargs) -> None:
         super().__init__(layers=[TTTLayerCache() for _ in range(config.num_hidden_layers)])
         self.architecture = architecture_of(config)
-        self.positions: torch.Tensor | None = None
-        self.seen_tokens = 0
+        self.positions: torch.Tensor | None = None  # [B] int64
+        self.columns: torch.Tensor | None = None  # [] int64: input columns seen, padding included
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(layers={len(self.layers)}, seen_tokens={self.seen_tokens})"
@@ -154,10 +185,19 @@ class TTTCache(Cache):
 
     def advance(self, num_columns: int, lengths: torch.Tensor) -> None:
         """Records that a forward consumed `num_columns` input columns, `lengths[r]` of them real for row r."""
-        self.seen_tokens += num_columns
-        self.positions = lengths if self.positions is None else self.positions.to(lengths.device) + lengths
+        if self.positions is None:
+            self.positions = static_buffer(lengths.clone())
+            self.columns = static_buffer(torch.full((), num_columns, dtype=torch.long, device=lengths.device))
+        else:
+            self.positions.add_(lengths.to(self.positions.device))
+            self.columns.add_(num_columns)
+
+    @property
+    def seen_tokens(self) -> int:
+        return 0 if self.columns is None else int(self.columns)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Input columns seen (reads the device counter: one host synchronisation)."""
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
@@ -178,19 +218,19 @@ class TTTCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.positions = None
-        self.seen_tokens = 0
+        self.columns = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
             layer.reorder_cache(beam_idx)
         if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+            self.positions.copy_(self.positions.index_select(0, beam_idx.to(self.positions.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for layer in self.layers:
             layer.batch_repeat_interleave(repeats)
         if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+            self.positions = static_buffer(self.positions.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.positions is not None:
@@ -198,10 +238,10 @@ class TTTCache(Cache):
         for layer in self.layers:
             layer.batch_select_indices(indices)
         if self.positions is not None:
-            self.positions = self.positions[indices.to(self.positions.device)]
+            self.positions = static_buffer(self.positions[indices.to(self.positions.device)])
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(_CROP_ERROR)
 
 
-__all__ = ["TTTCache", "TTTLayerCache", "check_architecture"]
+__all__ = ["TTTCache", "TTTLayerCache", "check_architecture", "static_buffer", "store"]

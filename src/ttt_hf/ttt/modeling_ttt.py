@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_ttt import TTTCache, TTTLayerCache, check_architecture
+from .cache_ttt import TTTCache, TTTLayerCache, check_architecture, store
 from .configuration_ttt import TTTConfig
 from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, rms_norm, ttt_chunk, ttt_step
 
@@ -80,10 +80,10 @@ def check_inputs(
     inputs_embeds: torch.Tensor | None,
     dtype: torch.dtype,
     attention_mask: torch.Tensor | None = None,
-    cached_tokens: int = 0,
+    cache=None,
 ) -> None:
     """Clear errors for malformed inputs before any work. Token ids are range-checked on the CPU only: on an
-    accelerator the check would wait for the device. `cached_tokens`: the columns a passed cache has seen."""
+    accelerator the check would wait for the device. `cache`: the model's cache passed in, if any."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -91,7 +91,7 @@ def check_inputs(
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.device.type == "cpu" and input_ids.numel():
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
             low, high = (bound.item() for bound in torch.aminmax(input_ids))
             if low < 0 or high >= config.vocab_size:
                 raise ValueError(
@@ -108,17 +108,15 @@ def check_inputs(
             raise TypeError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
     batch, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     if attention_mask is not None:
-        if (
-            attention_mask.dim() != 2
-            or attention_mask.shape[0] != batch
-            or not cached_tokens
-            and (attention_mask.shape[1] != seq_len)
-        ):
+        # Only a mask wider than the input needs the cache's column count, which waits for the device.
+        wider = attention_mask.dim() == 2 and attention_mask.shape[1] != seq_len
+        cached_tokens = cache.get_seq_length() if wider and cache is not None else 0
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or wider and not cached_tokens:
             raise ValueError(
                 f"attention_mask must be a 2-D [batch, seq_len] mask of 0/1 covering the input ({batch} x {seq_len}), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
-        if attention_mask.shape[1] not in (seq_len, cached_tokens + seq_len):
+        if wider and attention_mask.shape[1] != cached_tokens + seq_len:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[1]} columns, but the cache has seen {cached_tokens} and "
                 f"the input adds {seq_len}: it must cover all {cached_tokens + seq_len} (or the {seq_len} new ones "
@@ -213,7 +211,7 @@ class TTTPreConv(nn.Module):
             keep_state=cache is not None,
         )
         if cache is not None:
-            cache.pre_conv_state = state
+            cache.pre_conv_state = store(cache.pre_conv_state, state)
         return y
 
 
@@ -327,7 +325,7 @@ class TTTLayer(nn.Module):
                 keep_state=cache is not None,
             )
             if cache is not None:
-                cache.qk_conv_state = state
+                cache.qk_conv_state = store(cache.qk_conv_state, state)
         else:
             xq, xk = self.q_proj(hidden_states), self.k_proj(hidden_states)
         xv = self.v_proj(hidden_states)
@@ -345,7 +343,8 @@ class TTTLayer(nn.Module):
         positions = torch.arange(1, self.mini_batch_size + 1, device=hidden_states.device)
         tau = torch.clamp_min(1.0 / positions + at_least_fp32(self.learnable_token_idx), 0.0)
 
-        if cache is not None and cache.ttt_state is not None:
+        state_in_cache = cache is not None and cache.ttt_state is not None
+        if state_in_cache:
             state, acc = cache.ttt_state, cache.ttt_acc
         else:
             state = [at_least_fp32(p).unsqueeze(0).expand(batch, *p.shape) for p in self.inner_parameters]
@@ -368,6 +367,7 @@ class TTTLayer(nn.Module):
                 layout.start,
                 layout.length > 0,
                 kernel_backend=backend,
+                state_in_cache=state_in_cache,
             )
             out = out[:, :, None]
         else:
@@ -388,7 +388,7 @@ class TTTLayer(nn.Module):
                 kernel_backend=backend,
             )
         if cache is not None:
-            cache.ttt_state, cache.ttt_acc = state, acc
+            cache.store_state(state, acc)
 
         out = out.transpose(1, 2).reshape(batch, seq_len, self.hidden_size).to(hidden_states.dtype)
         out = self.post_norm(out)
@@ -520,9 +520,13 @@ class TTTModel(TTTPreTrainedModel):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: TTT layers compute no attention weights")
-        cached_tokens = cache.get_seq_length() if isinstance(cache, TTTCache) else 0
         check_inputs(
-            self.config, input_ids, inputs_embeds, self.embed_tokens.weight.dtype, attention_mask, cached_tokens
+            self.config,
+            input_ids,
+            inputs_embeds,
+            self.embed_tokens.weight.dtype,
+            attention_mask,
+            cache if isinstance(cache, TTTCache) else None,
         )
         if cache is not None and not isinstance(cache, TTTCache):
             raise TypeError(
@@ -552,7 +556,8 @@ class TTTModel(TTTPreTrainedModel):
             length = torch.full((batch,), seq_len, dtype=torch.long, device=device)
         else:
             length = mask.sum(-1)
-            if not bool(mask.all()):
+            # One column needs no reordering: skipping the test keeps a decoding step free of host syncs.
+            if seq_len > 1 and not bool(mask.all()):
                 order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, T]
                 inputs_embeds = torch.gather(inputs_embeds, 1, order[..., None].expand_as(inputs_embeds))
                 # Padding now fills each row's tail. Mini-batch sums weigh it by zero, which would turn a NaN or
@@ -663,6 +668,29 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         """transformers' [`GenerationMixin.generate`], which refuses an empty prompt up front."""
         check_prompt(inputs, kwargs)
         return super().generate(inputs, *args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        # generate decides whether to compile its decoding step from the cache it holds before the prefill: hand it
+        # the model's own cache from the start rather than letting the first forward create it.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
+            model_kwargs[CACHE_NAME] = TTTCache(self.config)
+
+    def create_masks_for_generate(self, config, inputs_embeds: torch.Tensor, attention_mask, **kwargs):
+        """The attention mask `generate` passes with a compileable cache: only a decoding step's own column, since
+        positions come from the cache. Every step then has the same shapes, and the compiled step compiles once.
+        A mask that does not continue the cache's columns is passed whole, for the model to refuse."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (
+            cache is None
+            or attention_mask is None
+            or attention_mask.dim() != 2
+            or inputs_embeds.shape[1] != 1
+            or attention_mask.shape[1] != cache.get_seq_length() + 1
+        ):
+            return attention_mask
+        return attention_mask[:, -1:]
 
 
 __all__ = ["TTTPreTrainedModel", "TTTModel", "TTTForCausalLM"]

@@ -27,11 +27,12 @@ except ImportError:  # triton is optional: the torch reference runs everywhere
     ttt_linear_chunk_triton = None
 try:
     from .ttt_triton_conv import causal_conv_chunk_triton, causal_conv_step_triton
-    from .ttt_triton_decode import decode_kernel_supported, ttt_step_triton
+    from .ttt_triton_decode import decode_kernel_supported, ttt_step_inplace, ttt_step_triton
     from .ttt_triton_mlp import mlp_kernel_supported, ttt_mlp_chunk_triton
     from .ttt_triton_norm import rms_norm_triton
 except ImportError:  # without triton (or without these kernels) the steps, convolutions, norms and TTT-MLP run in torch
     causal_conv_chunk_triton = causal_conv_step_triton = decode_kernel_supported = ttt_step_triton = None
+    ttt_step_inplace = None
     mlp_kernel_supported = ttt_mlp_chunk_triton = rms_norm_triton = None
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,9 @@ def _use_kernel(kernel_backend: str, state: list[torch.Tensor], q: torch.Tensor,
     dims are powers of two, and their products need at least 16 rows on the GPU): for TTT-Linear with bf16/fp16
     inputs and head_dim 16..128, fp32 inputs and head_dim 16..64, and for TTT-MLP with fp32/bf16/fp16 inputs and
     head_dim 16..128 (both forward and backward); elsewhere the torch reference runs, also under
-    kernel_backend="triton" (logged once), so a result is never wrong, only slower."""
-    if not _kernel_requested(kernel_backend, ttt_linear_chunk_triton, q):
+    kernel_backend="triton" (logged once), so a result is never wrong, only slower. Under torch.compile (a
+    compiled whole forward; `generate` compiles decoding steps only) the reference runs, traced by the compiler."""
+    if torch.compiler.is_compiling() or not _kernel_requested(kernel_backend, ttt_linear_chunk_triton, q):
         return False
     if mini_batch not in (16, 32, 64):
         if kernel_backend == "triton":
@@ -437,13 +439,22 @@ def ttt_step(
     position: torch.Tensor,
     active: torch.Tensor,
     kernel_backend: str = "auto",
+    state_in_cache: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Dispatch point of the one-token decoding step; see `ttt_step_reference`. The kernel updates the state in
-    place when the cache owns it (contiguous fp32 tensors, not the broadcast initial parameters)."""
+    place when the cache owns it (contiguous fp32 tensors, not the broadcast initial parameters).
+    `state_in_cache`: state and acc are a cache's own tensors, which a compiled step updates in place."""
     # The step kernel has no backward: a step that needs gradients (rare: decoding is inference) runs in torch.
     needs_grad = _needs_grad(*state, *acc, q, k, v, lr, tau, ln_weight, ln_bias)
     if not _use_step_kernel(kernel_backend, state, q, needs_grad):
         return ttt_step_reference(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active)
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace the launch code: the kernel runs as one operator that writes the cache's
+        # tensors, and only theirs (never the initial parameters of a first step).
+        if not state_in_cache:
+            return ttt_step_reference(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active)
+        out = ttt_step_inplace([*state, *acc], q, k, v, lr, tau, ln_weight, ln_bias, position, active, TTT_LN_EPS)
+        return out, state, acc
     return ttt_step_triton(state, acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active, TTT_LN_EPS)
 
 
@@ -498,6 +509,7 @@ def causal_conv1d_banks(
     )
     if (
         kernel_fits
+        and not torch.compiler.is_compiling()  # compiled, the reference below fuses into the step's graph
         and _kernel_requested(kernel_backend, causal_conv_step_triton, x)
         and not _needs_grad(x, state, *parameters)
         and x.shape[1] == 1
@@ -507,6 +519,7 @@ def causal_conv1d_banks(
         return causal_conv_step_triton(x, filters, state, length)
     if (
         kernel_fits
+        and not torch.compiler.is_compiling()
         and _kernel_requested(kernel_backend, causal_conv_chunk_triton, x)
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     ):
@@ -528,7 +541,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel_backend: 
     activations and weights; the reference elsewhere (fp64, CPU)."""
     half_or_single = (torch.float32, torch.bfloat16, torch.float16)
     if (
-        _kernel_requested(kernel_backend, rms_norm_triton, x)
+        not torch.compiler.is_compiling()  # compiled, inductor fuses the reference into one kernel
+        and _kernel_requested(kernel_backend, rms_norm_triton, x)
         and x.dtype in half_or_single
         and weight.dtype in half_or_single
         and weight.device == x.device

@@ -344,3 +344,34 @@ def ttt_step_triton(
         )
     n = len(state)
     return out, tensors[:n], tensors[n:]
+
+
+@torch.library.custom_op("ttt_hf::ttt_step_", mutates_args=("state_and_acc",))
+def ttt_step_inplace(
+    state_and_acc: list[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    position: torch.Tensor,
+    active: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """`ttt_step_triton` as one opaque operator for `torch.compile`, whose tracer cannot follow the launch code:
+    `state_and_acc` (the state's tensors, then the accumulator's) belong to a cache and are updated in place.
+    Returns the output [B, H, f] fp32."""
+    if not all(_writable(t) for t in state_and_acc):
+        raise ValueError("ttt_step_inplace updates the state in place: it needs contiguous fp32 tensors of its own")
+    n = len(state_and_acc) // 2
+    out, _, _ = ttt_step_triton(
+        state_and_acc[:n], state_and_acc[n:], q, k, v, lr, tau, ln_weight, ln_bias, position, active, eps
+    )
+    return out
+
+
+@ttt_step_inplace.register_fake
+def _(state_and_acc, q, k, v, lr, tau, ln_weight, ln_bias, position, active, eps):
+    return q.new_empty(q.shape, dtype=torch.float32)

@@ -1,0 +1,135 @@
+"""`generate` with a compiled decoding step (transformers' automatic compilation for compileable caches).
+
+transformers compiles `generate`'s decoding step on CUDA only; `CompileConfig._compile_all_devices` makes it do
+so on the CPU, here with a backend that records each graph it is handed and runs it as traced (fullgraph: a
+graph break fails). Checked: the compiled step gives the tokens of the eager step and of full forwards without a
+cache (greedy on a left-padded batch, beam search, seeded sampling with several return sequences), it is traced
+once for prompts of any length, the cache's tensors keep their addresses across steps, and the Triton decode
+kernel (in Triton's interpreter) runs inside the compiled step as one operator. On CUDA with inductor and CUDA
+graphs: tests/test_ttt_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import ttt_testing
+from model_testing import left_pad, random_ids, returned_cache
+from test_generation import NEW_TOKENS, ROWS, generation_model, greedy_without_cache, padded_prompts
+from transformers import CompileConfig
+
+from ttt_hf import TTTCache
+
+VARIANTS = [f"ttt-{layer}-{backbone}" for layer, backbone in ttt_testing.VARIANTS]
+
+
+class GraphRecorder:
+    """Keeps every graph dynamo hands its `backend`, which runs them as traced. (`CompileConfig` deep-copies its
+    backend: a function survives that as itself, an object would not.)"""
+
+    def __init__(self) -> None:
+        self.graphs = []
+
+        def backend(graph_module, example_inputs):
+            self.graphs.append(graph_module)
+            return graph_module.forward
+
+        self.backend = backend
+
+
+def compile_config(backend) -> CompileConfig:
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
+    return config
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(params=VARIANTS, scope="module")
+def model(request):
+    return generation_model(request.param).eval()
+
+
+def test_the_compiled_step_gives_the_eager_tokens_and_compiles_once(model):
+    recorder = GraphRecorder()
+    config = compile_config(recorder.backend)
+    for seed, lengths in ((0, ROWS), (50, (4, 2, 3)), (60, (12, 11, 5))):
+        ids, mask = left_pad([random_ids(1, n, seed=seed + n)[0] for n in lengths], max(lengths))
+        expected = greedy_without_cache(model, ids, mask, NEW_TOKENS)
+        kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            eager = model.generate(ids, disable_compile=True, **kwargs)
+            compiled = model.generate(ids, compile_config=config, **kwargs)
+        assert torch.equal(eager, expected)
+        assert torch.equal(compiled, expected)
+    # One graph for every step of every prompt length: the step reads no host counter and has fixed shapes.
+    assert len(recorder.graphs) == 1
+
+
+def test_beam_search_and_sampling_in_the_compiled_step(model):
+    config = compile_config(GraphRecorder().backend)
+    ids, mask = padded_prompts(seed=10)
+    beams = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False)
+    with torch.no_grad():
+        compiled = model.generate(ids, compile_config=config, return_dict_in_generate=True, **beams)
+        uncached = model.generate(ids, use_cache=False, return_dict_in_generate=True, **beams)
+    assert torch.equal(compiled.sequences, uncached.sequences)
+    assert (compiled.beam_indices[:, :NEW_TOKENS] != compiled.beam_indices[:, :1]).any()  # beams were reordered
+
+    sampling = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, num_return_sequences=3)
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        with torch.no_grad():
+            runs.append(model.generate(ids, use_cache=use_cache, compile_config=config, **sampling))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_decoding_steps_update_the_cache_in_place(model):
+    ids, mask = padded_prompts(seed=40)
+    cache = TTTCache(model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+        tensors = [cache.positions, cache.columns]
+        for layer in cache.layers:
+            tensors += layer.ttt_state + layer.ttt_acc
+            tensors += [t for t in (layer.pre_conv_state, layer.qk_conv_state) if t is not None]
+        addresses = [t.data_ptr() for t in tensors]
+        step = torch.ones(len(ROWS), 1, dtype=torch.long)
+        for _ in range(5):  # crosses a mini-batch boundary (4 tokens), where the state is committed
+            model(step, attention_mask=torch.ones_like(step), cache=cache)
+    now = [cache.positions, cache.columns]
+    for layer in cache.layers:
+        now += layer.ttt_state + layer.ttt_acc
+        now += [t for t in (layer.pre_conv_state, layer.qk_conv_state) if t is not None]
+    assert [t.data_ptr() for t in now] == addresses
+    assert cache.get_seq_length() == max(ROWS) + 5 and cache.positions.tolist() == [n + 5 for n in ROWS]
+
+
+def test_plain_generate_on_the_cpu_compiles_nothing(model):
+    """transformers compiles only on CUDA: on the CPU plain generate stays eager, with the model's own cache."""
+    ids, mask = padded_prompts(seed=45)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(returned_cache(out), TTTCache) and returned_cache(out).is_compileable
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_the_triton_step_runs_inside_the_compiled_step(layer_type):
+    """kernel_backend="triton" under Triton's interpreter: the decode kernel is one operator of the graph that
+    writes the cache's state (through AOTAutograd's functionalization), with the reference's tokens."""
+    model = generation_model(f"ttt-{layer_type}-mamba").eval()
+    ids, mask = padded_prompts(seed=55)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(ids, disable_compile=True, **kwargs)
+        model.config.kernel_backend = "triton"
+        compiled = model.generate(ids, compile_config=compile_config("aot_eager"), **kwargs)
+    assert torch.equal(compiled, expected)
