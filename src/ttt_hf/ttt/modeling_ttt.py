@@ -690,7 +690,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             or attention_mask.shape[1] != cache.get_seq_length() + 1
         ):
             return attention_mask
-        return attention_mask[:, -1:]
+        return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
 
 
 __all__ = ["TTTPreTrainedModel", "TTTModel", "TTTForCausalLM"]
