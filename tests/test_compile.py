@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 import ttt_testing
+from generation_testing import NEW_TOKENS, ROWS, generation_model, greedy_without_cache, padded_prompts
 from model_testing import left_pad, random_ids, returned_cache
-from test_generation import NEW_TOKENS, ROWS, generation_model, greedy_without_cache, padded_prompts
 from transformers import CompileConfig
 
 from ttt_hf import TTTCache

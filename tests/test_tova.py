@@ -5,7 +5,7 @@ import weakref
 import pytest
 import torch
 from model_testing import cache_arg, returned_cache
-from tova_testing import CASES, assert_kept_positions, official_generation
+from tova_testing import CASES, SMALL, assert_kept_positions, official_generation
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
@@ -21,18 +21,6 @@ from transformers import (
 from ttt_hf import CACHE_NAME, TOVACache, TTTConfig, TTTForCausalLM
 from ttt_hf.tova.tova_ops import last_query_scores
 
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=None,
-    max_position_embeddings=512,
-)
 FAMILIES = {
     "llama": lambda: LlamaConfig(**SMALL),
     "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from model_testing import cache_arg
-from tova_testing import CASES, official_generation
+from tova_testing import CASES, SMALL, official_generation
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ttt_hf import TOVACache
@@ -20,16 +20,7 @@ def test_official_generations_on_cuda(case):
 
 
 def test_bf16_padded_batch_stays_within_budget():
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
+    config = LlamaConfig(**SMALL)
     model = LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
     ids = torch.randint(3, 128, (3, 20), device="cuda")
     mask = torch.ones_like(ids)
@@ -41,16 +32,7 @@ def test_bf16_padded_batch_stays_within_budget():
 
 
 def test_flex_attention_keeps_the_same_tokens_as_sdpa():
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
+    config = LlamaConfig(**SMALL)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).cuda().eval()
     ids = torch.randint(3, 128, (2, 20), device="cuda")
@@ -76,16 +58,7 @@ def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32, monkeypatch):
     monkeypatch.setattr(
         tova_ops, "tova_attention_evict_one_triton", lambda *args, **kwargs: fused.append(1) or kernel(*args, **kwargs)
     )
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
+    config = LlamaConfig(**SMALL)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).cuda().eval()
     budget, prompt = 8, torch.randint(3, 128, (2, 20), device="cuda")

@@ -87,28 +87,12 @@ def test_converted_folder_is_complete(converted, tmp_path):
 
 def test_script_entry_point(tmp_path):
     dst = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "conversion_scripts" / "convert_ttt_pytorch.py"),
-            str(FIXTURES / "linear_transformer"),
-            str(dst),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    script = REPO / "conversion_scripts" / "convert_ttt_pytorch.py"
+    command = [sys.executable, str(script), str(FIXTURES / "linear_transformer"), str(dst)]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (dst / "model.safetensors").is_file() and (dst / "modeling_ttt.py").is_file()
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "conversion_scripts" / "convert_ttt_pytorch.py"),
-            str(FIXTURES / "linear_transformer"),
-            str(dst),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode != 0 and "already exists" in again.stderr
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from generation_testing import NEW_TOKENS, generation_model, greedy_without_cache
 from model_testing import check_cuda_matches_cpu_and_decodes, check_training_step_is_finite, left_pad
-from test_generation import NEW_TOKENS, generation_model, greedy_without_cache
 from transformers import AutoModelForCausalLM
 from ttt_testing import VARIANTS, random_ids, tiny_model
 

@@ -15,6 +15,20 @@ from ttt_hf import TOVACache
 FIXTURES = Path(__file__).parent / "fixtures" / "tova"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
 
+# A tiny decoder's config fields, shared by every family the TOVA tests build (grouped-query attention: 4 / 2 heads).
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+    max_position_embeddings=512,
+)
+
 
 def official_generation(case: str, attn_implementation: str = "sdpa", device: str = "cpu", **cache_kwargs):
     """Greedy generation of a fixture case with a TOVACache of the case's budget, as the official code ran it.

@@ -55,7 +55,9 @@ def store(current: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
         return new
     if current is not None and current.shape == new.shape and current.dtype == new.dtype:
         return current.copy_(new)
-    return static_buffer(new.clone(memory_format=torch.contiguous_format))
+    # A forward's fresh result becomes the cache's own; a view (the broadcast initial parameters) is copied.
+    owned = new.is_contiguous() and new._base is None
+    return static_buffer(new if owned else new.clone(memory_format=torch.contiguous_format))
 
 
 class TTTLayerCache:

@@ -677,18 +677,13 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
             model_kwargs[CACHE_NAME] = TTTCache(self.config)
 
-    def create_masks_for_generate(self, config, inputs_embeds: torch.Tensor, attention_mask, **kwargs):
-        """The attention mask `generate` passes with a compileable cache: only a decoding step's own column, since
-        positions come from the cache. Every step then has the same shapes, and the compiled step compiles once.
-        A mask that does not continue the cache's columns is passed whole, for the model to refuse."""
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if (
-            cache is None
-            or attention_mask is None
-            or attention_mask.dim() != 2
-            or inputs_embeds.shape[1] != 1
-            or attention_mask.shape[1] != cache.get_seq_length() + 1
-        ):
+    def create_masks_for_generate(
+        self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs
+    ):
+        """The attention mask `generate` passes with a compileable cache: a decoding step gets only its own column,
+        since positions come from the cache. Every step then has the same shapes, and the compiled step compiles
+        once. The prefill's mask is passed whole, for the model to check it against a cache passed in."""
+        if is_first_iteration or attention_mask is None or attention_mask.dim() != 2 or inputs_embeds.shape[1] != 1:
             return attention_mask
         return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
 

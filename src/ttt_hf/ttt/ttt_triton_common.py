@@ -31,11 +31,9 @@ def _precision(x: torch.Tensor, half: str = "bf16") -> str:
     return half if x.is_cuda else "tf32"
 
 
-def _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_group: int) -> tuple:
-    """The chunk kernels' token and parameter tensors as they read them (contiguous; lr, tau and the LayerNorm
-    parameters in fp32, span int32), after checking the checkpoint group."""
-    if checkpoint_group < 1:
-        raise ValueError(f"checkpoint_group must be >= 1, got {checkpoint_group}")
+def _kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias) -> tuple:
+    """The token and parameter tensors as every TTT kernel reads them: contiguous; lr, tau and the LayerNorm
+    parameters in fp32."""
     return (
         q.contiguous(),
         k.contiguous(),
@@ -44,8 +42,14 @@ def _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_
         tau.float().contiguous(),
         ln_weight.float().contiguous(),
         ln_bias.float().contiguous(),
-        span.to(torch.int32).contiguous(),
     )
+
+
+def _chunk_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias, span, checkpoint_group: int) -> tuple:
+    """`_kernel_inputs` and span (int32) as the chunk kernels read them, after checking the checkpoint group."""
+    if checkpoint_group < 1:
+        raise ValueError(f"checkpoint_group must be >= 1, got {checkpoint_group}")
+    return (*_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias), span.to(torch.int32).contiguous())
 
 
 @triton.jit

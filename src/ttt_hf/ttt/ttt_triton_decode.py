@@ -24,6 +24,7 @@ import triton.language as tl
 from .ttt_triton_common import (
     _gelu_tanh,
     _gelu_tanh_grad,
+    _kernel_inputs,
     _layer_norm,
     _layer_norm_l2_grad,
     _on_triton_device,
@@ -308,17 +309,7 @@ def ttt_step_triton(
     batch, heads, head_dim = q.shape
     f_pad = triton.next_power_of_2(head_dim)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    inputs = (
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        lr.float().contiguous(),
-        tau.float().contiguous(),
-        ln_weight.float().contiguous(),
-        ln_bias.float().contiguous(),
-        position.contiguous(),
-        active.contiguous(),
-    )
+    inputs = (*_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias), position.contiguous(), active.contiguous())
     common = {"F": head_dim, "F_PAD": f_pad, "MB": tau.shape[0], "num_warps": 4}
     block = max(TILE_ELEMENTS // f_pad, 1)
     if len(state) == 2:
