@@ -56,3 +56,14 @@ def test_wheel_ships_the_demo_configs_and_an_install_finds_them(tmp_path):
     found = json.loads(done.stdout.splitlines()[-1])
     assert Path(found["module"]) == target / "ttt_hf" / "demo.py"  # the installed copy, not the checkout
     assert Path(found["configs"]) == target / "ttt_hf" / "configs" and found["missing"] == []
+
+    # `ttt-hf demo` from the installed copy: the parts that read the configs (TOVA's reads a model package).
+    demo = subprocess.run(
+        [sys.executable, "-m", "ttt_hf.cli", "demo", "--part", "ttt", "--part", "block-state"],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+    )
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert "== TTT: Test-Time Training layers" in demo.stdout and demo.stdout.rstrip().endswith("demo: PASS")

@@ -19,7 +19,7 @@ import torch
 
 import ttt_hf
 from ttt_hf.conversion.cli import add_convert_arguments, run_convert
-from ttt_hf.demo import DEFAULT_CONFIGS, demo_config_names, run_demo
+from ttt_hf.demo import DEFAULT_CONFIGS, DEMO_PARTS, demo_config_names, run_demo
 from ttt_hf.evaluation import (
     CacheRun,
     format_policy_table,
@@ -45,7 +45,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return 0 if run_demo(configs) else 1
+    return 0 if run_demo(configs, args.part) else 1
 
 
 def _perplexity_data(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="check cached decoding on tiny models and print state-size tables")
     demo.add_argument(
         "--configs", type=Path, default=DEFAULT_CONFIGS, help=f"folder of model configs (default: {DEFAULT_CONFIGS})"
+    )
+    demo.add_argument(
+        "--part",
+        action="append",
+        choices=list(DEMO_PARTS),
+        help="run this part only (repeatable; default: every part, in order)",
     )
     demo.set_defaults(func=_cmd_demo)
 

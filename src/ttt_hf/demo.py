@@ -348,19 +348,20 @@ def _demo_tova(configs: Path) -> bool:
     return flat and all(map(math.isfinite, results.values()))
 
 
-# (title, part): each part prints its section and returns whether its checks passed.
-DEMO_PARTS: list[tuple[str, Callable[[Path], bool]]] = [
-    ("TTT: Test-Time Training layers (arXiv 2407.04620)", _demo_ttt),
-    ("Block-State Transformer (arXiv 2306.09539)", _demo_block_state),
-    ("TOVA: a fixed-size KV cache for any decoder (arXiv 2401.06104)", _demo_tova),
-]
+# name -> (title, part): each part prints its section and returns whether its checks passed.
+DEMO_PARTS: dict[str, tuple[str, Callable[[Path], bool]]] = {
+    "ttt": ("TTT: Test-Time Training layers (arXiv 2407.04620)", _demo_ttt),
+    "block-state": ("Block-State Transformer (arXiv 2306.09539)", _demo_block_state),
+    "tova": ("TOVA: a fixed-size KV cache for any decoder (arXiv 2401.06104)", _demo_tova),
+}
 
 
-def run_demo(configs: Path) -> bool:
-    """Runs every part of `DEMO_PARTS` on the config files in `configs` (see `demo_config_names`) and prints the
-    verdict; True when every part's checks passed."""
+def run_demo(configs: Path, parts: Sequence[str] | None = None) -> bool:
+    """Runs the named parts of `DEMO_PARTS` (default: all, in order) on the config files in `configs` (see
+    `demo_config_names`) and prints the verdict; True when every part's checks passed."""
     results = []
-    for title, part in DEMO_PARTS:
+    for name in parts or DEMO_PARTS:
+        title, part = DEMO_PARTS[name]
         print(f"== {title} ==")
         results.append(part(configs))
         print()
