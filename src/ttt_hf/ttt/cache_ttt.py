@@ -246,4 +246,4 @@ class TTTCache(Cache):
         raise NotImplementedError(_CROP_ERROR)
 
 
-__all__ = ["TTTCache", "TTTLayerCache", "check_architecture", "static_buffer", "store"]
+__all__ = ["TTTCache", "TTTLayerCache", "check_architecture"]

@@ -471,7 +471,7 @@ class TTTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # Generation uses the model's own recurrent TTTCache, created by the first forward.
+        # Generation uses the model's own recurrent TTTCache (`TTTForCausalLM._prepare_cache_for_generation`).
         return False
 
 
