@@ -4,7 +4,8 @@ Random-weight models in bf16, greedy decoding of `--new` tokens (`min_new_tokens
 all) after a random prompt. Per model and setting:
   decode tokens/s  batch x (new - 1) / (time of generate(new) - time of generate(1)): the prefill excluded;
   prefill s        time of generate(1): the prompt's forward and one token;
-  first call s     the first generate(new) of the setting less a later one: compilation and CUDA-graph recording.
+  first call s     the first generate(new) of the setting less a later one: compilation and CUDA-graph recording;
+  graphs           the graphs torch.compile made for the setting (0: nothing was compiled).
 TTT models run plain `generate` (its decoding step compiled and replayed as a CUDA graph, transformers'
 automatic compilation) and with `disable_compile=True` (eager steps); the same-size Llama (SDPA) runs with
 HF's DynamicCache (eager) and with `cache_implementation="static"` (compiled the same way).
@@ -75,6 +76,7 @@ def measure(model, batch: int, prompt: int, new: int, **generate_kwargs) -> dict
                 **generate_kwargs,
             )
 
+    torch._dynamo.utils.counters.clear()
     torch.cuda.reset_peak_memory_stats()
     first = timed(lambda: run(new))
     timed(lambda: run(new))
@@ -87,6 +89,7 @@ def measure(model, batch: int, prompt: int, new: int, **generate_kwargs) -> dict
         "prefill_s": prefill,
         "first_call_extra_s": max(first - total, 0.0),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
     }
 
 
@@ -105,8 +108,8 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     results = {"device": device, "new_tokens": args.new, "dtype": "bf16", "rows": []}
     print(f"## Plain generate, bf16, greedy, {args.new} new tokens ({device})\n")
-    print("| model | mode | batch | prompt | decode tok/s | ms/step | prefill s | first call +s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | mode | batch | prompt | decode tok/s | ms/step | prefill s | first call +s | peak GiB | graphs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = build(name, torch.bfloat16)
         modes = LLAMA_MODES if MODELS[name][1] else TTT_MODES
@@ -119,13 +122,13 @@ def main() -> None:
                         row = measure(model, batch, prompt, args.new, **kwargs)
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()
-                        print(f"| {name} | {mode} | {batch} | {prompt} | out of memory | | | | |")
+                        print(f"| {name} | {mode} | {batch} | {prompt} | out of memory | | | | | |")
                         continue
                     results["rows"].append({"model": name, "mode": mode, "batch": batch, "prompt": prompt, **row})
                     print(
                         f"| {name} | {mode} | {batch} | {prompt} | {row['decode_tokens_per_s']:,.0f} | "
                         f"{row['ms_per_step']:.2f} | {row['prefill_s']:.3f} | {row['first_call_extra_s']:.1f} | "
-                        f"{row['peak_gib']:.2f} |",
+                        f"{row['peak_gib']:.2f} | {row['graphs']} |",
                         flush=True,
                     )
                     save_results(args.out, results)
