@@ -14,41 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 import ttt_testing
+from compile_testing import GraphRecorder, compile_config, fresh_dynamo  # noqa: F401 (an autouse fixture)
 from generation_testing import NEW_TOKENS, ROWS, generation_model, greedy_without_cache, padded_prompts
 from model_testing import left_pad, random_ids, returned_cache
-from transformers import CompileConfig
 
 from ttt_hf import TTTCache
 
 VARIANTS = [f"ttt-{layer}-{backbone}" for layer, backbone in ttt_testing.VARIANTS]
-
-
-class GraphRecorder:
-    """Keeps every graph dynamo hands its `backend`, which runs them as traced. (`CompileConfig` deep-copies its
-    backend: a function survives that as itself, an object would not.)"""
-
-    def __init__(self) -> None:
-        self.graphs = []
-
-        def backend(graph_module, example_inputs):
-            self.graphs.append(graph_module)
-            return graph_module.forward
-
-        self.backend = backend
-
-
-def compile_config(backend) -> CompileConfig:
-    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
-    config._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
-    return config
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture(params=VARIANTS, scope="module")

@@ -72,7 +72,7 @@ def _wrap(original):
         cache = _take_pending(module)
         if cache is None:
             return function(module, query, key, value, attention_mask, *args, **kwargs)
-        mask = cache.attention_mask_for(module, query, attention_mask)
+        mask = cache.attention_mask_for(module, query, attention_mask, _FUSABLE_KINDS.get(original))
         scaling = kwargs.get("scaling", getattr(module, "scaling", None))
         softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
         if _fusable_call(original, module, query, args, kwargs):

@@ -15,9 +15,9 @@ import os
 import torch
 
 try:
-    from .tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton
+    from .tova_triton import tova_attention_evict_one_triton, tova_decode_step_inplace, tova_evict_one_triton
 except ImportError:  # triton is optional: the torch path runs everywhere
-    tova_attention_evict_one_triton = tova_evict_one_triton = None
+    tova_attention_evict_one_triton = tova_decode_step_inplace = tova_evict_one_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -162,17 +162,23 @@ def use_decode_kernel(
         not (torch.is_grad_enabled() and grad)
         and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and query.dtype == key.dtype == values.dtype
-        and key.shape == keys.shape
-        and key.data_ptr() == keys.data_ptr()
+        and _same_tensor(key, keys)
         and query.shape[1] % key.shape[1] == 0
         and max(query.shape[-1], values.shape[-1]) <= 256
         and query.stride(-1) == 1
         and (sinks is None or sinks.numel() == query.shape[1])
-        and (value is None or (value.shape == values.shape and value.data_ptr() == values.data_ptr()))
+        and (value is None or _same_tensor(value, values))
     )
     if kernel_backend == "triton" and not supported:
         _log_fallback_once()
     return supported
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` is the memory of `b` (under `torch.compile`, which has no addresses: the same tensor)."""
+    if torch.compiler.is_compiling():
+        return a is b
+    return a.shape == b.shape and a.data_ptr() == b.data_ptr()
 
 
 def evict_one_triton(
@@ -202,6 +208,9 @@ def evict_one_triton(
         sinks,
         num_sink_tokens,
     )
+    if torch.compiler.is_compiling():
+        output = tova_decode_step_inplace(*args, policy == "window", attend)
+        return output if attend else None
     kernel = tova_attention_evict_one_triton if attend else tova_evict_one_triton
     result = kernel(*args, window=policy == "window")
     return result[0] if attend else None

@@ -565,3 +565,31 @@ def tova_attention_evict_one_triton(
     return _decode_step(
         query, keys, values, positions, mask_row, scaling, softcap, sinks, num_sink_tokens, window, output=True
     )
+
+
+@torch.library.custom_op("ttt_hf::tova_decode_step_", mutates_args=("keys", "values", "positions"))
+def tova_decode_step_inplace(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    mask_row: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    num_sink_tokens: int,
+    window: bool,
+    output: bool,
+) -> torch.Tensor:
+    """The decode step as one opaque operator for `torch.compile`, whose tracer cannot follow the launch code: evicts
+    one slot per row of the cache's `keys`, `values`, `positions` in place and returns the attention output
+    [B, 1, Hq, dv] with `output`, else an empty tensor."""
+    out, _, _ = _decode_step(
+        query, keys, values, positions, mask_row, scaling, softcap, sinks, num_sink_tokens, window, output
+    )
+    return out if output else query.new_empty(0)
+
+
+@tova_decode_step_inplace.register_fake
+def _(query, keys, values, positions, mask_row, scaling, softcap, sinks, num_sink_tokens, window, output):
+    return query.new_empty(query.shape[0], 1, query.shape[1], values.shape[-1]) if output else query.new_empty(0)
