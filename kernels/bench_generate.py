@@ -8,7 +8,8 @@ all) after a random prompt. Per model and setting:
   graphs           the graphs torch.compile made for the setting (0: nothing was compiled).
 TTT models run plain `generate` (its decoding step compiled and replayed as a CUDA graph, transformers'
 automatic compilation) and with `disable_compile=True` (eager steps); the same-size Llama (SDPA) runs with
-HF's DynamicCache (eager) and with `cache_implementation="static"` (compiled the same way).
+HF's DynamicCache (eager) and with `cache_implementation="static"` (compiled the same way); a 1.1B Llama
+(TinyLlama's shape) also with `cache=TOVACache(4096)`, compiled and eager.
 
     python kernels/bench_generate.py [--models ttt-125m-linear,ttt-125m-mlp,llama-125m] [--batches 1,16]
         [--prompts 512] [--new 256] [--out generate.json]
@@ -24,29 +25,57 @@ import time
 import torch
 from bench_common import ROOT, save_results, ttt_model
 from bench_ttt_model import llama_like
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from ttt_hf import TTTConfig
+from ttt_hf import TOVACache, TTTConfig
 
-# name -> (TTT config whose sizes the model takes, whether it is the same-size Llama)
-MODELS = {
-    "ttt-125m-linear": ("ttt-125m-linear-mamba", False),
-    "ttt-125m-mlp": ("ttt-125m-mlp-mamba", False),
-    "ttt-1.3b-linear": ("ttt-1.3b-linear-mamba", False),
-    "llama-125m": ("ttt-125m-linear-mamba", True),
-    "llama-1.3b": ("ttt-1.3b-linear-mamba", True),
+TOVA_BUDGET = 4096
+# mode -> what `generate` is given besides the prompt (a function: a cache is made fresh for each call)
+TTT_MODES = {"generate (compiled)": dict, "generate, disable_compile": lambda: {"disable_compile": True}}
+LLAMA_MODES = {
+    "DynamicCache": dict,
+    'cache_implementation="static" (compiled)': lambda: {"cache_implementation": "static"},
 }
-# mode -> generate keyword arguments, per kind of model
-TTT_MODES = {"generate (compiled)": {}, "generate, disable_compile": {"disable_compile": True}}
-LLAMA_MODES = {"DynamicCache": {}, 'cache_implementation="static" (compiled)': {"cache_implementation": "static"}}
+TOVA_MODES = {
+    **LLAMA_MODES,
+    f"TOVACache({TOVA_BUDGET}) (compiled)": lambda: {"cache": TOVACache(TOVA_BUDGET)},
+    f"TOVACache({TOVA_BUDGET}), disable_compile": lambda: {"cache": TOVACache(TOVA_BUDGET), "disable_compile": True},
+}
+
+
+def ttt_config(name: str) -> TTTConfig:
+    return TTTConfig.from_json_file(ROOT / "configs" / f"{name}.json")
+
+
+def tinyllama_shaped(dtype: torch.dtype) -> LlamaForCausalLM:
+    """A random 1.1B Llama of TinyLlama's shape (22 layers, 2048 wide, 32 query / 4 KV heads), SDPA."""
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=1 << 16,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to("cuda", dtype)
+
+
+# name -> (the model in bf16, its modes)
+MODELS = {
+    "ttt-125m-linear": (lambda dtype: ttt_model("ttt-125m-linear-mamba", "auto", dtype), TTT_MODES),
+    "ttt-125m-mlp": (lambda dtype: ttt_model("ttt-125m-mlp-mamba", "auto", dtype), TTT_MODES),
+    "ttt-1.3b-linear": (lambda dtype: ttt_model("ttt-1.3b-linear-mamba", "auto", dtype), TTT_MODES),
+    "llama-125m": (lambda dtype: llama_like(ttt_config("ttt-125m-linear-mamba"), dtype), LLAMA_MODES),
+    "llama-1.3b": (lambda dtype: llama_like(ttt_config("ttt-1.3b-linear-mamba"), dtype), LLAMA_MODES),
+    "llama-1.1b-tova": (tinyllama_shaped, TOVA_MODES),
+}
 
 
 def build(name: str, dtype: torch.dtype):
-    config_name, is_llama = MODELS[name]
-    if is_llama:
-        config = TTTConfig.from_json_file(ROOT / "configs" / f"{config_name}.json")
-        model = llama_like(config, dtype).eval()
-    else:
-        model = ttt_model(config_name, "auto", dtype)
+    model = MODELS[name][0](dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -60,7 +89,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(model, batch: int, prompt: int, new: int, **generate_kwargs) -> dict:
+def measure(model, batch: int, prompt: int, new: int, generate_kwargs) -> dict:
     torch.manual_seed(1)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)
@@ -73,7 +102,7 @@ def measure(model, batch: int, prompt: int, new: int, **generate_kwargs) -> dict
                 max_new_tokens=tokens,
                 min_new_tokens=tokens,
                 do_sample=False,
-                **generate_kwargs,
+                **generate_kwargs(),
             )
 
     torch._dynamo.utils.counters.clear()
@@ -112,14 +141,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = build(name, torch.bfloat16)
-        modes = LLAMA_MODES if MODELS[name][1] else TTT_MODES
-        for mode, kwargs in modes.items():
+        for mode, kwargs in MODELS[name][1].items():
             if only and mode not in only:
                 continue
             for prompt in prompts:
                 for batch in batches:
                     try:
-                        row = measure(model, batch, prompt, args.new, **kwargs)
+                        row = measure(model, batch, prompt, args.new, kwargs)
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()
                         print(f"| {name} | {mode} | {batch} | {prompt} | out of memory | | | | | |")

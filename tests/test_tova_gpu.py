@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from model_testing import cache_arg
+from model_testing import cache_arg, left_pad, random_ids
 from tova_testing import CASES, SMALL, official_generation
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,10 +49,9 @@ def test_flex_attention_keeps_the_same_tokens_as_sdpa():
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32, monkeypatch):
-    # Positions come from a device tensor updated in place (a Python int would be frozen into the graph). Both
-    # runs pass the all-True mask transformers materialises under capture; the captured steps drop it (an
-    # unpadded cache), so the two attend to the same slots with and without a mask row ("auto": the fused
-    # attention kernel; "torch": different SDPA kernels).
+    # Positions come from a device tensor updated in place (a Python int would be frozen into the graph). The steps
+    # attend under the cache's own mask of its slots, whatever mask they are given ("auto": the fused attention
+    # kernel; "torch": SDPA); replays advance the device alone, and the host's counts catch up when read.
     fused = []
     kernel = tova_ops.tova_attention_evict_one_triton
     monkeypatch.setattr(
@@ -105,3 +104,33 @@ def test_decode_step_replays_in_a_cuda_graph(backend, no_tf32, monkeypatch):
     for eager_kept, graph_kept in zip(eager[1], graph[1]):
         assert torch.equal(eager_kept, graph_kept)
         assert int(graph_kept.max()) > prompt.shape[1] + 2  # tokens of the replays, with their own positions
+
+
+def test_plain_generate_compiles_the_decoding_step_into_a_cuda_graph(no_tf32):
+    """transformers' automatic compilation (inductor, "reduce-overhead": CUDA graphs) of the decoding step with a
+    TOVACache, the fused Triton step inside as one operator: the eager steps' tokens and kept positions on left-padded
+    batches, prompts shorter and longer than the budget, one graph for all of them."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL)).cuda().eval()
+    for lengths in ((20, 9, 14), (5, 3, 7), (11, 2, 8)):
+        ids, mask = left_pad([random_ids(1, n, seed=n, vocab=SMALL["vocab_size"])[0] for n in lengths], max(lengths))
+        runs = []
+        for compile_kwargs in ({"disable_compile": True}, {}):
+            cache = TOVACache(8)
+            with torch.no_grad():
+                out = model.generate(
+                    ids.cuda(),
+                    attention_mask=mask.cuda(),
+                    **cache_arg(cache),
+                    max_new_tokens=12,
+                    do_sample=False,
+                    **compile_kwargs,
+                )
+            runs.append((out, [cache.kept_positions(i).sort(-1).values for i in range(len(cache.layers))]))
+        assert torch.equal(runs[0][0], runs[1][0])
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert hasattr(model, "_compiled_call")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
