@@ -6,8 +6,8 @@ all) after a random prompt. Per model and setting:
   prefill s        time of generate(1): the prompt's forward and one token;
   first call s     the first generate(new) of the setting less a later one: compilation and CUDA-graph recording;
   graphs           the graphs torch.compile made for the setting (0: nothing was compiled).
-TTT models run plain `generate` (its decoding step compiled and replayed as a CUDA graph, transformers'
-automatic compilation) and with `disable_compile=True` (eager steps); the same-size Llama (SDPA) runs with
+TTT and Block-State models run plain `generate` (its decoding step compiled and replayed as a CUDA graph,
+transformers' automatic compilation) and with `disable_compile=True` (eager steps); the same-size Llama (SDPA) runs with
 HF's DynamicCache (eager) and with `cache_implementation="static"` (compiled the same way); a 1.1B Llama
 (TinyLlama's shape) also with `cache=TOVACache(4096)`, compiled and eager.
 
@@ -27,11 +27,11 @@ from bench_common import ROOT, save_results, ttt_model
 from bench_ttt_model import llama_like
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ttt_hf import TOVACache, TTTConfig
+from ttt_hf import BlockStateConfig, BlockStateForCausalLM, TOVACache, TTTConfig
 
 TOVA_BUDGET = 4096
 # mode -> what `generate` is given besides the prompt (a function: a cache is made fresh for each call)
-TTT_MODES = {"generate (compiled)": dict, "generate, disable_compile": lambda: {"disable_compile": True}}
+RECURRENT_MODES = {"generate (compiled)": dict, "generate, disable_compile": lambda: {"disable_compile": True}}
 LLAMA_MODES = {
     "DynamicCache": dict,
     'cache_implementation="static" (compiled)': lambda: {"cache_implementation": "static"},
@@ -45,6 +45,31 @@ TOVA_MODES = {
 
 def ttt_config(name: str) -> TTTConfig:
     return TTTConfig.from_json_file(ROOT / "configs" / f"{name}.json")
+
+
+def block_state_200m(dtype: torch.dtype) -> BlockStateForCausalLM:
+    """A random Block-State-SH 200M (configs/block-state-200m-sh.json: S4D filters, Triton kernels)."""
+    config = BlockStateConfig.from_json_file(ROOT / "configs" / "block-state-200m-sh.json")
+    torch.manual_seed(0)
+    return BlockStateForCausalLM(config).to("cuda", dtype)
+
+
+def llama_like_block_state_200m(dtype: torch.dtype) -> LlamaForCausalLM:
+    """A Llama of Block-State-SH 200M's width, depth, heads and vocabulary; an FFN of 4096 matches its parameter
+    count (the Block-State layers' cross-attention weights), as in bench_block_state.py."""
+    block_state = BlockStateConfig.from_json_file(ROOT / "configs" / "block-state-200m-sh.json")
+    config = LlamaConfig(
+        vocab_size=block_state.vocab_size,
+        hidden_size=block_state.hidden_size,
+        intermediate_size=4096,
+        num_hidden_layers=block_state.num_hidden_layers,
+        num_attention_heads=block_state.num_attention_heads,
+        max_position_embeddings=1 << 16,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to("cuda", dtype)
 
 
 def tinyllama_shaped(dtype: torch.dtype) -> LlamaForCausalLM:
@@ -65,11 +90,13 @@ def tinyllama_shaped(dtype: torch.dtype) -> LlamaForCausalLM:
 
 # name -> (the model in bf16, its modes)
 MODELS = {
-    "ttt-125m-linear": (lambda dtype: ttt_model("ttt-125m-linear-mamba", "auto", dtype), TTT_MODES),
-    "ttt-125m-mlp": (lambda dtype: ttt_model("ttt-125m-mlp-mamba", "auto", dtype), TTT_MODES),
-    "ttt-1.3b-linear": (lambda dtype: ttt_model("ttt-1.3b-linear-mamba", "auto", dtype), TTT_MODES),
+    "ttt-125m-linear": (lambda dtype: ttt_model("ttt-125m-linear-mamba", "auto", dtype), RECURRENT_MODES),
+    "ttt-125m-mlp": (lambda dtype: ttt_model("ttt-125m-mlp-mamba", "auto", dtype), RECURRENT_MODES),
+    "ttt-1.3b-linear": (lambda dtype: ttt_model("ttt-1.3b-linear-mamba", "auto", dtype), RECURRENT_MODES),
     "llama-125m": (lambda dtype: llama_like(ttt_config("ttt-125m-linear-mamba"), dtype), LLAMA_MODES),
     "llama-1.3b": (lambda dtype: llama_like(ttt_config("ttt-1.3b-linear-mamba"), dtype), LLAMA_MODES),
+    "block-state-200m-sh": (block_state_200m, RECURRENT_MODES),
+    "llama-200m": (llama_like_block_state_200m, LLAMA_MODES),
     "llama-1.1b-tova": (tinyllama_shaped, TOVA_MODES),
 }
 

@@ -1,4 +1,5 @@
-"""`generate` with a compiled decoding step (transformers' automatic compilation for compileable caches).
+"""`generate` with a compiled decoding step (transformers' automatic compilation for compileable caches), TTT and
+Block-State (S4D filter; the implicit filter's history grows with every token, so its cache is not compileable).
 
 transformers compiles `generate`'s decoding step on CUDA only; `CompileConfig._compile_all_devices` makes it do
 so on the CPU, here with a backend that records each graph it is handed and runs it as traced (fullgraph: a
@@ -15,12 +16,14 @@ import pytest
 import torch
 import ttt_testing
 from compile_testing import GraphRecorder, compile_config, fresh_dynamo  # noqa: F401 (an autouse fixture)
-from generation_testing import NEW_TOKENS, ROWS, generation_model, greedy_without_cache, padded_prompts
+from generation_testing import NEW_TOKENS, ROWS, generation_model, greedy_without_cache, new_cache, padded_prompts
 from model_testing import left_pad, random_ids, returned_cache
 
-from ttt_hf import TTTCache
+from ttt_hf import BlockStateCache, TTTCache
 
-VARIANTS = [f"ttt-{layer}-{backbone}" for layer, backbone in ttt_testing.VARIANTS]
+VARIANTS = [f"ttt-{layer}-{backbone}" for layer, backbone in ttt_testing.VARIANTS] + [
+    f"block_state-{mode}-s4d" for mode in ("sh", "mh", "mf")
+]
 
 
 @pytest.fixture(params=VARIANTS, scope="module")
@@ -63,24 +66,27 @@ def test_beam_search_and_sampling_in_the_compiled_step(model):
     assert torch.equal(runs[0], runs[1])
 
 
-def test_decoding_steps_update_the_cache_in_place(model):
-    ids, mask = padded_prompts(seed=40)
-    cache = TTTCache(model.config)
-    with torch.no_grad():
-        model(ids, attention_mask=mask, cache=cache)
-        tensors = [cache.positions, cache.columns]
-        for layer in cache.layers:
+def cache_tensors(cache) -> list[torch.Tensor]:
+    tensors = [cache.positions, cache.columns]
+    for layer in cache.layers:
+        if isinstance(cache, TTTCache):
             tensors += layer.ttt_state + layer.ttt_acc
             tensors += [t for t in (layer.pre_conv_state, layer.qk_conv_state) if t is not None]
-        addresses = [t.data_ptr() for t in tensors]
+        else:
+            tensors += list(layer.tensors.values())
+    return tensors
+
+
+def test_decoding_steps_update_the_cache_in_place(model):
+    ids, mask = padded_prompts(seed=40)
+    cache = new_cache(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+        addresses = [t.data_ptr() for t in cache_tensors(cache)]
         step = torch.ones(len(ROWS), 1, dtype=torch.long)
-        for _ in range(5):  # crosses a mini-batch boundary (4 tokens), where the state is committed
+        for _ in range(5):  # crosses a mini-batch or block boundary (4 tokens), where the state is committed
             model(step, attention_mask=torch.ones_like(step), cache=cache)
-    now = [cache.positions, cache.columns]
-    for layer in cache.layers:
-        now += layer.ttt_state + layer.ttt_acc
-        now += [t for t in (layer.pre_conv_state, layer.qk_conv_state) if t is not None]
-    assert [t.data_ptr() for t in now] == addresses
+    assert [t.data_ptr() for t in cache_tensors(cache)] == addresses
     assert cache.get_seq_length() == max(ROWS) + 5 and cache.positions.tolist() == [n + 5 for n in ROWS]
 
 
@@ -89,19 +95,47 @@ def test_plain_generate_on_the_cpu_compiles_nothing(model):
     ids, mask = padded_prompts(seed=45)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(returned_cache(out), TTTCache) and returned_cache(out).is_compileable
+    assert isinstance(returned_cache(out), (TTTCache, BlockStateCache)) and returned_cache(out).is_compileable
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
-@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
-def test_the_triton_step_runs_inside_the_compiled_step(layer_type):
-    """kernel_backend="triton" under Triton's interpreter: the decode kernel is one operator of the graph that
-    writes the cache's state (through AOTAutograd's functionalization), with the reference's tokens."""
-    model = generation_model(f"ttt-{layer_type}-mamba").eval()
+@pytest.mark.parametrize("family", ["ttt-linear-mamba", "ttt-mlp-mamba", "block_state-sh-s4d"])
+def test_the_triton_step_runs_inside_the_compiled_step(family, monkeypatch):
+    """kernel_backend="triton" under Triton's interpreter: the decode kernel is one operator of the graph (TTT's
+    writes the cache's state, through AOTAutograd's functionalization), with the reference's tokens."""
+    from ttt_hf.block_state import block_state_triton
+    from ttt_hf.ttt import ttt_triton_decode
+
+    module, name = (
+        (ttt_triton_decode, "ttt_step_triton") if family.startswith("ttt") else (block_state_triton, "s4d_step_triton")
+    )
+    calls = []
+    kernel = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(1) or kernel(*args))
+    model = generation_model(family).eval()
     ids, mask = padded_prompts(seed=55)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
     with torch.no_grad():
         expected = model.generate(ids, disable_compile=True, **kwargs)
-        model.config.kernel_backend = "triton"
+        for holder in (model.config, *model.modules()):  # Block-State's SSM keeps its own copy
+            if hasattr(holder, "kernel_backend"):
+                holder.kernel_backend = "triton"
         compiled = model.generate(ids, compile_config=compile_config("aot_eager"), **kwargs)
     assert torch.equal(compiled, expected)
+    assert calls  # the compiled steps ran the kernel
+
+
+def test_the_implicit_filters_cache_is_not_compileable():
+    """Its decoding convolves the whole history, which grows with every token: generate keeps its steps eager."""
+    model = generation_model("block_state-sh-implicit")
+    ids, mask = padded_prompts(seed=65)
+    recorder = GraphRecorder()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=3,
+            compile_config=compile_config(recorder.backend),
+            return_dict_in_generate=True,
+        )
+    assert not returned_cache(out).is_compileable and not recorder.graphs

@@ -257,6 +257,26 @@ def s4d_step_triton(
     return y, new_x
 
 
+@torch.library.custom_op("ttt_hf::s4d_step", mutates_args=())
+def s4d_step_op(
+    u: torch.Tensor,
+    x: torch.Tensor,
+    log_a_real: torch.Tensor,
+    a_imag: torch.Tensor,
+    log_dt: torch.Tensor,
+    c: torch.Tensor,
+    skip: torch.Tensor,
+    active: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s4d_step_triton` as one opaque operator for `torch.compile`, whose tracer cannot follow the launch code."""
+    return s4d_step_triton(u, x, log_a_real, a_imag, log_dt, c, skip, active)
+
+
+@s4d_step_op.register_fake
+def _(u, x, log_a_real, a_imag, log_dt, c, skip, active):
+    return u.new_empty(x.shape[:3], dtype=torch.float32), torch.empty_like(x)
+
+
 # Launch of the scan kernels: (channels per program, time steps per group, warps). A group's inputs are
 # loaded as one tile while the previous group computes (loads cannot move past the stores of the outputs,
 # which might alias them, so one load per step would expose the memory latency at every step).

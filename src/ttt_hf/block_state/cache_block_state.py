@@ -42,6 +42,31 @@ def check_architecture(cache, config) -> None:
         )
 
 
+# Copied from ttt_hf.ttt.cache_ttt.static_buffer
+def static_buffer(t: torch.Tensor) -> torch.Tensor:
+    """Marks a cache tensor as having a fixed address for `torch.compile`: a compiled decoding step updates it in
+    place, and a CUDA graph replays it without copying it in and out (transformers' `StaticCache` does the same)."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
+    return t
+
+
+# Copied from ttt_hf.ttt.cache_ttt.store
+def store(current: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """The cache's tensor after a forward computed `new`: written into `current` in place where shapes and dtypes
+    allow (its address stays fixed across decoding steps), else `new` itself as the cache's own tensor. Tensors
+    with autograd history are kept as they are, so that a loss may reach back through the cache."""
+    if new is current:
+        return current
+    if new.requires_grad or (current is not None and current.requires_grad):
+        return new
+    if current is not None and current.shape == new.shape and current.dtype == new.dtype:
+        return current.copy_(new)
+    # A forward's fresh result becomes the cache's own; a view (the broadcast initial parameters) is copied.
+    owned = new.is_contiguous() and new._base is None
+    return static_buffer(new if owned else new.clone(memory_format=torch.contiguous_format))
+
+
 class BlockStateLayerCache:
     """One layer's state; none of it grows with the generated length, except the input history of the
     implicit-filter SSM (which has no finite state: its decoding convolves the whole history).
@@ -53,9 +78,11 @@ class BlockStateLayerCache:
     - `prev_k`, `prev_v`: the previous block's, with `attend_previous_block`;
     - `cross_k`, `cross_v`: the current block's context keys/values: `[B, W, H, hd]` (SH/MH, slot = position
       % W) or `[B, H, S, hd]` (MF, computed once per block boundary).
+    Later forwards write them in place where their shapes allow (`set`), so a compiled decoding step finds them at
+    the same address.
     """
 
-    is_compileable = False
+    is_compileable = True
     is_croppable = False
     is_sliding = False
     supports_early_init = False
@@ -69,6 +96,9 @@ class BlockStateLayerCache:
     def get(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(name)
 
+    def set(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = store(self.tensors.get(name), tensor)
+
     def _map(self, fn) -> None:
         self.tensors = {name: fn(t) for name, t in self.tensors.items()}
 
@@ -76,13 +106,14 @@ class BlockStateLayerCache:
         self.tensors = {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        # In place: beam search reorders between compiled steps, which must find the same tensors.
+        self._map(lambda t: store(t, t.index_select(0, beam_idx.to(t.device))))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map(lambda t: static_buffer(t.repeat_interleave(repeats, dim=0)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices.to(t.device)])
+        self._map(lambda t: static_buffer(t[indices.to(t.device)]))
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(_CROP_ERROR)
@@ -123,14 +154,20 @@ class BlockStateCache(Cache):
     positions (real tokens consumed by each row: they set the block boundaries of each row).
 
     Its memory does not depend on the generated length (S4D); `get_seq_length()` counts input columns,
-    padding included, as `generate` expects.
+    padding included, as `generate` expects. Both counters live on the device and are updated in place: with the
+    S4D filter a decoding step has fixed shapes and no host synchronisation, so `generate` on CUDA compiles it and
+    replays it as a CUDA graph (the implicit filter's history grows with every token: it decodes eagerly).
     """
 
     def __init__(self, config, **kwargs) -> None:
         super().__init__(layers=[BlockStateLayerCache() for _ in range(config.num_hidden_layers)])
         self.architecture = architecture_of(config)
-        self.positions: torch.Tensor | None = None
-        self.seen_tokens = 0
+        self.positions: torch.Tensor | None = None  # [B] int64
+        self.columns: torch.Tensor | None = None  # [] int64: input columns seen, padding included
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.architecture["ssm_kind"] == "s4d"
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(layers={len(self.layers)}, seen_tokens={self.seen_tokens})"
@@ -148,10 +185,19 @@ class BlockStateCache(Cache):
 
     def advance(self, num_columns: int, lengths: torch.Tensor) -> None:
         """Records that a forward consumed `num_columns` input columns, `lengths[r]` of them real for row r."""
-        self.seen_tokens += num_columns
-        self.positions = lengths if self.positions is None else self.positions.to(lengths.device) + lengths
+        if self.positions is None:
+            self.positions = static_buffer(lengths.clone())
+            self.columns = static_buffer(torch.full((), num_columns, dtype=torch.long, device=lengths.device))
+        else:
+            self.positions.add_(lengths.to(self.positions.device))
+            self.columns.add_(num_columns)
+
+    @property
+    def seen_tokens(self) -> int:
+        return 0 if self.columns is None else int(self.columns)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Input columns seen (reads the device counter: one host synchronisation)."""
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
@@ -172,19 +218,19 @@ class BlockStateCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.positions = None
-        self.seen_tokens = 0
+        self.columns = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
             layer.reorder_cache(beam_idx)
         if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+            self.positions.copy_(self.positions.index_select(0, beam_idx.to(self.positions.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for layer in self.layers:
             layer.batch_repeat_interleave(repeats)
         if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+            self.positions = static_buffer(self.positions.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.positions is not None:
@@ -192,7 +238,7 @@ class BlockStateCache(Cache):
         for layer in self.layers:
             layer.batch_select_indices(indices)
         if self.positions is not None:
-            self.positions = self.positions[indices.to(self.positions.device)]
+            self.positions = static_buffer(self.positions[indices.to(self.positions.device)])
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(_CROP_ERROR)

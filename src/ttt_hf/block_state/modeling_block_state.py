@@ -280,7 +280,7 @@ class BlockStateS4D(nn.Module):
         """Decoding: the recurrence advances each row by its one token (at slot `offset`). Returns the
         token's outputs [B, 1, F, D], skip term included."""
         token = torch.gather(u, 1, layout.offset[:, None, None].expand(-1, 1, u.shape[-1]))  # [B, 1, D]
-        y, cache.tensors["ssm_state"] = s4d_decode_step(
+        y, state = s4d_decode_step(
             token[:, 0],
             x0,
             self.log_a_real,
@@ -291,6 +291,7 @@ class BlockStateS4D(nn.Module):
             layout.length > 0,
             self.kernel_backend,
         )
+        cache.set("ssm_state", state)
         return y[:, None]
 
     def outputs(
@@ -314,7 +315,7 @@ class BlockStateS4D(nn.Module):
             steps = torch.arange(u.shape[1], device=u.device)[None] - layout.offset[:, None] + 1
             y = (y + s4d_state_output(x0, dt_a, c, steps.clamp(min=0))).to(dtype)
         if cache is not None:
-            cache.tensors["ssm_state"] = self._final_state(u, layout, x0, dt_a, db)
+            cache.set("ssm_state", self._final_state(u, layout, x0, dt_a, db))
         return y
 
     def block_end_outputs(
@@ -331,7 +332,7 @@ class BlockStateS4D(nn.Module):
             x0 = torch.zeros(u.shape[0], *dt_a.shape, dtype=torch.complex64, device=u.device)
         states = s4d_block_end_states(u.view(u.shape[0], -1, width, u.shape[-1]), x0, dt_a, db, width - layout.offset)
         if cache is not None:
-            cache.tensors["ssm_state"] = self._final_state(u, layout, x0, dt_a, db)
+            cache.set("ssm_state", self._final_state(u, layout, x0, dt_a, db))
         return 2 * (c * states).real.sum(-1) + self.skip.float() * u[:, width - 1 :: width, None]
 
     @staticmethod
@@ -388,7 +389,7 @@ class BlockStateImplicitFilter(nn.Module):
         full = torch.gather(torch.cat([history, u], 1), 1, order[..., None].expand(-1, -1, u.shape[-1]))
         if cache is not None:
             keep = int((seen + layout.length).max())
-            cache.tensors["history"] = full[:, full.shape[1] - keep :]
+            cache.set("history", full[:, full.shape[1] - keep :])
         where = torch.argsort(order, dim=1)[:, history.shape[1] :]  # right-aligned index of every slot
         return full, where
 
@@ -511,9 +512,9 @@ class BlockStateAttention(nn.Module):
             before = zeros if before is None else before[:, None].to(x.dtype)
             extended = torch.cat([before, blocks, zeros], dim=1)  # [B, M+2, W, H, hd]
             index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, 1, *blocks.shape[2:])
-            cache.tensors[name] = torch.gather(extended, 1, index + 1)[:, 0]
+            cache.set(name, torch.gather(extended, 1, index + 1)[:, 0])
             if keep_previous:
-                cache.tensors[keep_previous] = torch.gather(extended, 1, index)[:, 0]
+                cache.set(keep_previous, torch.gather(extended, 1, index)[:, 0])
 
     def _through_cache(self, x, cache, names, layout):
         x = self._fill_from_cache(x, cache, names, layout)
@@ -627,8 +628,8 @@ class BlockStateAttention(nn.Module):
             contexts_v[:, :, 0] = torch.where(use_cache, cached_v.to(ends.dtype), contexts_v[:, :, 0])
         if cache is not None:
             index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, self.num_heads, 1, *contexts_k.shape[3:])
-            cache.tensors["cross_k"] = torch.gather(contexts_k, 2, index)[:, :, 0]
-            cache.tensors["cross_v"] = torch.gather(contexts_v, 2, index)[:, :, 0]
+            cache.set("cross_k", torch.gather(contexts_k, 2, index)[:, :, 0])
+            cache.set("cross_v", torch.gather(contexts_v, 2, index)[:, :, 0])
         return contexts_k[:, :, :blocks], contexts_v[:, :, :blocks]
 
 
@@ -699,7 +700,7 @@ class BlockStatePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # Generation uses the model's own BlockStateCache, created by the first forward.
+        # Generation uses the model's own BlockStateCache (`BlockStateForCausalLM._prepare_cache_for_generation`).
         return False
 
 
@@ -774,10 +775,17 @@ class BlockStateModel(BlockStatePreTrainedModel):
         device = inputs_embeds.device
         mask = self._token_mask(attention_mask, batch, seq_len, device)
         start = cache.row_positions(batch, device) if cache is not None else mask.new_zeros(batch, dtype=torch.long)
-        layout, slot_of_token = self._layout(mask, start)
-        rows = torch.arange(batch, device=device)[:, None].expand(-1, seq_len)
+        # One token per row after a prefill: a decoding step, whose shapes (one block) the host knows without
+        # reading the device, so that it compiles once.
+        decoding = seq_len == 1 and cache is not None and cache.positions is not None
+        layout, slot_of_token = self._layout(mask, start, decoding)
         hidden_states = inputs_embeds.new_zeros(batch, layout.valid.shape[1], inputs_embeds.shape[-1])
-        hidden_states = hidden_states.index_put((rows[mask], slot_of_token[mask]), inputs_embeds[mask])
+        if decoding:
+            real = torch.where(mask[..., None], inputs_embeds, 0)  # padding's embedding (even NaN) never enters
+            hidden_states = hidden_states.scatter(1, slot_of_token[..., None].expand_as(real), real)
+        else:
+            rows = torch.arange(batch, device=device)[:, None].expand(-1, seq_len)
+            hidden_states = hidden_states.index_put((rows[mask], slot_of_token[mask]), inputs_embeds[mask])
 
         def to_tokens(x):  # slots -> input columns (zeros at padding)
             index = slot_of_token.clamp(max=x.shape[1] - 1)[..., None].expand(-1, -1, x.shape[-1])
@@ -801,13 +809,16 @@ class BlockStateModel(BlockStatePreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _layout(self, mask: torch.Tensor, start: torch.Tensor) -> tuple[BlockSlots, torch.Tensor]:
+    def _layout(
+        self, mask: torch.Tensor, start: torch.Tensor, decoding: bool = False
+    ) -> tuple[BlockSlots, torch.Tensor]:
         width = self.config.block_size
         length = mask.sum(-1)
         offset = start % width
         rank = mask.cumsum(-1) - 1
         slot_of_token = offset[:, None] + rank.clamp(min=0)  # [B, T]
-        num_slots = max(1, -(-int((offset + length).max()) // width)) * width
+        # A decoding step's token falls in the block of its row's next slot.
+        num_slots = width if decoding else max(1, -(-int((offset + length).max()) // width)) * width
         slot = torch.arange(num_slots, device=mask.device)[None]
         valid = (slot >= offset[:, None]) & (slot < (offset + length)[:, None])
         order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
@@ -829,7 +840,7 @@ class BlockStateModel(BlockStatePreTrainedModel):
             right_order=order,
             own_mask=own_mask,
             prev_mask=prev_mask,
-            decoding=bool((length <= 1).all()),
+            decoding=decoding or bool((length <= 1).all()),
             block_size=width,
         )
         return layout, slot_of_token
@@ -840,6 +851,16 @@ class BlockStateModel(BlockStatePreTrainedModel):
         if attention_mask is None:
             return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
         return attention_mask[:, -seq_len:].to(device) != 0
+
+
+# Copied from ttt_hf.ttt.modeling_ttt.decoding_step_mask
+def decoding_step_mask(inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool):
+    """The attention mask `generate` passes with a compileable cache: a decoding step gets only its own column,
+    since positions come from the cache. Every step then has the same shapes, and the compiled step compiles
+    once. The prefill's mask is passed whole, for the model to check it against a cache passed in."""
+    if is_first_iteration or attention_mask is None or attention_mask.dim() != 2 or inputs_embeds.shape[1] != 1:
+        return attention_mask
+    return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
 
 
 class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
@@ -900,6 +921,19 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
         """transformers' [`GenerationMixin.generate`], which refuses an empty prompt up front."""
         check_prompt(inputs, kwargs)
         return super().generate(inputs, *args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        # generate decides whether to compile its decoding step from the cache it holds before the prefill: hand it
+        # the model's own cache from the start rather than letting the first forward create it.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
+            model_kwargs[CACHE_NAME] = BlockStateCache(self.config)
+
+    def create_masks_for_generate(
+        self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs
+    ):
+        return decoding_step_mask(inputs_embeds, attention_mask, is_first_iteration)
 
 
 __all__ = ["BlockStatePreTrainedModel", "BlockStateModel", "BlockStateForCausalLM"]

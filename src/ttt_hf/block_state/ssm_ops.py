@@ -22,9 +22,15 @@ import torch
 from .configuration_block_state import KERNEL_BACKENDS
 
 try:
-    from .block_state_triton import rotary_concat_triton, s4d_kernel_triton, s4d_scan_triton, s4d_step_triton
+    from .block_state_triton import (
+        rotary_concat_triton,
+        s4d_kernel_triton,
+        s4d_scan_triton,
+        s4d_step_op,
+        s4d_step_triton,
+    )
 except ImportError:  # triton is optional: the torch reference runs everywhere
-    rotary_concat_triton = s4d_kernel_triton = s4d_scan_triton = s4d_step_triton = None
+    rotary_concat_triton = s4d_kernel_triton = s4d_scan_triton = s4d_step_op = s4d_step_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +48,12 @@ def check_kernel_backend(kernel_backend: str) -> None:
 
 def _use_triton(kernel_backend: str, device: torch.device, supported: bool, what: str) -> bool:
     """Triton on CUDA ("auto") or wherever it can run ("triton": CUDA, or the interpreter on CPU) when the
-    kernel supports the call; the torch reference otherwise (logged once under "triton"), never a wrong result."""
+    kernel supports the call; the torch reference otherwise (logged once under "triton"), never a wrong result.
+    Under `torch.compile` the references run: the compiler fuses them into the step's graph."""
+    return not torch.compiler.is_compiling() and _triton_applies(kernel_backend, device, supported, what)
+
+
+def _triton_applies(kernel_backend: str, device: torch.device, supported: bool, what: str) -> bool:
     check_kernel_backend(kernel_backend)
     if kernel_backend == "torch" or s4d_kernel_triton is None:
         return False
@@ -251,8 +262,10 @@ def s4d_decode_step(
     modes = x.shape[-1]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, x, log_a_real, a_imag, log_dt, c, skip))
     supported = not needs_grad and modes & (modes - 1) == 0
-    if _use_triton(kernel_backend, x.device, supported, "decoding with gradients or N/2 not a power of two"):
-        return s4d_step_triton(u, x, log_a_real, a_imag, log_dt, c, skip, active)
+    if _triton_applies(kernel_backend, x.device, supported, "decoding with gradients or N/2 not a power of two"):
+        # Compiled, the kernel is one opaque operator (its complex state stays out of the compiler).
+        step = s4d_step_op if torch.compiler.is_compiling() else s4d_step_triton
+        return step(u, x, log_a_real, a_imag, log_dt, c, skip, active)
     return s4d_decode_step_reference(u, x, log_a_real, a_imag, log_dt, c, skip, active)
 
 

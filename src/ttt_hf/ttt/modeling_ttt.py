@@ -606,6 +606,15 @@ class TTTModel(TTTPreTrainedModel):
         return attention_mask[:, -seq_len:].to(device) != 0
 
 
+def decoding_step_mask(inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool):
+    """The attention mask `generate` passes with a compileable cache: a decoding step gets only its own column,
+    since positions come from the cache. Every step then has the same shapes, and the compiled step compiles
+    once. The prefill's mask is passed whole, for the model to check it against a cache passed in."""
+    if is_first_iteration or attention_mask is None or attention_mask.dim() != 2 or inputs_embeds.shape[1] != 1:
+        return attention_mask
+    return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
+
+
 class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -680,12 +689,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def create_masks_for_generate(
         self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs
     ):
-        """The attention mask `generate` passes with a compileable cache: a decoding step gets only its own column,
-        since positions come from the cache. Every step then has the same shapes, and the compiled step compiles
-        once. The prefill's mask is passed whole, for the model to check it against a cache passed in."""
-        if is_first_iteration or attention_mask is None or attention_mask.dim() != 2 or inputs_embeds.shape[1] != 1:
-            return attention_mask
-        return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
+        return decoding_step_mask(inputs_embeds, attention_mask, is_first_iteration)
 
 
 __all__ = ["TTTPreTrainedModel", "TTTModel", "TTTForCausalLM"]
