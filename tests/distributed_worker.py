@@ -1,10 +1,14 @@
-"""Training under `Trainer` with a distributed engine, as a user runs it: one process of
+"""Training under a distributed engine, as a user runs it: one process of
 `python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py ENGINE FAMILY OUT` (gloo on the
-CPU), or the whole run in one process (engine "single") for the reference. Also imported by the tests.
+CPU), or the whole run in one process for the reference. Also imported by the tests.
 
 A run trains `STEPS` optimizer steps of a global batch of `GLOBAL_BATCH` rows, saving a checkpoint after
-`RESUME_AT` steps, then resumes from that checkpoint in a second `Trainer` and trains to the same step. The
-first process writes OUT/trained.safetensors and OUT/resumed.safetensors (every parameter, gathered whole).
+`RESUME_AT` steps, then resumes from that checkpoint with a fresh model and optimizer and trains to the same
+step. The first process writes OUT/trained.safetensors and OUT/resumed.safetensors (every parameter, whole).
+
+Engines: "ddp" and "single" run `Trainer`. accelerate runs FSDP on GPUs only, so "fsdp2" and "fsdp2-single"
+apply FSDP2 as accelerate does (`fully_shard` on every module class of `_no_split_modules`, then on the root) in
+a plain loop, with a sharded checkpoint (torch.distributed.checkpoint), without and with the sharding.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,92 +39,151 @@ import block_state_testing  # noqa: E402
 import ttt_testing  # noqa: E402
 from integration_testing import FixedDataset  # noqa: E402
 
-ENGINES = ("single", "ddp", "fsdp2")
 STEPS = 3
 RESUME_AT = 2
 GLOBAL_BATCH = 4
+LEARNING_RATE = 0.05
+# SGD with momentum: a parameter's error stays proportional to its gradient's (Adam's normalised step would blow
+# a gradient's rounding up to a full step where the gradient is tiny), and resuming needs the optimizer's state
+# (momentum) and the scheduler's (a linearly decaying rate).
+MOMENTUM = 0.9
 
 
-def tiny_model(family: str):
+def tiny_model(family: str, gradient_checkpointing: bool = False):
     if family == "ttt":
-        return ttt_testing.tiny_model("linear", "mamba", seed=0)
-    return block_state_testing.tiny_model(seed=0, context_mode="mf")
+        model = ttt_testing.tiny_model("linear", "mamba", seed=0)
+    else:
+        model = block_state_testing.tiny_model(seed=0, context_mode="mf")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
 
 
-def engine_arguments(engine: str, world_size: int) -> dict:
-    """What a user passes to `TrainingArguments` for the engine, beside launching it."""
-    if engine == "ddp":
-        return dict(ddp_find_unused_parameters=False)  # every parameter takes part in every step
-    if engine == "fsdp2":
-        # Decoder layers are wrapped (sharded) one by one, found through the model's `_no_split_modules`.
-        return dict(
-            fsdp="full_shard auto_wrap",
-            fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True},
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a launcher."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def trainer_run(engine: str, family: str, out: Path, gradient_checkpointing: bool) -> dict[str, dict]:
+    """`Trainer`, in one process or under DDP (which needs nothing beyond the launcher)."""
+    _, world_size = world()
+    results = {}
+    for name, resume in (("trained", None), ("resumed", out / f"checkpoint-{RESUME_AT}")):
+        args = TrainingArguments(
+            output_dir=str(out),
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            optim="sgd",
+            optim_args=f"momentum={MOMENTUM}",
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="linear",
+            max_steps=STEPS,
+            per_device_train_batch_size=GLOBAL_BATCH // world_size,
+            train_sampling_strategy="sequential",
+            average_tokens_across_devices=True,
+            logging_strategy="no",
+            save_strategy="steps" if resume is None else "no",
+            save_steps=RESUME_AT,
+            disable_tqdm=True,
+            ddp_timeout=120,
+            ddp_find_unused_parameters=False,  # every parameter takes part in every step
         )
-    return {}
+        trainer = Trainer(model=tiny_model(family, gradient_checkpointing), args=args, train_dataset=FixedDataset())
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        assert trainer.state.global_step == STEPS
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        results[name] = {key: tensor.detach().float().cpu().clone() for key, tensor in state.items()}
+        trainer.accelerator.wait_for_everyone()
+    return results
 
 
-def training_arguments(engine: str, out: Path, world_size: int, **overrides) -> TrainingArguments:
-    values = dict(
-        output_dir=str(out),
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        # SGD with momentum: a parameter's error stays proportional to its gradient's (Adam's normalised step
-        # would blow a gradient's rounding up to the full step where the gradient is tiny), and resuming
-        # needs the optimizer's state (momentum) and the scheduler's (a decaying rate).
-        optim="sgd",
-        optim_args="momentum=0.9",
-        learning_rate=0.05,
-        lr_scheduler_type="linear",
-        max_steps=STEPS,
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        train_sampling_strategy="sequential",
-        average_tokens_across_devices=True,
-        logging_strategy="no",
-        save_strategy="steps",
-        save_steps=RESUME_AT,
-        save_only_model=False,
-        disable_tqdm=True,
-        ddp_timeout=120,
-        **engine_arguments(engine, world_size),
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+def shard_like_accelerate(model) -> None:
+    """FSDP2 as accelerate's plugin applies it with transformer-based wrapping: each decoder layer is a unit."""
+    mesh = init_device_mesh("cpu", (world()[1],))
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
-def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Every parameter, whole (an FSDP2 shard is gathered), under the unwrapped model's names."""
-    state = trainer.accelerator.get_state_dict(trainer.model)
-    return {name: tensor.detach().float().cpu().clone() for name, tensor in state.items()}
+class Loop:
+    """A model, its optimizer and its schedule, optionally sharded, trained on this rank's rows of the global
+    batch with the loss of the global batch (the mean over its target tokens, as `Trainer` takes it)."""
+
+    def __init__(self, family: str, shard: bool, gradient_checkpointing: bool) -> None:
+        self.model = tiny_model(family, gradient_checkpointing)
+        if shard:
+            shard_like_accelerate(self.model)
+        self.model.train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1 - step / STEPS)
+        self.data = FixedDataset()
+
+    def step(self, step: int) -> None:
+        rank, world_size = world()
+        rows = (step * GLOBAL_BATCH + torch.arange(GLOBAL_BATCH)) % len(self.data)
+        labels = self.data.labels[rows]
+        num_items_in_batch = (labels[:, 1:] != -100).sum()
+        mine = rows.chunk(world_size)[rank]
+        loss = self.model(
+            input_ids=self.data.input_ids[mine], labels=self.data.labels[mine], num_items_in_batch=num_items_in_batch
+        ).loss
+        (loss * world_size).backward()  # FSDP averages the ranks' gradients; the loss is already a global mean
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+
+    def state(self) -> dict:
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def save(self, folder: Path) -> None:
+        dcp.save(self.state(), checkpoint_id=folder)
+        if world()[0] == 0:
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+
+    def load(self, folder: Path) -> None:
+        state = self.state()
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt"))
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {
+            key: tensor.float().clone() for key, tensor in get_model_state_dict(self.model, options=options).items()
+        }
+
+
+def fsdp2_run(family: str, out: Path, shard: bool, gradient_checkpointing: bool) -> dict[str, dict]:
+    checkpoint = out / f"checkpoint-{RESUME_AT}"
+    loop = Loop(family, shard, gradient_checkpointing)
+    for step in range(STEPS):
+        if step == RESUME_AT:
+            loop.save(checkpoint)
+        loop.step(step)
+    resumed = Loop(family, shard, gradient_checkpointing)
+    resumed.load(checkpoint)
+    for step in range(RESUME_AT, STEPS):
+        resumed.step(step)
+    return {"trained": loop.full_parameters(), "resumed": resumed.full_parameters()}
 
 
 def run(engine: str, family: str, out: Path, gradient_checkpointing: bool = False) -> dict[str, dict]:
-    """Trains, resumes, and returns {"trained": parameters, "resumed": parameters} (in every process)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    results = {}
-    for name, max_steps, resume in (("trained", STEPS, None), ("resumed", STEPS, out / f"checkpoint-{RESUME_AT}")):
-        args = training_arguments(
-            engine,
-            out,
-            world_size,
-            max_steps=max_steps,
-            gradient_checkpointing=gradient_checkpointing,
-            save_strategy="steps" if resume is None else "no",
-        )
-        trainer = Trainer(model=tiny_model(family), args=args, train_dataset=FixedDataset())
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        assert trainer.state.global_step == STEPS
-        results[name] = full_parameters(trainer)
-        trainer.accelerator.wait_for_everyone()
-    return results
+    """Trains, resumes, and returns {"trained": parameters, "resumed": parameters}."""
+    if engine in ("single", "ddp"):
+        return trainer_run(engine, family, out, gradient_checkpointing)
+    return fsdp2_run(family, out, shard=engine == "fsdp2", gradient_checkpointing=gradient_checkpointing)
 
 
 def main() -> None:
     engine, family, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     gradient_checkpointing = "--gradient-checkpointing" in sys.argv[4:]
+    if engine == "fsdp2":
+        torch.distributed.init_process_group("gloo")
     results = run(engine, family, out, gradient_checkpointing)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if world()[0] == 0:
         for name, parameters in results.items():
             save_file(parameters, str(out / f"{name}.safetensors"))
     if torch.distributed.is_initialized():

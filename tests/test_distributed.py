@@ -50,24 +50,25 @@ def launch(engine: str, family: str, out: Path, *extra: str, nproc: int = 2) -> 
     return {name: load_file(out / f"{name}.safetensors") for name in ("trained", "resumed")}
 
 
-@pytest.fixture(scope="module")
-def single_process_runs(tmp_path_factory) -> dict:
-    """One process, the whole global batch per step: the reference, per family."""
-    runs = {}
-    for family in ("ttt", "block_state"):
-        out = tmp_path_factory.mktemp(f"single_{family}")
-        runs[family] = distributed_worker.run("single", family, out)
-    return runs
-
-
-@pytest.mark.parametrize("family", ["ttt", "block_state"])
-def test_ddp_trains_as_one_process_on_the_global_batch_and_resumes(tmp_path, family, single_process_runs):
-    reference = single_process_runs[family]
-    initial = distributed_worker.tiny_model(family).state_dict()
-    assert max_abs_diff(reference["trained"], {k: v.float() for k, v in initial.items()}) > 1e-2
+def check_against_one_process(runs: dict, reference: dict, family: str) -> None:
+    initial = {key: value.float() for key, value in distributed_worker.tiny_model(family).state_dict().items()}
+    assert max_abs_diff(reference["trained"], initial) > 1e-2  # training moved the parameters
     assert max_abs_diff(reference["resumed"], reference["trained"]) == 0.0
-
-    runs = launch("ddp", family, tmp_path)
     assert max_abs_diff(runs["trained"], reference["trained"]) <= PARAMETER_TOLERANCE
     # Resumed from the checkpoint of step 2 (model, optimizer, scheduler, data position): the same step 3.
     assert max_abs_diff(runs["resumed"], runs["trained"]) == 0.0
+
+
+@pytest.mark.parametrize("family", ["ttt", "block_state"])
+def test_ddp_under_trainer_trains_as_one_process_on_the_global_batch_and_resumes(tmp_path, family):
+    reference = distributed_worker.run("single", family, tmp_path / "single")
+    check_against_one_process(launch("ddp", family, tmp_path / "ddp"), reference, family)
+
+
+@pytest.mark.parametrize("family", ["ttt", "block_state"])
+def test_fsdp2_with_checkpointing_trains_as_one_process_and_resumes_from_a_sharded_checkpoint(tmp_path, family):
+    reference = distributed_worker.run("fsdp2-single", family, tmp_path / "single", gradient_checkpointing=True)
+    runs = launch("fsdp2", family, tmp_path / "fsdp2", "--gradient-checkpointing")
+    check_against_one_process(runs, reference, family)
+    shards = list((tmp_path / "fsdp2" / f"checkpoint-{distributed_worker.RESUME_AT}").glob("*.distcp"))
+    assert len(shards) == 2  # one file per rank: nothing was gathered to save
