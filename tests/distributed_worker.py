@@ -8,7 +8,10 @@ step. The first process writes OUT/trained.safetensors and OUT/resumed.safetenso
 
 Engines: "ddp" and "single" run `Trainer`. accelerate runs FSDP on GPUs only, so "fsdp2" and "fsdp2-single"
 apply FSDP2 as accelerate does (`fully_shard` on every module class of `_no_split_modules`, then on the root) in
-a plain loop, with a sharded checkpoint (torch.distributed.checkpoint), without and with the sharding.
+a plain loop, with a sharded checkpoint (torch.distributed.checkpoint), with and without the sharding. "tp" and
+"tp-single" load OUT/model with and without transformers' tensor parallelism and run the same loop, save the
+trained model with `save_pretrained` (OUT/saved) and write the logits and greedy tokens of a padded batch
+(OUT/inference.safetensors).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     StateDictOptions,
     get_model_state_dict,
@@ -31,7 +35,8 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 )
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+from transformers import AutoModelForCausalLM, DistributedConfig, Trainer, TrainingArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -50,10 +55,11 @@ MOMENTUM = 0.9
 
 
 def tiny_model(family: str, gradient_checkpointing: bool = False):
+    """family: "ttt" (TTT-Linear, Mamba backbone) or "block_state-MODE" (MODE: sh, mh or mf)."""
     if family == "ttt":
         model = ttt_testing.tiny_model("linear", "mamba", seed=0)
     else:
-        model = block_state_testing.tiny_model(seed=0, context_mode="mf")
+        model = block_state_testing.tiny_model(seed=0, context_mode=family.removeprefix("block_state-"))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -108,13 +114,13 @@ def shard_like_accelerate(model) -> None:
 
 
 class Loop:
-    """A model, its optimizer and its schedule, optionally sharded, trained on this rank's rows of the global
-    batch with the loss of the global batch (the mean over its target tokens, as `Trainer` takes it)."""
+    """A model, its optimizer and its schedule, trained on the global batch's loss (the mean over its target
+    tokens, as `Trainer` takes it): with data parallelism each rank computes its share of the rows, with tensor
+    parallelism every rank computes all of them."""
 
-    def __init__(self, family: str, shard: bool, gradient_checkpointing: bool) -> None:
-        self.model = tiny_model(family, gradient_checkpointing)
-        if shard:
-            shard_like_accelerate(self.model)
+    def __init__(self, model, data_parallel: bool) -> None:
+        self.model = model
+        self.data_parallel = data_parallel
         self.model.train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1 - step / STEPS)
@@ -125,29 +131,46 @@ class Loop:
         rows = (step * GLOBAL_BATCH + torch.arange(GLOBAL_BATCH)) % len(self.data)
         labels = self.data.labels[rows]
         num_items_in_batch = (labels[:, 1:] != -100).sum()
-        mine = rows.chunk(world_size)[rank]
+        mine = rows.chunk(world_size)[rank] if self.data_parallel else rows
         loss = self.model(
             input_ids=self.data.input_ids[mine], labels=self.data.labels[mine], num_items_in_batch=num_items_in_batch
         ).loss
-        (loss * world_size).backward()  # FSDP averages the ranks' gradients; the loss is already a global mean
+        if self.data_parallel:
+            loss = loss * world_size  # FSDP averages the ranks' gradients; the loss is already a global mean
+        loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
 
-    def state(self) -> dict:
-        model, optimizer = get_state_dict(self.model, self.optimizer)
+    def state(self, options: StateDictOptions | None = None) -> dict:
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
         return {"model": model, "optimizer": optimizer}
 
     def save(self, folder: Path) -> None:
-        dcp.save(self.state(), checkpoint_id=folder)
+        """FSDP2: each rank writes its shards (torch.distributed.checkpoint). Tensor parallelism: the whole state,
+        gathered (the checkpoint planner rejects the strided shards of Block-State's output projection)."""
+        if self.data_parallel:
+            dcp.save(self.state(), checkpoint_id=folder)
+        whole = None if self.data_parallel else self.state(StateDictOptions(full_state_dict=True, cpu_offload=True))
         if world()[0] == 0:
-            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"scheduler": self.scheduler.state_dict(), "whole": whole}, folder / "loop.pt")
 
     def load(self, folder: Path) -> None:
-        state = self.state()
-        dcp.load(state, checkpoint_id=folder)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt"))
+        saved = torch.load(folder / "loop.pt", weights_only=False)
+        if self.data_parallel:
+            state, options = self.state(), None
+            dcp.load(state, checkpoint_id=folder)
+        else:
+            state, options = saved["whole"], StateDictOptions(full_state_dict=True)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=options,
+        )
+        self.scheduler.load_state_dict(saved["scheduler"])
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -156,31 +179,74 @@ class Loop:
         }
 
 
-def fsdp2_run(family: str, out: Path, shard: bool, gradient_checkpointing: bool) -> dict[str, dict]:
+def loop_run(make_model, out: Path, data_parallel: bool) -> tuple[dict[str, dict], nn.Module]:
+    """The parameters trained and resumed, and the trained model."""
     checkpoint = out / f"checkpoint-{RESUME_AT}"
-    loop = Loop(family, shard, gradient_checkpointing)
+    loop = Loop(make_model(), data_parallel)
     for step in range(STEPS):
         if step == RESUME_AT:
             loop.save(checkpoint)
         loop.step(step)
-    resumed = Loop(family, shard, gradient_checkpointing)
+    resumed = Loop(make_model(), data_parallel)
     resumed.load(checkpoint)
     for step in range(RESUME_AT, STEPS):
         resumed.step(step)
-    return {"trained": loop.full_parameters(), "resumed": resumed.full_parameters()}
+    return {"trained": loop.full_parameters(), "resumed": resumed.full_parameters()}, loop.model
+
+
+def fsdp2_run(family: str, out: Path, shard: bool, gradient_checkpointing: bool) -> dict[str, dict]:
+    def make_model():
+        model = tiny_model(family, gradient_checkpointing)
+        if shard:
+            shard_like_accelerate(model)
+        return model
+
+    return loop_run(make_model, out, data_parallel=True)[0]
+
+
+def inference(model) -> dict[str, torch.Tensor]:
+    """Logits of a left-padded batch and greedy tokens from it."""
+    ids = FixedDataset().input_ids[:3]
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    return {"logits": logits, "generated": generated}
+
+
+def tp_run(out: Path, shard: bool, gradient_checkpointing: bool) -> dict[str, dict]:
+    """The model saved in OUT/model, loaded with transformers' tensor parallelism (`tp_plan="auto"`) or whole."""
+
+    def load():
+        tp = {"distributed_config": DistributedConfig(tp_plan="auto")} if shard else {}
+        model = AutoModelForCausalLM.from_pretrained(out / "model", **tp)
+        if shard:  # the plan applied: projections split over the ranks
+            assert isinstance(model.model.layers[0].mlp.up_proj.weight, DTensor)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+
+    results, trained = loop_run(load, out, data_parallel=False)
+    trained.save_pretrained(out / "saved")  # every rank takes part: the shards are gathered
+    return {"inference": inference(load()), **results}
 
 
 def run(engine: str, family: str, out: Path, gradient_checkpointing: bool = False) -> dict[str, dict]:
-    """Trains, resumes, and returns {"trained": parameters, "resumed": parameters}."""
+    """Trains, resumes, and returns {"trained": parameters, "resumed": parameters} (with tensor parallelism also
+    "inference": logits and generated tokens)."""
     if engine in ("single", "ddp"):
         return trainer_run(engine, family, out, gradient_checkpointing)
+    if engine.startswith("tp"):
+        return tp_run(out, shard=engine == "tp", gradient_checkpointing=gradient_checkpointing)
     return fsdp2_run(family, out, shard=engine == "fsdp2", gradient_checkpointing=gradient_checkpointing)
 
 
 def main() -> None:
     engine, family, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     gradient_checkpointing = "--gradient-checkpointing" in sys.argv[4:]
-    if engine == "fsdp2":
+    if engine == "fsdp2":  # (transformers starts the process group for tensor parallelism)
         torch.distributed.init_process_group("gloo")
     results = run(engine, family, out, gradient_checkpointing)
     if world()[0] == 0:

@@ -49,6 +49,20 @@ class BlockStateConfig(PreTrainedConfig):
     """
 
     model_type = "block_state"
+    # Tensor parallelism: each rank holds whole heads (self- and cross-attention) and a slice of the feed-forward
+    # block; the SSM is replicated (see tensor_parallel.py).
+    base_model_tp_plan = {
+        "layers.*.attn.q_proj": "colwise",
+        "layers.*.attn.k_proj": "colwise",
+        "layers.*.attn.v_proj": "colwise",
+        "layers.*.attn.cross_q_proj": "colwise",
+        "layers.*.attn.cross_k_proj": "ttt_hf_colwise_or_head_shard",
+        "layers.*.attn.cross_v_proj": "ttt_hf_colwise_or_head_shard",
+        "layers.*.attn.o_proj": "ttt_hf_grouped_rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
@@ -104,6 +118,10 @@ class BlockStateConfig(PreTrainedConfig):
         self.use_cache = use_cache
         self.kernel_backend = kernel_backend
         self._validate()
+        # Without SSM layers there is no cross-attention (transformers warns about every rule that matches nothing).
+        self.base_model_tp_plan = {
+            key: style for key, style in type(self).base_model_tp_plan.items() if self.ssm_layers or "cross" not in key
+        }
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

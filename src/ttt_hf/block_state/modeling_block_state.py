@@ -39,6 +39,7 @@ from .ssm_ops import (
     s4d_final_state,
     s4d_state_output,
 )
+from .tensor_parallel import grad_all_reduce, local, tp_group
 
 logger = logging.get_logger(__name__)
 
@@ -428,7 +429,7 @@ class HeadwiseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, H, D] -> [B, S, H, hd]."""
-        return torch.einsum("bshd,hkd->bshk", x, self.weight.to(x.dtype))
+        return torch.einsum("bshd,hkd->bshk", x, local(self.weight).to(x.dtype))
 
 
 def _previous_blocks(blocks: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
@@ -485,7 +486,7 @@ class BlockStateAttention(nn.Module):
         self.o_proj = nn.Linear(2 * width if self.has_ssm else width, width, bias=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, S, H, hd]
+        return x.view(*x.shape[:2], -1, self.head_dim)  # [B, S, H, hd] (H: this rank's heads)
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], -1, self.block_size, *x.shape[2:])  # [B, M, W, h, hd]
@@ -504,9 +505,10 @@ class BlockStateAttention(nn.Module):
     def _store_blocks(self, cache, x, names, layout, previous_name=None):
         """Keeps the slots of the block holding each row's next token (and, optionally, the block before) of
         each head group of x (see `_fill_from_cache`)."""
+        heads = x.shape[2] // len(names)
         for group, name in enumerate(names):
             keep_previous = previous_name if group == 0 else None  # the previous block is the self heads'
-            blocks = self._blocks(x[:, :, group * self.num_heads : (group + 1) * self.num_heads])
+            blocks = self._blocks(x[:, :, group * heads : (group + 1) * heads])
             zeros = torch.zeros_like(blocks[:, :1])
             before = cache.get(keep_previous) if keep_previous else None
             before = zeros if before is None else before[:, None].to(x.dtype)
@@ -592,6 +594,12 @@ class BlockStateAttention(nn.Module):
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             context = self.ssm.outputs(u, layout, cache, hidden_states.dtype)  # [B, S, F, D]
         if self.context_mode == "mh":
+            if (group := tp_group(self.cross_k_proj.weight)) is not None:
+                # Heads split over the ranks: head j reads filter j, so this rank reads its heads' filters. The
+                # SSM is replicated; its gradient from this rank's heads is summed over the ranks.
+                heads = local(self.cross_k_proj.weight).shape[0]
+                first = heads * self.cross_k_proj.weight.device_mesh.get_local_rank()
+                context = grad_all_reduce(context, group)[:, :, first : first + heads]
             return query, self.cross_k_proj(context), self.cross_v_proj(context)
         return query, self._heads(self.cross_k_proj(context[:, :, 0])), self._heads(self.cross_v_proj(context[:, :, 0]))
 
@@ -604,7 +612,7 @@ class BlockStateAttention(nn.Module):
             ends = self.ssm.block_end_outputs(u, layout, cache)  # [B, M, S, D]: block ends only
         key, value = self._mf_context(ends.to(hidden_states.dtype), layout, cache)
         out = F.scaled_dot_product_attention(query, key, value)  # [B, H, M, W, hd]
-        return out.permute(0, 2, 3, 1, 4).reshape(batch, slots, self.num_heads, -1)
+        return out.permute(0, 2, 3, 1, 4).reshape(batch, slots, -1, self.head_dim)
 
     def _mf_context(self, ends, layout, cache):
         """Context keys/values of every block [B, H, M, S, hd]: block i uses the filter outputs at the end of
@@ -615,7 +623,7 @@ class BlockStateAttention(nn.Module):
         first = (self.initial_context + self.context_ids).to(ends.dtype).expand(batch, 1, *states.shape[2:])
 
         def project(proj, x):  # [B, n, S, D] -> [B, H, n, S, hd]
-            y = proj(x).view(*x.shape[:3], self.num_heads, self.head_dim)
+            y = proj(x).view(*x.shape[:3], -1, self.head_dim)
             return y.permute(0, 3, 1, 2, 4)
 
         contexts_k = project(self.cross_k_proj, torch.cat([first, states], dim=1))  # [B, H, M+1, S, hd]
@@ -627,7 +635,7 @@ class BlockStateAttention(nn.Module):
             contexts_k[:, :, 0] = torch.where(use_cache, cached_k.to(ends.dtype), contexts_k[:, :, 0])
             contexts_v[:, :, 0] = torch.where(use_cache, cached_v.to(ends.dtype), contexts_v[:, :, 0])
         if cache is not None:
-            index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, self.num_heads, 1, *contexts_k.shape[3:])
+            index = layout.next_block.view(-1, 1, 1, 1, 1).expand(-1, contexts_k.shape[1], 1, *contexts_k.shape[3:])
             cache.set("cross_k", torch.gather(contexts_k, 2, index)[:, :, 0])
             cache.set("cross_v", torch.gather(contexts_v, 2, index)[:, :, 0])
         return contexts_k[:, :, :blocks], contexts_v[:, :, :blocks]
@@ -864,6 +872,7 @@ def decoding_step_mask(inputs_embeds: torch.Tensor, attention_mask, is_first_ite
 
 
 class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: BlockStateConfig) -> None:

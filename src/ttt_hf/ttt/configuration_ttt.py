@@ -50,6 +50,29 @@ class TTTConfig(PreTrainedConfig):
     """
 
     model_type = "ttt"
+    # Tensor parallelism: each rank holds whole heads (their projections, inner state, norms and gate) and a
+    # slice of the feed-forward block; the rest is replicated (see tensor_parallel.py).
+    base_model_tp_plan = {
+        "layers.*.ttt.q_proj": "colwise",
+        "layers.*.ttt.k_proj": "colwise",
+        "layers.*.ttt.v_proj": "colwise",
+        "layers.*.ttt.g_proj": "colwise",
+        "layers.*.ttt.conv_q": "ttt_hf_head_shard",
+        "layers.*.ttt.conv_k": "ttt_hf_head_shard",
+        "layers.*.ttt.learnable_ttt_lr_weight": "ttt_hf_head_shard",
+        "layers.*.ttt.learnable_ttt_lr_bias": "ttt_hf_head_shard",
+        "layers.*.ttt.ttt_norm_weight": "ttt_hf_head_shard",
+        "layers.*.ttt.ttt_norm_bias": "ttt_hf_head_shard",
+        "layers.*.ttt.W1": "ttt_hf_head_shard",
+        "layers.*.ttt.b1": "ttt_hf_head_shard",
+        "layers.*.ttt.W2": "ttt_hf_head_shard",
+        "layers.*.ttt.b2": "ttt_hf_head_shard",
+        "layers.*.ttt.post_norm": "ttt_hf_head_shard",
+        "layers.*.ttt.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
@@ -104,6 +127,7 @@ class TTTConfig(PreTrainedConfig):
         if kwargs.pop("pretraining_tp", 1) != 1:
             raise ValueError("pretraining_tp: only 1 is supported (the official configs all use 1)")
         self._validate()
+        self.base_model_tp_plan = self._tensor_parallel_plan()
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -111,6 +135,14 @@ class TTTConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    def _tensor_parallel_plan(self) -> dict[str, str]:
+        """The class's plan less the modules this configuration does not build (transformers warns about every
+        rule that matches nothing)."""
+        absent = {"W2", "b2"} if self.ttt_layer_type != "mlp" else set()
+        absent |= {"k_proj"} if self.share_qk else {"conv_q", "conv_k"}
+        absent |= set() if self.use_gate else {"g_proj"}
+        return {key: style for key, style in type(self).base_model_tp_plan.items() if key.split(".")[-1] not in absent}
 
     @property
     def head_dim(self) -> int:

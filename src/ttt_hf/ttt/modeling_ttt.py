@@ -21,6 +21,7 @@ from transformers.utils import logging
 
 from .cache_ttt import TTTCache, TTTLayerCache, check_architecture, store
 from .configuration_ttt import TTTConfig
+from .tensor_parallel import grad_all_reduce, local, sharded_layer_norm, tp_group
 from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, rms_norm, ttt_chunk, ttt_step
 
 logger = logging.get_logger(__name__)
@@ -307,18 +308,19 @@ class TTTLayer(nn.Module):
         return [getattr(self, name) for name in names]
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, f]
+        return x.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)  # [B, H, T, f] (H: this rank's heads)
 
     def forward(
         self, hidden_states: torch.Tensor, layout: TTTTokenPositions, cache: TTTLayerCache | None = None
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
+        group = tp_group(self.W1)  # heads split over this group (tensor parallelism), else None
         if self.share_qk:
             shared = self.q_proj(hidden_states)
             state = _conv_state(cache.qk_conv_state if cache is not None else None, shared, self.conv_q)
             (xq, xk), state = causal_conv1d_banks(
                 shared,
-                [(self.conv_q.weight, self.conv_q.bias), (self.conv_k.weight, self.conv_k.bias)],
+                [(local(conv.weight), local(conv.bias)) for conv in (self.conv_q, self.conv_k)],
                 state,
                 layout.length,
                 self.config.kernel_backend,
@@ -335,22 +337,27 @@ class TTTLayer(nn.Module):
         xk = InterleavedRope.apply(self._split_heads(xk), cos, sin)
         xv = self._split_heads(xv)
 
-        # Per-token inner learning rate [B, H, T] and per-position factor tau [b], in fp32.
+        # Per-token inner learning rate [B, H, T] and per-position factor tau [b], in fp32. Under tensor
+        # parallelism the replicated inputs get only this rank's heads' gradient here: summed over the ranks.
         lr_logits = torch.einsum(
-            "btd,hd->bht", at_least_fp32(hidden_states), at_least_fp32(self.learnable_ttt_lr_weight).squeeze(1)
-        ) + at_least_fp32(self.learnable_ttt_lr_bias)
+            "btd,hd->bht",
+            at_least_fp32(grad_all_reduce(hidden_states, group)),
+            at_least_fp32(local(self.learnable_ttt_lr_weight)).squeeze(1),
+        ) + at_least_fp32(local(self.learnable_ttt_lr_bias))
         lr = self.config.ttt_base_lr * torch.sigmoid(lr_logits) / self.head_dim
         positions = torch.arange(1, self.mini_batch_size + 1, device=hidden_states.device)
-        tau = torch.clamp_min(1.0 / positions + at_least_fp32(self.learnable_token_idx), 0.0)
+        token_idx = grad_all_reduce(self.learnable_token_idx, group)
+        tau = torch.clamp_min(1.0 / positions + at_least_fp32(token_idx), 0.0)
 
         state_in_cache = cache is not None and cache.ttt_state is not None
         if state_in_cache:
             state, acc = cache.ttt_state, cache.ttt_acc
         else:
-            state = [at_least_fp32(p).unsqueeze(0).expand(batch, *p.shape) for p in self.inner_parameters]
+            initial = [local(p) for p in self.inner_parameters]
+            state = [at_least_fp32(p).unsqueeze(0).expand(batch, *p.shape) for p in initial]
             acc = [torch.zeros_like(s) for s in state]
-        ln_weight = at_least_fp32(self.ttt_norm_weight).unsqueeze(1)  # [H, 1, f]
-        ln_bias = at_least_fp32(self.ttt_norm_bias).unsqueeze(1)
+        ln_weight = at_least_fp32(local(self.ttt_norm_weight)).unsqueeze(1)  # [H, 1, f]
+        ln_bias = at_least_fp32(local(self.ttt_norm_bias)).unsqueeze(1)
         backend = self.config.kernel_backend
 
         if cache is not None and seq_len == 1:
@@ -390,8 +397,12 @@ class TTTLayer(nn.Module):
         if cache is not None:
             cache.store_state(state, acc)
 
-        out = out.transpose(1, 2).reshape(batch, seq_len, self.hidden_size).to(hidden_states.dtype)
-        out = self.post_norm(out)
+        out = out.transpose(1, 2).reshape(batch, seq_len, -1).to(hidden_states.dtype)
+        if group is None:
+            out = self.post_norm(out)
+        else:  # this rank's heads' slice of a LayerNorm over all heads
+            norm = self.post_norm
+            out = sharded_layer_norm(out, local(norm.weight), local(norm.bias), norm.eps, self.hidden_size, group)
         if self.use_gate:
             out = F.gelu(self.g_proj(hidden_states), approximate="tanh") * out
         return self.o_proj(out)
