@@ -4,7 +4,8 @@ CPU), or the whole run in one process for the reference. Also imported by the te
 
 A run trains `STEPS` optimizer steps of a global batch of `GLOBAL_BATCH` rows, saving a checkpoint after
 `RESUME_AT` steps, then resumes from that checkpoint with a fresh model and optimizer and trains to the same
-step. The first process writes OUT/trained.safetensors and OUT/resumed.safetensors (every parameter, whole).
+step. The first process writes OUT/trained.safetensors and OUT/resumed.safetensors (every parameter, whole;
+resumed only where the engine can resume on the CPU, see `trainer_resumes_several_cpu_processes`).
 
 Engines: "ddp" and "single" run `Trainer`. accelerate runs FSDP on GPUs only, so "fsdp2" and "fsdp2-single"
 apply FSDP2 as accelerate does (`fully_shard` on every module class of `_no_split_modules`, then on the root) in
@@ -25,6 +26,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
+import transformers  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
@@ -70,11 +73,18 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def trainer_resumes_several_cpu_processes() -> bool:
+    """Before 5.25, `Trainer` resuming several processes on the CPU loads the optimizer to `cpu:0`, which torch
+    cannot restore (on GPUs it loads to `cuda:N`)."""
+    return Version(transformers.__version__) >= Version("5.25")
+
+
 def trainer_run(engine: str, family: str, out: Path, gradient_checkpointing: bool) -> dict[str, dict]:
     """`Trainer`, in one process or under DDP (which needs nothing beyond the launcher)."""
     _, world_size = world()
     results = {}
-    for name, resume in (("trained", None), ("resumed", out / f"checkpoint-{RESUME_AT}")):
+    runs = (("trained", None), ("resumed", out / f"checkpoint-{RESUME_AT}"))
+    for name, resume in runs if world_size == 1 or trainer_resumes_several_cpu_processes() else runs[:1]:
         args = TrainingArguments(
             output_dir=str(out),
             report_to=[],

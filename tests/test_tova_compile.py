@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from compile_testing import GraphRecorder, compile_config, fresh_dynamo  # noqa: F401 (an autouse fixture)
-from model_testing import left_pad, random_ids, returned_cache
+from model_testing import cache_arg, left_pad, random_ids, returned_cache
 from tova_testing import SMALL
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,7 +54,12 @@ def test_the_compiled_step_gives_the_eager_tokens_and_compiles_once(attn_impleme
             cache = TOVACache(BUDGET, **cache_kwargs)
             with torch.no_grad():
                 out = model.generate(
-                    ids, attention_mask=mask, cache=cache, max_new_tokens=NEW_TOKENS, do_sample=False, **compile_kwargs
+                    ids,
+                    attention_mask=mask,
+                    **cache_arg(cache),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    **compile_kwargs,
                 )
             runs.append((out, [cache.kept_positions(i).sort(-1).values for i in range(len(cache.layers))]))
         (eager, eager_kept), (compiled, compiled_kept) = runs
@@ -77,7 +82,7 @@ def test_beam_search_and_sampling_in_the_compiled_step():
         for compile_kwargs in ({"disable_compile": True}, {"compile_config": config}):
             torch.manual_seed(5)
             with torch.no_grad():
-                runs.append(model.generate(ids, cache=TOVACache(BUDGET), **kwargs, **compile_kwargs))
+                runs.append(model.generate(ids, **cache_arg(TOVACache(BUDGET)), **kwargs, **compile_kwargs))
         assert torch.equal(runs[0], runs[1])
 
 
@@ -88,19 +93,21 @@ def test_compiled_steps_keep_the_caches_tensors_and_the_cache_continues():
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
     cache = TOVACache(BUDGET)
     with torch.no_grad():
-        model(ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], **cache_arg(cache))
         addresses = cache_addresses(cache)
-        first = model.generate(ids, attention_mask=mask, cache=cache, compile_config=config, **kwargs)
+        first = model.generate(ids, attention_mask=mask, **cache_arg(cache), compile_config=config, **kwargs)
         assert cache_addresses(cache) == addresses
         assert cache.get_seq_length() == first.shape[1] - 1
         # Continuing: the whole sequence so far, then new tokens, as with any cache.
         more = torch.cat([first, random_ids(3, 2, seed=41, vocab=SMALL["vocab_size"])], dim=1)
         more_mask = torch.cat([mask, torch.ones(3, more.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
-        continued = model.generate(more, attention_mask=more_mask, cache=cache, compile_config=config, **kwargs)
+        continued = model.generate(more, attention_mask=more_mask, **cache_arg(cache), compile_config=config, **kwargs)
         eager_cache = TOVACache(BUDGET)
-        model(ids[:, :-1], attention_mask=mask[:, :-1], cache=eager_cache)
-        model.generate(ids, attention_mask=mask, cache=eager_cache, disable_compile=True, **kwargs)
-        expected = model.generate(more, attention_mask=more_mask, cache=eager_cache, disable_compile=True, **kwargs)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], **cache_arg(eager_cache))
+        model.generate(ids, attention_mask=mask, **cache_arg(eager_cache), disable_compile=True, **kwargs)
+        expected = model.generate(
+            more, attention_mask=more_mask, **cache_arg(eager_cache), disable_compile=True, **kwargs
+        )
     assert torch.equal(continued, expected)
 
 
@@ -114,7 +121,9 @@ def test_plain_generate_on_the_cpu_compiles_nothing():
     ids, mask = prompts(PROMPTS[0], seed=50)
     cache = TOVACache(BUDGET)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=3, return_dict_in_generate=True)
+        out = model.generate(
+            ids, attention_mask=mask, **cache_arg(cache), max_new_tokens=3, return_dict_in_generate=True
+        )
     assert returned_cache(out) is cache and cache.is_compileable
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
@@ -129,9 +138,13 @@ def test_the_triton_step_runs_inside_the_compiled_step(attn_implementation):
     ids, mask = prompts(PROMPTS[0], seed=60)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
     with torch.no_grad():
-        expected = model.generate(ids, cache=TOVACache(BUDGET, kernel_backend="torch"), disable_compile=True, **kwargs)
+        expected = model.generate(
+            ids, **cache_arg(TOVACache(BUDGET, kernel_backend="torch")), disable_compile=True, **kwargs
+        )
         triton_cache = TOVACache(BUDGET, kernel_backend="triton")
-        compiled = model.generate(ids, cache=triton_cache, compile_config=compile_config(recorder.backend), **kwargs)
+        compiled = model.generate(
+            ids, **cache_arg(triton_cache), compile_config=compile_config(recorder.backend), **kwargs
+        )
     assert torch.equal(compiled, expected)
     (graph,) = recorder.graphs
     assert "tova_decode_step_" in graph.code
