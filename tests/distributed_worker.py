@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import AutoModelForCausalLM, DistributedConfig, Trainer, TrainingArguments  # noqa: E402
 
@@ -114,13 +114,17 @@ def trainer_run(engine: str, family: str, out: Path, gradient_checkpointing: boo
     return results
 
 
-def shard_like_accelerate(model) -> None:
-    """FSDP2 as accelerate's plugin applies it with transformer-based wrapping: each decoder layer is a unit."""
+def shard_like_accelerate(model, bf16: bool) -> None:
+    """FSDP2 as accelerate's plugin applies it with transformer-based wrapping (each decoder layer is a unit) and,
+    for `mixed_precision="bf16"`, bf16 compute over fp32 parameters with fp32 gradient reduction."""
     mesh = init_device_mesh("cpu", (world()[1],))
+    options = {"mesh": mesh}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for module in model.modules():
         if type(module).__name__ in model._no_split_modules:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, **options)
+    fully_shard(model, **options)
 
 
 class Loop:
@@ -204,11 +208,11 @@ def loop_run(make_model, out: Path, data_parallel: bool) -> tuple[dict[str, dict
     return {"trained": loop.full_parameters(), "resumed": resumed.full_parameters()}, loop.model
 
 
-def fsdp2_run(family: str, out: Path, shard: bool, gradient_checkpointing: bool) -> dict[str, dict]:
+def fsdp2_run(family: str, out: Path, shard: bool, gradient_checkpointing: bool, bf16: bool) -> dict[str, dict]:
     def make_model():
         model = tiny_model(family, gradient_checkpointing)
         if shard:
-            shard_like_accelerate(model)
+            shard_like_accelerate(model, bf16)
         return model
 
     return loop_run(make_model, out, data_parallel=True)[0]
@@ -243,22 +247,25 @@ def tp_run(out: Path, shard: bool, gradient_checkpointing: bool) -> dict[str, di
     return {"inference": inference(load()), **results}
 
 
-def run(engine: str, family: str, out: Path, gradient_checkpointing: bool = False) -> dict[str, dict]:
+def run(
+    engine: str, family: str, out: Path, gradient_checkpointing: bool = False, bf16: bool = False
+) -> dict[str, dict]:
     """Trains, resumes, and returns {"trained": parameters, "resumed": parameters} (with tensor parallelism also
     "inference": logits and generated tokens)."""
     if engine in ("single", "ddp"):
         return trainer_run(engine, family, out, gradient_checkpointing)
     if engine.startswith("tp"):
         return tp_run(out, shard=engine == "tp", gradient_checkpointing=gradient_checkpointing)
-    return fsdp2_run(family, out, shard=engine == "fsdp2", gradient_checkpointing=gradient_checkpointing)
+    return fsdp2_run(family, out, engine == "fsdp2", gradient_checkpointing, bf16)
 
 
 def main() -> None:
     engine, family, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     gradient_checkpointing = "--gradient-checkpointing" in sys.argv[4:]
+    bf16 = "--bf16" in sys.argv[4:]
     if engine == "fsdp2":  # (transformers starts the process group for tensor parallelism)
         torch.distributed.init_process_group("gloo")
-    results = run(engine, family, out, gradient_checkpointing)
+    results = run(engine, family, out, gradient_checkpointing, bf16)
     if world()[0] == 0:
         for name, parameters in results.items():
             save_file(parameters, str(out / f"{name}.safetensors"))

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.placement_types import _StridedShard
 from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, RowwiseParallel, TensorParallelLayer
 
 
@@ -56,7 +55,10 @@ class GroupedRowwise(RowwiseParallel):
             placement = Replicate()
         elif groups == 1:
             placement = Shard(tensor.ndim - 1)
-        else:  # the rank's slice of each group (what transformers' packed styles use)
+        else:  # the rank's slice of each group, as transformers' packed styles place it (a private placement,
+            # imported here so that the model loads without it)
+            from torch.distributed.tensor.placement_types import _StridedShard
+
             placement = _StridedShard(dim=tensor.ndim - 1, split_factor=groups)
         sharded = distribute_tensor(tensor, mesh, [placement], src_data_rank=None)
         module._parameters[param] = nn.Parameter(sharded, requires_grad=tensor.requires_grad)
