@@ -14,16 +14,18 @@ HF's DynamicCache (eager) and with `cache_implementation="static"` (compiled the
     python kernels/bench_generate.py [--models ttt-125m-linear,ttt-125m-mlp,llama-125m] [--batches 1,16]
         [--prompts 512] [--new 256] [--out generate.json]
 
-Prints a markdown table and writes kernels/results/<out> (and $OUT/<out> when $OUT is set).
+Prints a markdown table and writes kernels/results/<out> and a bar chart of the decode tokens/s beside it (.png),
+also into $OUT when it is set.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
-from bench_common import ROOT, save_results, ttt_model
+from bench_common import ROOT, result_paths, save_results, ttt_model
 from bench_ttt_model import llama_like
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -190,6 +192,43 @@ def main() -> None:
         del model
         torch._dynamo.reset()
         torch.cuda.empty_cache()
+    plot(results, result_paths(Path(args.out).with_suffix(".png").name))
+
+
+def plot(results: dict, paths: list[Path]) -> None:
+    """Decode tokens/s per model and mode (bars), one group per batch size and prompt length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = results["rows"]
+    if not rows:
+        return
+    groups = sorted({(row["batch"], row["prompt"]) for row in rows})
+    settings = list(dict.fromkeys(f"{row['model']}: {row['mode']}" for row in rows))
+    width = 0.8 / len(settings)
+    fig, ax = plt.subplots(figsize=(max(8.0, 2.5 * len(groups)), 6.0))
+    for index, setting in enumerate(settings):
+        measured = {
+            groups.index((r["batch"], r["prompt"])): r["decode_tokens_per_s"]
+            for r in rows
+            if f"{r['model']}: {r['mode']}" == setting
+        }
+        ax.bar([g + index * width for g in measured], list(measured.values()), width, label=setting)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    ax.set_xticklabels([f"batch {b}\nprompt {p}" for b, p in groups])
+    ax.set(
+        yscale="log",
+        ylabel="decode tokens/s",
+        title=f"plain generate, bf16, greedy, {results['new_tokens']} new tokens ({results['device']})",
+    )
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
