@@ -58,9 +58,12 @@ MOMENTUM = 0.9
 
 
 def tiny_model(family: str, gradient_checkpointing: bool = False):
-    """family: "ttt" (TTT-Linear, Mamba backbone) or "block_state-MODE" (MODE: sh, mh or mf)."""
+    """family: "ttt" (TTT-Linear, Mamba backbone), "ttt-LAYER-BACKBONE" or "block_state-MODE" (MODE: sh, mh or
+    mf)."""
     if family == "ttt":
         model = ttt_testing.tiny_model("linear", "mamba", seed=0)
+    elif family.startswith("ttt-"):
+        model = ttt_testing.tiny_model(*family.split("-")[1:], seed=0)
     else:
         model = block_state_testing.tiny_model(seed=0, context_mode=family.removeprefix("block_state-"))
     if gradient_checkpointing:
