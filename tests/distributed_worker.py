@@ -39,7 +39,13 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
-from transformers import AutoModelForCausalLM, DistributedConfig, Trainer, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    CompileConfig,
+    DistributedConfig,
+    Trainer,
+    TrainingArguments,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -58,14 +64,17 @@ MOMENTUM = 0.9
 
 
 def tiny_model(family: str, gradient_checkpointing: bool = False):
-    """family: "ttt" (TTT-Linear, Mamba backbone), "ttt-LAYER-BACKBONE" or "block_state-MODE" (MODE: sh, mh or
-    mf)."""
+    """family: "ttt" (TTT-Linear, Mamba backbone), "ttt-LAYER-BACKBONE" or "block_state-MODE[-previous]" (MODE: sh,
+    mh or mf)."""
     if family == "ttt":
         model = ttt_testing.tiny_model("linear", "mamba", seed=0)
     elif family.startswith("ttt-"):
         model = ttt_testing.tiny_model(*family.split("-")[1:], seed=0)
-    else:
-        model = block_state_testing.tiny_model(seed=0, context_mode=family.removeprefix("block_state-"))
+    else:  # "-previous": self-attention also sees the previous block
+        mode = family.removeprefix("block_state-").removesuffix("-previous")
+        model = block_state_testing.tiny_model(
+            seed=0, context_mode=mode, attend_previous_block=family.endswith("-previous")
+        )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -233,6 +242,17 @@ def inference(model) -> dict[str, torch.Tensor]:
     return {"logits": logits, "generated": generated}
 
 
+def check_split_model_decodes_eagerly(model) -> None:
+    """With its parameters split over ranks a model keeps its decoding step out of `generate`'s compilation
+    (asked for here on the CPU too)."""
+    config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    ids = FixedDataset().input_ids[:2]
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False, compile_config=config)
+    assert not hasattr(model, "_compiled_call")
+
+
 def tp_run(out: Path, shard: bool, gradient_checkpointing: bool) -> dict[str, dict]:
     """The model saved in OUT/model, loaded with transformers' tensor parallelism (`tp_plan="auto"`) or whole."""
 
@@ -247,7 +267,10 @@ def tp_run(out: Path, shard: bool, gradient_checkpointing: bool) -> dict[str, di
 
     results, trained = loop_run(load, out, data_parallel=False)
     trained.save_pretrained(out / "saved")  # every rank takes part: the shards are gathered
-    return {"inference": inference(load()), **results}
+    model = load()
+    if shard:
+        check_split_model_decodes_eagerly(model)
+    return {"inference": inference(model), **results}
 
 
 def run(

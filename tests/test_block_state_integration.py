@@ -52,7 +52,14 @@ MF_PREV_PARTIAL = dict(context_mode="mf", attend_previous_block=True, ssm_layers
 SH_IMPLICIT = dict(context_mode="sh", ssm_kind="implicit")
 MH_IMPLICIT = dict(context_mode="mh", ssm_kind="implicit")
 MF_IMPLICIT = dict(context_mode="mf", ssm_kind="implicit")
-MODEL_FILES = {"configuration_block_state.py", "modeling_block_state.py", "cache_block_state.py", "ssm_ops.py"}
+MODEL_FILES = {
+    "configuration_block_state.py",
+    "modeling_block_state.py",
+    "cache_block_state.py",
+    "ssm_ops.py",
+    "block_state_triton.py",
+    "tensor_parallel.py",
+}
 
 
 def _id(variant: dict) -> str:

@@ -1,5 +1,6 @@
 """transformers' automatic compilation of the decoding step on a CUDA device (skipped without one): inductor in
-"reduce-overhead" mode (CUDA graphs), with the Triton step kernels as single operators."""
+"reduce-overhead" mode (CUDA graphs). That the Triton step kernels run inside it as single operators is checked on
+the CPU (tests/test_compile.py)."""
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import ttt_hf  # noqa: F401
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
 
 
-@pytest.mark.parametrize("family", ["ttt-linear-mamba", "ttt-mlp-mamba", "block_state-sh-s4d", "block_state-mf-s4d"])
+@pytest.mark.parametrize(
+    "family", ["ttt-linear-mamba", "ttt-mlp-mamba", "block_state-sh-s4d", "block_state-mh-s4d", "block_state-mf-s4d"]
+)
 def test_plain_generate_compiles_the_decoding_step_into_a_cuda_graph(family):
     """The tokens of the eager step and of full forwards without a cache, for beam search and sampling too, and
     one graph per batch size for every prompt length and padding."""

@@ -80,7 +80,9 @@ def test_fsdp2_with_checkpointing_trains_as_one_process_and_resumes_from_a_shard
     assert len(shards) == 2  # one file per rank: nothing was gathered to save
 
 
-@pytest.mark.parametrize("family", ["ttt", "ttt-mlp-transformer", "block_state-mh", "block_state-mf"])
+@pytest.mark.parametrize(
+    "family", ["ttt", "ttt-mlp-transformer", "block_state-sh-previous", "block_state-mh", "block_state-mf"]
+)
 def test_tensor_parallel_gives_one_process_logits_tokens_and_training(tmp_path, family):
     """`tp_plan="auto"`: heads split over two ranks (TTT's inner models and convolutions, the multi-head
     Block-State context per head, the multi-filter one per head of its projections)."""

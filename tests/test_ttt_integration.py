@@ -45,7 +45,7 @@ MAMBA_LINEAR = ("linear", "mamba")
 TRANSFORMER_MLP = ("mlp", "transformer")
 TWO_VARIANTS = [MAMBA_LINEAR, TRANSFORMER_MLP]
 TWO_IDS = ["-".join(v) for v in TWO_VARIANTS]
-MODEL_FILES = {"configuration_ttt.py", "modeling_ttt.py", "cache_ttt.py", "ttt_ops.py"}
+MODEL_FILES = {"configuration_ttt.py", "modeling_ttt.py", "cache_ttt.py", "ttt_ops.py", "tensor_parallel.py"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ class BlockStateLayerCache:
     the same address.
     """
 
-    is_compileable = True
+    is_compileable = True  # the layer's buffers; `BlockStateCache.is_compileable` decides for the filter kind
     is_croppable = False
     is_sliding = False
     supports_early_init = False

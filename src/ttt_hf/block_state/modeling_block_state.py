@@ -39,7 +39,7 @@ from .ssm_ops import (
     s4d_final_state,
     s4d_state_output,
 )
-from .tensor_parallel import grad_all_reduce, local, tp_group
+from .tensor_parallel import grad_all_reduce, has_sharded_parameters, local, tp_group
 
 logger = logging.get_logger(__name__)
 
@@ -938,6 +938,13 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
         passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
             model_kwargs[CACHE_NAME] = BlockStateCache(self.config)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        # With parameters split over ranks a decoding step runs collectives inside the layers, which no compiled
+        # step is tested with: it stays eager.
+        return not has_sharded_parameters(self) and super()._valid_auto_compile_criteria(
+            model_kwargs, generation_config
+        )
 
     def create_masks_for_generate(
         self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs

@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .cache_ttt import TTTCache, TTTLayerCache, check_architecture, store
 from .configuration_ttt import TTTConfig
-from .tensor_parallel import grad_all_reduce, local, sharded_layer_norm, tp_group
+from .tensor_parallel import grad_all_reduce, has_sharded_parameters, local, sharded_layer_norm, tp_group
 from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, rms_norm, ttt_chunk, ttt_step
 
 logger = logging.get_logger(__name__)
@@ -696,6 +696,13 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
             model_kwargs[CACHE_NAME] = TTTCache(self.config)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        # With parameters split over ranks a decoding step runs collectives inside the layers, which no compiled
+        # step is tested with: it stays eager.
+        return not has_sharded_parameters(self) and super()._valid_auto_compile_criteria(
+            model_kwargs, generation_config
+        )
 
     def create_masks_for_generate(
         self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs

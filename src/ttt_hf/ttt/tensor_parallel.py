@@ -43,6 +43,11 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def has_sharded_parameters(model: nn.Module) -> bool:
+    """Whether parameters are split over ranks (tensor parallelism, or FSDP outside a unit's forward)."""
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
 def tp_group(parameter: torch.Tensor) -> dist.ProcessGroup | None:
     """The process group a parameter is sharded over, None without tensor parallelism."""
     return parameter.device_mesh.get_group() if isinstance(parameter, DTensor) else None
@@ -59,7 +64,7 @@ class GradAllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # autograd may hand the same gradient to other inputs
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
