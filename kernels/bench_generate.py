@@ -60,18 +60,7 @@ def llama_like_block_state_200m(dtype: torch.dtype) -> LlamaForCausalLM:
     """A Llama of Block-State-SH 200M's width, depth, heads and vocabulary; an FFN of 4096 matches its parameter
     count (the Block-State layers' cross-attention weights), as in bench_block_state.py."""
     block_state = BlockStateConfig.from_json_file(ROOT / "configs" / "block-state-200m-sh.json")
-    config = LlamaConfig(
-        vocab_size=block_state.vocab_size,
-        hidden_size=block_state.hidden_size,
-        intermediate_size=4096,
-        num_hidden_layers=block_state.num_hidden_layers,
-        num_attention_heads=block_state.num_attention_heads,
-        max_position_embeddings=1 << 16,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to("cuda", dtype)
+    return llama_like(block_state, dtype, intermediate_size=4096)
 
 
 def tinyllama_shaped(dtype: torch.dtype) -> LlamaForCausalLM:

@@ -20,12 +20,13 @@ from ttt_hf import TTTConfig
 from ttt_hf.ttt.cache_ttt import TTTCache
 
 
-def llama_like(config: TTTConfig, dtype: torch.dtype) -> LlamaForCausalLM:
-    """A Llama with the TTT model's width, depth, heads, FFN and vocabulary (attention instead of TTT)."""
+def llama_like(config, dtype: torch.dtype, intermediate_size: int | None = None) -> LlamaForCausalLM:
+    """A Llama with the model's width, depth, heads, FFN (or `intermediate_size`) and vocabulary: attention
+    instead of TTT or Block-State layers."""
     llama = LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
+        intermediate_size=intermediate_size or config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         max_position_embeddings=1 << 16,

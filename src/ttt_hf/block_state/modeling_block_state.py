@@ -708,7 +708,7 @@ class BlockStatePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # Generation uses the model's own BlockStateCache (`BlockStateForCausalLM._prepare_cache_for_generation`).
+        # Generation uses the model's own BlockStateCache (`OwnCacheGenerationMixin._prepare_cache_for_generation`).
         return False
 
 
@@ -861,17 +861,42 @@ class BlockStateModel(BlockStatePreTrainedModel):
         return attention_mask[:, -seq_len:].to(device) != 0
 
 
-# Copied from ttt_hf.ttt.modeling_ttt.decoding_step_mask
-def decoding_step_mask(inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool):
-    """The attention mask `generate` passes with a compileable cache: a decoding step gets only its own column,
-    since positions come from the cache. Every step then has the same shapes, and the compiled step compiles
-    once. The prefill's mask is passed whole, for the model to check it against a cache passed in."""
-    if is_first_iteration or attention_mask is None or attention_mask.dim() != 2 or inputs_embeds.shape[1] != 1:
-        return attention_mask
-    return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
+# Copied from ttt_hf.ttt.modeling_ttt.OwnCacheGenerationMixin
+class OwnCacheGenerationMixin:
+    """What `generate` needs from a model that decodes with its own cache (`cache_class`, built from the config):
+    the cache handed over before the prefill, a decoding step's mask reduced to its own column, and no compiled
+    step while parameters are split over ranks."""
+
+    cache_class: type
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        # generate decides whether to compile its decoding step from the cache it holds before the prefill: hand it
+        # the model's own cache from the start rather than letting the first forward create it.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
+            model_kwargs[CACHE_NAME] = self.cache_class(self.config)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        # With parameters split over ranks a decoding step runs collectives inside the layers, which no compiled
+        # step is tested with: it stays eager.
+        return not has_sharded_parameters(self) and super()._valid_auto_compile_criteria(
+            model_kwargs, generation_config
+        )
+
+    def create_masks_for_generate(
+        self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs
+    ):
+        """The attention mask `generate` passes with a compileable cache: a decoding step gets only its own
+        column, since positions come from the cache. Every step then has the same shapes, and the compiled step
+        compiles once. The prefill's mask is passed whole, for the model to check it against a cache passed in."""
+        if is_first_iteration or attention_mask is None or attention_mask.dim() != 2 or inputs_embeds.shape[1] != 1:
+            return attention_mask
+        return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
 
 
-class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
+class BlockStateForCausalLM(OwnCacheGenerationMixin, BlockStatePreTrainedModel, GenerationMixin):
+    cache_class = BlockStateCache
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -930,26 +955,6 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
         """transformers' [`GenerationMixin.generate`], which refuses an empty prompt up front."""
         check_prompt(inputs, kwargs)
         return super().generate(inputs, *args, **kwargs)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        # generate decides whether to compile its decoding step from the cache it holds before the prefill: hand it
-        # the model's own cache from the start rather than letting the first forward create it.
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
-            model_kwargs[CACHE_NAME] = BlockStateCache(self.config)
-
-    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
-        # With parameters split over ranks a decoding step runs collectives inside the layers, which no compiled
-        # step is tested with: it stays eager.
-        return not has_sharded_parameters(self) and super()._valid_auto_compile_criteria(
-            model_kwargs, generation_config
-        )
-
-    def create_masks_for_generate(
-        self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs
-    ):
-        return decoding_step_mask(inputs_embeds, attention_mask, is_first_iteration)
 
 
 __all__ = ["BlockStatePreTrainedModel", "BlockStateModel", "BlockStateForCausalLM"]

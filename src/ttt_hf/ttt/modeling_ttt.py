@@ -482,7 +482,7 @@ class TTTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # Generation uses the model's own recurrent TTTCache (`TTTForCausalLM._prepare_cache_for_generation`).
+        # Generation uses the model's own recurrent TTTCache (`OwnCacheGenerationMixin._prepare_cache_for_generation`).
         return False
 
 
@@ -617,16 +617,41 @@ class TTTModel(TTTPreTrainedModel):
         return attention_mask[:, -seq_len:].to(device) != 0
 
 
-def decoding_step_mask(inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool):
-    """The attention mask `generate` passes with a compileable cache: a decoding step gets only its own column,
-    since positions come from the cache. Every step then has the same shapes, and the compiled step compiles
-    once. The prefill's mask is passed whole, for the model to check it against a cache passed in."""
-    if is_first_iteration or attention_mask is None or attention_mask.dim() != 2 or inputs_embeds.shape[1] != 1:
-        return attention_mask
-    return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
+class OwnCacheGenerationMixin:
+    """What `generate` needs from a model that decodes with its own cache (`cache_class`, built from the config):
+    the cache handed over before the prefill, a decoding step's mask reduced to its own column, and no compiled
+    step while parameters are split over ranks."""
+
+    cache_class: type
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        # generate decides whether to compile its decoding step from the cache it holds before the prefill: hand it
+        # the model's own cache from the start rather than letting the first forward create it.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
+            model_kwargs[CACHE_NAME] = self.cache_class(self.config)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        # With parameters split over ranks a decoding step runs collectives inside the layers, which no compiled
+        # step is tested with: it stays eager.
+        return not has_sharded_parameters(self) and super()._valid_auto_compile_criteria(
+            model_kwargs, generation_config
+        )
+
+    def create_masks_for_generate(
+        self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs
+    ):
+        """The attention mask `generate` passes with a compileable cache: a decoding step gets only its own
+        column, since positions come from the cache. Every step then has the same shapes, and the compiled step
+        compiles once. The prefill's mask is passed whole, for the model to check it against a cache passed in."""
+        if is_first_iteration or attention_mask is None or attention_mask.dim() != 2 or inputs_embeds.shape[1] != 1:
+            return attention_mask
+        return attention_mask[:, -1:].contiguous()  # a view's row stride would grow with every step
 
 
-class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
+class TTTForCausalLM(OwnCacheGenerationMixin, TTTPreTrainedModel, GenerationMixin):
+    cache_class = TTTCache
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -688,26 +713,6 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         """transformers' [`GenerationMixin.generate`], which refuses an empty prompt up front."""
         check_prompt(inputs, kwargs)
         return super().generate(inputs, *args, **kwargs)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        # generate decides whether to compile its decoding step from the cache it holds before the prefill: hand it
-        # the model's own cache from the start rather than letting the first forward create it.
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        if passed is None and model_kwargs.get("use_cache", generation_config.use_cache):
-            model_kwargs[CACHE_NAME] = TTTCache(self.config)
-
-    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
-        # With parameters split over ranks a decoding step runs collectives inside the layers, which no compiled
-        # step is tested with: it stays eager.
-        return not has_sharded_parameters(self) and super()._valid_auto_compile_criteria(
-            model_kwargs, generation_config
-        )
-
-    def create_masks_for_generate(
-        self, config, inputs_embeds: torch.Tensor, attention_mask, is_first_iteration: bool = False, **kwargs
-    ):
-        return decoding_step_mask(inputs_embeds, attention_mask, is_first_iteration)
 
 
 __all__ = ["TTTPreTrainedModel", "TTTModel", "TTTForCausalLM"]
