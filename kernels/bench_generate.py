@@ -52,6 +52,7 @@ def ttt_config(name: str) -> TTTConfig:
 def block_state_200m(dtype: torch.dtype) -> BlockStateForCausalLM:
     """A random Block-State-SH 200M (configs/block-state-200m-sh.json: S4D filters, Triton kernels)."""
     config = BlockStateConfig.from_json_file(ROOT / "configs" / "block-state-200m-sh.json")
+    config.max_position_embeddings = 1 << 16  # informative only; keeps generate from warning at long prompts
     torch.manual_seed(0)
     return BlockStateForCausalLM(config).to("cuda", dtype)
 
