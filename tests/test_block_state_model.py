@@ -101,11 +101,25 @@ def test_mf_never_builds_per_position_filter_outputs(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [v for v in VARIANTS if v.get("ssm_kind") != "implicit"],
-    ids=[i for v, i in zip(VARIANTS, VARIANT_IDS) if v.get("ssm_kind") != "implicit"],
-)
+S4D_VARIANTS = [v for v in VARIANTS if v.get("ssm_kind") != "implicit"]
+S4D_VARIANT_IDS = [i for v, i in zip(VARIANTS, VARIANT_IDS) if v.get("ssm_kind") != "implicit"]
+
+
+@pytest.mark.parametrize("variant", S4D_VARIANTS, ids=S4D_VARIANT_IDS)
+def test_a_decoding_step_computes_its_token_alone(variant):
+    """Every layer of a decoding step sees one column per row, not its token's whole block."""
+    model = tiny_model(block_size=64, **variant)
+    widths = []
+    for layer in model.model.layers:
+        layer.register_forward_hook(lambda module, args, output: widths.append(output.shape[1]))
+    with torch.no_grad():
+        out = model(random_ids(2, 70))
+        widths.clear()
+        model(random_ids(2, 1, seed=1), cache=out.cache)
+    assert widths == [1] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("variant", S4D_VARIANTS, ids=S4D_VARIANT_IDS)
 def test_cache_memory_does_not_grow(variant):
     model = tiny_model(**variant)
     sizes = []

@@ -8,6 +8,10 @@ Layout: a forward call places each row's real tokens in "slots" aligned to the r
 row r's first new token sits at slot `start[r] % W`, the slots before it hold the current block's cached
 keys/values, padding sits after its last token. Blocks then line up across rows, so block attention is a
 batched matmul over `[B, H, blocks, W]` whatever the padding and the cache offsets.
+
+Decoding (one token per row after a prefill, S4D filters): a `TokenStep` instead. Each layer computes the new
+token alone, writes its keys/values into its block's cached slot and attends to the slots before it: the work of
+a step is one token's, whatever the block size, and its shapes never change, so that a compiled step compiles once.
 """
 
 from __future__ import annotations
@@ -174,7 +178,7 @@ class BlockSlots:
     new tokens are aligned to the right end (zeros before them), as the SSM's final state wants them.
     Shared by every layer: own_mask [B, 1, M, W, W] (causal inside the block, over slots holding a token;
     the diagonal always, so padded queries attend to something); prev_mask [B, 1, M, W] (keys of the
-    previous block: it exists from a row's second block on); decoding: one new token per row.
+    previous block: it exists from a row's second block on).
     """
 
     start: torch.Tensor
@@ -185,7 +189,6 @@ class BlockSlots:
     right_order: torch.Tensor
     own_mask: torch.Tensor
     prev_mask: torch.Tensor
-    decoding: bool
     block_size: int
 
     @property
@@ -196,6 +199,46 @@ class BlockSlots:
     def next_block(self) -> torch.Tensor:
         """[B] slot-block index of each row's next token after this call."""
         return (self.offset + self.length) // self.block_size
+
+
+@dataclass
+class TokenStep:
+    """A decoding step: one input column per row, against the cache (see the module docstring).
+
+    start: [B] absolute position of each row's token; length: [B] 1 where the column holds a real token, else 0
+    (the row's cache stays as it is); offset: [B] `start % W`, the token's slot in its block.
+    """
+
+    start: torch.Tensor
+    length: torch.Tensor
+    offset: torch.Tensor
+    block_size: int
+    num_blocks = 1
+
+    @property
+    def active(self) -> torch.Tensor:
+        return self.length > 0
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.active[:, None]  # [B, 1]
+
+    @property
+    def position(self) -> torch.Tensor:
+        return self.start[:, None]  # [B, 1]
+
+    @property
+    def next_block(self) -> torch.Tensor:
+        """[B] 1 where the token closes its block: the block that the cache holds next is a new one."""
+        return (self.offset + self.length) // self.block_size
+
+    def slots_up_to_token(self) -> torch.Tensor:
+        """[B, W] the slots of the token's block that it attends to: the cached ones before it and its own."""
+        return torch.arange(self.block_size, device=self.offset.device)[None] <= self.offset[:, None]
+
+    def previous_block_exists(self) -> torch.Tensor:
+        """[B, W] the previous block's slots, all there from a row's second block on."""
+        return (self.start >= self.block_size)[:, None].expand(-1, self.block_size)
 
 
 class BlockStateRMSNorm(nn.Module):
@@ -277,19 +320,18 @@ class BlockStateS4D(nn.Module):
         dt_a, db = s4d_discretize(self.log_a_real, self.a_imag, self.log_dt)
         return dt_a, db, torch.view_as_complex(self.c.float().contiguous())
 
-    def _step(self, u, layout, cache, x0) -> torch.Tensor:
-        """Decoding: the recurrence advances each row by its one token (at slot `offset`). Returns the
-        token's outputs [B, 1, F, D], skip term included."""
-        token = torch.gather(u, 1, layout.offset[:, None, None].expand(-1, 1, u.shape[-1]))  # [B, 1, D]
+    def _step(self, u, step, cache, x0) -> torch.Tensor:
+        """Decoding: the recurrence advances each row by its one token. u: [B, 1, D]. Returns the token's outputs
+        [B, 1, F, D] fp32, skip term included."""
         y, state = s4d_decode_step(
-            token[:, 0],
+            u[:, 0],
             x0,
             self.log_a_real,
             self.a_imag,
             self.log_dt,
             self.c,
             self.skip,
-            layout.length > 0,
+            step.active,
             self.kernel_backend,
         )
         cache.set("ssm_state", state)
@@ -305,10 +347,8 @@ class BlockStateS4D(nn.Module):
         """Outputs at every slot: [B, S, F, D] in `dtype` (SH/MH), computed in fp32. u: [B, S, D], zeros
         outside `layout.valid`."""
         x0 = cache.get("ssm_state") if cache is not None else None
-        if x0 is not None and layout.decoding:
-            y = self._step(u, layout, cache, x0)
-            index = layout.offset[:, None, None, None].expand(-1, 1, *y.shape[2:])
-            return torch.zeros(*u.shape[:2], *y.shape[2:], device=u.device).scatter(1, index, y).to(dtype)
+        if isinstance(layout, TokenStep):
+            return self._step(u, layout, cache, x0).to(dtype)
         dt_a, db, c = self._discretized()
         # From a zero state the convolution writes `dtype` itself; a cached state's share is added in fp32.
         y = s4d_causal_conv(u, dt_a, db, c, self.skip, dtype if x0 is None else torch.float32, self.kernel_backend)
@@ -324,8 +364,8 @@ class BlockStateS4D(nn.Module):
     ) -> torch.Tensor:
         """Outputs at the last slot of every block: [B, M, F, D] (MF). Never builds all slots' outputs."""
         x0 = cache.get("ssm_state") if cache is not None else None
-        if x0 is not None and layout.decoding:
-            # Only read when the token closes its block (slot W-1, the single block of a decoding call).
+        if isinstance(layout, TokenStep):
+            # Read only where the token closes its block.
             return self._step(u, layout, cache, x0)
         dt_a, db, c = self._discretized()
         width = layout.block_size
@@ -452,6 +492,25 @@ def _attend_in_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.transpose(1, 2).reshape(batch, slots, heads, -1)
 
 
+def _write_slot(cache: BlockStateLayerCache, name: str, new: torch.Tensor, step: TokenStep) -> None:
+    """Writes each active row's token `new` [B, 1, h, hd] into slot `offset` of the cached block `name`."""
+    block = cache.get(name)  # [B, W, h, hd]
+    index = step.offset.view(-1, 1, 1, 1).expand_as(new)
+    new = torch.where(step.active.view(-1, 1, 1, 1), new.to(block.dtype), torch.gather(block, 1, index))
+    cache.set(name, block.scatter(1, index, new))
+
+
+def _attend_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row [B, 1, h, hd] against cached slots [B, L, h, hd] where `mask` [B, L]: [B, 1, h, hd]."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2).to(query.dtype),
+        value.transpose(1, 2).to(query.dtype),
+        attn_mask=mask[:, None, None, :],
+    )
+    return out.transpose(1, 2)
+
+
 class BlockStateAttention(nn.Module):
     """Block self-attention (+ cross-attention to the SSM context states when the layer has an SSM).
 
@@ -525,8 +584,10 @@ class BlockStateAttention(nn.Module):
         return x
 
     def forward(
-        self, hidden_states: torch.Tensor, layout: BlockSlots, cache: BlockStateLayerCache | None = None
+        self, hidden_states: torch.Tensor, layout: BlockSlots | TokenStep, cache: BlockStateLayerCache | None = None
     ) -> torch.Tensor:
+        if isinstance(layout, TokenStep):
+            return self._decode(hidden_states, layout, cache)
         batch, slots, _ = hidden_states.shape
         query, key = self._heads(self.q_proj(hidden_states)), self._heads(self.k_proj(hidden_states))
         value = self._heads(self.v_proj(hidden_states))
@@ -561,6 +622,38 @@ class BlockStateAttention(nn.Module):
                 cross_v = self._through_cache(cross_v, cache, ("cross_v",), layout)
                 attended = torch.cat([attended, _attend_in_blocks(cross_q, cross_k, cross_v, self.block_size)], dim=2)
         return self.o_proj(attended.reshape(batch, slots, -1))
+
+    def _decode(self, hidden_states: torch.Tensor, step: TokenStep, cache: BlockStateLayerCache) -> torch.Tensor:
+        """One token per row [B, 1, D]: its keys/values go to its slot of the cached block, then it attends to the
+        slots up to its own (and to the previous block, or to the block's context states in MF)."""
+        query, key = self._heads(self.q_proj(hidden_states)), self._heads(self.k_proj(hidden_states))
+        value = self._heads(self.v_proj(hidden_states))
+        slot_cross = self.has_ssm and self.context_mode != "mf"
+        cross = self._context_heads(hidden_states, step, cache) if slot_cross else (None, None, None)
+        query, key = (self._rotary(x, extra, step) for x, extra in zip((query, key), cross))  # [B, 1, H(+H), hd]
+        heads = query.shape[2] // 2 if slot_cross else query.shape[2]  # this rank's self heads
+        names = ("self_k", "cross_k") if slot_cross else ("self_k",)
+        for name, new in zip(names, key.split(heads, dim=2)):
+            _write_slot(cache, name, new, step)
+        for name, new in zip(("self_v", "cross_v"), (value, cross[2]) if slot_cross else (value,)):
+            _write_slot(cache, name, new, step)
+
+        own = step.slots_up_to_token()
+        self_k, self_v, self_mask = cache.get("self_k"), cache.get("self_v"), own
+        if self.config.attend_previous_block:
+            self_k = torch.cat([cache.get("prev_k"), self_k], dim=1)
+            self_v = torch.cat([cache.get("prev_v"), self_v], dim=1)
+            self_mask = torch.cat([step.previous_block_exists(), own], dim=1)
+            # A token that closes its block makes that block the previous one of the next token.
+            closes = (step.active & (step.next_block > 0)).view(-1, 1, 1, 1)
+            for name in ("k", "v"):
+                cache.set(f"prev_{name}", torch.where(closes, cache.get(f"self_{name}"), cache.get(f"prev_{name}")))
+        attended = [_attend_slots(query[:, :, :heads], self_k, self_v, self_mask)]
+        if slot_cross:
+            attended.append(_attend_slots(query[:, :, heads:], cache.get("cross_k"), cache.get("cross_v"), own))
+        elif self.has_ssm:
+            attended.append(self._mf_cross_attention(hidden_states, step, cache))
+        return self.o_proj(torch.cat(attended, dim=2).flatten(2))
 
     def _rotary(self, x, extra, layout):
         return rotary_heads(x, extra, layout.position, self.config.rope_theta, self.config.kernel_backend)
@@ -606,7 +699,9 @@ class BlockStateAttention(nn.Module):
     def _mf_cross_attention(self, hidden_states, layout, cache):
         """MF: every query of block i attends to block i's S context states (no mask). [B, S, H, hd]."""
         batch, slots, _ = hidden_states.shape
-        query = self._blocks(self._heads(self.cross_q_proj(hidden_states))).permute(0, 3, 1, 2, 4)  # [B, H, M, W, hd]
+        query = self._heads(self.cross_q_proj(hidden_states))
+        # [B, H, M, W, hd]; a decoding step: one block of one slot
+        query = query.view(batch, layout.num_blocks, -1, *query.shape[2:]).permute(0, 3, 1, 2, 4)
         u = self._ssm_input(hidden_states, layout)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             ends = self.ssm.block_end_outputs(u, layout, cache)  # [B, M, S, D]: block ends only
@@ -783,15 +878,18 @@ class BlockStateModel(BlockStatePreTrainedModel):
         device = inputs_embeds.device
         mask = self._token_mask(attention_mask, batch, seq_len, device)
         start = cache.row_positions(batch, device) if cache is not None else mask.new_zeros(batch, dtype=torch.long)
-        # One token per row after a prefill: a decoding step, whose shapes (one block) the host knows without
-        # reading the device, so that it compiles once.
-        decoding = seq_len == 1 and cache is not None and cache.positions is not None
-        layout, slot_of_token = self._layout(mask, start, decoding)
-        hidden_states = inputs_embeds.new_zeros(batch, layout.valid.shape[1], inputs_embeds.shape[-1])
-        if decoding:
-            real = torch.where(mask[..., None], inputs_embeds, 0)  # padding's embedding (even NaN) never enters
-            hidden_states = hidden_states.scatter(1, slot_of_token[..., None].expand_as(real), real)
+        # One token per row after a prefill: a decoding step, whose shapes the host knows without reading the
+        # device, so that it compiles once. The implicit filter's growing history keeps it on the slot layout.
+        if seq_len == 1 and cache is not None and cache.positions is not None and cache.is_compileable:
+            length = mask[:, 0].long()
+            layout = TokenStep(start, length, start % self.config.block_size, self.config.block_size)
+            slot_of_token = torch.zeros_like(mask, dtype=torch.long)
+            hidden_states = torch.where(
+                mask[..., None], inputs_embeds, 0
+            )  # padding's embedding (even NaN) never enters
         else:
+            layout, slot_of_token = self._layout(mask, start)
+            hidden_states = inputs_embeds.new_zeros(batch, layout.valid.shape[1], inputs_embeds.shape[-1])
             rows = torch.arange(batch, device=device)[:, None].expand(-1, seq_len)
             hidden_states = hidden_states.index_put((rows[mask], slot_of_token[mask]), inputs_embeds[mask])
 
@@ -817,16 +915,13 @@ class BlockStateModel(BlockStatePreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _layout(
-        self, mask: torch.Tensor, start: torch.Tensor, decoding: bool = False
-    ) -> tuple[BlockSlots, torch.Tensor]:
+    def _layout(self, mask: torch.Tensor, start: torch.Tensor) -> tuple[BlockSlots, torch.Tensor]:
         width = self.config.block_size
         length = mask.sum(-1)
         offset = start % width
         rank = mask.cumsum(-1) - 1
         slot_of_token = offset[:, None] + rank.clamp(min=0)  # [B, T]
-        # A decoding step's token falls in the block of its row's next slot.
-        num_slots = width if decoding else max(1, -(-int((offset + length).max()) // width)) * width
+        num_slots = max(1, -(-int((offset + length).max()) // width)) * width
         slot = torch.arange(num_slots, device=mask.device)[None]
         valid = (slot >= offset[:, None]) & (slot < (offset + length)[:, None])
         order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
@@ -848,7 +943,6 @@ class BlockStateModel(BlockStatePreTrainedModel):
             right_order=order,
             own_mask=own_mask,
             prev_mask=prev_mask,
-            decoding=decoding or bool((length <= 1).all()),
             block_size=width,
         )
         return layout, slot_of_token
