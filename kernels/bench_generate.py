@@ -5,7 +5,8 @@ all) after a random prompt. Per model and setting:
   decode tokens/s  batch x (new - 1) / (time of generate(new) - time of generate(1)): the prefill excluded;
   prefill s        time of generate(1): the prompt's forward and one token;
   first call s     the first generate(new) of the setting less a later one: compilation and CUDA-graph recording;
-  graphs           the graphs torch.compile made for the setting (0: nothing was compiled).
+  graphs           the graphs torch.compile made for the setting (0: nothing was compiled);
+  cudagraph skips  compiled graphs that inductor ran without CUDA graphs (in the JSON; 0 expected).
 TTT and Block-State models run plain `generate` (its decoding step compiled and replayed as a CUDA graph,
 transformers' automatic compilation) and with `disable_compile=True` (eager steps); the same-size Llama (SDPA) runs with
 HF's DynamicCache (eager) and with `cache_implementation="static"` (compiled the same way); a 1.1B Llama
@@ -138,6 +139,7 @@ def measure(model, batch: int, prompt: int, new: int, generate_kwargs) -> dict:
         "first_call_extra_s": max(first - total, 0.0),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"],
     }
 
 

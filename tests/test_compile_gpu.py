@@ -33,6 +33,7 @@ def test_plain_generate_compiles_the_decoding_step_into_a_cuda_graph(family):
     assert hasattr(model, "_compiled_call")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert not torch._dynamo.utils.counters["graph_break"]
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # each step replays a CUDA graph
 
     beams = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False)
     sampling = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, num_return_sequences=3)

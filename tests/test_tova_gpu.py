@@ -134,3 +134,4 @@ def test_plain_generate_compiles_the_decoding_step_into_a_cuda_graph(no_tf32):
     assert hasattr(model, "_compiled_call")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert not torch._dynamo.utils.counters["graph_break"]
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # each step replays a CUDA graph
