@@ -120,6 +120,24 @@ def test_a_decoding_step_computes_its_token_alone(variant):
 
 
 @pytest.mark.parametrize("variant", S4D_VARIANTS, ids=S4D_VARIANT_IDS)
+def test_gradients_reach_back_through_a_decoding_step(variant):
+    """A loss on a decoding step's logits differentiates through the cache as through one full forward."""
+    model = tiny_model(**variant)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = random_ids(2, 2 * W + 3, seed=4)
+    cache = model(ids[:, :-1]).cache
+    step = model(ids[:, -1:], cache=cache).logits[:, -1]
+    full = model(ids).logits[:, -1]
+    assert (step - full).abs().max().item() <= 1e-4
+    step_grads = torch.autograd.grad(step.square().sum(), params, allow_unused=True)
+    full_grads = torch.autograd.grad(full.square().sum(), params, allow_unused=True)
+    for a, b in zip(step_grads, full_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", S4D_VARIANTS, ids=S4D_VARIANT_IDS)
 def test_cache_memory_does_not_grow(variant):
     model = tiny_model(**variant)
     sizes = []

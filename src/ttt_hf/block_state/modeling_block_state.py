@@ -497,7 +497,10 @@ def _write_slot(cache: BlockStateLayerCache, name: str, new: torch.Tensor, step:
     block = cache.get(name)  # [B, W, h, hd]
     index = step.offset.view(-1, 1, 1, 1).expand_as(new)
     new = torch.where(step.active.view(-1, 1, 1, 1), new.to(block.dtype), torch.gather(block, 1, index))
-    cache.set(name, block.scatter(1, index, new))
+    if block.requires_grad or new.requires_grad:  # a loss may reach back through the cache: keep its history
+        cache.set(name, block.scatter(1, index, new))
+    else:  # in place: a step moves one slot's bytes, not the block's
+        block.scatter_(1, index, new)
 
 
 def _attend_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
