@@ -1,18 +1,20 @@
 """Model-level TTT benchmark on the GPU: training throughput and decode latency, side by side with a Llama
 of the same width and depth (SDPA attention, DynamicCache).
 
-    python kernels/bench_ttt_model.py [--train-len 8192] [--train-batches 1,2,4,8] [--decode-contexts 2048,8192,32768]
-        [--train-only]
+    python kernels/bench_ttt_model.py [--train-lens 8192,32768] [--train-batches 1,2,4,8]
+        [--decode-contexts 2048,8192,32768] [--train-only]
 
-Prints markdown tables and writes kernels/results/ttt_model.json (with --train-only: ttt_model_train.json).
+Prints markdown tables and writes kernels/results/ttt_model.json (with --train-only: ttt_model_train.json, and a
+plot of the training tokens/s and peak memory beside it). A batch that does not fit is reported as out of memory.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
-from bench_common import ROOT, cuda_time, save_results, ttt_model
+from bench_common import ROOT, cuda_time, result_paths, save_results, ttt_model
 from bench_ttt_decode import capture_decode_step
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -80,7 +82,7 @@ def decode_latency(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-len", type=int, default=8192)
+    parser.add_argument("--train-lens", default="8192", help="tokens per row of the training table")
     parser.add_argument(
         "--train-batches",
         default="1",
@@ -97,11 +99,12 @@ def main() -> None:
     dtype = torch.bfloat16
 
     batches = list(map(int, args.train_batches.split(",")))
-    print(f"## Training, TTT (Mamba backbone) vs Llama, bf16, batch x {args.train_len} tokens")
+    lengths = list(map(int, args.train_lens.split(",")))
+    print(f"## Training, TTT (Mamba backbone) vs Llama, bf16, batch x {args.train_lens} tokens")
     print("(TTT trains through the Triton chunk kernels, forward and backward, recomputing inside groups of 16")
     print(" mini-batches, or with 'kept states' (scan_checkpoint_group_size=1) keeping every start state; TTT-Linear")
     print(" 125M's torch reference took 40.7 s a step on the H100, 202 tokens/s)")
-    print("| model | batch | tokens/s | step ms | peak GiB |\n|---|---|---|---|---|")
+    print("| model | tokens per row | batch | tokens/s | step ms | peak GiB |\n|---|---|---|---|---|---|")
     configs = {
         size: TTTConfig.from_json_file(ROOT / "configs" / f"ttt-{size}-linear-mamba.json") for size in ("125m", "1.3b")
     }
@@ -109,26 +112,45 @@ def main() -> None:
     def ttt(name: str, group: int):
         return lambda: ttt_model(name, "triton", dtype, scan_checkpoint_group_size=group)
 
-    # name: (constructor, timed steps, largest batch measured: activations grow with it, 7-27 GiB a row)
+    # name: (constructor, timed steps at 8k (fewer at longer rows))
     candidates = {
-        "TTT-Linear 125M (Triton)": (ttt("ttt-125m-linear-mamba", 16), 2, 8),
-        "TTT-Linear 125M (Triton, kept states)": (ttt("ttt-125m-linear-mamba", 1), 2, 8),
-        "Llama 125M (SDPA)": (lambda: llama_like(configs["125m"], dtype), 5, 8),
-        "TTT-Linear 1.3B (Triton)": (ttt("ttt-1.3b-linear-mamba", 16), 1, 2),
-        "TTT-Linear 1.3B (Triton, kept states)": (ttt("ttt-1.3b-linear-mamba", 1), 1, 2),
-        "Llama 1.3B (SDPA)": (lambda: llama_like(configs["1.3b"], dtype), 2, 2),
-        "TTT-MLP 125M (Triton)": (ttt("ttt-125m-mlp-mamba", 16), 1, 8),
+        "TTT-Linear 125M (Triton)": (ttt("ttt-125m-linear-mamba", 16), 2),
+        "TTT-Linear 125M (Triton, kept states)": (ttt("ttt-125m-linear-mamba", 1), 2),
+        "Llama 125M (SDPA)": (lambda: llama_like(configs["125m"], dtype), 5),
+        "TTT-Linear 1.3B (Triton)": (ttt("ttt-1.3b-linear-mamba", 16), 1),
+        "TTT-Linear 1.3B (Triton, kept states)": (ttt("ttt-1.3b-linear-mamba", 1), 1),
+        "Llama 1.3B (SDPA)": (lambda: llama_like(configs["1.3b"], dtype), 2),
+        "TTT-MLP 125M (Triton)": (ttt("ttt-125m-mlp-mamba", 16), 1),
     }
-    for name, (make, repeats, max_batch) in candidates.items():
+    for name, (make, repeats) in candidates.items():
         model = make()
-        for batch in (b for b in batches if b <= max_batch):
-            row = training_throughput(model, batch, args.train_len, repeats)
-            results["train"][f"{name} @ batch {batch}"] = row
-            print(f"| {name} | {batch} | {row['tokens_per_s']:,.0f} | {row['step_ms']:.1f} | {row['peak_gib']:.1f} |")
+        for length in lengths:
+            for batch in batches:
+                try:
+                    row = training_throughput(model, batch, length, max(1, repeats * 8192 // length))
+                except torch.OutOfMemoryError:
+                    row = None  # freed once the exception is gone
+                if row is None:
+                    model.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    print(f"| {name} | {length} | {batch} | out of memory | | |")
+                    break  # larger batches do not fit either
+                results["train"][f"{name} @ {length} x {batch}"] = {
+                    "model": name,
+                    "length": length,
+                    "batch": batch,
+                    **row,
+                }
+                print(
+                    f"| {name} | {length} | {batch} | {row['tokens_per_s']:,.0f} | {row['step_ms']:.1f} | "
+                    f"{row['peak_gib']:.1f} |",
+                    flush=True,
+                )
+                save_results("ttt_model_train.json" if args.train_only else "ttt_model.json", results)
         del model
         torch.cuda.empty_cache()
     if args.train_only:
-        save_results("ttt_model_train.json", results)
+        plot_training(results, result_paths("ttt_model_train.png"))
         return
 
     print(f"\n## Greedy decode, 125M TTT-Linear, bf16, batch {args.decode_batch}, after 2048 tokens")
@@ -168,6 +190,42 @@ def main() -> None:
     )
 
     save_results("ttt_model.json", results)
+
+
+def plot_training(results: dict, paths: list[Path]) -> None:
+    """Training tokens/s (top) and peak memory (bottom) against the batch, one column per row length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = list(results["train"].values())
+    lengths = sorted({row["length"] for row in rows})
+    if not lengths:
+        return
+    fig, axes = plt.subplots(2, len(lengths), figsize=(6.5 * len(lengths), 8.0), squeeze=False)  # [2, L]
+    for column, length in enumerate(lengths):
+        for name in dict.fromkeys(row["model"] for row in rows):
+            measured = sorted((r["batch"], r) for r in rows if r["model"] == name and r["length"] == length)
+            if not measured:
+                continue
+            style = "--" if "Llama" in name else "-"
+            batch_sizes = [b for b, _ in measured]
+            axes[0][column].plot(batch_sizes, [r["tokens_per_s"] for _, r in measured], style, marker="o", label=name)
+            axes[1][column].plot(batch_sizes, [r["peak_gib"] for _, r in measured], style, marker="o", label=name)
+        axes[0][column].set(title=f"{length} tokens per row", ylabel="training tokens/s", yscale="log")
+        axes[1][column].set(xlabel="batch", ylabel="peak GiB")
+        for ax in axes[:, column]:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["batch"] for r in rows}), [str(b) for b in sorted({r["batch"] for r in rows})])
+            ax.minorticks_off()
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"forward + backward, bf16 ({results['device']})")
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Where one training step's GPU time goes: TTT-Linear 125M (kept start states) against its Llama.
+"""Where one training step's GPU time goes: TTT models against the Llama of the first one's size.
 
-    python kernels/profile_ttt_model.py [--train-len 8192] [--batch 1] [--top 28]
+    python kernels/profile_ttt_model.py [--models ttt-125m-linear-mamba,ttt-125m-mlp-mamba] [--group 16]
+        [--train-len 8192] [--batch 1] [--top 28]
 
-Prints each model's kernels and ops by GPU time (torch profiler, one step after two warm-up steps).
+Prints each model's kernels and ops by GPU time (torch profiler, one step after two warm-up steps); `--group` is
+`scan_checkpoint_group_size` (1: every start state kept).
 """
 
 from __future__ import annotations
@@ -42,16 +44,23 @@ def profile_step(model, name: str, batch: int, length: int, top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="ttt-125m-linear-mamba", help="configs/<name>.json, comma-separated")
+    parser.add_argument("--group", type=int, default=16, help="scan_checkpoint_group_size")
     parser.add_argument("--train-len", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=28)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    ttt = ttt_model("ttt-125m-linear-mamba", "triton", torch.bfloat16, scan_checkpoint_group_size=1)
-    profile_step(ttt, "TTT-Linear 125M, kept states", args.batch, args.train_len, args.top)
-    del ttt
-    config = TTTConfig.from_json_file(ROOT / "configs" / "ttt-125m-linear-mamba.json")
-    profile_step(llama_like(config, torch.bfloat16), "Llama 125M (SDPA)", args.batch, args.train_len, args.top)
+    names = args.models.split(",")
+    for name in names:
+        ttt = ttt_model(name, "triton", torch.bfloat16, scan_checkpoint_group_size=args.group)
+        profile_step(ttt, f"{name}, groups of {args.group}", args.batch, args.train_len, args.top)
+        del ttt
+        torch.cuda.empty_cache()
+    config = TTTConfig.from_json_file(ROOT / "configs" / f"{names[0]}.json")
+    profile_step(
+        llama_like(config, torch.bfloat16), f"Llama like {names[0]} (SDPA)", args.batch, args.train_len, args.top
+    )
 
 
 if __name__ == "__main__":
