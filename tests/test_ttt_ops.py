@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt_hf.ttt.ttt_ops import MiniBatchSlots, ln_forward, ttt_chunk_reference, ttt_step_reference
+from ttt_hf.ttt.ttt_ops import (
+    MiniBatchSlots,
+    learning_rate_logits,
+    ln_forward,
+    ttt_chunk_reference,
+    ttt_step_reference,
+)
 
 B, H, F_DIM, MB = 2, 3, 8, 4
 
@@ -194,3 +200,28 @@ def test_checkpointed_scan_has_the_same_gradients(layer_type):
         grads.append([x.grad for x in inputs])
     for without, with_checkpoint in zip(*grads):
         torch.testing.assert_close(with_checkpoint, without, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_learning_rate_logits_keep_no_fp32_copy_and_match_autograd(dtype):
+    """The same fp32 logits and gradients as autograd through the fp32 product, without keeping the fp32 copy of a
+    half-precision input for the backward."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(B, 16, 24, generator=g).to(dtype).requires_grad_(True)
+    weight = (0.1 * torch.randn(H, 24, generator=g)).requires_grad_(True)  # fp32, as in mixed precision
+    bias = torch.randn(H, 1, generator=g).requires_grad_(True)
+    upstream = torch.randn(B, H, 16, generator=g)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = learning_rate_logits(hidden, weight, bias)
+    assert logits.dtype == torch.float32
+    assert all(t.dtype == dtype for t in saved if t.numel() == hidden.numel())
+    grads = torch.autograd.grad(logits, (hidden, weight, bias), upstream)
+
+    expected = torch.einsum("btd,hd->bht", hidden.float(), weight) + bias
+    expected_grads = torch.autograd.grad(expected, (hidden, weight, bias), upstream)
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

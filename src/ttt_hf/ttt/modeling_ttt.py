@@ -22,7 +22,15 @@ from transformers.utils import logging
 from .cache_ttt import TTTCache, TTTLayerCache, check_architecture, store
 from .configuration_ttt import TTTConfig
 from .tensor_parallel import grad_all_reduce, has_sharded_parameters, local, sharded_layer_norm, tp_group
-from .ttt_ops import at_least_fp32, causal_conv1d_banks, check_kernel_backend, rms_norm, ttt_chunk, ttt_step
+from .ttt_ops import (
+    at_least_fp32,
+    causal_conv1d_banks,
+    check_kernel_backend,
+    learning_rate_logits,
+    rms_norm,
+    ttt_chunk,
+    ttt_step,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -339,11 +347,11 @@ class TTTLayer(nn.Module):
 
         # Per-token inner learning rate [B, H, T] and per-position factor tau [b], in fp32. Under tensor
         # parallelism the replicated inputs get only this rank's heads' gradient here: summed over the ranks.
-        lr_logits = torch.einsum(
-            "btd,hd->bht",
-            at_least_fp32(grad_all_reduce(hidden_states, group)),
-            at_least_fp32(local(self.learnable_ttt_lr_weight)).squeeze(1),
-        ) + at_least_fp32(local(self.learnable_ttt_lr_bias))
+        lr_logits = learning_rate_logits(
+            grad_all_reduce(hidden_states, group),
+            local(self.learnable_ttt_lr_weight).squeeze(1),
+            local(self.learnable_ttt_lr_bias),
+        )
         lr = self.config.ttt_base_lr * torch.sigmoid(lr_logits) / self.head_dim
         positions = torch.arange(1, self.mini_batch_size + 1, device=hidden_states.device)
         token_idx = grad_all_reduce(self.learnable_token_idx, group)

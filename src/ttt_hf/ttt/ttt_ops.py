@@ -49,6 +49,42 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _learning_rate_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("btd,hd->bht", at_least_fp32(hidden), at_least_fp32(weight)) + at_least_fp32(bias)
+
+
+class LearningRateLogits(torch.autograd.Function):
+    """`learning_rate_logits` under autograd. It saves the input as it comes (bf16 in mixed precision, a tensor the
+    layer's projections keep for their backward anyway), not the fp32 copy the product reads: per layer 4 bytes per
+    token and channel less kept for the backward, which converts the input again."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight)
+        ctx.bias_dtype = bias.dtype
+        return _learning_rate_logits(hidden, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight = ctx.saved_tensors
+        d_hidden = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_hidden = torch.einsum("bht,hd->btd", grad, at_least_fp32(weight)).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            d_weight = torch.einsum("bht,btd->hd", grad, at_least_fp32(hidden)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            d_bias = grad.sum((0, 2))[:, None].to(ctx.bias_dtype)
+        return d_hidden, d_weight, d_bias
+
+
+def learning_rate_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The inner learning rate's logits [B, H, T], in fp32 for half-precision inputs: hidden [B, T, D] times
+    weight [H, D], plus bias [H, 1]."""
+    if _needs_grad(hidden, weight, bias):
+        return LearningRateLogits.apply(hidden, weight, bias)
+    return _learning_rate_logits(hidden, weight, bias)
+
+
 def check_kernel_backend(kernel_backend: str) -> None:
     """Fail early for a backend this installation cannot run."""
     if kernel_backend not in KERNEL_BACKENDS:
