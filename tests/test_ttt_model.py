@@ -263,3 +263,29 @@ def test_official_config_field_names_round_trip(tmp_path):
         "kernel_backend",
     ):
         assert getattr(loaded, name) == getattr(config, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_post_norm_is_recomputed_with_the_same_gradients(monkeypatch, dtype):
+    """Training recomputes the gated output norm in the backward instead of keeping its activations; the gradients
+    are those of the plain forward."""
+    import ttt_hf.ttt.modeling_ttt as modeling
+
+    model = tiny_model("linear", "mamba").to(dtype).train()
+    ids = random_ids(2, 13)
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    real_checkpoint = modeling.checkpoint
+    monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    recomputed = gradients()
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setattr(modeling, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+    kept = gradients()
+    assert recomputed.keys() == kept.keys() and "model.layers.0.ttt.g_proj.weight" in kept
+    for name, grad in kept.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -406,14 +407,23 @@ class TTTLayer(nn.Module):
             cache.store_state(state, acc)
 
         out = out.transpose(1, 2).reshape(batch, seq_len, -1).to(hidden_states.dtype)
+        if not self.use_gate:
+            return self.o_proj(self._post_norm(out, group))
+        gate = self.g_proj(hidden_states)
+        if torch.is_grad_enabled() and (out.requires_grad or gate.requires_grad):
+            # Recomputed in the backward from its two inputs: the normalised output and the gate's activation, 4
+            # bytes per token and channel, are not kept.
+            return self.o_proj(checkpoint(self._gated_post_norm, out, gate, group, use_reentrant=False))
+        return self.o_proj(self._gated_post_norm(out, gate, group))
+
+    def _post_norm(self, out: torch.Tensor, group) -> torch.Tensor:
         if group is None:
-            out = self.post_norm(out)
-        else:  # this rank's heads' slice of a LayerNorm over all heads
-            norm = self.post_norm
-            out = sharded_layer_norm(out, local(norm.weight), local(norm.bias), norm.eps, self.hidden_size, group)
-        if self.use_gate:
-            out = F.gelu(self.g_proj(hidden_states), approximate="tanh") * out
-        return self.o_proj(out)
+            return self.post_norm(out)
+        norm = self.post_norm  # this rank's heads' slice of a LayerNorm over all heads
+        return sharded_layer_norm(out, local(norm.weight), local(norm.bias), norm.eps, self.hidden_size, group)
+
+    def _gated_post_norm(self, out: torch.Tensor, gate: torch.Tensor, group) -> torch.Tensor:
+        return F.gelu(gate, approximate="tanh") * self._post_norm(out, group)
 
 
 class TTTDecoderLayer(GradientCheckpointingLayer):
