@@ -57,6 +57,18 @@ def ttt_model(name: str, backend: str, dtype: torch.dtype, **overrides) -> TTTFo
     return TTTForCausalLM(config).to("cuda", dtype).eval()
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files only, or None where matplotlib is not installed (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def result_paths(name: str) -> list[Path]:
     """Where a result file goes: kernels/results/, and $OUT when set (a second folder for the results)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import ROOT, result_paths, save_results, ttt_model
+from bench_common import ROOT, pyplot, result_paths, save_results, ttt_model
 from bench_ttt_model import llama_like
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -109,21 +109,29 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(model, batch: int, prompt: int, new: int, generate_kwargs) -> dict:
+@torch.no_grad()
+def generate_tokens(model, ids: torch.Tensor, tokens: int, generate_kwargs) -> torch.Tensor:
+    """Plain greedy `generate` of exactly `tokens` new tokens after the prompt `ids` (no padding)."""
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        **generate_kwargs(),
+    )
+
+
+def random_prompt(model, batch: int, prompt: int) -> torch.Tensor:
     torch.manual_seed(1)
-    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda")
-    mask = torch.ones_like(ids)
+    return torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda")
+
+
+def measure(model, batch: int, prompt: int, new: int, generate_kwargs) -> dict:
+    ids = random_prompt(model, batch, prompt)
 
     def run(tokens: int):
-        with torch.no_grad():
-            return model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
-                **generate_kwargs(),
-            )
+        return generate_tokens(model, ids, tokens, generate_kwargs)
 
     torch._dynamo.utils.counters.clear()
     torch.cuda.reset_peak_memory_stats()
@@ -189,12 +197,8 @@ def main() -> None:
 
 def plot(results: dict, paths: list[Path]) -> None:
     """Decode tokens/s per model and mode (bars), one group per batch size and prompt length."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = results["rows"]
     if not rows:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import cuda_time, result_paths, save_results
+from bench_common import cuda_time, pyplot, result_paths, save_results
 from triton.testing import do_bench
 
 from ttt_hf.ttt.ttt_ops import ttt_chunk, ttt_chunk_reference, ttt_step, ttt_step_reference
@@ -223,12 +223,8 @@ def main() -> None:
 
 
 def plot(results: dict, paths: list[Path]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     lengths = sorted(results["ops"], key=int)
     series = {

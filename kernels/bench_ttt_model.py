@@ -4,8 +4,9 @@ of the same width and depth (SDPA attention, DynamicCache).
     python kernels/bench_ttt_model.py [--train-lens 8192,32768] [--train-batches 1,2,4,8]
         [--decode-contexts 2048,8192,32768] [--train-only]
 
-Prints markdown tables and writes kernels/results/ttt_model.json (with --train-only: ttt_model_train.json, and a
-plot of the training tokens/s and peak memory beside it). A batch that does not fit is reported as out of memory.
+Prints markdown tables and writes kernels/results/ttt_model.json (with --train-only: ttt_model_train.json) and a
+plot of the training tokens/s and peak memory (ttt_model_train.png). A batch that does not fit is reported as out
+of memory.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_common import ROOT, cuda_time, result_paths, save_results, ttt_model
+from bench_common import ROOT, cuda_time, pyplot, result_paths, save_results, ttt_model
 from bench_ttt_decode import capture_decode_step
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -149,8 +150,8 @@ def main() -> None:
                 save_results("ttt_model_train.json" if args.train_only else "ttt_model.json", results)
         del model
         torch.cuda.empty_cache()
+    plot_training(results, result_paths("ttt_model_train.png"))
     if args.train_only:
-        plot_training(results, result_paths("ttt_model_train.png"))
         return
 
     print(f"\n## Greedy decode, 125M TTT-Linear, bf16, batch {args.decode_batch}, after 2048 tokens")
@@ -194,12 +195,8 @@ def main() -> None:
 
 def plot_training(results: dict, paths: list[Path]) -> None:
     """Training tokens/s (top) and peak memory (bottom) against the batch, one column per row length."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = list(results["train"].values())
     lengths = sorted({row["length"] for row in rows})

@@ -15,18 +15,16 @@ import time
 from collections import Counter
 
 import torch
-from bench_generate import MODELS, build
+from bench_generate import MODELS, build, generate_tokens, random_prompt
 
 
 def kernel_times(model, ids, tokens: int, kwargs) -> tuple[float, Counter, Counter]:
     """Wall seconds of generate(tokens), and per kernel its GPU microseconds and launches."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as profiler, torch.no_grad():
+    with torch.profiler.profile(activities=activities) as profiler:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, **kwargs()
-        )
+        generate_tokens(model, ids, tokens, kwargs)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     busy, launches = Counter(), Counter()
@@ -40,11 +38,9 @@ def kernel_times(model, ids, tokens: int, kwargs) -> tuple[float, Counter, Count
 def profile(name: str, mode: str, batch: int, prompt: int, new: int, top: int) -> None:
     model = build(name, torch.bfloat16)
     kwargs = MODELS[name][1][mode]
-    torch.manual_seed(1)
-    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda")
-    with torch.no_grad():
-        for _ in range(2):
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **kwargs())
+    ids = random_prompt(model, batch, prompt)
+    for _ in range(2):
+        generate_tokens(model, ids, new, kwargs)
     wall_one, busy_one, launches_one = kernel_times(model, ids, 1, kwargs)
     wall, busy, launches = kernel_times(model, ids, new, kwargs)
     steps = new - 1

@@ -887,9 +887,8 @@ class BlockStateModel(BlockStatePreTrainedModel):
             length = mask[:, 0].long()
             layout = TokenStep(start, length, start % self.config.block_size, self.config.block_size)
             slot_of_token = torch.zeros_like(mask, dtype=torch.long)
-            hidden_states = torch.where(
-                mask[..., None], inputs_embeds, 0
-            )  # padding's embedding (even NaN) never enters
+            # Padding's embedding (even NaN) never enters.
+            hidden_states = torch.where(mask[..., None], inputs_embeds, 0)
         else:
             layout, slot_of_token = self._layout(mask, start)
             hidden_states = inputs_embeds.new_zeros(batch, layout.valid.shape[1], inputs_embeds.shape[-1])

@@ -124,7 +124,7 @@ class GradAllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()  # autograd may hand the same gradient to other inputs
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may hand the same gradient to others
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 

@@ -64,7 +64,7 @@ class GradAllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()  # autograd may hand the same gradient to other inputs
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may hand the same gradient to others
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
@@ -87,7 +87,7 @@ class AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
