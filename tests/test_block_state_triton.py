@@ -3,6 +3,8 @@ at tiny sizes; on CUDA at real sizes), the dispatch rule, and the fused 2H-head 
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from block_state_testing import random_ids, tiny_model
 
 from ttt_hf.block_state import block_state_triton, ssm_ops
-from ttt_hf.block_state.modeling_block_state import apply_rope, rotary_heads
+from ttt_hf.block_state.cache_block_state import BlockStateLayerCache
+from ttt_hf.block_state.modeling_block_state import TokenStep, _attend_own_block, apply_rope, rotary_heads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -141,12 +144,17 @@ def test_rotary_concat_matches_the_reference(with_plain):
         _assert_relative(grad, grad_expected, 1e-5, "gradient")
 
 
-@pytest.mark.parametrize("log_dt_shift", [0.0, -6.0])  # -6: dt A ~ 1e-5, where dB needs expm1's accuracy
-def test_fused_decode_step_matches_the_reference(log_dt_shift):
+@pytest.mark.parametrize(
+    "log_dt_shift, dtype",
+    # -6: dt A ~ 1e-5, where dB needs expm1's accuracy; bf16: a bf16 model's parameters and input, read as they are
+    [(0.0, torch.float32), (-6.0, torch.float32), (0.0, torch.bfloat16)],
+)
+def test_fused_decode_step_matches_the_reference(log_dt_shift, dtype):
     params = {k: v.detach().to(DEVICE) for k, v in _s4d_parameters(2, 5, 4, seed=3).items()}
     params["log_dt"] = params["log_dt"] + log_dt_shift
+    params = {k: v.to(dtype) for k, v in params.items()}
     g = torch.Generator().manual_seed(4)
-    u = torch.randn(3, 5, generator=g).to(DEVICE)
+    u = torch.randn(3, 5, generator=g).to(DEVICE, dtype)
     x = torch.randn(3, 2, 5, 4, dtype=torch.complex64, generator=g).to(DEVICE)
     active = torch.tensor([True, False, True], device=DEVICE)
     args = (u, x, params["log_a_real"], params["a_imag"], params["log_dt"], params["c"], params["skip"], active)
@@ -179,6 +187,70 @@ def test_dispatch_rule(monkeypatch):
     monkeypatch.setattr(ssm_ops, "s4d_kernel_triton", None)  # triton not installed
     with pytest.raises(ImportError, match="needs the triton package"):
         ssm_ops.check_kernel_backend("triton")
+
+
+def _check_slot_attention_step(batch, slots, heads, head_dim, offsets, dtype, tol, device=DEVICE, seed=5):
+    """The fused decoding attention against its reference (`_write_slot` twice and a masked SDPA), with one inactive
+    row; the query and the key are slices of a wider head axis, as in the layer."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    query, key = randn(batch, 1, 2 * heads, head_dim)[:, :, heads:], randn(batch, 1, 2 * heads, head_dim)[:, :, :heads]
+    value = randn(batch, 1, heads, head_dim)
+    offset = torch.tensor(offsets, device=device)
+    active = torch.arange(batch, device=device) != 1
+    step = TokenStep(start=offset + slots, length=active.long(), offset=offset, block_size=slots)
+    caches = {name: randn(batch, slots, heads, head_dim) for name in ("k", "v")}
+    cache = BlockStateLayerCache()
+    for name, tensor in caches.items():
+        cache.set(name, tensor.clone())
+    expected = _attend_own_block(query, key, value, cache, ("k", "v"), step, "torch")
+    key_cache, value_cache = caches["k"].clone(), caches["v"].clone()
+    out = block_state_triton.slot_attention_step_triton(query, key, value, key_cache, value_cache, offset, active)
+    _assert_relative(out.float(), expected.float(), tol, "attention")
+    assert torch.equal(key_cache, cache.get("k")) and torch.equal(value_cache, cache.get("v"))
+    assert torch.equal(key_cache[1], caches["k"][1])  # the inactive row's cache is untouched
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_fused_decode_attention_matches_the_reference(dtype, tol):
+    # Offsets: a block's first slot, an inactive row, a slot past one tile, the block's last slot.
+    _check_slot_attention_step(4, 80, 2, 16, [0, 70, 65, 79], dtype, tol)
+
+
+# The decoding kernels' argument types as the model launches them in bf16 (pointers, then scalars), and constexprs.
+_DECODE_KERNEL_SIGNATURES = {
+    "_slot_attention_step": (["*bf16"] * 6 + ["*i64", "*i8", "fp32"] + ["i32"] * 5, {"HEAD_DIM": 128, "BLOCK_W": 64}),
+    "_s4d_step_fwd": (["*bf16"] + ["*fp32"] * 3 + ["*bf16"] * 5 + ["*i8", "i32", "i32"], {"MODES": 8, "BLOCK_C": 16}),
+}
+_COMPILE_FOR_HOPPER = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ttt_hf.block_state import block_state_triton
+
+name, types, constexprs = sys.argv[1], sys.argv[2].split(","), eval(sys.argv[3])
+kernel = getattr(block_state_triton, name)
+runtime = [arg for arg in kernel.arg_names if arg not in constexprs]
+signature = dict(zip(runtime, types, strict=True)) | dict.fromkeys(constexprs, "constexpr")
+compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+assert compiled.asm["cubin"]
+"""
+
+
+@pytest.mark.parametrize("name", sorted(_DECODE_KERNEL_SIGNATURES))
+def test_decode_kernels_compile_for_hopper(name):
+    """The interpreter runs a kernel's Python without Triton's type checks (a loop-carried variable that changes
+    shape passes there and fails to compile); this compiles it for sm_90 down to a cubin, no GPU needed (in a
+    process of its own: the compiler cannot run where the interpreter is switched on)."""
+    types, constexprs = _DECODE_KERNEL_SIGNATURES[name]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-c", _COMPILE_FOR_HOPPER, name, ",".join(types), repr(constexprs)]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("context_mode", ["sh", "mh", "mf"])
@@ -288,6 +360,11 @@ def test_cuda_fused_decode_step_at_real_sizes():
     y, new_x = block_state_triton.s4d_step_triton(*args)
     _assert_relative(y, y_ref, 1e-5, "y")
     _assert_relative(torch.view_as_real(new_x), torch.view_as_real(x_ref), 1e-5, "state")
+
+
+@pytest.mark.gpu
+def test_cuda_fused_decode_attention_at_real_sizes():
+    _check_slot_attention_step(16, 512, 8, 128, [0, 100, 511, *range(3, 500, 40)][:16], torch.bfloat16, 1e-2)
 
 
 @pytest.mark.gpu

@@ -102,17 +102,20 @@ def test_plain_generate_on_the_cpu_compiles_nothing(model):
 
 @pytest.mark.parametrize("family", ["ttt-linear-mamba", "ttt-mlp-mamba", "block_state-sh-s4d"])
 def test_the_triton_step_runs_inside_the_compiled_step(family, monkeypatch):
-    """kernel_backend="triton" under Triton's interpreter: the decode kernel is one operator of the graph (TTT's
-    writes the cache's state, through AOTAutograd's functionalization), with the reference's tokens."""
+    """kernel_backend="triton" under Triton's interpreter: each decode kernel is one operator of the graph that writes
+    the cache in place (through AOTAutograd's functionalization), with the reference's tokens."""
     from ttt_hf.block_state import block_state_triton
     from ttt_hf.ttt import ttt_triton_decode
 
-    module, name = (
-        (ttt_triton_decode, "ttt_step_triton") if family.startswith("ttt") else (block_state_triton, "s4d_step_triton")
+    kernels = (
+        [(ttt_triton_decode, "ttt_step_triton")]
+        if family.startswith("ttt")
+        else [(block_state_triton, "s4d_step_triton"), (block_state_triton, "slot_attention_step_triton")]
     )
     calls = []
-    kernel = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args: calls.append(1) or kernel(*args))
+    for module, name in kernels:
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
     model = generation_model(family).eval()
     ids, mask = padded_prompts(seed=55)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
@@ -123,7 +126,7 @@ def test_the_triton_step_runs_inside_the_compiled_step(family, monkeypatch):
                 holder.kernel_backend = "triton"
         compiled = model.generate(ids, compile_config=compile_config("aot_eager"), **kwargs)
     assert torch.equal(compiled, expected)
-    assert calls  # the compiled steps ran the kernel
+    assert {name for _, name in kernels} <= set(calls)  # the compiled steps ran the kernels
 
 
 def test_the_implicit_filters_cache_is_not_compileable():

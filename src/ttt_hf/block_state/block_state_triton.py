@@ -189,9 +189,9 @@ def _s4d_step_fwd(
     mc = rc < channels
     mask = mc[:, None]
     params = rc[:, None] * MODES + rn[None, :]
-    a_real = -tl.exp(tl.load(log_a_real_ptr + params, mask=mask, other=0.0))
-    a_imag = tl.load(a_imag_ptr + params, mask=mask, other=0.0)
-    dt = tl.exp(tl.load(log_dt_ptr + rc, mask=mc, other=0.0))[:, None]
+    a_real = -tl.exp(tl.load(log_a_real_ptr + params, mask=mask, other=0.0).to(tl.float32))
+    a_imag = tl.load(a_imag_ptr + params, mask=mask, other=0.0).to(tl.float32)
+    dt = tl.exp(tl.load(log_dt_ptr + rc, mask=mc, other=0.0).to(tl.float32))[:, None]
     # Zero-order hold: z = exp(dt A), dB = (z - 1) / A; expm1 keeps dB accurate when dt A is tiny.
     ar, ai = dt * a_real, dt * a_imag
     magnitude = tl.exp(ar)
@@ -204,7 +204,7 @@ def _s4d_step_fwd(
     denominator = a_real * a_real + a_imag * a_imag
     db_r = (em1_r * a_real + em1_i * a_imag) / denominator
     db_i = (em1_i * a_real - em1_r * a_imag) / denominator
-    u_c = tl.load(u_ptr + row * features + rc % features, mask=mc, other=0.0)
+    u_c = tl.load(u_ptr + row * features + rc % features, mask=mc, other=0.0).to(tl.float32)
     u = u_c[:, None]
     state = (row * channels + rc[:, None]).to(tl.int64) * MODES * 2 + rn[None, :] * 2
     x_r = tl.load(x_ptr + state, mask=mask, other=0.0)
@@ -214,9 +214,9 @@ def _s4d_step_fwd(
     new_i = tl.where(active, z_r * x_i + z_i * x_r + db_i * u, x_i)
     tl.store(new_x_ptr + state, new_r, mask=mask)
     tl.store(new_x_ptr + state + 1, new_i, mask=mask)
-    c_r = tl.load(c_ptr + params * 2, mask=mask, other=0.0)
-    c_i = tl.load(c_ptr + params * 2 + 1, mask=mask, other=0.0)
-    y = 2 * tl.sum(c_r * new_r - c_i * new_i, axis=1) + tl.load(skip_ptr + rc, mask=mc, other=0.0) * u_c
+    c_r = tl.load(c_ptr + params * 2, mask=mask, other=0.0).to(tl.float32)
+    c_i = tl.load(c_ptr + params * 2 + 1, mask=mask, other=0.0).to(tl.float32)
+    y = 2 * tl.sum(c_r * new_r - c_i * new_i, axis=1) + tl.load(skip_ptr + rc, mask=mc, other=0.0).to(tl.float32) * u_c
     tl.store(y_ptr + row * channels + rc, y, mask=mc)
 
 
@@ -230,8 +230,9 @@ def s4d_step_triton(
     skip: torch.Tensor,
     active: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step from the raw S4D parameters (no autograd). u: [B, D] fp32; x: [B, F, D, n] complex64;
-    log_a_real, a_imag: [F, D, n]; log_dt, skip: [F, D]; c: [F, D, n, 2]; active: [B] bool.
+    """One decoding step from the raw S4D parameters (no autograd), read in their own dtypes and computed in fp32.
+    u: [B, D]; x: [B, F, D, n] complex64; log_a_real, a_imag: [F, D, n]; log_dt, skip: [F, D]; c: [F, D, n, 2];
+    active: [B] bool.
     Returns y [B, F, D] fp32 (skip term included) and the new state."""
     batch, filters, features, modes = x.shape
     channels = filters * features
@@ -239,16 +240,16 @@ def s4d_step_triton(
     y = torch.empty(batch, filters, features, device=u.device, dtype=torch.float32)
     grid = (batch, triton.cdiv(channels, _BLOCK_C))
     _s4d_step_fwd[grid](
-        u.float().contiguous(),
+        u.contiguous(),
         torch.view_as_real(x.contiguous()),
         torch.view_as_real(new_x),
         y,
-        log_a_real.float().contiguous(),
-        a_imag.float().contiguous(),
-        log_dt.float().contiguous(),
-        c.float().contiguous(),
-        skip.float().contiguous(),
-        active.to(torch.int8).contiguous(),
+        log_a_real.contiguous(),
+        a_imag.contiguous(),
+        log_dt.contiguous(),
+        c.contiguous(),
+        skip.contiguous(),
+        active.view(torch.int8),
         channels,
         features,
         MODES=modes,
@@ -735,3 +736,131 @@ def rotary_concat_triton(
     [B, S, H2, hd] or None, position [B, S], inv_freq [hd / 2] fp32 (hd / 2 a power of two)."""
     plain = None if plain is None else plain.contiguous()
     return RotaryConcatFunction.apply(rotated.contiguous(), plain, position.contiguous(), inv_freq.float().contiguous())
+
+
+@triton.jit
+def _slot_attention_step(
+    query_ptr,
+    key_ptr,
+    value_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    out_ptr,
+    offset_ptr,
+    active_ptr,
+    scale,
+    query_row_stride,
+    key_row_stride,
+    value_row_stride,
+    cache_row_stride,
+    cache_slot_stride,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """Program (row, head): one decoding token attends to the slots of its block up to its own, in fp32 with an
+    online softmax, then writes its key and value into its slot. The token's own slot is read from its new key and
+    value in registers (the cache is written only after the sweep, so no thread reads a slot another wrote); a row
+    that is not active attends to its cache as it is and leaves it unchanged."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    rd = tl.arange(0, HEAD_DIM)
+    offset = tl.load(offset_ptr + row)
+    active = tl.load(active_ptr + row) != 0
+    q = tl.load(query_ptr + row * query_row_stride + head * HEAD_DIM + rd).to(tl.float32) * scale
+    cache = row.to(tl.int64) * cache_row_stride + head * HEAD_DIM
+    own_slot = cache + offset * cache_slot_stride + rd
+    cached_key = tl.load(key_cache_ptr + own_slot)
+    cached_value = tl.load(value_cache_ptr + own_slot)
+    new_key = tl.load(key_ptr + row * key_row_stride + head * HEAD_DIM + rd).to(cached_key.dtype)
+    new_value = tl.load(value_ptr + row * value_row_stride + head * HEAD_DIM + rd).to(cached_value.dtype)
+    own_key = tl.where(active, new_key, cached_key)
+    own_value = tl.where(active, new_value, cached_value)
+
+    lanes = tl.arange(0, BLOCK_W)
+    running_max = tl.max(tl.full([BLOCK_W], float("-inf"), tl.float32), axis=0)
+    running_sum = tl.sum(tl.zeros([BLOCK_W], tl.float32), axis=0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for start in range(0, offset + 1, BLOCK_W):
+        slot = start + lanes
+        is_own = (slot == offset)[:, None]
+        tile = cache + slot[:, None].to(tl.int64) * cache_slot_stride + rd[None, :]
+        before = (slot < offset)[:, None]
+        k = tl.where(is_own, own_key[None, :], tl.load(key_cache_ptr + tile, mask=before, other=0.0))
+        scores = tl.where(slot <= offset, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        p = tl.exp(scores - new_max)
+        rescale = tl.exp(running_max - new_max)
+        v = tl.where(is_own, own_value[None, :], tl.load(value_cache_ptr + tile, mask=before, other=0.0))
+        running_sum = running_sum * rescale + tl.sum(p, axis=0)
+        acc = acc * rescale + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        running_max = new_max
+    out = (acc / running_sum).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (row * tl.num_programs(1) + head) * HEAD_DIM + rd, out)
+    if active:
+        tl.store(key_cache_ptr + own_slot, own_key)
+        tl.store(value_cache_ptr + own_slot, own_value)
+
+
+_SLOT_BLOCK_W = 64
+
+
+def _rows_of_heads(x: torch.Tensor) -> torch.Tensor:
+    """x [B, 1, h, hd] with its heads laid out back to back (a slice of a wider head axis is fine)."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+def slot_attention_step_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    offset: torch.Tensor,
+    active: torch.Tensor,
+) -> torch.Tensor:
+    """One decoding token per row attends to its block's cached slots before it and to itself, and its key and
+    value go to its slot, in one launch (`modeling_block_state._attend_own_block` holds the reference: `_write_slot`
+    twice, then `_attend_slots`). query, key, value: [B, 1, h, hd]; key_cache, value_cache: [B, W, h, hd]
+    contiguous, written in place; offset: [B] the token's slot; active: [B] bool (inactive rows write nothing).
+    Returns [B, 1, h, hd] in query's dtype."""
+    batch, _, heads, head_dim = query.shape
+    query, key, value = (_rows_of_heads(x) for x in (query, key, value))
+    out = query.new_empty(batch, 1, heads, head_dim)
+    _slot_attention_step[(batch, heads)](
+        query,
+        key,
+        value,
+        key_cache,
+        value_cache,
+        out,
+        offset,
+        active.view(torch.int8),
+        head_dim**-0.5,
+        query.stride(0),
+        key.stride(0),
+        value.stride(0),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_W=_SLOT_BLOCK_W,
+    )
+    return out
+
+
+@torch.library.custom_op("ttt_hf::slot_attention_step", mutates_args=("key_cache", "value_cache"))
+def slot_attention_step_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    offset: torch.Tensor,
+    active: torch.Tensor,
+) -> torch.Tensor:
+    """`slot_attention_step_triton` as one opaque operator for `torch.compile`, which writes the caches in place."""
+    return slot_attention_step_triton(query, key, value, key_cache, value_cache, offset, active)
+
+
+@slot_attention_step_op.register_fake
+def _(query, key, value, key_cache, value_cache, offset, active):
+    return query.new_empty(query.shape[0], 1, *query.shape[2:])

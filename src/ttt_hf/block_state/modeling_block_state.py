@@ -32,6 +32,7 @@ from transformers.utils import logging
 from .cache_block_state import BlockStateCache, BlockStateLayerCache, check_architecture
 from .configuration_block_state import BlockStateConfig
 from .ssm_ops import (
+    _triton_applies,
     _use_triton,
     check_kernel_backend,
     fft_causal_conv,
@@ -42,6 +43,8 @@ from .ssm_ops import (
     s4d_discretize,
     s4d_final_state,
     s4d_state_output,
+    slot_attention_step_op,
+    slot_attention_step_triton,
 )
 from .tensor_parallel import grad_all_reduce, has_sharded_parameters, local, tp_group
 
@@ -514,6 +517,32 @@ def _attend_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     return out.transpose(1, 2)
 
 
+def _attend_own_block(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: BlockStateLayerCache,
+    names: tuple[str, str],
+    step: TokenStep,
+    kernel_backend: str,
+) -> torch.Tensor:
+    """The token's key and value [B, 1, h, hd] go to its slot of the cached block `names`; its query [B, 1, h, hd]
+    attends to that block's slots up to its own: [B, 1, h, hd]. Dispatch point: one Triton launch for the writes
+    and the attention (instead of a gather, a select and a scatter per tensor and a masked SDPA) when no gradient
+    is needed, else the reference below."""
+    key_cache, value_cache = cache.get(names[0]), cache.get(names[1])
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, key_cache, value_cache))
+    head_dim = query.shape[-1]
+    supported = not needs_grad and head_dim & (head_dim - 1) == 0
+    supported = supported and key_cache.is_contiguous() and value_cache.is_contiguous()
+    if _triton_applies(kernel_backend, query.device, supported, "decoding with gradients"):
+        attend = slot_attention_step_op if torch.compiler.is_compiling() else slot_attention_step_triton
+        return attend(query, key, value, key_cache, value_cache, step.offset, step.active)
+    _write_slot(cache, names[0], key, step)
+    _write_slot(cache, names[1], value, step)
+    return _attend_slots(query, cache.get(names[0]), cache.get(names[1]), step.slots_up_to_token())
+
+
 class BlockStateAttention(nn.Module):
     """Block self-attention (+ cross-attention to the SSM context states when the layer has an SSM).
 
@@ -635,28 +664,35 @@ class BlockStateAttention(nn.Module):
         cross = self._context_heads(hidden_states, step, cache) if slot_cross else (None, None, None)
         query, key = (self._rotary(x, extra, step) for x, extra in zip((query, key), cross))  # [B, 1, H(+H), hd]
         heads = query.shape[2] // 2 if slot_cross else query.shape[2]  # this rank's self heads
-        names = ("self_k", "cross_k") if slot_cross else ("self_k",)
-        for name, new in zip(names, key.split(heads, dim=2)):
-            _write_slot(cache, name, new, step)
-        for name, new in zip(("self_v", "cross_v"), (value, cross[2]) if slot_cross else (value,)):
-            _write_slot(cache, name, new, step)
-
-        own = step.slots_up_to_token()
-        self_k, self_v, self_mask = cache.get("self_k"), cache.get("self_v"), own
+        backend = self.config.kernel_backend
         if self.config.attend_previous_block:
-            self_k = torch.cat([cache.get("prev_k"), self_k], dim=1)
-            self_v = torch.cat([cache.get("prev_v"), self_v], dim=1)
-            self_mask = torch.cat([step.previous_block_exists(), own], dim=1)
-            # A token that closes its block makes that block the previous one of the next token.
-            closes = (step.active & (step.next_block > 0)).view(-1, 1, 1, 1)
-            for name in ("k", "v"):
-                cache.set(f"prev_{name}", torch.where(closes, cache.get(f"self_{name}"), cache.get(f"prev_{name}")))
-        attended = [_attend_slots(query[:, :, :heads], self_k, self_v, self_mask)]
+            attended = [self._attend_with_previous_block(query[:, :, :heads], key[:, :, :heads], value, step, cache)]
+        else:
+            self_names = ("self_k", "self_v")
+            attended = [
+                _attend_own_block(query[:, :, :heads], key[:, :, :heads], value, cache, self_names, step, backend)
+            ]
         if slot_cross:
-            attended.append(_attend_slots(query[:, :, heads:], cache.get("cross_k"), cache.get("cross_v"), own))
+            cross_q, cross_k, cross_names = query[:, :, heads:], key[:, :, heads:], ("cross_k", "cross_v")
+            attended.append(_attend_own_block(cross_q, cross_k, cross[2], cache, cross_names, step, backend))
         elif self.has_ssm:
             attended.append(self._mf_cross_attention(hidden_states, step, cache))
         return self.o_proj(torch.cat(attended, dim=2).flatten(2))
+
+    @staticmethod
+    def _attend_with_previous_block(query, key, value, step, cache):
+        """A decoding token attends to the previous block and to its own block's slots up to its own. [B, 1, h, hd]"""
+        _write_slot(cache, "self_k", key, step)
+        _write_slot(cache, "self_v", value, step)
+        own = step.slots_up_to_token()
+        self_k = torch.cat([cache.get("prev_k"), cache.get("self_k")], dim=1)
+        self_v = torch.cat([cache.get("prev_v"), cache.get("self_v")], dim=1)
+        mask = torch.cat([step.previous_block_exists(), own], dim=1)
+        # A token that closes its block makes that block the previous one of the next token.
+        closes = (step.active & (step.next_block > 0)).view(-1, 1, 1, 1)
+        for name in ("k", "v"):
+            cache.set(f"prev_{name}", torch.where(closes, cache.get(f"self_{name}"), cache.get(f"prev_{name}")))
+        return _attend_slots(query, self_k, self_v, mask)
 
     def _rotary(self, x, extra, layout):
         return rotary_heads(x, extra, layout.position, self.config.rope_theta, self.config.kernel_backend)

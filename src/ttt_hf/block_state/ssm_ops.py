@@ -7,8 +7,9 @@ rejects bf16, fp16 needs power-of-two sizes and overflows.
 
 Dispatch points (kernel_backend "auto" | "triton" | "torch"): `s4d_kernel` (Triton Vandermonde sum),
 `s4d_causal_conv` (the Triton scan of the recurrence instead of the FFT recursion) and `s4d_decode_step`
-(fused Triton step); the attention's rotary embeddings (`modeling_block_state.rotary_heads`) dispatch
-through `_use_triton` too. Triton on CUDA when applicable, the torch reference elsewhere.
+(fused Triton step); the attention's rotary embeddings (`modeling_block_state.rotary_heads`, through
+`_use_triton`) and a decoding token's block attention (`modeling_block_state._attend_own_block`, through
+`_triton_applies`) dispatch here too. Triton on CUDA when applicable, the torch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ try:
         s4d_scan_triton,
         s4d_step_op,
         s4d_step_triton,
+        slot_attention_step_op,
+        slot_attention_step_triton,
     )
 except ImportError:  # triton is optional: the torch reference runs everywhere
     rotary_concat_triton = s4d_kernel_triton = s4d_scan_triton = s4d_step_op = s4d_step_triton = None
+    slot_attention_step_op = slot_attention_step_triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +260,7 @@ def s4d_decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step from the raw S4D parameters: discretization, `s4d_step` and the skip term.
 
-    u: [B, D] fp32; x: [B, F, D, n] complex64; log_a_real, a_imag: [F, D, n]; c: [F, D, n, 2] (real pairs);
+    u: [B, D]; x: [B, F, D, n] complex64; log_a_real, a_imag: [F, D, n]; c: [F, D, n, 2] (real pairs);
     log_dt, skip: [F, D]; active: [B] bool. Returns y [B, F, D] fp32 and the new state. Dispatch point: the
     fused Triton step (one launch instead of a dozen small ops per layer) when no gradient is needed."""
     modes = x.shape[-1]
