@@ -32,6 +32,7 @@ from transformers.utils import logging
 from .cache_block_state import BlockStateCache, BlockStateLayerCache, check_architecture
 from .configuration_block_state import BlockStateConfig
 from .ssm_ops import (
+    _needs_grad,
     _triton_applies,
     _use_triton,
     check_kernel_backend,
@@ -531,9 +532,8 @@ def _attend_own_block(
     and the attention (instead of a gather, a select and a scatter per tensor and a masked SDPA) when no gradient
     is needed, else the reference below."""
     key_cache, value_cache = cache.get(names[0]), cache.get(names[1])
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, key_cache, value_cache))
     head_dim = query.shape[-1]
-    supported = not needs_grad and head_dim & (head_dim - 1) == 0
+    supported = not _needs_grad(query, key, value, key_cache, value_cache) and head_dim & (head_dim - 1) == 0
     supported = supported and key_cache.is_contiguous() and value_cache.is_contiguous()
     if _triton_applies(kernel_backend, query.device, supported, "decoding with gradients"):
         attend = slot_attention_step_op if torch.compiler.is_compiling() else slot_attention_step_triton

@@ -76,6 +76,11 @@ def _log_fallback_once(what: str) -> None:
     logger.warning(f"kernel_backend='triton': no Block-State kernel for {what}; using the torch reference")
 
 
+# Copied from ttt_hf.ttt.ttt_ops._needs_grad
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _chunk(total: int, per_item: int) -> int:
     return max(1, min(total, _ELEMENT_BUDGET // max(per_item, 1)))
 
@@ -264,8 +269,7 @@ def s4d_decode_step(
     log_dt, skip: [F, D]; active: [B] bool. Returns y [B, F, D] fp32 and the new state. Dispatch point: the
     fused Triton step (one launch instead of a dozen small ops per layer) when no gradient is needed."""
     modes = x.shape[-1]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, x, log_a_real, a_imag, log_dt, c, skip))
-    supported = not needs_grad and modes & (modes - 1) == 0
+    supported = not _needs_grad(u, x, log_a_real, a_imag, log_dt, c, skip) and modes & (modes - 1) == 0
     if _triton_applies(kernel_backend, x.device, supported, "decoding with gradients or N/2 not a power of two"):
         # Compiled, the kernel is one opaque operator (its complex state stays out of the compiler).
         step = s4d_step_op if torch.compiler.is_compiling() else s4d_step_triton
