@@ -3,103 +3,25 @@
 The CPU tests run the kernels in Triton's interpreter, which executes their Python without the compiler's type
 checks: a loop-carried variable that changes shape or a block where a scalar belongs passes there and fails to
 compile on a GPU. Here each launch's specialization (argument types, constexprs, warps) is recorded from the
-interpreter and compiled for sm_90 down to a cubin, no GPU needed, in a process of its own (the compiler does not
-run where the interpreter is switched on).
+interpreter and compiled for sm_90 down to a cubin, no GPU needed (`kernels/triton_launches.py`).
 """
 
-import inspect
-import json
-import os
-import subprocess
 import sys
-from contextlib import contextmanager
-from unittest import mock
+from pathlib import Path
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
 from block_state_testing import tiny_model as block_state_model  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton_launches import compile_for_hopper, gpu_products, recorded_launches  # noqa: E402
 from ttt_testing import random_ids  # noqa: E402
 from ttt_testing import tiny_model as ttt_model  # noqa: E402
 
 from ttt_hf.tova.tova_triton import tova_attention_evict_one_triton, tova_evict_one_triton  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
-
-POINTER_TYPES = {
-    torch.float32: "*fp32",
-    torch.bfloat16: "*bf16",
-    torch.float16: "*fp16",
-    torch.int64: "*i64",
-    torch.int32: "*i32",
-    torch.int8: "*i8",
-    torch.uint8: "*u8",
-    torch.bool: "*i1",
-}
-
-COMPILE = """
-import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-failures = []
-for launch in json.load(sys.stdin):
-    kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
-    signature = launch["signature"] | dict.fromkeys(launch["constexprs"], "constexpr")
-    source = ASTSource(kernel, signature, constexprs=launch["constexprs"])
-    try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
-        assert compiled.asm["cubin"]
-    except Exception as error:
-        failures.append(f"{launch['module']}.{launch['name']} {launch['constexprs']}: {error}"[-4000:])
-print(json.dumps(failures))
-"""
-
-
-def _argument_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return POINTER_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
-
-
-def _launch(kernel: InterpretedFunction, args: tuple, kwargs: dict) -> dict:
-    """A launch's specialization, as `triton.compile` takes it."""
-    parameters = inspect.signature(kernel.fn).parameters
-    values = dict(zip(kernel.arg_names, args)) | {k: v for k, v in kwargs.items() if k in parameters}
-    signature, constexprs = {}, {}
-    for name, parameter in parameters.items():
-        value = values.get(name, parameter.default)
-        if "constexpr" in str(parameter.annotation) or value is None:
-            constexprs[name] = value
-        else:
-            signature[name] = _argument_type(value)
-    options = {k: v for k, v in kwargs.items() if k not in parameters}
-    module, name = kernel.fn.__module__, kernel.fn.__name__
-    return dict(module=module, name=name, signature=signature, constexprs=constexprs, options=options)
-
-
-@contextmanager
-def recorded_launches():
-    """Records every distinct kernel launch of the interpreter (and still runs it)."""
-    launches = {}
-    run = InterpretedFunction.run
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        launch = _launch(self, args, kwargs)
-        launches.setdefault(json.dumps(launch, sort_keys=True), launch)
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    with mock.patch.object(InterpretedFunction, "run", recording_run):
-        yield launches
 
 
 def _train_and_decode(model, dtype: torch.dtype, length: int) -> None:
@@ -122,7 +44,7 @@ def _tova_steps(dtype: torch.dtype) -> None:
 
 
 def test_every_kernel_compiles_for_hopper():
-    with recorded_launches() as launches:
+    with recorded_launches() as launches, gpu_products():  # the half-precision products the GPU takes
         for dtype in (torch.float32, torch.bfloat16):
             for layer_type in ("linear", "mlp"):  # the chunk kernels take mini-batches and heads of 16 or more
                 model = ttt_model(
@@ -134,15 +56,5 @@ def test_every_kernel_compiles_for_hopper():
     modules = {launch["module"] for launch in launches.values()}
     assert {"ttt_hf.ttt.ttt_triton_linear", "ttt_hf.ttt.ttt_triton_mlp", "ttt_hf.ttt.ttt_triton_decode"} <= modules
     assert {"ttt_hf.block_state.block_state_triton", "ttt_hf.tova.tova_triton"} <= modules
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE],
-        input=json.dumps(list(launches.values())),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    failures = json.loads(result.stdout.splitlines()[-1])
+    failures = [report["error"] for report in compile_for_hopper(list(launches.values())) if "error" in report]
     assert not failures, "\n\n".join(failures)
