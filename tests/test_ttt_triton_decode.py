@@ -40,6 +40,8 @@ def step_inputs(layer_type, batch, heads, head_dim, tokens=1, dtype=torch.float3
     lr = (torch.rand(batch, heads, tokens, generator=g) * 0.5 / head_dim**0.5).to(DEVICE)
     tau = (1.0 / torch.arange(1, mini_batch + 1) + 0.05 * torch.randn(mini_batch, generator=g)).clamp_min(0).to(DEVICE)
     ln_w, ln_b = 1 + rand(heads, 1, head_dim, scale=0.1), rand(heads, 1, head_dim, scale=0.1)
+    # A half-precision model's learning rates and LayerNorm parameters come in its dtype; the kernels read them so.
+    lr, tau, ln_w, ln_b = (t.to(dtype) for t in (lr, tau, ln_w, ln_b))
     return state, acc, q, k, v, lr, tau, ln_w, ln_b
 
 

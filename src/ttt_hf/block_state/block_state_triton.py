@@ -182,7 +182,8 @@ def _s4d_step_fwd(
     MODES: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Program (row, channel block). x/new_x: [B, C, n, 2] (complex64 as pairs); c: [C, n, 2]; y: [B, C]."""
+    """Program (row, channel block). x/new_x: [B, C, n, 2] (complex64 as pairs); c: [C, n, 2]; y: [B, C] in its
+    own dtype."""
     row = tl.program_id(0)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rn = tl.arange(0, MODES)
@@ -217,7 +218,7 @@ def _s4d_step_fwd(
     c_r = tl.load(c_ptr + params * 2, mask=mask, other=0.0).to(tl.float32)
     c_i = tl.load(c_ptr + params * 2 + 1, mask=mask, other=0.0).to(tl.float32)
     y = 2 * tl.sum(c_r * new_r - c_i * new_i, axis=1) + tl.load(skip_ptr + rc, mask=mc, other=0.0).to(tl.float32) * u_c
-    tl.store(y_ptr + row * channels + rc, y, mask=mc)
+    tl.store(y_ptr + row * channels + rc, y.to(y_ptr.dtype.element_ty), mask=mc)
 
 
 def s4d_step_triton(
@@ -229,15 +230,15 @@ def s4d_step_triton(
     c: torch.Tensor,
     skip: torch.Tensor,
     active: torch.Tensor,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step from the raw S4D parameters (no autograd), read in their own dtypes and computed in fp32.
     u: [B, D]; x: [B, F, D, n] complex64; log_a_real, a_imag: [F, D, n]; log_dt, skip: [F, D]; c: [F, D, n, 2];
-    active: [B] bool.
-    Returns y [B, F, D] fp32 (skip term included) and the new state."""
+    active: [B] bool. Returns y [B, F, D] in `out_dtype` (skip term included) and the new state."""
     batch, filters, features, modes = x.shape
     channels = filters * features
     new_x = torch.empty_like(x)
-    y = torch.empty(batch, filters, features, device=u.device, dtype=torch.float32)
+    y = torch.empty(batch, filters, features, device=u.device, dtype=out_dtype)
     grid = (batch, triton.cdiv(channels, _BLOCK_C))
     _s4d_step_fwd[grid](
         u.contiguous(),
@@ -268,14 +269,15 @@ def s4d_step_op(
     c: torch.Tensor,
     skip: torch.Tensor,
     active: torch.Tensor,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`s4d_step_triton` as one opaque operator for `torch.compile`, whose tracer cannot follow the launch code."""
-    return s4d_step_triton(u, x, log_a_real, a_imag, log_dt, c, skip, active)
+    return s4d_step_triton(u, x, log_a_real, a_imag, log_dt, c, skip, active, out_dtype)
 
 
 @s4d_step_op.register_fake
-def _(u, x, log_a_real, a_imag, log_dt, c, skip, active):
-    return u.new_empty(x.shape[:3], dtype=torch.float32), torch.empty_like(x)
+def _(u, x, log_a_real, a_imag, log_dt, c, skip, active, out_dtype):
+    return u.new_empty(x.shape[:3], dtype=out_dtype), torch.empty_like(x)
 
 
 # Launch of the scan kernels: (channels per program, time steps per group, warps). A group's inputs are
@@ -739,6 +741,13 @@ def rotary_concat_triton(
 
 
 @triton.jit
+def _rotated(x1, x2, cos, sin):
+    """Rotary embedding of the pairs (x1, x2), computed in fp32 and rounded back to their dtype."""
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x2.dtype)
+
+
+@triton.jit
 def _slot_attention_step(
     query_ptr,
     key_ptr,
@@ -748,57 +757,82 @@ def _slot_attention_step(
     out_ptr,
     offset_ptr,
     active_ptr,
+    position_ptr,
+    inv_freq_ptr,
     scale,
     query_row_stride,
     key_row_stride,
     value_row_stride,
+    out_row_stride,
+    out_first_head,
     cache_row_stride,
     cache_slot_stride,
-    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    ROTARY: tl.constexpr,
 ):
-    """Program (row, head): one decoding token attends to the slots of its block up to its own, in fp32 with an
-    online softmax, then writes its key and value into its slot. The token's own slot is read from its new key and
-    value in registers (the cache is written only after the sweep, so no thread reads a slot another wrote); a row
-    that is not active attends to its cache as it is and leaves it unchanged."""
+    """Program (row, head): one decoding token's query attends to the slots of its block up to its own, in fp32
+    with an online softmax; then its key and value go to its slot. With ROTARY the query and the key are rotated
+    first (half-split pairs, rounded to their dtypes as the unfused path rounds them). The token's own slot is
+    read from registers (the cache is written only after the sweep, so no thread reads a slot another wrote); a
+    row that is not active attends to its cache as it is and leaves it unchanged. Vectors are handled as their
+    two halves, the rotary embedding's pairs."""
     row = tl.program_id(0)
     head = tl.program_id(1)
-    rd = tl.arange(0, HEAD_DIM)
+    rj = tl.arange(0, HALF)
     offset = tl.load(offset_ptr + row)
     active = tl.load(active_ptr + row) != 0
-    q = tl.load(query_ptr + row * query_row_stride + head * HEAD_DIM + rd).to(tl.float32) * scale
-    cache = row.to(tl.int64) * cache_row_stride + head * HEAD_DIM
-    own_slot = cache + offset * cache_slot_stride + rd
-    cached_key = tl.load(key_cache_ptr + own_slot)
-    cached_value = tl.load(value_cache_ptr + own_slot)
-    new_key = tl.load(key_ptr + row * key_row_stride + head * HEAD_DIM + rd).to(cached_key.dtype)
-    new_value = tl.load(value_ptr + row * value_row_stride + head * HEAD_DIM + rd).to(cached_value.dtype)
-    own_key = tl.where(active, new_key, cached_key)
-    own_value = tl.where(active, new_value, cached_value)
+    q = query_ptr + row * query_row_stride + head * 2 * HALF + rj
+    q1, q2 = tl.load(q), tl.load(q + HALF)
+    k = key_ptr + row * key_row_stride + head * 2 * HALF + rj
+    k1, k2 = tl.load(k), tl.load(k + HALF)
+    if ROTARY:
+        angle = _wrap_angle(tl.load(position_ptr + row).to(tl.float32) * tl.load(inv_freq_ptr + rj))
+        cos, sin = tl.cos(angle), tl.sin(angle)
+        q1, q2 = _rotated(q1, q2, cos, sin)
+        k1, k2 = _rotated(k1, k2, cos, sin)
+    q1, q2 = q1.to(tl.float32) * scale, q2.to(tl.float32) * scale
+    cache = row.to(tl.int64) * cache_row_stride + head * 2 * HALF
+    own = cache + offset * cache_slot_stride + rj
+    own_k1 = tl.where(active, k1.to(key_cache_ptr.dtype.element_ty), tl.load(key_cache_ptr + own))
+    own_k2 = tl.where(active, k2.to(key_cache_ptr.dtype.element_ty), tl.load(key_cache_ptr + own + HALF))
+    v = value_ptr + row * value_row_stride + head * 2 * HALF + rj
+    own_v1 = tl.where(active, tl.load(v).to(value_cache_ptr.dtype.element_ty), tl.load(value_cache_ptr + own))
+    own_v2 = tl.where(
+        active, tl.load(v + HALF).to(value_cache_ptr.dtype.element_ty), tl.load(value_cache_ptr + own + HALF)
+    )
 
     lanes = tl.arange(0, BLOCK_W)
     running_max = tl.max(tl.full([BLOCK_W], float("-inf"), tl.float32), axis=0)
     running_sum = tl.sum(tl.zeros([BLOCK_W], tl.float32), axis=0)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    acc1 = tl.zeros([HALF], tl.float32)
+    acc2 = tl.zeros([HALF], tl.float32)
     for start in range(0, offset + 1, BLOCK_W):
         slot = start + lanes
         is_own = (slot == offset)[:, None]
-        tile = cache + slot[:, None].to(tl.int64) * cache_slot_stride + rd[None, :]
         before = (slot < offset)[:, None]
-        k = tl.where(is_own, own_key[None, :], tl.load(key_cache_ptr + tile, mask=before, other=0.0))
-        scores = tl.where(slot <= offset, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        tile = cache + slot[:, None].to(tl.int64) * cache_slot_stride + rj[None, :]
+        t1 = tl.where(is_own, own_k1[None, :], tl.load(key_cache_ptr + tile, mask=before, other=0.0))
+        t2 = tl.where(is_own, own_k2[None, :], tl.load(key_cache_ptr + tile + HALF, mask=before, other=0.0))
+        scores = tl.sum(t1.to(tl.float32) * q1[None, :], axis=1) + tl.sum(t2.to(tl.float32) * q2[None, :], axis=1)
+        scores = tl.where(slot <= offset, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
         p = tl.exp(scores - new_max)
         rescale = tl.exp(running_max - new_max)
-        v = tl.where(is_own, own_value[None, :], tl.load(value_cache_ptr + tile, mask=before, other=0.0))
+        t1 = tl.where(is_own, own_v1[None, :], tl.load(value_cache_ptr + tile, mask=before, other=0.0))
+        t2 = tl.where(is_own, own_v2[None, :], tl.load(value_cache_ptr + tile + HALF, mask=before, other=0.0))
         running_sum = running_sum * rescale + tl.sum(p, axis=0)
-        acc = acc * rescale + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        acc1 = acc1 * rescale + tl.sum(p[:, None] * t1.to(tl.float32), axis=0)
+        acc2 = acc2 * rescale + tl.sum(p[:, None] * t2.to(tl.float32), axis=0)
         running_max = new_max
-    out = (acc / running_sum).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + (row * tl.num_programs(1) + head) * HEAD_DIM + rd, out)
+    out = out_ptr + row * out_row_stride + (out_first_head + head) * 2 * HALF + rj
+    tl.store(out, (acc1 / running_sum).to(out_ptr.dtype.element_ty))
+    tl.store(out + HALF, (acc2 / running_sum).to(out_ptr.dtype.element_ty))
     if active:
-        tl.store(key_cache_ptr + own_slot, own_key)
-        tl.store(value_cache_ptr + own_slot, own_value)
+        tl.store(key_cache_ptr + own, own_k1)
+        tl.store(key_cache_ptr + own + HALF, own_k2)
+        tl.store(value_cache_ptr + own, own_v1)
+        tl.store(value_cache_ptr + own + HALF, own_v2)
 
 
 _SLOT_BLOCK_W = 64
@@ -810,57 +844,76 @@ def _rows_of_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def slot_attention_step_triton(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    key_caches: list[torch.Tensor],
+    value_caches: list[torch.Tensor],
     offset: torch.Tensor,
     active: torch.Tensor,
+    position: torch.Tensor,
+    inv_freq: torch.Tensor,
+    rotated_groups: int,
 ) -> torch.Tensor:
-    """One decoding token per row attends to its block's cached slots before it and to itself, and its key and
-    value go to its slot, in one launch (`modeling_block_state._attend_own_block` holds the reference: `_write_slot`
-    twice, then `_attend_slots`). query, key, value: [B, 1, h, hd]; key_cache, value_cache: [B, W, h, hd]
-    contiguous, written in place; offset: [B] the token's slot; active: [B] bool (inactive rows write nothing).
-    Returns [B, 1, h, hd] in query's dtype."""
-    batch, _, heads, head_dim = query.shape
-    query, key, value = (_rows_of_heads(x) for x in (query, key, value))
-    out = query.new_empty(batch, 1, heads, head_dim)
-    _slot_attention_step[(batch, heads)](
-        query,
-        key,
-        value,
-        key_cache,
-        value_cache,
-        out,
-        offset,
-        active.view(torch.int8),
-        head_dim**-0.5,
-        query.stride(0),
-        key.stride(0),
-        value.stride(0),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        HEAD_DIM=head_dim,
-        BLOCK_W=_SLOT_BLOCK_W,
-    )
+    """A decoding token's block attention for groups of heads (self-attention, then SH/MH cross-attention), one
+    launch per group: the first `rotated_groups` groups' queries and keys get rotary embeddings at `position`;
+    each group's key and value go to the token's slot of its cached block, and its query attends to that block's
+    slots up to the token's own (`modeling_block_state.BlockStateAttention._attend_own_blocks` holds the
+    reference). Per group: query, key, value [B, 1, h, hd]; key_cache, value_cache [B, W, h, hd] contiguous, written
+    in place. offset: [B] the token's slot; active: [B] bool (inactive rows write nothing); position: [B];
+    inv_freq: [hd / 2] fp32. Returns the groups' outputs side by side, [B, 1, groups * h, hd] in the query dtype."""
+    batch, _, heads, head_dim = queries[0].shape
+    out = queries[0].new_empty(batch, 1, heads * len(queries), head_dim)
+    for group, (query, key, value, key_cache, value_cache) in enumerate(
+        zip(queries, keys, values, key_caches, value_caches)
+    ):
+        query, key, value = (_rows_of_heads(x) for x in (query, key, value))
+        _slot_attention_step[(batch, heads)](
+            query,
+            key,
+            value,
+            key_cache,
+            value_cache,
+            out,
+            offset,
+            active.view(torch.int8),
+            position,
+            inv_freq,
+            head_dim**-0.5,
+            query.stride(0),
+            key.stride(0),
+            value.stride(0),
+            out.stride(0),
+            group * heads,
+            key_cache.stride(0),
+            key_cache.stride(1),
+            HALF=head_dim // 2,
+            BLOCK_W=_SLOT_BLOCK_W,
+            ROTARY=group < rotated_groups,
+        )
     return out
 
 
-@torch.library.custom_op("ttt_hf::slot_attention_step", mutates_args=("key_cache", "value_cache"))
+@torch.library.custom_op("ttt_hf::slot_attention_step", mutates_args=("key_caches", "value_caches"))
 def slot_attention_step_op(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    key_caches: list[torch.Tensor],
+    value_caches: list[torch.Tensor],
     offset: torch.Tensor,
     active: torch.Tensor,
+    position: torch.Tensor,
+    inv_freq: torch.Tensor,
+    rotated_groups: int,
 ) -> torch.Tensor:
     """`slot_attention_step_triton` as one opaque operator for `torch.compile`, which writes the caches in place."""
-    return slot_attention_step_triton(query, key, value, key_cache, value_cache, offset, active)
+    return slot_attention_step_triton(
+        queries, keys, values, key_caches, value_caches, offset, active, position, inv_freq, rotated_groups
+    )
 
 
 @slot_attention_step_op.register_fake
-def _(query, key, value, key_cache, value_cache, offset, active):
-    return query.new_empty(query.shape[0], 1, *query.shape[2:])
+def _(queries, keys, values, key_caches, value_caches, offset, active, position, inv_freq, rotated_groups):
+    batch, _, heads, head_dim = queries[0].shape
+    return queries[0].new_empty(batch, 1, heads * len(queries), head_dim)

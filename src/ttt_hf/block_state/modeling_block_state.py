@@ -324,9 +324,9 @@ class BlockStateS4D(nn.Module):
         dt_a, db = s4d_discretize(self.log_a_real, self.a_imag, self.log_dt)
         return dt_a, db, torch.view_as_complex(self.c.float().contiguous())
 
-    def _step(self, u, step, cache, x0) -> torch.Tensor:
+    def _step(self, u, step, cache, x0, dtype) -> torch.Tensor:
         """Decoding: the recurrence advances each row by its one token. u: [B, 1, D]. Returns the token's outputs
-        [B, 1, F, D] fp32, skip term included."""
+        [B, 1, F, D] in `dtype` (computed in fp32), skip term included."""
         y, state = s4d_decode_step(
             u[:, 0],
             x0,
@@ -336,6 +336,7 @@ class BlockStateS4D(nn.Module):
             self.c,
             self.skip,
             step.active,
+            dtype,
             self.kernel_backend,
         )
         cache.set("ssm_state", state)
@@ -352,7 +353,7 @@ class BlockStateS4D(nn.Module):
         outside `layout.valid`."""
         x0 = cache.get("ssm_state") if cache is not None else None
         if isinstance(layout, TokenStep):
-            return self._step(u, layout, cache, x0).to(dtype)
+            return self._step(u, layout, cache, x0, dtype)
         dt_a, db, c = self._discretized()
         # From a zero state the convolution writes `dtype` itself; a cached state's share is added in fp32.
         y = s4d_causal_conv(u, dt_a, db, c, self.skip, dtype if x0 is None else torch.float32, self.kernel_backend)
@@ -370,7 +371,7 @@ class BlockStateS4D(nn.Module):
         x0 = cache.get("ssm_state") if cache is not None else None
         if isinstance(layout, TokenStep):
             # Read only where the token closes its block.
-            return self._step(u, layout, cache, x0)
+            return self._step(u, layout, cache, x0, torch.float32)
         dt_a, db, c = self._discretized()
         width = layout.block_size
         if x0 is None:
@@ -518,31 +519,6 @@ def _attend_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     return out.transpose(1, 2)
 
 
-def _attend_own_block(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cache: BlockStateLayerCache,
-    names: tuple[str, str],
-    step: TokenStep,
-    kernel_backend: str,
-) -> torch.Tensor:
-    """The token's key and value [B, 1, h, hd] go to its slot of the cached block `names`; its query [B, 1, h, hd]
-    attends to that block's slots up to its own: [B, 1, h, hd]. Dispatch point: one Triton launch for the writes
-    and the attention (instead of a gather, a select and a scatter per tensor and a masked SDPA) when no gradient
-    is needed, else the reference below."""
-    key_cache, value_cache = cache.get(names[0]), cache.get(names[1])
-    head_dim = query.shape[-1]
-    supported = not _needs_grad(query, key, value, key_cache, value_cache) and head_dim & (head_dim - 1) == 0
-    supported = supported and key_cache.is_contiguous() and value_cache.is_contiguous()
-    if _triton_applies(kernel_backend, query.device, supported, "decoding with gradients"):
-        attend = slot_attention_step_op if torch.compiler.is_compiling() else slot_attention_step_triton
-        return attend(query, key, value, key_cache, value_cache, step.offset, step.active)
-    _write_slot(cache, names[0], key, step)
-    _write_slot(cache, names[1], value, step)
-    return _attend_slots(query, cache.get(names[0]), cache.get(names[1]), step.slots_up_to_token())
-
-
 class BlockStateAttention(nn.Module):
     """Block self-attention (+ cross-attention to the SSM context states when the layer has an SSM).
 
@@ -662,22 +638,63 @@ class BlockStateAttention(nn.Module):
         value = self._heads(self.v_proj(hidden_states))
         slot_cross = self.has_ssm and self.context_mode != "mf"
         cross = self._context_heads(hidden_states, step, cache) if slot_cross else (None, None, None)
-        query, key = (self._rotary(x, extra, step) for x, extra in zip((query, key), cross))  # [B, 1, H(+H), hd]
-        heads = query.shape[2] // 2 if slot_cross else query.shape[2]  # this rank's self heads
-        backend = self.config.kernel_backend
         if self.config.attend_previous_block:
+            query, key = (self._rotary(x, extra, step) for x, extra in zip((query, key), cross))  # [B, 1, H(+H), hd]
+            heads = query.shape[2] // 2 if slot_cross else query.shape[2]  # this rank's self heads
             attended = [self._attend_with_previous_block(query[:, :, :heads], key[:, :, :heads], value, step, cache)]
+            if slot_cross:
+                cross_q, cross_k = query[:, :, heads:], key[:, :, heads:]
+                attended.append(self._attend_own_blocks([cross_q], [cross_k], [cross[2]], ["cross"], step, cache, 0))
         else:
-            self_names = ("self_k", "self_v")
-            attended = [
-                _attend_own_block(query[:, :, :heads], key[:, :, :heads], value, cache, self_names, step, backend)
-            ]
-        if slot_cross:
-            cross_q, cross_k, cross_names = query[:, :, heads:], key[:, :, heads:], ("cross_k", "cross_v")
-            attended.append(_attend_own_block(cross_q, cross_k, cross[2], cache, cross_names, step, backend))
-        elif self.has_ssm:
+            names = ["self", "cross"] if slot_cross else ["self"]
+            groups = [(query, key, value), cross][: len(names)]
+            attended = [self._attend_own_blocks(*zip(*groups), names, step, cache, rotated_groups=1)]
+        if self.has_ssm and not slot_cross:
             attended.append(self._mf_cross_attention(hidden_states, step, cache))
-        return self.o_proj(torch.cat(attended, dim=2).flatten(2))
+        attended = attended[0] if len(attended) == 1 else torch.cat(attended, dim=2)  # [B, 1, heads, hd]
+        return self.o_proj(attended.flatten(2))
+
+    def _attend_own_blocks(self, queries, keys, values, names, step, cache, rotated_groups):
+        """Groups of heads of a decoding token (self-attention, then SH/MH cross-attention; [B, 1, h, hd] each, the
+        first `rotated_groups` groups' queries and keys not rotated yet): each group's key and value go to the
+        token's slot of the cached block `names[g]_k/v`, and its query attends to that block's slots up to the
+        token's own. Returns [B, 1, groups * h, hd]. Dispatch point: one Triton launch per group for the rotary
+        embedding, the writes and the attention (instead of a gather, a select and a scatter per tensor and a masked
+        SDPA) when no gradient is needed, else the reference below."""
+        caches = [(cache.get(f"{name}_k"), cache.get(f"{name}_v")) for name in names]
+        half = self.head_dim // 2
+        supported = (
+            not _needs_grad(*queries, *keys, *values, *(t for pair in caches for t in pair))
+            and self.head_dim % 2 == 0
+            and half & (half - 1) == 0
+        )
+        supported = supported and all(t.is_contiguous() and t.dtype == pair[0].dtype for pair in caches for t in pair)
+        backend = self.config.kernel_backend
+        if _triton_applies(backend, queries[0].device, supported, "decoding with gradients"):
+            attend = slot_attention_step_op if torch.compiler.is_compiling() else slot_attention_step_triton
+            inv_freq = _inv_freq(self.head_dim, self.config.rope_theta, queries[0].device)
+            key_caches, value_caches = (list(group) for group in zip(*caches))
+            return attend(
+                list(queries),
+                list(keys),
+                list(values),
+                key_caches,
+                value_caches,
+                step.offset,
+                step.active,
+                step.start,
+                inv_freq,
+                rotated_groups,
+            )
+        outputs = []
+        for group, (query, key, value, name) in enumerate(zip(queries, keys, values, names)):
+            if group < rotated_groups:
+                query, key = (self._rotary(x, None, step) for x in (query, key))
+            _write_slot(cache, f"{name}_k", key, step)
+            _write_slot(cache, f"{name}_v", value, step)
+            mask = step.slots_up_to_token()
+            outputs.append(_attend_slots(query, cache.get(f"{name}_k"), cache.get(f"{name}_v"), mask))
+        return torch.cat(outputs, dim=2)
 
     @staticmethod
     def _attend_with_previous_block(query, key, value, step, cache):

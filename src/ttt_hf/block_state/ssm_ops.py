@@ -8,7 +8,7 @@ rejects bf16, fp16 needs power-of-two sizes and overflows.
 Dispatch points (kernel_backend "auto" | "triton" | "torch"): `s4d_kernel` (Triton Vandermonde sum),
 `s4d_causal_conv` (the Triton scan of the recurrence instead of the FFT recursion) and `s4d_decode_step`
 (fused Triton step); the attention's rotary embeddings (`modeling_block_state.rotary_heads`, through
-`_use_triton`) and a decoding token's block attention (`modeling_block_state._attend_own_block`, through
+`_use_triton`) and a decoding token's block attention (`BlockStateAttention._attend_own_blocks`, through
 `_triton_applies`) dispatch here too. Triton on CUDA when applicable, the torch reference elsewhere.
 """
 
@@ -261,20 +261,23 @@ def s4d_decode_step(
     c: torch.Tensor,
     skip: torch.Tensor,
     active: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
     kernel_backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step from the raw S4D parameters: discretization, `s4d_step` and the skip term.
 
-    u: [B, D]; x: [B, F, D, n] complex64; log_a_real, a_imag: [F, D, n]; c: [F, D, n, 2] (real pairs);
-    log_dt, skip: [F, D]; active: [B] bool. Returns y [B, F, D] fp32 and the new state. Dispatch point: the
-    fused Triton step (one launch instead of a dozen small ops per layer) when no gradient is needed."""
+    u: [B, D]; x: [B, F, D, n] complex64; log_a_real, a_imag: [F, D, n]; c: [F, D, n, 2] (real pairs); log_dt,
+    skip: [F, D]; active: [B] bool. Returns y [B, F, D] (computed in fp32, returned in `out_dtype`) and the new
+    state. Dispatch point: the fused Triton step (one launch instead of a dozen small ops per layer) when no
+    gradient is needed."""
     modes = x.shape[-1]
     supported = not _needs_grad(u, x, log_a_real, a_imag, log_dt, c, skip) and modes & (modes - 1) == 0
     if _triton_applies(kernel_backend, x.device, supported, "decoding with gradients or N/2 not a power of two"):
         # Compiled, the kernel is one opaque operator (its complex state stays out of the compiler).
         step = s4d_step_op if torch.compiler.is_compiling() else s4d_step_triton
-        return step(u, x, log_a_real, a_imag, log_dt, c, skip, active)
-    return s4d_decode_step_reference(u, x, log_a_real, a_imag, log_dt, c, skip, active)
+        return step(u, x, log_a_real, a_imag, log_dt, c, skip, active, out_dtype)
+    y, new_x = s4d_decode_step_reference(u, x, log_a_real, a_imag, log_dt, c, skip, active)
+    return y.to(out_dtype), new_x
 
 
 def s4d_decode_step_reference(

@@ -24,7 +24,6 @@ import triton.language as tl
 from .ttt_triton_common import (
     _gelu_tanh,
     _gelu_tanh_grad,
-    _kernel_inputs,
     _layer_norm,
     _layer_norm_l2_grad,
     _on_triton_device,
@@ -52,9 +51,9 @@ def _step_scalars(position_ptr, active_ptr, tau_ptr, lr_ptr, bh, row, MB: tl.con
     """tau_i, tau_{b-1}, lr (0 for an inactive row), whether the row is active and whether it commits."""
     index = tl.load(position_ptr + row) % MB
     active = tl.load(active_ptr + row).to(tl.int32) != 0
-    tau = tl.load(tau_ptr + index)
-    tau_last = tl.load(tau_ptr + MB - 1)
-    lr = tl.where(active, tl.load(lr_ptr + bh), 0.0)
+    tau = tl.load(tau_ptr + index).to(tl.float32)
+    tau_last = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    lr = tl.where(active, tl.load(lr_ptr + bh).to(tl.float32), 0.0)
     return tau, tau_last, lr, active, active & (index == MB - 1)
 
 
@@ -103,8 +102,8 @@ def _ttt_linear_step_kernel(
     q = tl.load(q_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
-    ln_w = tl.load(ln_w_ptr + head * F + cols, mask=col_mask, other=0.0)
-    ln_b = tl.load(ln_b_ptr + head * F + cols, mask=col_mask, other=0.0)
+    ln_w = tl.load(ln_w_ptr + head * F + cols, mask=col_mask, other=0.0).to(tl.float32)
+    ln_b = tl.load(ln_b_ptr + head * F + cols, mask=col_mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + bh * F + cols, mask=col_mask, other=0.0)
     acc_c = tl.load(acc_c_ptr + bh * F + cols, mask=col_mask, other=0.0)
 
@@ -179,8 +178,8 @@ def _ttt_mlp_step_kernel(
     q = tl.load(q_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + bh * F + cols, mask=col_mask, other=0.0).to(tl.float32)
-    ln_w = tl.load(ln_w_ptr + head * F + cols, mask=col_mask, other=0.0)
-    ln_b = tl.load(ln_b_ptr + head * F + cols, mask=col_mask, other=0.0)
+    ln_w = tl.load(ln_w_ptr + head * F + cols, mask=col_mask, other=0.0).to(tl.float32)
+    ln_b = tl.load(ln_b_ptr + head * F + cols, mask=col_mask, other=0.0).to(tl.float32)
     c2 = tl.load(c2_ptr + bh * F + cols, mask=col_mask, other=0.0)
     acc_c2 = tl.load(acc_c2_ptr + bh * F + cols, mask=col_mask, other=0.0)
 
@@ -309,7 +308,8 @@ def ttt_step_triton(
     batch, heads, head_dim = q.shape
     f_pad = triton.next_power_of_2(head_dim)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    inputs = (*_kernel_inputs(q, k, v, lr, tau, ln_weight, ln_bias), position.contiguous(), active.contiguous())
+    # Read in their own dtypes (the kernels compute in fp32): a bf16 model's parameters need no fp32 copies per step.
+    inputs = [t.contiguous() for t in (q, k, v, lr, tau, ln_weight, ln_bias, position, active)]
     common = {"F": head_dim, "F_PAD": f_pad, "MB": tau.shape[0], "num_warps": 4}
     block = max(TILE_ELEMENTS // f_pad, 1)
     if len(state) == 2:
