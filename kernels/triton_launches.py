@@ -25,6 +25,7 @@ import sys
 from contextlib import ExitStack, contextmanager
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -131,15 +132,14 @@ def compile_for_hopper(launches: list[dict]) -> list[dict]:
 def gpu_products():
     """The products the TTT kernels take on the GPU for half-precision inputs, instead of the interpreter's TF32
     (only the specializations are wanted: the interpreter's bf16 products are not meaningful numbers)."""
-    from ttt_hf.ttt import ttt_triton_decode, ttt_triton_linear, ttt_triton_mlp
+    from ttt_hf.ttt import ttt_triton_common, ttt_triton_linear, ttt_triton_mlp
 
-    def on_gpu(x: torch.Tensor, half: str = "bf16") -> str:  # `ttt_triton_common._precision` of a CUDA tensor
-        return "ieee" if x.dtype == torch.float32 else half
+    def on_gpu(x: torch.Tensor, half: str = "bf16") -> str:  # the rule itself, asked about a CUDA tensor
+        return ttt_triton_common._precision(SimpleNamespace(dtype=x.dtype, is_cuda=True), half)
 
     with ExitStack() as stack:
-        for module in (ttt_triton_linear, ttt_triton_mlp, ttt_triton_decode):
-            if hasattr(module, "_precision"):
-                stack.enter_context(mock.patch.object(module, "_precision", on_gpu))
+        for module in (ttt_triton_linear, ttt_triton_mlp):  # the modules whose launches choose products
+            stack.enter_context(mock.patch.object(module, "_precision", on_gpu))
         yield
 
 

@@ -686,13 +686,12 @@ class BlockStateAttention(nn.Module):
                 inv_freq,
                 rotated_groups,
             )
-        outputs = []
+        outputs, mask = [], step.slots_up_to_token()
         for group, (query, key, value, name) in enumerate(zip(queries, keys, values, names)):
             if group < rotated_groups:
                 query, key = (self._rotary(x, None, step) for x in (query, key))
             _write_slot(cache, f"{name}_k", key, step)
             _write_slot(cache, f"{name}_v", value, step)
-            mask = step.slots_up_to_token()
             outputs.append(_attend_slots(query, cache.get(f"{name}_k"), cache.get(f"{name}_v"), mask))
         return torch.cat(outputs, dim=2)
 
