@@ -6,7 +6,9 @@ all) after a random prompt. Per model and setting:
   prefill s        time of generate(1): the prompt's forward and one token;
   first call s     the first generate(new) of the setting less a later one: compilation and CUDA-graph recording;
   graphs           the graphs torch.compile made for the setting (0: nothing was compiled);
+  captures         CUDA graphs recorded during the timed calls (0 expected: a recording there is timed as decoding);
   cudagraph skips  compiled graphs that inductor ran without CUDA graphs (in the JSON; 0 expected).
+The JSON also keeps every timed call's seconds.
 TTT and Block-State models run plain `generate` (its decoding step compiled and replayed as a CUDA graph,
 transformers' automatic compilation) and with `disable_compile=True` (eager steps); the same-size Llama (SDPA) runs with
 HF's DynamicCache (eager) and with `cache_implementation="static"` (compiled the same way); a 1.1B Llama
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 from bench_common import ROOT, pyplot, result_paths, save_results, ttt_model
@@ -127,6 +131,21 @@ def random_prompt(model, batch: int, prompt: int) -> torch.Tensor:
     return torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda")
 
 
+@contextmanager
+def counted_graph_captures():
+    """Yields a dict whose "captures" counts the CUDA graphs recorded inside the block (cudagraph trees record
+    through `torch.cuda.graph`, which begins every capture with `CUDAGraph.capture_begin`)."""
+    counter = {"captures": 0}
+    capture_begin = torch.cuda.CUDAGraph.capture_begin
+
+    def counting_capture_begin(self, *args, **kwargs):
+        counter["captures"] += 1
+        return capture_begin(self, *args, **kwargs)
+
+    with mock.patch.object(torch.cuda.CUDAGraph, "capture_begin", counting_capture_begin):
+        yield counter
+
+
 def measure(model, batch: int, prompt: int, new: int, generate_kwargs) -> dict:
     ids = random_prompt(model, batch, prompt)
 
@@ -137,8 +156,10 @@ def measure(model, batch: int, prompt: int, new: int, generate_kwargs) -> dict:
     torch.cuda.reset_peak_memory_stats()
     first = timed(lambda: run(new))
     timed(lambda: run(new))
-    prefill = min(timed(lambda: run(1)) for _ in range(2))
-    total = min(timed(lambda: run(new)) for _ in range(2))
+    with counted_graph_captures() as recorded:
+        prefills = [timed(lambda: run(1)) for _ in range(2)]
+        totals = [timed(lambda: run(new)) for _ in range(2)]
+    prefill, total = min(prefills), min(totals)
     decode = total - prefill
     return {
         "decode_tokens_per_s": batch * (new - 1) / decode,
@@ -147,7 +168,10 @@ def measure(model, batch: int, prompt: int, new: int, generate_kwargs) -> dict:
         "first_call_extra_s": max(first - total, 0.0),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "captures": recorded["captures"],
         "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"],
+        "prefill_calls_s": prefills,
+        "generate_calls_s": totals,
     }
 
 
@@ -166,8 +190,11 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     results = {"device": device, "new_tokens": args.new, "dtype": "bf16", "rows": []}
     print(f"## Plain generate, bf16, greedy, {args.new} new tokens ({device})\n")
-    print("| model | mode | batch | prompt | decode tok/s | ms/step | prefill s | first call +s | peak GiB | graphs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | mode | batch | prompt | decode tok/s | ms/step | prefill s | first call +s | peak GiB | graphs | "
+        "captures |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = build(name, torch.bfloat16)
         for mode, kwargs in MODELS[name][1].items():
@@ -179,13 +206,13 @@ def main() -> None:
                         row = measure(model, batch, prompt, args.new, kwargs)
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()
-                        print(f"| {name} | {mode} | {batch} | {prompt} | out of memory | | | | | |")
+                        print(f"| {name} | {mode} | {batch} | {prompt} | out of memory | | | | | | |")
                         continue
                     results["rows"].append({"model": name, "mode": mode, "batch": batch, "prompt": prompt, **row})
                     print(
                         f"| {name} | {mode} | {batch} | {prompt} | {row['decode_tokens_per_s']:,.0f} | "
                         f"{row['ms_per_step']:.2f} | {row['prefill_s']:.3f} | {row['first_call_extra_s']:.1f} | "
-                        f"{row['peak_gib']:.2f} | {row['graphs']} |",
+                        f"{row['peak_gib']:.2f} | {row['graphs']} | {row['captures']} |",
                         flush=True,
                     )
                     save_results(args.out, results)

@@ -10,8 +10,8 @@ reports: registers per thread, stack frame and spill bytes.
     TRITON_INTERPRET=1 python kernels/triton_launches.py [--head-dim 64] [--out triton_registers.md]
 
 prints that report for the TTT kernels at a real head size: a training step and two decoding steps of one-layer
-TTT-Linear and TTT-MLP models (Mamba backbone, mini-batch 16, bf16, the products the GPU takes), and writes it to
-kernels/results/<--out>.
+TTT-Linear and TTT-MLP models (Mamba backbone, mini-batch 16, bf16, the products the GPU takes), then for the TTT-MLP
+chunk kernels' candidate launches that kernels/tune_ttt.py times on a GPU, and writes it to kernels/results/<--out>.
 """
 
 from __future__ import annotations
@@ -172,6 +172,29 @@ def ttt_step_launches(head_dim: int) -> list[dict]:
     return list(launches.values())
 
 
+def mlp_candidate_launches(launches: list[dict]) -> list[tuple[str, dict]]:
+    """(kernel, change) and the launch of each TTT-MLP chunk kernel with each of `tune_ttt.MLP_CANDIDATES`' changes
+    to its default (the forward as it runs without the backward's recomputation), from the recorded `launches`."""
+    from tune_ttt import MLP_CANDIDATES
+
+    from ttt_hf.ttt import ttt_triton_mlp
+
+    variants = []
+    for kernel, changes in MLP_CANDIDATES.items():
+        name = f"_ttt_mlp_chunk_{kernel}_kernel"
+        recorded = next(x for x in launches if x["name"] == name and not x["constexprs"].get("STARTS"))
+        constexprs = recorded["constexprs"]
+        q = torch.empty(1, 1, 1, constexprs["MB"], constexprs["F"], dtype=torch.bfloat16)
+        for change in [{}, *changes]:
+            launch = ttt_triton_mlp.LAUNCH | {kernel: ttt_triton_mlp.LAUNCH[kernel] | change}
+            with mock.patch.object(ttt_triton_mlp, "LAUNCH", launch), gpu_products():
+                meta = ttt_triton_mlp._meta(q, kernel)
+            options = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
+            variant = recorded | {"constexprs": constexprs | meta, "options": recorded["options"] | options}
+            variants.append(((kernel, change), variant))
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=64)
@@ -189,13 +212,31 @@ def main() -> None:
         "| kernel | constexprs | warps | stages | registers | stack B | spill stores B | spill loads B |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for launch, report in zip(launches, compile_for_hopper(launches)):
+    candidates = mlp_candidate_launches(launches)
+    reports = compile_for_hopper(launches + [launch for _, launch in candidates])
+    for report in reports:
         if "error" in report:
             raise RuntimeError(report["error"])
+    for launch, report in zip(launches, reports):
         constexprs = ", ".join(f"{k}={v}" for k, v in launch["constexprs"].items() if k.isupper() and v is not None)
         lines.append(
             f"| {launch['name']} | {constexprs} | {launch['options'].get('num_warps', 4)} | "
             f"{launch['options'].get('num_stages', 3)} | {report['registers']} | {report['stack_bytes']} | "
+            f"{report['spill_store_bytes']} | {report['spill_load_bytes']} |"
+        )
+    lines += [
+        "",
+        "## TTT-MLP chunk kernels with the candidate launches of kernels/tune_ttt.py",
+        "",
+        "| kernel | change to the default | BLOCK | warps | stages | products | registers | stack B | spill stores B "
+        "| spill loads B |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ((kernel, change), launch), report in zip(candidates, reports[len(launches) :]):
+        options, constexprs = launch["options"], launch["constexprs"]
+        lines.append(
+            f"| {kernel} | {change or 'default'} | {constexprs['BLOCK']} | {options['num_warps']} | "
+            f"{options['num_stages']} | {constexprs['PRECISION']} | {report['registers']} | {report['stack_bytes']} | "
             f"{report['spill_store_bytes']} | {report['spill_load_bytes']} |"
         )
     text = "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """Tuning sweep of the TTT-Linear chunk kernels' launch parameters (`ttt_triton_linear.LAUNCH`) and of the backward's
-checkpoint group, and of the TTT-MLP kernels' state tiles and warps (`ttt_triton_mlp.LAUNCH`), on the GPU:
+checkpoint group, and of the TTT-MLP kernels' state tiles, warps, stages and products (`ttt_triton_mlp.LAUNCH`), on the
+GPU:
 
     python kernels/tune_ttt.py [--length 8192] [--batch 4 --heads 32 --head-dims 64,128] [--out ttt_tune.json]
                                [--mlp-only | --linear-only]
@@ -29,10 +30,19 @@ CANDIDATES = {
     "bwd_state": [{"num_warps": w} for w in (4, 8, 16)],
 }
 GROUPS = (4, 64)
-# TTT-MLP: (tile elements, warps) per kernel
+# TTT-MLP: per kernel, changes to its default launch (`ttt_triton_mlp.LAUNCH`). Fewer elements per tile, one
+# stage and bf16 products each cut the backward's spills (kernels/results/triton_registers.md).
 MLP_CANDIDATES = {
-    "forward": [(1024, 8), (2048, 4), (4096, 8)],
-    "backward": [(512, 8), (1024, 8), (1024, 4), (1024, 16)],
+    "forward": [{"tile_elements": 1024}, {"num_warps": 4}, {"tile_elements": 4096}, {"half_products": "bf16"}],
+    "backward": [
+        {"tile_elements": 1024},
+        {"tile_elements": 1024, "num_warps": 4},
+        {"num_stages": 1},
+        {"tile_elements": 1024, "num_stages": 1},
+        {"half_products": "bf16"},
+        {"tile_elements": 1024, "half_products": "bf16"},
+        {"tile_elements": 1024, "num_stages": 1, "half_products": "bf16"},
+    ],
 }
 
 
@@ -70,8 +80,8 @@ def run_variant(kernel: str, launch: dict, head_dim: int, forward_only: bool, ar
 
 
 def mlp_rows(args, head_dim: int) -> list[dict]:
-    """TTT-MLP's chunk kernels with each (state tile elements, warps): the forward timed without gradients, the
-    backward as forward + backward; every variant checked against its kernel's default."""
+    """TTT-MLP's chunk kernels with each candidate launch: the forward timed without gradients, the backward as
+    forward + backward; every variant checked against its kernel's default."""
     m = inputs(args.batch, args.heads, args.length, head_dim, torch.bfloat16, requires_grad=True, mlp=True)
     op = lambda: ttt_chunk(*m, kernel_backend="triton")[0]  # noqa: E731
     rows = []
@@ -79,8 +89,8 @@ def mlp_rows(args, head_dim: int) -> list[dict]:
         default = ttt_triton_mlp.LAUNCH[kernel]
         reference = None
         try:
-            for tile, warps in [(default["tile_elements"], default["num_warps"]), *candidates]:
-                launch = {"tile_elements": tile, "num_warps": warps}
+            for change in [{}, *candidates]:
+                launch = {**default, **change}
                 ttt_triton_mlp.LAUNCH[kernel] = launch
                 row = dict(head_dim=head_dim, kernel=f"mlp_{kernel}", launch=launch)
                 try:

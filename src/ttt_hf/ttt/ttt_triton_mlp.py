@@ -43,13 +43,17 @@ from .ttt_triton_common import (
     _project,
 )
 
-# Per kernel, the elements of one [F_PAD, BLOCK] state tile (BLOCK >= 16 for the dots) and the warps, from
-# kernels/tune_ttt.py on the H200 (results/ttt_tune_mlp.json, head dim 64, T=8192): the forward 16.5 ms with
-# (2048, 8), 24.9 with (1024, 8), 18.8 with (2048, 4); forward + backward 240 ms with (2048, 8) for the backward,
-# 278 with (1024, 8), 256 with (1024, 4), 742 with (1024, 16). ptxas (sm_90, triton 3.6, bf16) reports spills
-# for both (at head dim 64 the forward 40 B per thread, the backward 2.4 KB; 1.4 KB with 1024-element tiles): the
-# timings, not the spills, chose.
-LAUNCH = {"forward": {"tile_elements": 2048, "num_warps": 8}, "backward": {"tile_elements": 2048, "num_warps": 8}}
+# Per kernel, the elements of one [F_PAD, BLOCK] state tile (BLOCK >= 16 for the dots), the warps, the software
+# pipeline's stages and the products half-precision inputs take on the GPU (`_precision`), from kernels/tune_ttt.py
+# on the H200 (results/ttt_tune_mlp.json, head dim 64, T=8192): the forward 16.5 ms with (2048, 8), 24.9 with
+# (1024, 8), 18.8 with (2048, 4); forward + backward 240 ms with (2048, 8) for the backward, 278 with (1024, 8), 256
+# with (1024, 4), 742 with (1024, 16), all with 3 stages and TF32 products. ptxas (sm_90, triton 3.6, bf16) reports
+# spills for both (at head dim 64 the forward 40 B per thread, the backward 2.4 KB; 1.4 KB with 1024-element tiles):
+# the timings, not the spills, chose.
+LAUNCH = {
+    "forward": {"tile_elements": 2048, "num_warps": 8, "num_stages": 3, "half_products": "tf32"},
+    "backward": {"tile_elements": 2048, "num_warps": 8, "num_stages": 3, "half_products": "tf32"},
+}
 
 
 @triton.jit
@@ -581,18 +585,17 @@ def _unpack(record: torch.Tensor, like: list[torch.Tensor], batch: int, heads: i
 
 
 def _meta(q: torch.Tensor, kernel: str) -> dict:
+    launch = LAUNCH[kernel]
     head_dim, f_pad = q.shape[-1], triton.next_power_of_2(q.shape[-1])
-    block = min(max(LAUNCH[kernel]["tile_elements"] // f_pad, 16), 4 * f_pad)
-    # TF32 products for half-precision inputs: the launches were tuned and checked with them (TTT-Linear's bf16
-    # products were not measured here).
     return dict(
         F=head_dim,
         F_PAD=f_pad,
         N=4 * head_dim,
-        BLOCK=block,
+        BLOCK=min(max(launch["tile_elements"] // f_pad, 16), 4 * f_pad),
         MB=q.shape[-2],
-        PRECISION=_precision(q, half="tf32"),
-        num_warps=LAUNCH[kernel]["num_warps"],
+        PRECISION=_precision(q, half=launch["half_products"]),
+        num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"],
     )
 
 
