@@ -110,3 +110,23 @@ def check_training_step_is_finite(model, ids: torch.Tensor) -> None:
 def random_ids(batch: int, length: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=generator)
+
+
+def gradients_with_and_without_recomputation(model, ids: torch.Tensor, modeling, monkeypatch) -> tuple[dict, dict, int]:
+    """Parameter gradients of one training step with the regions a model file runs through `modeling.checkpoint`
+    recomputed in the backward, and with those regions run as plain calls (their activations kept); and how many
+    regions the first step ran."""
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    real_checkpoint = modeling.checkpoint
+    with monkeypatch.context() as patched:
+        patched.setattr(modeling, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+        recomputed = gradients()
+        patched.setattr(modeling, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+        kept = gradients()
+    return recomputed, kept, len(calls)

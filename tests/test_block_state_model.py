@@ -8,6 +8,7 @@ from model_testing import (
     check_training_step_is_finite,
     chunked_logits,
     full_logits,
+    gradients_with_and_without_recomputation,
     left_pad,
     prefill_then_decode_logits,
 )
@@ -185,6 +186,20 @@ def test_half_precision_models(variant, dtype):
     assert (out.logits.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 0.02
     assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False).shape == (2, 16)
     check_training_step_is_finite(model, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_activation_is_recomputed_with_the_same_gradients(monkeypatch, dtype):
+    """Training recomputes the MLP's gated activation in the backward instead of keeping it; the gradients are those
+    of the plain forward."""
+    model = tiny_model().to(dtype).train()
+    recomputed, kept, regions = gradients_with_and_without_recomputation(
+        model, random_ids(2, 3 * W + 1, seed=4), modeling, monkeypatch
+    )
+    assert regions == model.config.num_hidden_layers
+    assert recomputed.keys() == kept.keys() and "model.layers.0.mlp.up_proj.weight" in kept
+    for name, grad in kept.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize(

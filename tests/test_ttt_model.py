@@ -8,6 +8,7 @@ from model_testing import (
     check_training_step_is_finite,
     chunked_logits,
     full_logits,
+    gradients_with_and_without_recomputation,
     left_pad,
     prefill_then_decode_logits,
     returned_cache,
@@ -266,26 +267,17 @@ def test_official_config_field_names_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_post_norm_is_recomputed_with_the_same_gradients(monkeypatch, dtype):
-    """Training recomputes the gated output norm in the backward instead of keeping its activations; the gradients
-    are those of the plain forward."""
+def test_gated_activations_are_recomputed_with_the_same_gradients(monkeypatch, dtype):
+    """Training recomputes the gated output norm and the MLP's gated activation in the backward instead of keeping
+    their activations; the gradients are those of the plain forward."""
     import ttt_hf.ttt.modeling_ttt as modeling
 
     model = tiny_model("linear", "mamba").to(dtype).train()
-    ids = random_ids(2, 13)
-
-    def gradients():
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    calls = []
-    real_checkpoint = modeling.checkpoint
-    monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
-    recomputed = gradients()
-    assert len(calls) == model.config.num_hidden_layers
-    monkeypatch.setattr(modeling, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
-    kept = gradients()
-    assert recomputed.keys() == kept.keys() and "model.layers.0.ttt.g_proj.weight" in kept
+    recomputed, kept, regions = gradients_with_and_without_recomputation(
+        model, random_ids(2, 13), modeling, monkeypatch
+    )
+    assert regions == 2 * model.config.num_hidden_layers
+    assert recomputed.keys() == kept.keys()
+    assert {"model.layers.0.ttt.g_proj.weight", "model.layers.0.mlp.gate_proj.weight"} <= kept.keys()
     for name, grad in kept.items():
         torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -259,6 +260,7 @@ class BlockStateRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
+# Copied from ttt_hf.ttt.modeling_ttt.TTTMLP with TTT->BlockState
 class BlockStateMLP(nn.Module):
     """SwiGLU feed-forward block: down(act(gate(x)) * up(x))."""
 
@@ -270,7 +272,15 @@ class BlockStateMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            # Recomputed in the backward from gate and up: the activation, which the product would keep beside
+            # them, is not kept (intermediate_size values per token).
+            return self.down_proj(checkpoint(self._gated_activation, gate, up, use_reentrant=False))
+        return self.down_proj(self._gated_activation(gate, up))
+
+    def _gated_activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(gate) * up
 
 
 def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:

@@ -193,7 +193,15 @@ class TTTMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            # Recomputed in the backward from gate and up: the activation, which the product would keep beside
+            # them, is not kept (intermediate_size values per token).
+            return self.down_proj(checkpoint(self._gated_activation, gate, up, use_reentrant=False))
+        return self.down_proj(self._gated_activation(gate, up))
+
+    def _gated_activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(gate) * up
 
 
 def _depthwise_conv(config: TTTConfig) -> nn.Conv1d:
