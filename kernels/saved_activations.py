@@ -1,11 +1,13 @@
-"""Bytes one decoder layer keeps for its backward, per token and by module: TTT-Linear and TTT-MLP 125M layers
-(Mamba backbone, Triton kernels) against a Llama layer of the same width and FFN (SDPA), bf16, no GPU needed.
+"""Bytes one decoder layer keeps for its backward, per token and by module: TTT-Linear and TTT-MLP layers of the
+125M or 1.3B configs (Mamba backbone, Triton kernels) against a Llama layer of the same width and FFN (SDPA), bf16,
+no GPU needed.
 
 One-layer models train one step over `--length` tokens with every tensor saved for backward counted once (by
 storage), parameters excluded, and charged to the innermost module whose forward saved it. Peak training memory
 also holds what the backward allocates; this counts what a long sequence keeps alive between the passes.
 
-    TRITON_INTERPRET=1 python kernels/saved_activations.py [--length 512] [--group 0] [--out saved_activations.md]
+    TRITON_INTERPRET=1 python kernels/saved_activations.py [--size 125m] [--length 512] [--group 0]
+        [--out saved_activations.md]
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from ttt_hf import TTTConfig, TTTForCausalLM
 ROOT = Path(__file__).parents[1]
 
 
-def one_layer_models(group: int) -> dict[str, torch.nn.Module]:
+def one_layer_models(group: int, size: str = "125m") -> dict[str, torch.nn.Module]:
     models = {}
-    for layer_type, name in (("linear", "TTT-Linear 125M"), ("mlp", "TTT-MLP 125M")):
-        config = TTTConfig.from_json_file(ROOT / "configs" / f"ttt-125m-{layer_type}-mamba.json")
+    for layer_type, name in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP")):
+        config = TTTConfig.from_json_file(ROOT / "configs" / f"ttt-{size}-{layer_type}-mamba.json")
         config.num_hidden_layers, config.kernel_backend = 1, "triton"
         config.scan_checkpoint_group_size = group
-        models[name] = TTTForCausalLM(config)
+        models[f"{name} {size.upper()}"] = TTTForCausalLM(config)
     llama = LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -40,7 +42,7 @@ def one_layer_models(group: int) -> dict[str, torch.nn.Module]:
         tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
-    models["Llama 125M (SDPA)"] = LlamaForCausalLM(llama)
+    models[f"Llama {size.upper()} (SDPA)"] = LlamaForCausalLM(llama)
     return models
 
 
@@ -72,6 +74,7 @@ def saved_bytes_by_module(model: torch.nn.Module, length: int) -> Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("125m", "1.3b"), default="125m", help="the TTT config's size")
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--group", type=int, default=0, help="TTT's scan_checkpoint_group_size (0: groups of 16)")
     parser.add_argument("--out", default="saved_activations.md", help="result file name in kernels/results/")
@@ -79,12 +82,13 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("run with TRITON_INTERPRET=1 (the Triton kernels run in the interpreter)")
     lines = [
-        f"`TRITON_INTERPRET=1 python kernels/saved_activations.py --length {args.length} --group {args.group}` on "
+        f"`TRITON_INTERPRET=1 python kernels/saved_activations.py --size {args.size} --length {args.length} "
+        f"--group {args.group}` on "
         f"{date.today()} (CPU, torch {torch.__version__}).",
         "",
         f"## Bytes saved for backward per token by one decoder layer, {args.length} tokens, bf16",
     ]
-    for name, model in one_layer_models(args.group).items():
+    for name, model in one_layer_models(args.group, args.size).items():
         torch.manual_seed(0)
         by_module = saved_bytes_by_module(model.to(torch.bfloat16).train(), args.length)
         layer = {module: nbytes for module, nbytes in by_module.items() if module.startswith("layer")}
