@@ -172,7 +172,7 @@ def ttt_step_launches(head_dim: int) -> list[dict]:
     return list(launches.values())
 
 
-def mlp_candidate_launches(launches: list[dict]) -> list[tuple[str, dict]]:
+def mlp_candidate_launches(launches: list[dict]) -> list[tuple[tuple[str, dict], dict]]:
     """(kernel, change) and the launch of each TTT-MLP chunk kernel with each of `tune_ttt.MLP_CANDIDATES`' changes
     to its default (the forward as it runs without the backward's recomputation), from the recorded `launches`."""
     from tune_ttt import MLP_CANDIDATES
