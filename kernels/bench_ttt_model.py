@@ -23,7 +23,9 @@ from ttt_hf import TTTConfig
 from ttt_hf.ttt.cache_ttt import TTTCache
 
 
-def llama_like(config, dtype: torch.dtype, intermediate_size: int | None = None) -> LlamaForCausalLM:
+def llama_like(
+    config, dtype: torch.dtype, intermediate_size: int | None = None, device: str = "cuda"
+) -> LlamaForCausalLM:
     """A Llama with the model's width, depth, heads, FFN (or `intermediate_size`) and vocabulary: attention
     instead of TTT or Block-State layers."""
     llama = LlamaConfig(
@@ -37,7 +39,7 @@ def llama_like(config, dtype: torch.dtype, intermediate_size: int | None = None)
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(llama).to("cuda", dtype)
+    return LlamaForCausalLM(llama).to(device, dtype)
 
 
 def training_throughput(model, batch: int, length: int, repeats: int) -> dict:

@@ -16,14 +16,12 @@ import argparse
 import os
 from collections import Counter
 from datetime import date
-from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_common import ROOT, result_paths
+from bench_ttt_model import llama_like
 
 from ttt_hf import TTTConfig, TTTForCausalLM
-
-ROOT = Path(__file__).parents[1]
 
 
 def one_layer_models(group: int, size: str = "125m") -> dict[str, torch.nn.Module]:
@@ -33,16 +31,7 @@ def one_layer_models(group: int, size: str = "125m") -> dict[str, torch.nn.Modul
         config.num_hidden_layers, config.kernel_backend = 1, "triton"
         config.scan_checkpoint_group_size = group
         models[f"{name} {size.upper()}"] = TTTForCausalLM(config)
-    llama = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=1,
-        num_attention_heads=config.num_attention_heads,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    models[f"Llama {size.upper()} (SDPA)"] = LlamaForCausalLM(llama)
+    models[f"Llama {size.upper()} (SDPA)"] = llama_like(config, torch.bfloat16, device="cpu")
     return models
 
 
@@ -97,7 +86,8 @@ def main() -> None:
         lines += [f"| {module} | {nbytes / args.length:,.0f} |" for module, nbytes in Counter(layer).most_common()]
     text = "\n".join(lines) + "\n"
     print(text)
-    (Path(__file__).parent / "results" / args.out).write_text(text)
+    for path in result_paths(args.out):
+        path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import subprocess
 import sys
 from contextlib import ExitStack, contextmanager
 from datetime import date
-from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
 import torch
+from bench_common import result_paths
 from triton.runtime.interpreter import InterpretedFunction
 
 POINTER_TYPES = {
@@ -241,7 +241,8 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    (Path(__file__).parent / "results" / args.out).write_text(text)
+    for path in result_paths(args.out):
+        path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -112,10 +112,10 @@ def random_ids(batch: int, length: int, vocab: int = 96, seed: int = 0) -> torch
     return torch.randint(3, vocab, (batch, length), generator=generator)
 
 
-def gradients_with_and_without_recomputation(model, ids: torch.Tensor, modeling, monkeypatch) -> tuple[dict, dict, int]:
-    """Parameter gradients of one training step with the regions a model file runs through `modeling.checkpoint`
-    recomputed in the backward, and with those regions run as plain calls (their activations kept); and how many
-    regions the first step ran."""
+def check_recomputation_keeps_the_gradients(model, ids: torch.Tensor, modeling, monkeypatch, regions: int) -> dict:
+    """One training step with the regions a model file runs through `modeling.checkpoint` recomputed in the
+    backward gives bit-identical parameter gradients to one with those regions run as plain calls (their
+    activations kept), and the first step ran `regions` of them. Returns the gradients, by parameter name."""
 
     def gradients():
         model.zero_grad(set_to_none=True)
@@ -129,4 +129,8 @@ def gradients_with_and_without_recomputation(model, ids: torch.Tensor, modeling,
         recomputed = gradients()
         patched.setattr(modeling, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
         kept = gradients()
-    return recomputed, kept, len(calls)
+    assert len(calls) == regions
+    assert recomputed.keys() == kept.keys()
+    for name, grad in kept.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)
+    return kept
